@@ -1,0 +1,1 @@
+"""Model and training configurations, each a plain Python module."""

@@ -1,0 +1,7 @@
+"""Test setup: import the project from the repo root, whatever the working directory."""
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)

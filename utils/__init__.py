@@ -1,0 +1,1 @@
+"""Shared code for the GPT-2 scripts: tokenizer, checkpoints, data, decoding."""

@@ -1,0 +1,31 @@
+"""One way for every script to report bad input: a single line, a non-zero exit.
+
+Library code raises `UserError` (or a subclass) when the problem is something the
+user can fix: a missing file, a bad flag value, a corrupt checkpoint. The entry
+scripts wrap their `main` with `run_main`, which prints the message on one line
+and exits with status 2 instead of showing a traceback. Anything else is a bug in
+this project and keeps its traceback.
+"""
+import sys
+
+
+class UserError(Exception):
+    """A problem with the user's input; the message names it and the fix."""
+
+
+def run_main(main, *args, **kwargs):
+    """Call `main`, turning `UserError` into a one-line error and exit code 2.
+
+    Ctrl-C exits with 130 and no traceback; `main` is responsible for saving
+    anything worth keeping before the interrupt reaches here.
+    """
+    try:
+        result = main(*args, **kwargs)
+    except UserError as err:
+        message = " ".join(str(err).split())  # one line, whatever the message held
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(result or 0)
