@@ -1,0 +1,220 @@
+"""Generate text with GPT-2: continue prompts interactively, or sample from scratch.
+
+Interactive:      python gpt2_generate_main.py --is_interactive --top_k 40
+From scratch:     python gpt2_generate_main.py --nsamples 4 --batch_size 2
+Fine-tuned model: python gpt2_generate_main.py --checkpoint output/model.ckpt
+
+Weights come from --checkpoint (written by gpt2_train_main.py) when given,
+otherwise from OpenAI's checkpoint in --pretrain_model_dir (downloaded there on
+first use). Runs on CUDA when present, CPU otherwise.
+"""
+import argparse
+import sys
+
+import torch
+
+from utils.errors import UserError, run_main
+
+BANNER_WIDTH = 40
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--is_interactive", action="store_true",
+                        help="Prompt for contexts and continue each one.")
+    parser.add_argument("--max_decoding_length", type=int, default=128,
+                        help="Most tokens in a sample, the context included "
+                             "(at most the model's positions, 1024 for GPT-2).")
+    parser.add_argument("--temperature", type=float, default=0.7,
+                        help="Softmax temperature; must be > 0. Lower is more "
+                             "conservative.")
+    parser.add_argument("--top_k", type=int, default=40,
+                        help="Sample among the k most likely tokens (0: all).")
+    parser.add_argument("--top_p", type=float, default=1.0,
+                        help="Nucleus sampling: the smallest set of tokens whose "
+                             "probability reaches p (1.0: off).")
+    parser.add_argument("--decoding_strategy", default="sample",
+                        choices=("sample", "greedy", "beam"),
+                        help="sample (temperature/top-k/top-p), greedy, or beam "
+                             "search.")
+    parser.add_argument("--beam_width", type=int, default=4,
+                        help="Beams kept by --decoding_strategy beam.")
+    parser.add_argument("--length_penalty", type=float, default=0.0,
+                        help="Beam search length penalty alpha.")
+    parser.add_argument("--nsamples", type=int, default=1,
+                        help="Samples per prompt (interactive) or in total.")
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="Samples generated together; must divide --nsamples.")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="Random seed: the same seed gives the same samples.")
+    parser.add_argument("--config_model", default=None,
+                        help="Model config module or .py path (default: the "
+                             "checkpoint's hparams.json).")
+    parser.add_argument("--pretrain_model_dir", default=None,
+                        help="Directory of OpenAI's GPT-2 files (default: "
+                             "gpt2_pretrained_models/model_117M, or the size "
+                             "--config_model names).")
+    parser.add_argument("--pretrain_checkpoint", default=None,
+                        help="OpenAI checkpoint prefix (default: "
+                             "<pretrain_model_dir>/model.ckpt).")
+    parser.add_argument("--checkpoint", default=None,
+                        help="A model saved by gpt2_train_main.py; takes "
+                             "precedence over --pretrain_checkpoint.")
+    return parser.parse_args(argv)
+
+
+def check_args(args) -> None:
+    """Reject flag values that cannot work, before a model is loaded."""
+    if args.temperature <= 0:
+        raise UserError(f"--temperature must be > 0 (got {args.temperature})")
+    if args.top_k < 0:
+        raise UserError(f"--top_k must be >= 0 (got {args.top_k}); 0 disables it")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1] (got {args.top_p}); 1 disables it")
+    if args.nsamples < 1 or args.batch_size < 1:
+        raise UserError("--nsamples and --batch_size must be at least 1")
+    if args.nsamples % args.batch_size:
+        raise UserError(f"--nsamples ({args.nsamples}) must be divisible by "
+                        f"--batch_size ({args.batch_size})")
+    if args.beam_width < 1:
+        raise UserError(f"--beam_width must be at least 1 (got {args.beam_width})")
+
+
+def check_max_decoding_length(args, n_ctx: int) -> None:
+    """The sample length, context included, must fit the model's positions."""
+    if not 2 <= args.max_decoding_length <= n_ctx:
+        raise UserError(f"--max_decoding_length must be between 2 and the model's "
+                        f"{n_ctx} positions (got {args.max_decoding_length})")
+
+
+class StreamPrinter:
+    """Prints one row's tokens as they are made, whole characters at a time.
+
+    A BPE token can end in the middle of a UTF-8 character, so the text is
+    re-decoded from all ids so far and only the settled part is printed.
+    """
+
+    def __init__(self, encoder, end_token: int, out=sys.stdout):
+        self.encoder, self.end_token, self.out = encoder, end_token, out
+        self.ids, self.printed, self.finished = [], "", False
+
+    def __call__(self, new_ids: torch.Tensor, done: torch.Tensor) -> None:
+        if self.finished:
+            return
+        token = int(new_ids[0])
+        if token == self.end_token:
+            self.finished = True
+            return
+        self.ids.append(token)
+        text = self.encoder.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            self._emit(text)
+        self.finished = bool(done[0])
+
+    def close(self) -> None:
+        self._emit(self.encoder.decode(self.ids))
+
+    def _emit(self, text: str) -> None:
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
+
+
+class Generator:
+    """Holds the model, the encoder and the sampling settings for the session."""
+
+    def __init__(self, args, model, encoder, device):
+        from utils.processor import EOS_ID
+        self.args, self.model, self.encoder = args, model, encoder
+        self.end_token = EOS_ID
+        self.rng = torch.Generator(device=device)
+        self.rng.manual_seed(args.seed if args.seed is not None
+                             else torch.seed())
+
+    def samples(self, context, on_tokens=None):
+        """Continuation ids for `batch_size` copies of one context."""
+        from utils.generation import generate
+        a = self.args
+        return generate(self.model, [context] * a.batch_size,
+                        a.max_decoding_length, strategy=a.decoding_strategy,
+                        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                        beam_width=a.beam_width, length_penalty=a.length_penalty,
+                        end_token=self.end_token, generator=self.rng,
+                        on_tokens=on_tokens)
+
+    def print_batches(self, context, stream: bool) -> None:
+        """Print --nsamples samples for `context`, each under a SAMPLE banner."""
+        count = 0
+        for _ in range(self.args.nsamples // self.args.batch_size):
+            if stream:
+                count += 1
+                print_banner(count)
+                printer = StreamPrinter(self.encoder, self.end_token)
+                self.samples(context, on_tokens=printer)
+                printer.close()
+                print()
+                continue
+            for ids in self.samples(context):
+                count += 1
+                print_banner(count)
+                print(self.encoder.decode(ids))
+        print("=" * (2 * BANNER_WIDTH))
+        sys.stdout.flush()
+
+
+def print_banner(number: int) -> None:
+    bar = "=" * BANNER_WIDTH
+    print(f"{bar} SAMPLE {number} {bar}")
+
+
+def interactive_loop(generator: Generator, encoder) -> None:
+    """Read prompts until EOF or Ctrl-C; continue each one."""
+    stream = (generator.args.batch_size == 1
+              and generator.args.decoding_strategy != "beam")
+    while True:
+        try:
+            raw_text = input("Model input >>> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not raw_text.strip():
+            print("Prompt should not be empty!")
+            continue
+        try:
+            generator.print_batches(encoder.encode(raw_text), stream)
+        except UserError as err:  # e.g. a prompt longer than the model allows
+            print(f"error: {err}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("\n(interrupted)")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from utils.checkpoint import load_model
+    from utils.model import default_device, model_size
+    from utils.processor import get_encoder
+
+    check_args(args)  # before loading, and maybe downloading, a model
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    loaded = load_model(config_model=args.config_model,
+                        pretrain_model_dir=args.pretrain_model_dir,
+                        pretrain_checkpoint=args.pretrain_checkpoint,
+                        checkpoint=args.checkpoint)
+    check_max_decoding_length(args, model_size(loaded.hparams)["n_ctx"])
+    encoder = get_encoder(loaded.vocab_dir)
+    device = default_device()
+    model = loaded.model.to(device)
+    print(f"Loaded {loaded.source} on {device}.", file=sys.stderr)
+
+    generator = Generator(args, model, encoder, device)
+    if args.is_interactive:
+        interactive_loop(generator, encoder)
+    else:
+        generator.print_batches([generator.end_token], stream=False)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
