@@ -14,7 +14,7 @@ A V2 checkpoint ("tensor bundle") with prefix P is:
 `TFCheckpointReader` parses the index with a small protobuf wire-format
 decoder, memory-maps the data shards and returns tensors as numpy arrays
 backed by the map (copy-on-write), so even the 6.2 GB 1558M model never needs
-its size twice in RAM. Every check TensorFlow makes is made here too: block
+its size twice in RAM. The checks TensorFlow makes are made here too: block
 checksums, the version, each tensor's size and crc32c. Any problem raises
 `TFCheckpointError` naming the file and what to do about it.
 
