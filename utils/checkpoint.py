@@ -158,16 +158,20 @@ def _mapping_problems(plan: Dict[str, List[tuple]], variables: Dict[str, tuple],
             if got != want:
                 misshaped.append(f"{tf_name} {list(variables[tf_name])} "
                                  f"for {texar_name} {list(want)}")
-    problems = []
-    for label, names in (("missing from the checkpoint", missing_tf),
-                         ("unexpected in the checkpoint", unexpected_tf),
-                         ("model parameters never assigned", unassigned),
-                         ("mis-shaped", misshaped)):
+    return _name_lists((("missing from the checkpoint", missing_tf),
+                        ("unexpected in the checkpoint", unexpected_tf),
+                        ("model parameters never assigned", unassigned),
+                        ("mis-shaped", misshaped)))
+
+
+def _name_lists(labelled: tuple, limit: int = 8) -> List[str]:
+    """'label: a, b and 3 more' for each non-empty list of names."""
+    phrases = []
+    for label, names in labelled:
         if names:
-            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more"
-                                            if len(names) > 8 else "")
-            problems.append(f"{label}: {shown}")
-    return problems
+            more = f" and {len(names) - limit} more" if len(names) > limit else ""
+            phrases.append(f"{label}: {', '.join(names[:limit])}{more}")
+    return phrases
 
 
 def read_openai_hparams(model_dir: str) -> Dict[str, Any]:
@@ -329,10 +333,8 @@ def _load_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
     misshaped = sorted(k for k in set(own) & set(state_dict)
                        if tuple(own[k].shape) != tuple(state_dict[k].shape))
     if missing or unexpected or misshaped:
-        parts = [f"{label}: {', '.join(names[:6])}"
-                 for label, names in (("missing", missing),
-                                      ("unexpected", unexpected),
-                                      ("mis-shaped", misshaped)) if names]
+        parts = _name_lists((("missing", missing), ("unexpected", unexpected),
+                             ("mis-shaped", misshaped)))
         raise UserError(f"{path} does not fit its own model_hparams: "
                         + "; ".join(parts))
     model.load_state_dict(state_dict)
