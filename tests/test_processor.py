@@ -324,11 +324,19 @@ def test_corrupt_encoder_json(tmp_path, content, needle):
     one_line_error(lambda: get_encoder(model_dir), path, needle, "re-download")
 
 
+def move_rule_first(vocab_bpe, number):
+    lines = vocab_bpe.split("\n")
+    rule = lines.pop(number)
+    return "\n".join([lines[0], rule] + lines[1:])
+
+
 @pytest.mark.parametrize("content,needle", [
     (lambda: shipped_text("vocab.bpe").split("\n", 1)[1], "'#version' header"),
     (lambda: shipped_text("vocab.bpe") + "a b c\n", "two tokens"),
     (lambda: shipped_text("vocab.bpe") + "Ġt\n", "two tokens"),
     (lambda: shipped_text("vocab.bpe") + "qqqzz Ġxyzzy\n", "does not have"),
+    (lambda: shipped_text("vocab.bpe") + "Ġ t\n", "already makes"),  # rule 1 again
+    (lambda: move_rule_first(shipped_text("vocab.bpe"), 40000), "before any earlier rule"),
 ])
 def test_corrupt_vocab_bpe(tmp_path, content, needle):
     model_dir, path = write_broken(tmp_path, "vocab.bpe", content())

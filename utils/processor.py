@@ -37,7 +37,7 @@ import heapq
 import json
 import os
 from itertools import chain, repeat
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import regex
 
@@ -133,16 +133,28 @@ class Encoder:
         self._byte_ids = [self.encoder[self.byte_encoder[b]] for b in range(256)]
 
         # Merges as id pairs: (left id, right id) -> rank, and rank -> result id.
-        # A pair listed twice keeps its later rank, as OpenAI's dict(zip(...)) does.
         self._pair_rank: Dict[Tuple[int, int], int] = {}
         self._merge_pair: List[Tuple[int, int]] = []
         self._merge_result: List[int] = []
+        made = set(self.byte_encoder.values())  # tokens available so far
         for rank, (left, right) in enumerate(bpe_merges):
+            rule = f"merge rule {rank + 1} ({left} {right})"
             for part in (left, right, left + right):
                 if part not in self.encoder:
                     raise VocabularyError(
-                        f"merge rule {rank + 1} ({left} {right}) uses token "
-                        f"{part!r}, which encoder.json does not have")
+                        f"{rule} uses token {part!r}, which encoder.json does not have")
+            # A BPE merge list in training order: each rule joins tokens made
+            # by bytes or earlier rules, into a token no other rule makes. The
+            # merge loops below rely on it to give OpenAI's results.
+            for part in (left, right):
+                if part not in made:
+                    raise VocabularyError(
+                        f"{rule} uses {part!r} before any earlier rule makes it")
+            if left + right in made:
+                raise VocabularyError(
+                    f"{rule} makes {left + right!r}, which a byte or an earlier "
+                    f"rule already makes")
+            made.add(left + right)
             pair = (self.encoder[left], self.encoder[right])
             self._pair_rank[pair] = rank
             self._merge_pair.append(pair)
@@ -176,7 +188,7 @@ class Encoder:
     @classmethod
     def from_files(cls, encoder_path: str, merges_path: str) -> "Encoder":
         """Load and check `encoder.json` and `vocab.bpe`; any problem is a UserError."""
-        fix = _fix_hint(encoder_path, merges_path)
+        fix = _fix_hint(os.path.dirname(encoder_path))
         encoder = _read_encoder_json(encoder_path, fix)
         merges = _read_merges(merges_path, fix)
         try:
@@ -241,10 +253,11 @@ class Encoder:
         lowest-ranked adjacent pair, leftmost first, until no pair has a rank.
 
         This gives exactly OpenAI's result (it merges every occurrence of the
-        lowest pair in one left-to-right pass): a merge cannot create a pair
-        ranked lower than itself, so the remaining occurrences of the same pair
-        are simply merged next. `ranks[i]` is the rank of (ids[i], ids[i+1]);
-        min() and index() run in C, so this is quick for word-sized pieces.
+        lowest pair in one left-to-right pass): in a valid merge list a merge
+        cannot create a pair ranked lower than itself, so the remaining
+        occurrences of the same pair are simply merged next. `ranks[i]` is the
+        rank of (ids[i], ids[i+1]); min() and index() run in C, so this is
+        quick for word-sized pieces.
         """
         rank_of = self._pair_rank.get
         ranks = list(map(rank_of, zip(ids, ids[1:]), repeat(_NO_MERGE)))
@@ -317,7 +330,7 @@ class Encoder:
                     raise UserError(
                         f"token id {i!r} is outside the vocabulary of "
                         f"{len(table)} tokens (valid ids are 0..{len(table) - 1}); "
-                        f"decode ids made with this GPT-2 vocabulary") from None
+                        f"only ids made with this vocabulary can be decoded") from None
             raise
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -327,10 +340,10 @@ class Encoder:
 
 # --------------------------------------------------------------------- loading
 
-_ENCODERS: Dict[tuple, Encoder] = {}
+_ENCODERS: Dict[tuple, Tuple[tuple, Encoder]] = {}  # real paths -> (file stamps, encoder)
 
 
-def get_encoder(model_dir: str = None) -> Encoder:
+def get_encoder(model_dir: Optional[str] = None) -> Encoder:
     """The GPT-2 tokenizer of `model_dir`, or the shipped one.
 
     If `model_dir` holds `encoder.json` and `vocab.bpe` (as OpenAI's model
@@ -355,14 +368,15 @@ def get_encoder(model_dir: str = None) -> Encoder:
                 f"{present} to use the GPT-2 vocabulary shipped in utils/gpt2_vocab/")
     encoder_path = os.path.join(vocab_dir, ENCODER_FILE)
     merges_path = os.path.join(vocab_dir, MERGES_FILE)
-    key = tuple((os.path.realpath(path), _file_stamp(path))
-                for path in (encoder_path, merges_path))
-    if key not in _ENCODERS:
-        _ENCODERS[key] = Encoder.from_files(encoder_path, merges_path)
-    return _ENCODERS[key]
+    key = (os.path.realpath(encoder_path), os.path.realpath(merges_path))
+    stamp = (_file_stamp(encoder_path), _file_stamp(merges_path))
+    cached = _ENCODERS.get(key)
+    if cached is None or cached[0] != stamp:  # new, or a file changed on disk
+        cached = _ENCODERS[key] = (stamp, Encoder.from_files(encoder_path, merges_path))
+    return cached[1]
 
 
-def _file_stamp(path: str) -> tuple:
+def _file_stamp(path: str) -> Optional[tuple]:
     try:
         st = os.stat(path)
     except OSError:
@@ -370,8 +384,7 @@ def _file_stamp(path: str) -> tuple:
     return (st.st_size, st.st_mtime_ns)
 
 
-def _fix_hint(encoder_path: str, merges_path: str) -> str:
-    vocab_dir = os.path.dirname(encoder_path)
+def _fix_hint(vocab_dir: str) -> str:
     if os.path.realpath(vocab_dir) == os.path.realpath(SHIPPED_VOCAB_DIR):
         return ("restore the shipped files with "
                 "`git checkout -- utils/gpt2_vocab`")
