@@ -1,0 +1,388 @@
+"""utils.download against a real HTTP server on 127.0.0.1 (no other network).
+
+The server is http.server.ThreadingHTTPServer with a handler that implements
+Range requests (206 + Content-Range, 416 past the end) and can misbehave on
+demand: drop the connection mid-body, announce more bytes than it sends,
+ignore Range, answer 404/500, or stall.
+"""
+import os
+import random
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+from utils import download
+from utils.download import (MODEL_FILES, canonical_model_name, default_model_dir,
+                            download_model, ensure_model, missing_files)
+from utils.errors import UserError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIG = "model.ckpt.data-00000-of-00001"
+
+
+def make_files():
+    """Deterministic stand-ins for the seven files; the weights file is the big one."""
+    rng = random.Random(1234)
+    sizes = {BIG: 400_000, "model.ckpt.meta": 150_000, "encoder.json": 120_000,
+             "vocab.bpe": 90_000, "model.ckpt.index": 3_000, "hparams.json": 90,
+             "checkpoint": 77}
+    return {name: rng.randbytes(size) for name, size in sizes.items()}
+
+
+class Server:
+    """Serves `files` under /<remote model name>/<file>; records every request."""
+
+    def __init__(self, files, remote="124M"):
+        self.files = {f"/{remote}/{name}": data for name, data in files.items()}
+        self.requests = []          # (path, Range header or None)
+        self.drop_after = {}        # path -> bytes to send before a reset, once each
+        self.before_drop = None     # called before the reset (lets the client read first)
+        self.truncate_to = {}       # path -> bytes to send (full Content-Length), once each
+        self.fail_status = {}       # path -> [status codes to answer first]
+        self.stall_s = {}           # path -> seconds to wait before answering, once
+        self.ignore_range = False
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                try:
+                    server.handle(self)
+                except ConnectionError:  # the client went away (e.g. the Ctrl-C test)
+                    self.close_connection = True
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                       kwargs={"poll_interval": 0.02}, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def ranges(self, path_end):
+        return [r for p, r in self.requests if p.endswith(path_end)]
+
+    def handle(self, h):
+        path = h.path
+        with self.lock:
+            self.requests.append((path, h.headers.get("Range")))
+            statuses = self.fail_status.get(path)
+            status = statuses.pop(0) if statuses else None
+            drop = self.drop_after.pop(path, None)
+            truncate = self.truncate_to.pop(path, None)
+            stall = self.stall_s.pop(path, None)
+        if stall:
+            threading.Event().wait(stall)
+        data = self.files.get(path)
+        if status is not None or data is None:
+            status = status or 404
+            body = b"no such file\n" if status == 404 else b"oops\n"
+            h.send_response(status)
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body)
+            return
+        start, code = 0, 200
+        rng = h.headers.get("Range")
+        if rng and not self.ignore_range:
+            start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(data):
+                h.send_response(416)
+                h.send_header("Content-Range", f"bytes */{len(data)}")
+                h.send_header("Content-Length", "0")
+                h.end_headers()
+                return
+            code = 206
+        body = data[start:]
+        h.send_response(code)
+        h.send_header("Content-Length", str(len(body)))
+        if code == 206:
+            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        h.end_headers()
+        if drop is not None:
+            h.wfile.write(body[:drop])
+            h.wfile.flush()
+            if self.before_drop:
+                self.before_drop()
+            # RST instead of FIN: what a dropped connection looks like to the client.
+            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+            h.close_connection = True
+            return
+        if truncate is not None:
+            h.wfile.write(body[:truncate])
+            h.close_connection = True   # a clean close, short of Content-Length
+            return
+        h.wfile.write(body)
+
+
+@pytest.fixture
+def files():
+    return make_files()
+
+
+@pytest.fixture
+def server(files):
+    srv = Server(files)
+    yield srv
+    srv.close()
+
+
+class Sleeps(list):
+    """A fake time.sleep that records the backoff delays."""
+
+    def __call__(self, seconds):
+        self.append(seconds)
+
+
+def wait_until(condition, limit_s=5.0):
+    event = threading.Event()
+    for _ in range(int(limit_s / 0.01)):
+        if condition():
+            return
+        event.wait(0.01)
+    raise AssertionError("condition not reached")
+
+
+def fetch(server, tmp_path, **kwargs):
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("timeout", 5)
+    kwargs.setdefault("sleep", Sleeps())
+    return download_model("117M", str(tmp_path / "model_117M"), server.url, **kwargs)
+
+
+def assert_complete(model_dir, files):
+    for name, data in files.items():
+        with open(os.path.join(model_dir, name), "rb") as f:
+            assert f.read() == data, name
+        assert not os.path.exists(os.path.join(model_dir, name + ".partial"))
+    assert missing_files(model_dir) == []
+
+
+def test_model_names():
+    for alias in ("117M", "124M", "gpt2", "gpt2-small", "GPT2-Small"):
+        assert canonical_model_name(alias) == "117M"
+    for alias in ("345M", "355M", "gpt2-medium"):
+        assert canonical_model_name(alias) == "345M"
+    assert canonical_model_name("gpt2-large") == "774M"
+    assert canonical_model_name("gpt2-xl") == "1558M"
+    with pytest.raises(UserError, match="117M.*345M.*774M.*1558M"):
+        canonical_model_name("2B")
+    assert default_model_dir("124M") == os.path.join("gpt2_pretrained_models", "model_117M")
+    assert (download.model_file_url("345M", "vocab.bpe") ==
+            "https://openaipublic.blob.core.windows.net/gpt-2/models/355M/vocab.bpe")
+
+
+def test_complete_download(server, files, tmp_path):
+    model_dir = fetch(server, tmp_path)
+    assert model_dir == str(tmp_path / "model_117M")
+    assert_complete(model_dir, files)
+    # Local 117M is OpenAI's 124M folder; fresh downloads send no Range.
+    assert sorted(p for p, _ in server.requests) == sorted(f"/124M/{f}" for f in MODEL_FILES)
+    assert all(r is None for _, r in server.requests)
+
+
+def test_dropped_connection_resumes_with_range(server, files, tmp_path):
+    server.drop_after[f"/124M/{BIG}"] = 150_000
+    # A reset discards bytes still in flight: wait until the client has saved the
+    # two whole chunks it can, so the resume point is deterministic.
+    on_disk = 2 * download.CHUNK_BYTES
+    partial = tmp_path / "model_117M" / (BIG + ".partial")
+    server.before_drop = lambda: wait_until(
+        lambda: partial.exists() and partial.stat().st_size >= on_disk)
+    sleeps = Sleeps()
+    model_dir = fetch(server, tmp_path, sleep=sleeps)
+    assert_complete(model_dir, files)
+    assert server.ranges(BIG) == [None, f"bytes={on_disk}-"]
+    assert sleeps == [download.BACKOFF_BASE_S]
+
+
+def test_server_ignoring_range_restarts_from_zero(server, files, tmp_path):
+    server.ignore_range = True
+    server.drop_after[f"/124M/{BIG}"] = 200_000
+    partial = tmp_path / "model_117M" / (BIG + ".partial")
+    server.before_drop = lambda: wait_until(
+        lambda: partial.exists() and partial.stat().st_size >= download.CHUNK_BYTES)
+    model_dir = fetch(server, tmp_path)
+    assert_complete(model_dir, files)
+    ranges = server.ranges(BIG)
+    # Asked to resume, got 200, and that full body alone completed the file.
+    assert len(ranges) == 2 and ranges[1].startswith("bytes=")
+
+
+def test_truncated_response_is_detected_and_retried(server, files, tmp_path):
+    server.truncate_to["/124M/model.ckpt.meta"] = 100_000
+    model_dir = fetch(server, tmp_path)
+    assert_complete(model_dir, files)
+    assert len(server.ranges("model.ckpt.meta")) == 2
+
+
+def test_short_body_caught_by_size_check(server, files, tmp_path, monkeypatch):
+    # urllib3 1.x (and other lenient stacks) end a short body without an error;
+    # the size check against Content-Length must catch it on its own.
+    def lenient_iter(self, chunk_size=1, decode_unicode=False):
+        for i, chunk in enumerate(original(self, chunk_size, decode_unicode)):
+            if self.url.endswith(BIG) and not cut and i == 1:
+                cut.append(i)
+                return
+            yield chunk
+    original, cut = requests.Response.iter_content, []
+    monkeypatch.setattr(requests.Response, "iter_content", lenient_iter)
+    assert_complete(fetch(server, tmp_path), files)
+    assert server.ranges(BIG) == [None, f"bytes={download.CHUNK_BYTES}-"]
+
+
+def test_existing_partial_is_resumed(server, files, tmp_path):
+    model_dir = tmp_path / "model_117M"
+    model_dir.mkdir()
+    (model_dir / (BIG + ".partial")).write_bytes(files[BIG][:123_456])
+    fetch(server, tmp_path)
+    assert_complete(str(model_dir), files)
+    assert server.ranges(BIG) == ["bytes=123456-"]
+
+
+def test_complete_partial_is_moved_into_place(server, files, tmp_path):
+    # A run killed between the last byte and the rename: the server answers 416.
+    model_dir = tmp_path / "model_117M"
+    model_dir.mkdir()
+    (model_dir / "vocab.bpe.partial").write_bytes(files["vocab.bpe"])
+    fetch(server, tmp_path)
+    assert_complete(str(model_dir), files)
+    assert server.ranges("vocab.bpe") == [f"bytes={len(files['vocab.bpe'])}-"]
+
+
+def test_complete_files_are_not_downloaded_again(server, files, tmp_path):
+    model_dir = fetch(server, tmp_path)
+    os.remove(os.path.join(model_dir, "hparams.json"))
+    server.requests.clear()
+    assert fetch(server, tmp_path) == model_dir
+    assert [p for p, _ in server.requests] == ["/124M/hparams.json"]
+    server.requests.clear()
+    assert ensure_model(model_dir) == model_dir
+    assert server.requests == []
+
+
+def test_404_names_file_and_leaves_nothing(server, files, tmp_path):
+    del server.files["/124M/hparams.json"]
+    with pytest.raises(UserError) as err:
+        fetch(server, tmp_path)
+    message = str(err.value)
+    assert "hparams.json" in message and f"{server.url}/124M/hparams.json" in message
+    assert "404" in message and str(tmp_path / "model_117M") in message
+    assert "\n" not in message
+    assert not os.path.exists(tmp_path / "model_117M" / "hparams.json")
+    assert not os.path.exists(tmp_path / "model_117M" / "hparams.json.partial")
+    assert server.ranges("hparams.json") == [None]    # 404 is not retried
+
+
+def test_server_error_is_retried_with_backoff(server, files, tmp_path):
+    server.fail_status["/124M/checkpoint"] = [500, 503]
+    sleeps = Sleeps()
+    assert_complete(fetch(server, tmp_path, sleep=sleeps), files)
+    assert sleeps == [download.BACKOFF_BASE_S, 2 * download.BACKOFF_BASE_S]
+
+
+def test_persistent_server_error_gives_up(server, tmp_path):
+    server.fail_status["/124M/checkpoint"] = [500] * 10
+    sleeps = Sleeps()
+    with pytest.raises(UserError, match=r"checkpoint from .*HTTP 500.*after 4 tries"):
+        fetch(server, tmp_path, retries=3, sleep=sleeps)
+    assert sleeps == [0.5, 1.0, 2.0]
+    assert len(server.ranges("/checkpoint")) == 4
+
+
+def test_timeout_is_retried(server, files, tmp_path):
+    server.stall_s["/124M/encoder.json"] = 1.0
+    assert_complete(fetch(server, tmp_path, timeout=0.3), files)
+    assert len(server.ranges("encoder.json")) == 2
+
+
+def test_refused_connection(tmp_path):
+    with socket.socket() as s:      # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sleeps = Sleeps()
+    with pytest.raises(UserError, match=r"could not download \w+ from http://127\.0\.0\.1"
+                                        r".*refused.*by hand into"):
+        download_model("117M", str(tmp_path / "m"), f"http://127.0.0.1:{port}",
+                       retries=2, progress=False, sleep=sleeps)
+    assert len(sleeps) == 2
+    assert not os.path.exists(tmp_path / "m")   # no empty model dir left behind
+
+
+def test_dns_failure(tmp_path, monkeypatch):
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(UserError, match=r"checkpoint from http://mirror\.example/124M"):
+        download_model("117M", str(tmp_path / "m"), "http://mirror.example",
+                       retries=1, progress=False, sleep=Sleeps())
+
+
+def test_env_var_base_url(server, files, tmp_path, monkeypatch):
+    monkeypatch.setenv(download.BASE_URL_ENV, server.url + "/")
+    model_dir = download_model("gpt2", str(tmp_path / "d"), progress=False)
+    assert_complete(model_dir, files)
+
+
+def test_interrupt_keeps_partial(server, files, tmp_path, monkeypatch):
+    calls = []
+
+    def interrupting_iter(self, chunk_size=1, decode_unicode=False):
+        for i, chunk in enumerate(original(self, chunk_size, decode_unicode)):
+            if self.url.endswith(BIG) and not calls and i == 2:
+                calls.append(i)
+                raise KeyboardInterrupt
+            yield chunk
+    original = requests.Response.iter_content
+    monkeypatch.setattr(requests.Response, "iter_content", interrupting_iter)
+    with pytest.raises(KeyboardInterrupt):
+        fetch(server, tmp_path)
+    partial = tmp_path / "model_117M" / (BIG + ".partial")
+    assert partial.stat().st_size == 2 * download.CHUNK_BYTES
+    assert not (tmp_path / "model_117M" / BIG).exists()
+    fetch(server, tmp_path)
+    assert_complete(str(tmp_path / "model_117M"), files)
+    assert server.ranges(BIG)[-1] == f"bytes={2 * download.CHUNK_BYTES}-"
+
+
+def run_cli(args, cwd, env_extra=None, script=False):
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, **(env_extra or {}))
+    cmd = (["sh", os.path.join(REPO_ROOT, "download_model.sh")] if script
+           else [sys.executable, "-m", "utils.download"])
+    return subprocess.run(cmd + args, cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_cli_404_is_one_line_exit_2(server, tmp_path):
+    server.files.clear()
+    proc = run_cli(["345M", "--model_dir", str(tmp_path / "m"), "--base_url", server.url],
+                   cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not download checkpoint")
+    assert "/355M/checkpoint" in lines[0] and "404" in lines[0]
+
+
+def test_cli_downloads_default_model_into_default_dir(server, files, tmp_path):
+    # download_model.sh, run from elsewhere, with the base URL from the environment.
+    proc = run_cli([], cwd=tmp_path, env_extra={download.BASE_URL_ENV: server.url},
+                   script=True)
+    assert proc.returncode == 0, proc.stderr
+    expected = os.path.join("gpt2_pretrained_models", "model_117M")
+    assert expected in proc.stdout
+    assert_complete(str(tmp_path / expected), files)
