@@ -95,8 +95,9 @@ class StreamPrinter:
     re-decoded from all ids so far and only the settled part is printed.
     """
 
-    def __init__(self, encoder, end_token: int, out=sys.stdout):
-        self.encoder, self.end_token, self.out = encoder, end_token, out
+    def __init__(self, encoder, end_token: int, out=None):
+        self.encoder, self.end_token = encoder, end_token
+        self.out = out or sys.stdout
         self.ids, self.printed, self.finished = [], "", False
 
     def __call__(self, new_ids: torch.Tensor, done: torch.Tensor) -> None:

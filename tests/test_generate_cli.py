@@ -1,0 +1,161 @@
+"""gpt2_generate_main.py end to end, on TF-written tiny checkpoints.
+
+The greedy continuations to match were computed by Hugging Face transformers'
+GPT-2 from the same TensorFlow files (tests/fixtures/tf_gpt2/README.md).
+"""
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import gpt2_generate_main
+from utils.checkpoint import save_checkpoint
+from utils.errors import UserError
+from utils.model import build_model, gpt2_hparams
+from utils.processor import get_encoder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(REPO, "tests", "fixtures", "tf_gpt2")
+SAMPLE_RE = re.compile(r"=+ SAMPLE (\d+) =+\n(.*?)\n(?==+( SAMPLE|\n))", re.S)
+
+
+def fixture(name):
+    with open(os.path.join(FIXTURES, "reference", name + ".json")) as f:
+        return os.path.join(FIXTURES, "models", name), json.load(f)
+
+
+def run_cli(args, stdin="", env=None):
+    return subprocess.run([sys.executable, "gpt2_generate_main.py", *args],
+                          input=stdin, capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def samples(stdout):
+    return [text for _, text, _ in SAMPLE_RE.findall(stdout)]
+
+
+def test_interactive_top_k_1_prints_the_reference_greedy_continuation():
+    """The 'done when' of the generation issue, through a real subprocess."""
+    encoder = get_encoder()
+    for name in ("tiny_a", "tiny_b"):
+        model_dir, ref = fixture(name)
+        n_ctx = ref["hparams"]["n_ctx"]
+        prompts = [g["prompt_text"] for g in ref["greedy"]]
+        stdin = prompts[0] + "\n\n" + prompts[1] + "\n"  # an empty line in between
+        result = run_cli(["--pretrain_model_dir", model_dir,
+                          "--pretrain_checkpoint", os.path.join(model_dir, "model.ckpt"),
+                          "--is_interactive", "--top_k", "1",
+                          "--max_decoding_length", str(n_ctx)], stdin)
+        assert result.returncode == 0, result.stderr
+        assert "Prompt should not be empty!" in result.stdout
+        assert result.stdout.count("Model input >>> ") == 4  # 3 lines, then EOF
+        expected = [encoder.decode(g["output_ids"][len(g["prompt_ids"]):])
+                    for g in ref["greedy"]]
+        assert samples(result.stdout) == expected
+        assert "Traceback" not in result.stderr
+
+
+def test_bad_flag_gives_one_line_and_exit_2():
+    model_dir, _ = fixture("tiny_a")
+    result = run_cli(["--pretrain_model_dir", model_dir, "--temperature", "0"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --temperature must be > 0 (got 0.0)"]
+
+
+def test_missing_model_files_and_no_network_give_one_error_line(tmp_path):
+    closed = "http://127.0.0.1:9"  # discard port: nothing listens there
+    result = run_cli(["--pretrain_model_dir", str(tmp_path / "model_117M")],
+                     env={"GPT2_DOWNLOAD_BASE_URL": closed})
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model_117M" in errors[0], result.stderr
+    assert result.stderr.rstrip().endswith(errors[0].rstrip())  # the last word
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "model_117M" / "model.ckpt.index")
+
+
+# --- in-process runs: quicker, same code path -------------------------------
+
+def run_main(argv, stdin="", monkeypatch=None, capsys=None):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = gpt2_generate_main.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_samples_from_scratch_in_batches_and_seeded(monkeypatch, capsys):
+    model_dir, _ = fixture("tiny_b")
+    argv = ["--pretrain_model_dir", model_dir, "--nsamples", "4", "--batch_size", "2",
+            "--max_decoding_length", "20", "--temperature", "1.5", "--top_k", "0"]
+    _, first, _ = run_main(argv + ["--seed", "1"], monkeypatch=monkeypatch, capsys=capsys)
+    _, again, _ = run_main(argv + ["--seed", "1"], monkeypatch=monkeypatch, capsys=capsys)
+    _, other, _ = run_main(argv + ["--seed", "2"], monkeypatch=monkeypatch, capsys=capsys)
+    assert [int(n) for n, _, _ in SAMPLE_RE.findall(first)] == [1, 2, 3, 4]
+    assert first.rstrip().endswith("=" * 80)
+    assert first == again
+    assert first != other
+
+
+def test_greedy_strategy_equals_top_k_1(monkeypatch, capsys):
+    model_dir, ref = fixture("tiny_a")
+    prompt = ref["greedy"][1]["prompt_text"] + "\n"
+    common = ["--pretrain_model_dir", model_dir, "--is_interactive",
+              "--max_decoding_length", "20"]
+    _, greedy, _ = run_main(common + ["--decoding_strategy", "greedy"], prompt,
+                            monkeypatch, capsys)
+    _, top1, _ = run_main(common + ["--top_k", "1"], prompt, monkeypatch, capsys)
+    assert samples(greedy) == samples(top1) and samples(greedy)[0]
+
+
+def test_prompt_too_long_is_reported_and_the_session_goes_on(monkeypatch, capsys):
+    model_dir, ref = fixture("tiny_a")
+    too_long = " ".join(["word"] * 40)  # 40 tokens; the model has 32 positions
+    stdin = too_long + "\n" + ref["greedy"][0]["prompt_text"] + "\n"
+    code, out, err = run_main(["--pretrain_model_dir", model_dir, "--is_interactive",
+                               "--max_decoding_length", "32", "--top_k", "1"],
+                              stdin, monkeypatch, capsys)
+    assert code == 0
+    assert "error:" in err and "32" in err
+    assert len(samples(out)) == 1
+
+
+def test_nsamples_per_prompt_in_interactive_mode(monkeypatch, capsys):
+    model_dir, _ = fixture("tiny_a")
+    _, out, _ = run_main(["--pretrain_model_dir", model_dir, "--is_interactive",
+                          "--nsamples", "3", "--max_decoding_length", "12",
+                          "--seed", "0"], "Hello\n", monkeypatch, capsys)
+    assert [int(n) for n, _, _ in SAMPLE_RE.findall(out)] == [1, 2, 3]
+
+
+def test_finetuned_checkpoint_is_used_over_pretrained(tmp_path, monkeypatch, capsys):
+    hparams = gpt2_hparams(50257, 24, 8, 2, 1)
+    path = str(tmp_path / "model.ckpt")
+    save_checkpoint(path, {"model": build_model(hparams).state_dict(),
+                           "model_hparams": hparams})
+    code, out, err = run_main(["--checkpoint", path, "--pretrain_checkpoint",
+                               str(tmp_path / "absent" / "model.ckpt"),
+                               "--max_decoding_length", "24", "--seed", "3"],
+                              "", monkeypatch, capsys)
+    assert code == 0 and len(samples(out)) == 1
+    assert "fine-tuned checkpoint" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--temperature", "-1"], "--temperature must be > 0"),
+    (["--nsamples", "3", "--batch_size", "2"], "must be divisible by --batch_size"),
+    (["--max_decoding_length", "33"], "between 2 and the model's 32 positions"),
+    (["--top_p", "1.5"], r"--top_p must be in \(0, 1\]"),
+    (["--top_k", "-2"], "--top_k must be >= 0"),
+    (["--beam_width", "0"], "--beam_width must be at least 1"),
+    (["--checkpoint", "no/such/model.ckpt"], "checkpoint not found"),
+    (["--config_model", "configs.nope"], "unknown config"),
+])
+def test_bad_flags_are_user_errors(args, message, monkeypatch, capsys):
+    model_dir, _ = fixture("tiny_a")
+    with pytest.raises(UserError, match=message):
+        run_main(["--pretrain_model_dir", model_dir, *args], "", monkeypatch, capsys)
