@@ -1,0 +1,82 @@
+"""Training configuration for gpt2_train_main.py (--config_train configs.config_train).
+
+The fields of the original Texar example's config_train.py, plus warm-up and
+decay of the learning rate, gradient accumulation, precision and a seed. Copy
+this file and pass the copy's path (--config_train my_train.py) to change them.
+"""
+
+# ----------------------------------------------------------------- data
+# Directory holding train.npy / dev.npy / test.npy written by prepare_data.py.
+data_dir = "data/toy"
+# The --max_seq_length the data was prepared with: most tokens per example,
+# both <|endoftext|> included. Must match the prepared files (checked).
+max_seq_length = 128
+# --do_test: most tokens per sample, the test line (context) included.
+# --max_decoding_length overrides it.
+max_decoding_length = max_seq_length
+
+# ----------------------------------------------------------------- batches and length
+# Examples per batch, per process (the global batch multiplies by the number
+# of processes with --distributed and by gradient_accumulation_steps).
+train_batch_size = 32
+# Passes over train.npy. The learning-rate schedule spans all of them.
+max_train_epoch = 100
+# Batch sizes for dev perplexity (--do_eval) and test continuations (--do_test).
+eval_batch_size = 8
+test_batch_size = 8
+# Batches whose gradients are summed before one optimizer step: a larger
+# effective batch in the same memory. The loss is normalised by the tokens of
+# all of them, so 2 x 16 gives the same update as 1 x 32.
+gradient_accumulation_steps = 1
+
+# ----------------------------------------------------------------- logging and saving
+# Print step, loss, perplexity, learning rate and tokens/s every this many
+# optimizer steps (also appended to <output_dir>/metrics.jsonl); -1 disables.
+display_steps = 10
+# Dev perplexity every this many steps; -1 disables. The best model so far is
+# kept in <output_dir>/model_best.ckpt.
+eval_steps = 100
+# Save <output_dir>/model.ckpt every this many steps; -1 disables. It is always
+# saved at the end of training and on Ctrl-C.
+checkpoint_steps = -1
+
+# ----------------------------------------------------------------- optimization
+# texar-pytorch optimization hparams (texar.torch.core.default_optimization_hparams):
+# "optimizer": any torch.optim class by name, and its keyword arguments; the
+#     "lr" given here is the peak learning rate of the schedule below. Weight
+#     decay applies to weight matrices and embeddings, not to biases and
+#     LayerNorm parameters.
+# "gradient_clip": a function of torch.nn.utils applied before each step, and
+#     its keyword arguments; {"type": ""} disables clipping.
+# (The original example used Adam with lr 0.001; AdamW with a smaller rate is
+# the usual choice for fine-tuning a pre-trained GPT-2.)
+opt = {
+    "optimizer": {
+        "type": "AdamW",
+        "kwargs": {
+            "lr": 1e-4,
+            "betas": (0.9, 0.999),
+            "eps": 1e-8,
+            "weight_decay": 0.01,
+        },
+    },
+    "gradient_clip": {
+        "type": "clip_grad_norm_",
+        "kwargs": {"max_norm": 1.0},
+    },
+}
+# Learning rate: a linear warm-up from lr/warmup_steps to lr over the first
+# warmup_steps optimizer steps (0: none), then "constant", "linear" or
+# "cosine" decay that reaches lr * min_lr_ratio at the last step.
+warmup_steps = 10
+lr_decay = "linear"
+min_lr_ratio = 0.0
+
+# ----------------------------------------------------------------- numerics
+# "fp32"; "bf16" (autocast to bfloat16, CPU or a recent GPU); "fp16" (autocast
+# to float16 with loss scaling, CUDA only). Weights and optimizer states stay
+# in float32 in every case.
+precision = "fp32"
+# Seeds the data order (a new shuffle every epoch), dropout, the initial
+# weights of --from_scratch, and --do_test sampling unless --seed is given.
+seed = 42

@@ -1,0 +1,323 @@
+"""Fine-tune GPT-2, evaluate dev perplexity, and continue test lines.
+
+    python prepare_data.py --data_dir data/toy
+    python gpt2_train_main.py --do_train --do_eval --do_test
+        [--config_train configs.config_train] [--output_dir output]
+
+--do_train  trains on <data_dir>/train.npy (data_dir comes from --config_train),
+            evaluating dev.npy every eval_steps; writes <output_dir>/model.ckpt
+            (every checkpoint_steps and at the end) and model_best.ckpt (best dev
+            perplexity). With --checkpoint <output_dir>/model.ckpt it resumes
+            exactly where that run stopped. Ctrl-C saves a checkpoint and exits.
+--do_eval   prints the dev perplexity: exp(total NLL / total target tokens).
+--do_test   continues every line of test.npy (the whole line is the context) and
+            writes <output_dir>/test_samples.tsv: context<TAB>continuation.
+
+Weights come from --checkpoint (a file written here) when given, else from a
+random initialisation with --from_scratch, else from OpenAI's checkpoint
+(--pretrain_checkpoint, default <pretrain_model_dir>/model.ckpt, downloaded on
+first use). Runs on CUDA when present, CPU otherwise; --distributed trains on
+several processes started by torchrun or mpirun.
+"""
+import argparse
+import os
+import re
+import sys
+
+import torch
+
+from utils.errors import UserError, run_main
+
+TEST_SAMPLES = "test_samples.tsv"
+# Characters that end a line for some reader (str.splitlines counts all of
+# these), and the tab: replaced by a space inside TSV fields.
+_TSV_BREAKS = re.compile("[\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_argument_group("what to do")
+    what.add_argument("--do_train", action="store_true", help="Train on train.npy.")
+    what.add_argument("--do_eval", action="store_true",
+                      help="Print the dev perplexity (after training, if training).")
+    what.add_argument("--do_test", action="store_true",
+                      help="Continue the test lines into <output_dir>/test_samples.tsv.")
+    model = parser.add_argument_group("configs and weights")
+    model.add_argument("--config_train", default="configs.config_train",
+                       help="Training config: a module name or a .py path "
+                            "(default configs.config_train).")
+    model.add_argument("--config_model", default=None,
+                       help="Model config: a module name or a .py path. Default: the "
+                            "size in hparams.json or in the --checkpoint; with "
+                            "--from_scratch, configs.config_model_117M.")
+    model.add_argument("--pretrain_model_dir", default=None,
+                       help="Directory of OpenAI's GPT-2 files (default "
+                            "gpt2_pretrained_models/model_117M, or the size "
+                            "--config_model names).")
+    model.add_argument("--pretrain_checkpoint", default=None,
+                       help="OpenAI checkpoint prefix (default: "
+                            "<pretrain_model_dir>/model.ckpt); ignored with --checkpoint.")
+    model.add_argument("--checkpoint", default=None,
+                       help="A checkpoint written by this script: its weights are "
+                            "used, and with --do_train its training state too.")
+    model.add_argument("--from_scratch", action="store_true",
+                       help="Start from random weights built from --config_model "
+                            "instead of OpenAI's checkpoint.")
+    model.add_argument("--output_dir", default="output",
+                       help="Where checkpoints, metrics.jsonl and test_samples.tsv "
+                            "go (default output).")
+    run = parser.add_argument_group("training run")
+    run.add_argument("--stop_after_steps", type=int, default=None,
+                     help="Stop (and save) after this many optimizer steps in all; "
+                          "the learning-rate schedule still spans max_train_epoch, "
+                          "so a later --checkpoint run continues seamlessly.")
+    run.add_argument("--distributed", action="store_true",
+                     help="Data-parallel training in processes started by torchrun "
+                          "or mpirun; evaluation and test run on rank 0.")
+    run.add_argument("--master_addr", default=None,
+                     help="With mpirun across machines: the rank-0 host.")
+    run.add_argument("--master_port", type=int, default=None,
+                     help="With mpirun: a free TCP port on the rank-0 host.")
+    run.add_argument("--quiet", action="store_true",
+                     help="No progress bars (the log lines remain).")
+    sample = parser.add_argument_group("sampling for --do_test")
+    sample.add_argument("--max_decoding_length", type=int, default=None,
+                        help="Most tokens per sample, the context included "
+                             "(default: max_decoding_length of --config_train).")
+    sample.add_argument("--temperature", type=float, default=0.7,
+                        help="Softmax temperature, > 0 (default 0.7).")
+    sample.add_argument("--top_k", type=int, default=40,
+                        help="Sample among the k most likely tokens (0: all; "
+                             "default 40).")
+    sample.add_argument("--top_p", type=float, default=1.0,
+                        help="Nucleus sampling threshold (1.0: off).")
+    sample.add_argument("--decoding_strategy", default="sample",
+                        choices=("sample", "greedy", "beam"),
+                        help="sample, greedy, or beam search.")
+    sample.add_argument("--beam_width", type=int, default=4,
+                        help="Beams kept by --decoding_strategy beam.")
+    sample.add_argument("--length_penalty", type=float, default=0.0,
+                        help="Beam search length penalty alpha.")
+    sample.add_argument("--seed", type=int, default=None,
+                        help="Sampling seed (default: seed of --config_train).")
+    return parser.parse_args(argv)
+
+
+def check_args(args) -> None:
+    """Reject flag values that cannot work before anything is loaded."""
+    if not (args.do_train or args.do_eval or args.do_test):
+        raise UserError("nothing to do: pass --do_train, --do_eval and/or --do_test")
+    if args.temperature <= 0:
+        raise UserError(f"--temperature must be > 0 (got {args.temperature})")
+    if args.top_k < 0:
+        raise UserError(f"--top_k must be >= 0 (got {args.top_k}); 0 disables it")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1] (got {args.top_p}); 1 disables it")
+    if args.beam_width < 1:
+        raise UserError(f"--beam_width must be at least 1 (got {args.beam_width})")
+    if args.max_decoding_length is not None and args.max_decoding_length < 2:
+        raise UserError(f"--max_decoding_length must be at least 2 "
+                        f"(got {args.max_decoding_length})")
+    if args.stop_after_steps is not None and args.stop_after_steps < 1:
+        raise UserError(f"--stop_after_steps must be at least 1 "
+                        f"(got {args.stop_after_steps})")
+
+
+def open_splits(args, cfg):
+    """The prepared splits the requested steps need, checked before the model loads."""
+    from utils.data import PreparedSplit, split_data_path
+    wanted = {"train": args.do_train, "dev": args.do_eval, "test": args.do_test}
+    if args.do_train and cfg.eval_steps > 0:
+        # Evaluation during training uses dev.npy when there is one.
+        wanted["dev"] = wanted["dev"] or os.path.isfile(split_data_path(cfg.data_dir, "dev"))
+    splits = {}
+    for name, needed in wanted.items():
+        if not needed:
+            splits[name] = None
+            continue
+        split = PreparedSplit(split_data_path(cfg.data_dir, name))
+        if split.max_seq_length != cfg.max_seq_length:
+            raise UserError(f"{split.path} was prepared with max_seq_length "
+                            f"{split.max_seq_length} but {cfg.name} says "
+                            f"{cfg.max_seq_length}: set max_seq_length = "
+                            f"{split.max_seq_length} in the config, or run "
+                            f"prepare_data.py --max_seq_length {cfg.max_seq_length}")
+        splits[name] = split
+    return splits
+
+
+def load_weights(args, cfg, ctx):
+    """(LoadedModel, training state to resume or None), following the flags."""
+    from utils import distributed as dist_utils
+    from utils.checkpoint import load_checkpoint, load_model
+    resume = None
+    if args.do_train and args.checkpoint:
+        state = load_checkpoint(args.checkpoint)
+        if "optimizer" in state:
+            resume = {k: v for k, v in state.items() if k != "model"}
+        elif ctx.is_main:
+            print(f"note: {args.checkpoint} holds weights only: training starts at "
+                  f"step 0 from them", file=sys.stderr)
+        del state
+    # Rank 0 first: it may download OpenAI's files, which the others then read.
+    if not ctx.is_main:
+        dist_utils.barrier(ctx)
+    torch.manual_seed(cfg.seed)  # the same initial weights for --from_scratch
+    loaded = load_model(config_model=args.config_model,
+                        pretrain_model_dir=args.pretrain_model_dir,
+                        pretrain_checkpoint=args.pretrain_checkpoint,
+                        checkpoint=args.checkpoint, from_scratch=args.from_scratch)
+    if ctx.is_main:
+        dist_utils.barrier(ctx)
+    return loaded, resume
+
+
+def tsv_field(text: str) -> str:
+    """`text` on one line without tabs, so a TSV line has exactly one tab."""
+    return _TSV_BREAKS.sub(" ", text)
+
+
+def write_test_samples(model, split, encoder, args, cfg, device, n_ctx: int,
+                       path: str, progress: bool) -> int:
+    """Continue each test example and write context<TAB>continuation lines."""
+    from tqdm import tqdm
+    from utils.generation import generate
+    from utils.processor import EOS_ID
+
+    max_len = args.max_decoding_length or cfg.max_decoding_length
+    if max_len > n_ctx:
+        raise UserError(f"max_decoding_length {max_len} exceeds the model's {n_ctx} "
+                        f"positions: use --max_decoding_length {n_ctx} or less")
+    # The context is the whole line: <|endoftext|> + BPE(line), without the
+    # closing <|endoftext|> that prepare_data.py added.
+    contexts = [split.example(i)[:-1] for i in range(len(split))]
+    longest = max(len(c) for c in contexts)
+    if longest >= max_len:
+        raise UserError(f"a test line has {longest} tokens with its <|endoftext|>, "
+                        f"leaving no room within max_decoding_length {max_len} (which "
+                        f"counts the context): raise --max_decoding_length (at most "
+                        f"{n_ctx}) or max_decoding_length in {cfg.name}")
+    seed = args.seed if args.seed is not None else cfg.seed
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    model.eval()
+    continuations = [None] * len(contexts)
+    for indices in tqdm(split.batches_by_length(cfg.test_batch_size), desc="test",
+                        unit="batch", disable=not progress):
+        outputs = generate(model, [contexts[i] for i in indices], max_len,
+                           strategy=args.decoding_strategy,
+                           temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, beam_width=args.beam_width,
+                           length_penalty=args.length_penalty, end_token=EOS_ID,
+                           generator=generator)
+        for i, ids in zip(indices, outputs):
+            continuations[i] = ids
+    lines = [f"{tsv_field(encoder.decode(ctx[1:]))}\t{tsv_field(encoder.decode(ids))}\n"
+             for ctx, ids in zip(contexts, continuations)]
+    write_text_atomically(path, "".join(lines))
+    return len(lines)
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    from utils import distributed as dist_utils
+    from utils.training import load_train_config
+
+    cfg = load_train_config(args.config_train)
+    splits = open_splits(args, cfg)
+    ctx = dist_utils.init_distributed(args.distributed, master_addr=args.master_addr,
+                                      master_port=args.master_port)
+    try:
+        return run(args, cfg, splits, ctx)
+    finally:
+        dist_utils.shutdown(ctx)
+
+
+def run(args, cfg, splits, ctx) -> int:
+    from utils import distributed as dist_utils
+    from utils.model import count_parameters, model_size
+    from utils.processor import get_encoder
+    from utils.training import (BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_LOG,
+                                Trainer, check_precision, evaluate)
+
+    say = (lambda *a, **k: print(*a, **k, flush=True)) if ctx.is_main else (
+        lambda *a, **k: None)
+    check_precision(cfg.precision, ctx.device)
+    loaded, resume = load_weights(args, cfg, ctx)
+    n_ctx = model_size(loaded.hparams)["n_ctx"]
+    for split in splits.values():
+        if split is not None and split.max_seq_length > n_ctx:
+            raise UserError(f"{split.path} holds sequences of up to {split.max_seq_length} "
+                            f"tokens but the model has {n_ctx} positions: prepare the "
+                            f"data with --max_seq_length {n_ctx} or less")
+    model = loaded.model.to(ctx.device)
+    say(f"Model: {loaded.source}, {count_parameters(model):,} parameters, "
+        f"on {ctx.device}.", file=sys.stderr)
+    os.makedirs(args.output_dir, exist_ok=True)
+    progress = not args.quiet
+    written = []
+
+    trainer = None
+    if args.do_train:
+        trainer = Trainer(model, loaded.hparams, cfg, ctx, splits["train"], splits["dev"],
+                          args.output_dir, resume=resume,
+                          stop_after_steps=args.stop_after_steps, progress=progress)
+        trainer.train()
+        written.append((LAST_CHECKPOINT, "last training state (continue with "
+                        f"--do_train --checkpoint "
+                        f"{os.path.join(args.output_dir, LAST_CHECKPOINT)})"))
+        if trainer.best_dev_ppl is not None:
+            written.append((BEST_CHECKPOINT, f"best dev perplexity "
+                            f"{trainer.best_dev_ppl:.6g}"))
+        written.append((METRICS_LOG, "training and dev metrics, one JSON per line"))
+
+    if args.do_eval:
+        if trainer is not None:
+            same_step = trainer.last_eval_step == trainer.step
+            result = trainer.last_eval if same_step else trainer.evaluate_and_track()
+            if trainer.best_dev_ppl is not None and not any(
+                    name == BEST_CHECKPOINT for name, _ in written):
+                written.append((BEST_CHECKPOINT, f"best dev perplexity "
+                                f"{trainer.best_dev_ppl:.6g}"))
+        elif ctx.is_main:
+            result = evaluate(model, splits["dev"], cfg.eval_batch_size, ctx.device,
+                              cfg.precision, progress)
+        if ctx.is_main:
+            print(result.describe("dev"), flush=True)
+        dist_utils.barrier(ctx)
+
+    if args.do_test:
+        if ctx.is_main:
+            path = os.path.join(args.output_dir, TEST_SAMPLES)
+            encoder = get_encoder(loaded.vocab_dir)
+            count = write_test_samples(model, splits["test"], encoder, args, cfg,
+                                       ctx.device, n_ctx, path, progress)
+            written.append((TEST_SAMPLES, f"{count} test lines: context<TAB>continuation"))
+        dist_utils.barrier(ctx)
+
+    if written:
+        say(f"Outputs in {args.output_dir}/:")
+        for name, what in written:
+            say(f"  {os.path.join(args.output_dir, name)}: {what}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,334 @@
+"""Prepared data: text lines -> fixed-size records of GPT-2 token ids, and back.
+
+`prepare_data.py` turns each split's text file (`train.txt`, `dev.txt`,
+`test.txt`: one example per line) into `<split>.npy`. Each non-empty line
+becomes
+
+    <|endoftext|> + BPE(line) + <|endoftext|>
+
+as in the original Texar example: the BPE tokens are cut to
+`max_seq_length - 2` first, so every example keeps both special tokens, then
+padded with <|endoftext|> to `max_seq_length`.
+
+The file is a plain NumPy `.npy` holding a 1-D structured array, one record per
+example:
+
+    length    int32                        tokens in the example, specials included
+    text_ids  uint16[max_seq_length]       token ids, padded (int32 for vocabularies
+                                           larger than 65,536)
+
+It loads with `allow_pickle=False` and memory-maps (`mmap_mode="r"`), so a
+corpus larger than RAM trains without being read in whole. Files are written
+to a temporary name in the output directory and renamed into place once
+complete: an interrupted run never leaves a half-written split.
+
+`PreparedSplit` reads such a file back and builds batches padded only to the
+longest example in the batch.
+"""
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from utils.errors import UserError
+
+SPLITS = ("train", "dev", "test")
+LENGTH_FIELD = "length"
+IDS_FIELD = "text_ids"
+# Lines handed to a worker at a time: large enough to amortise the IPC,
+# small enough that the progress bar moves and memory stays bounded.
+CHUNK_LINES = 2000
+# Below this many lines a process pool costs more than it saves.
+MIN_LINES_FOR_POOL = 4 * CHUNK_LINES
+
+
+def split_text_path(data_dir: str, split: str) -> str:
+    return os.path.join(data_dir, f"{split}.txt")
+
+
+def split_data_path(data_dir: str, split: str) -> str:
+    return os.path.join(data_dir, f"{split}.npy")
+
+
+def record_dtype(max_seq_length: int, vocab_size: int) -> np.dtype:
+    """The record layout of a prepared file; ids as uint16 when they fit."""
+    id_type = "<u2" if vocab_size <= 2 ** 16 else "<i4"
+    return np.dtype([(LENGTH_FIELD, "<i4"),
+                     (IDS_FIELD, id_type, (max_seq_length,))])
+
+
+def check_max_seq_length(max_seq_length: int) -> None:
+    if max_seq_length < 3:
+        raise UserError(f"--max_seq_length must be at least 3 (got {max_seq_length}): "
+                        f"it counts the two <|endoftext|> tokens around each line")
+
+
+# ---------------------------------------------------------------------------
+# Reading text files
+
+def iter_lines(path: str) -> Iterator[Tuple[int, str]]:
+    """(line number, stripped text) for every line of a UTF-8 file.
+
+    Lines end at "\\n" only; surrounding whitespace (including "\\r") is
+    stripped, as the original example did. A byte sequence that is not UTF-8
+    is a UserError naming the file and the line.
+    """
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(
+                    f"{path} line {number} is not valid UTF-8 (byte "
+                    f"0x{raw[err.start]:02x} at byte {err.start + 1} of the line): "
+                    f"convert the file to UTF-8, e.g. "
+                    f"'iconv -f latin1 -t utf-8 in.txt > out.txt'") from None
+            if number == 1 and text.startswith("\ufeff"):
+                text = text[1:]  # a byte-order mark is not part of the text
+            yield number, text.strip()
+
+
+def scan_text_file(path: str, progress: bool = True) -> Tuple[int, int]:
+    """Check a text file is UTF-8 and count its (non-empty, empty) lines.
+
+    A first, cheap pass: knowing the count up front lets the output be
+    allocated once and the progress bar show a total.
+    """
+    from tqdm import tqdm
+    examples = empty = 0
+    size = os.path.getsize(path)
+    with tqdm(total=size, unit="B", unit_scale=True, desc=f"check {os.path.basename(path)}",
+              disable=not progress or size < (64 << 20), leave=False) as bar:
+        for _, text in iter_lines(path):
+            if text:
+                examples += 1
+            else:
+                empty += 1
+            bar.update(len(text) + 1)  # approximate; only for the display
+    return examples, empty
+
+
+# ---------------------------------------------------------------------------
+# Encoding: text -> records
+
+def pack_records(token_lists: Sequence[List[int]], max_seq_length: int,
+                 dtype: np.dtype, eos_id: int) -> Tuple[np.ndarray, int]:
+    """Records for BPE token lists, and how many lists had to be cut."""
+    records = np.zeros(len(token_lists), dtype=dtype)
+    ids = records[IDS_FIELD]
+    ids.fill(eos_id)  # the padding, and both special tokens
+    room = max_seq_length - 2
+    truncated = 0
+    for row, tokens in enumerate(token_lists):
+        if len(tokens) > room:
+            tokens = tokens[:room]
+            truncated += 1
+        ids[row, 1:1 + len(tokens)] = tokens
+        records[LENGTH_FIELD][row] = len(tokens) + 2
+    return records, truncated
+
+
+_WORKER = {}
+
+
+def _init_worker(vocab_dir: Optional[str], max_seq_length: int,
+                 dtype: np.dtype) -> None:
+    from utils.processor import EOS_ID, get_encoder
+    _WORKER.update(encoder=get_encoder(vocab_dir), max_seq_length=max_seq_length,
+                   dtype=dtype, eos_id=EOS_ID)
+
+
+def _encode_chunk(lines: List[str]) -> Tuple[np.ndarray, int]:
+    w = _WORKER
+    token_lists = [w["encoder"].encode(line) for line in lines]
+    return pack_records(token_lists, w["max_seq_length"], w["dtype"], w["eos_id"])
+
+
+def _chunks(path: str) -> Iterator[List[str]]:
+    chunk: List[str] = []
+    for _, text in iter_lines(path):
+        if text:
+            chunk.append(text)
+            if len(chunk) == CHUNK_LINES:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def _encoded_chunks(path: str, num_workers: int, init_args: tuple
+                    ) -> Iterator[Tuple[np.ndarray, int]]:
+    """Encoded chunks in file order, BPE spread over `num_workers` processes.
+
+    At most two chunks per worker are in flight, so memory stays bounded
+    whatever the file size (Pool.imap would read the whole file ahead).
+    """
+    if num_workers <= 1:
+        _init_worker(*init_args)
+        for chunk in _chunks(path):
+            yield _encode_chunk(chunk)
+        return
+    import multiprocessing
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    context = multiprocessing.get_context(method)
+    with context.Pool(num_workers, initializer=_init_worker,
+                      initargs=init_args) as pool:
+        pending = deque()
+        for chunk in _chunks(path):
+            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            if len(pending) >= 2 * num_workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+@dataclass
+class SplitSummary:
+    split: str
+    path: str            # the .npy written
+    examples: int
+    tokens: int          # in all examples, both <|endoftext|> included
+    truncated: int       # lines cut to max_seq_length
+    skipped: int         # empty lines
+    longest: int         # tokens in the longest example
+    seconds: float
+
+
+def default_num_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def prepare_split(text_path: str, out_path: str, *, max_seq_length: int,
+                  vocab_dir: Optional[str], num_workers: Optional[int] = None,
+                  progress: bool = True) -> SplitSummary:
+    """Encode one text file into a prepared `.npy`, atomically."""
+    from tqdm import tqdm
+    from utils.processor import get_encoder
+
+    check_max_seq_length(max_seq_length)
+    start = time.time()
+    split = os.path.splitext(os.path.basename(text_path))[0]
+    encoder = get_encoder(vocab_dir)  # loaded here first: a bad vocabulary fails early
+    dtype = record_dtype(max_seq_length, len(encoder))
+    examples, skipped = scan_text_file(text_path, progress)
+    if examples == 0:
+        raise UserError(f"{text_path} has no non-empty lines: put one example "
+                        f"per line (or remove the file to skip the {split} split)")
+    if num_workers is None:
+        num_workers = default_num_workers()
+    if examples < MIN_LINES_FOR_POOL:
+        num_workers = 1
+
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp_path = os.path.join(out_dir, f".{os.path.basename(out_path)}.{os.getpid()}.tmp")
+    written = tokens = truncated = longest = 0
+    try:
+        records = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=dtype,
+                                            shape=(examples,))
+        init_args = (vocab_dir, max_seq_length, dtype)
+        with tqdm(total=examples, unit=" lines", desc=f"encode {split}",
+                  disable=not progress) as bar:
+            for chunk, cut in _encoded_chunks(text_path, num_workers, init_args):
+                end = written + len(chunk)
+                if end > examples:
+                    raise _changed_while_reading(text_path)
+                records[written:end] = chunk
+                lengths = chunk[LENGTH_FIELD]
+                tokens += int(lengths.sum())
+                longest = max(longest, int(lengths.max()))
+                truncated += cut
+                written = end
+                bar.update(len(chunk))
+        if written != examples:
+            raise _changed_while_reading(text_path)
+        records.flush()
+        del records
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, out_path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+    return SplitSummary(split=split, path=out_path, examples=examples, tokens=tokens,
+                        truncated=truncated, skipped=skipped, longest=longest,
+                        seconds=time.time() - start)
+
+
+def _changed_while_reading(path: str) -> UserError:
+    return UserError(f"{path} changed while it was being read; run "
+                     f"prepare_data.py again once it is complete")
+
+
+# ---------------------------------------------------------------------------
+# Reading prepared files back
+
+class PreparedSplit:
+    """A prepared `.npy` split, memory-mapped; builds padded batches.
+
+    `lengths` (int64, one per example) is read into memory; the token ids stay
+    on disk until a batch asks for them.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.isfile(path):
+            raise UserError(f"prepared data not found: {path}; run "
+                            f"'python prepare_data.py --data_dir <dir with "
+                            f"{os.path.basename(path)[:-4]}.txt>' first (or fix data_dir "
+                            f"in the training config)")
+        try:
+            data = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise UserError(f"{path} is not a prepared data file ({err}); run "
+                            f"prepare_data.py again") from None
+        names = data.dtype.names or ()
+        if (data.ndim != 1 or names != (LENGTH_FIELD, IDS_FIELD)
+                or data.dtype[IDS_FIELD].ndim != 1 or len(data) == 0):
+            raise UserError(f"{path} is not a prepared data file (expected records "
+                            f"of '{LENGTH_FIELD}' and '{IDS_FIELD}'); run "
+                            f"prepare_data.py again")
+        self._data = data
+        self.max_seq_length = int(data.dtype[IDS_FIELD].shape[0])
+        self.lengths = np.asarray(data[LENGTH_FIELD], dtype=np.int64)
+        if self.lengths.min() < 2 or self.lengths.max() > self.max_seq_length:
+            raise UserError(f"{path} holds example lengths outside 2..{self.max_seq_length}: "
+                            f"it is damaged; run prepare_data.py again")
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def num_targets(self) -> int:
+        """Tokens the LM predicts: every token but each example's first."""
+        return int((self.lengths - 1).sum())
+
+    def example(self, index: int) -> List[int]:
+        """The token ids of one example, padding removed."""
+        return self._data[IDS_FIELD][index, :self.lengths[index]].tolist()
+
+    def batch(self, indices: Sequence[int], pad_id: int):
+        """(ids int64 [B, T], lengths int64 [B]) with T the longest in the batch."""
+        import torch
+        indices = np.asarray(indices, dtype=np.int64)
+        lengths = self.lengths[indices]
+        longest = int(lengths.max())
+        ids = np.asarray(self._data[IDS_FIELD][indices, :longest], dtype=np.int64)
+        # Records are padded with EOS already; pad_id only matters if it differs.
+        ids[np.arange(longest)[None, :] >= lengths[:, None]] = pad_id
+        return torch.from_numpy(ids), torch.from_numpy(lengths)
+
+    def batches_by_length(self, batch_size: int) -> List[np.ndarray]:
+        """Index batches covering every example once, similar lengths together.
+
+        For evaluation and generation, where order does not matter: sorting
+        keeps padding, and so wasted compute, to a minimum.
+        """
+        order = np.argsort(self.lengths, kind="stable")
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

@@ -1,0 +1,759 @@
+"""The fine-tuning loop of gpt2_train_main.py: loss, schedule, evaluation, checkpoints.
+
+The language-model loss of an example of `length` tokens is the cross-entropy
+of text_ids[1:length] given text_ids[:length-1] (teacher forcing); padding is
+never a target. Each optimizer step's loss is
+
+    (sum of token NLL over the step's examples, on every rank and in every
+     accumulated micro-batch) / (number of those target tokens)
+
+so gradient accumulation and data parallelism give the same update as one big
+batch. Every rank computes its own NLL sum; the token count is summed over
+ranks first, and the loss is multiplied by the world size because DDP averages
+gradients over ranks.
+
+A training checkpoint (`output_dir/model.ckpt`) holds everything to continue
+exactly where it stopped: model, optimizer, loss scaler, learning-rate schedule,
+step, epoch and position inside it, and the random-number states of every rank.
+It is written atomically and loads with `torch.load(weights_only=True)`.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from utils import distributed as dist_utils
+from utils.checkpoint import save_checkpoint
+from utils.config_loading import load_config_module
+from utils.data import PreparedSplit
+from utils.errors import UserError
+from utils.processor import EOS_ID
+
+CHECKPOINT_FORMAT = "gpt2-texar-train-1"
+LAST_CHECKPOINT = "model.ckpt"
+BEST_CHECKPOINT = "model_best.ckpt"
+METRICS_LOG = "metrics.jsonl"
+IGNORE_INDEX = -100
+PRECISIONS = ("fp32", "bf16", "fp16")
+LR_DECAYS = ("constant", "linear", "cosine")
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+
+@dataclass
+class TrainConfig:
+    """The settings of a `--config_train` module (see configs/config_train.py)."""
+    data_dir: str
+    max_seq_length: int
+    train_batch_size: int
+    eval_batch_size: int
+    test_batch_size: int
+    max_train_epoch: int
+    display_steps: int
+    eval_steps: int
+    opt: Dict[str, Any]
+    max_decoding_length: Optional[int] = None
+    checkpoint_steps: int = -1
+    warmup_steps: int = 0
+    lr_decay: str = "constant"
+    min_lr_ratio: float = 0.0
+    gradient_accumulation_steps: int = 1
+    precision: str = "fp32"
+    seed: int = 0
+    name: str = field(default="", compare=False)
+
+
+_REQUIRED = ("data_dir", "max_seq_length", "train_batch_size", "eval_batch_size",
+             "test_batch_size", "max_train_epoch", "display_steps", "eval_steps", "opt")
+_OPTIONAL = ("max_decoding_length", "checkpoint_steps", "warmup_steps", "lr_decay",
+             "min_lr_ratio", "gradient_accumulation_steps", "precision", "seed")
+# Names the original examples used for the data directory.
+_DATA_DIR_ALIASES = ("tfrecord_data_dir", "pickle_data_dir")
+
+
+def load_train_config(name: str) -> TrainConfig:
+    """Read and check a training config given as a module name or a .py path."""
+    module = load_config_module(name)
+    values = {}
+    if not hasattr(module, "data_dir"):
+        for alias in _DATA_DIR_ALIASES:
+            if hasattr(module, alias):
+                values["data_dir"] = getattr(module, alias)
+                break
+    missing = [k for k in _REQUIRED if k not in values and not hasattr(module, k)]
+    if missing:
+        raise UserError(f"training config {name} lacks {', '.join(missing)}: "
+                        f"start from configs/config_train.py")
+    for key in _REQUIRED + _OPTIONAL:
+        if hasattr(module, key):
+            values[key] = getattr(module, key)
+    cfg = TrainConfig(name=name, **values)
+    if cfg.max_decoding_length is None:
+        cfg.max_decoding_length = cfg.max_seq_length
+    check_train_config(cfg)
+    return cfg
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """One UserError naming the field and the fix for the first bad value."""
+    def bad(field_name, why):
+        raise UserError(f"{field_name} = {getattr(cfg, field_name)!r} in training "
+                        f"config {cfg.name}: {why}")
+
+    if not isinstance(cfg.data_dir, str) or not cfg.data_dir:
+        bad("data_dir", "give the directory prepare_data.py wrote to")
+    for key in ("train_batch_size", "eval_batch_size", "test_batch_size",
+                "max_train_epoch", "gradient_accumulation_steps"):
+        if not _is_int(getattr(cfg, key)) or getattr(cfg, key) < 1:
+            bad(key, "must be a positive integer")
+    for key in ("display_steps", "eval_steps", "checkpoint_steps", "seed"):
+        if not _is_int(getattr(cfg, key)):
+            bad(key, "must be an integer (-1 disables the step-based ones)")
+    if not _is_int(cfg.max_seq_length) or cfg.max_seq_length < 3:
+        bad("max_seq_length", "must be an integer of at least 3 (it counts the "
+                              "two <|endoftext|> tokens)")
+    if not _is_int(cfg.max_decoding_length) or cfg.max_decoding_length < 2:
+        bad("max_decoding_length", "must be an integer of at least 2")
+    if not _is_int(cfg.warmup_steps) or cfg.warmup_steps < 0:
+        bad("warmup_steps", "must be an integer >= 0")
+    if cfg.lr_decay not in LR_DECAYS:
+        bad("lr_decay", f"must be one of {', '.join(LR_DECAYS)}")
+    if not isinstance(cfg.min_lr_ratio, (int, float)) or not 0 <= cfg.min_lr_ratio <= 1:
+        bad("min_lr_ratio", "must be a number between 0 and 1")
+    if cfg.precision not in PRECISIONS:
+        bad("precision", f"must be one of {', '.join(PRECISIONS)}")
+    _check_opt(cfg)
+
+
+def _opt_hparams(opt: Dict[str, Any]):
+    """texar's HParams for `opt`, with its defaults filled in."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import texar.torch as tx
+    return tx.HParams(opt, tx.core.default_optimization_hparams())
+
+
+def _check_opt(cfg: TrainConfig) -> None:
+    where = f"opt in training config {cfg.name}"
+    if not isinstance(cfg.opt, dict):
+        raise UserError(f"{where} must be a dict like "
+                        f"{{'optimizer': {{'type': 'AdamW', 'kwargs': {{'lr': 1e-4}}}}}}")
+    try:
+        hparams = _opt_hparams(cfg.opt)
+    except ValueError as err:
+        raise UserError(f"{where} is not valid texar optimization hparams: {err}") from None
+    if hparams.learning_rate_decay.type:
+        raise UserError(f"{where} sets learning_rate_decay, which this trainer does "
+                        f"not use: set warmup_steps, lr_decay and min_lr_ratio instead")
+    if hparams.gradient_noise_scale is not None:
+        raise UserError(f"{where} sets gradient_noise_scale, which is not supported: "
+                        f"remove it")
+    kwargs = hparams.optimizer.kwargs.todict()
+    if not isinstance(kwargs.get("lr"), (int, float)) or kwargs["lr"] <= 0:
+        raise UserError(f"{where}: optimizer kwargs need a positive 'lr'")
+
+
+# ---------------------------------------------------------------------------
+# Loss, evaluation, schedule
+
+def target_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, width] True where position t predicts a real token (t < length - 1)."""
+    positions = torch.arange(width, device=lengths.device)
+    return positions[None, :] < (lengths[:, None] - 1)
+
+
+def lm_nll(model, ids: torch.Tensor, lengths: torch.Tensor, per_token: bool = False):
+    """Summed next-token NLL of a padded batch, and the number of targets.
+
+    ids [B, T] (T = the longest example), lengths [B]. Targets are
+    ids[b, 1:lengths[b]]. With per_token=True the sum is taken in float64
+    (for evaluation); otherwise it is a differentiable float32 scalar.
+    """
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    mask = target_mask(lengths, targets.size(1))
+    targets = targets.masked_fill(~mask, IGNORE_INDEX)
+    logits = model(inputs=inputs, decoding_strategy="train_greedy").logits
+    flat_logits = logits.reshape(-1, logits.size(-1))
+    if per_token:
+        nll = F.cross_entropy(flat_logits.float(), targets.reshape(-1),
+                              ignore_index=IGNORE_INDEX, reduction="none")
+        return nll.double().sum(), mask.sum()
+    nll = F.cross_entropy(flat_logits, targets.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="sum")
+    return nll, mask.sum()
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+@dataclass
+class EvalResult:
+    nll: float        # summed over every target token, in nats
+    tokens: int       # target tokens
+    examples: int
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.loss)
+
+    def describe(self, split: str = "dev") -> str:
+        return (f"{split}: loss {self.loss:.6g} | perplexity {self.perplexity:.6g} | "
+                f"{self.examples:,} examples | {self.tokens:,} tokens")
+
+
+def evaluate(model, split: PreparedSplit, batch_size: int, device: torch.device,
+             precision: str = "fp32", progress: bool = True,
+             should_stop: Optional[Callable[[], bool]] = None) -> Optional[EvalResult]:
+    """Corpus-level loss: exp(total NLL / total target tokens), not a batch mean.
+
+    Batches group examples of similar length, so little is spent on padding.
+    Returns None when `should_stop()` turns true before the end.
+    """
+    from tqdm import tqdm
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    try:
+        with torch.no_grad():
+            for indices in tqdm(split.batches_by_length(batch_size), desc="eval",
+                                unit="batch", leave=False, disable=not progress):
+                if should_stop is not None and should_stop():
+                    return None
+                ids, lengths = split.batch(indices, EOS_ID)
+                ids, lengths = ids.to(device), lengths.to(device)
+                with autocast(precision, device):
+                    nll, count = lm_nll(model, ids, lengths, per_token=True)
+                total_nll += float(nll)
+                total_tokens += int(count)
+    finally:
+        model.train(was_training)
+    return EvalResult(total_nll, total_tokens, len(split))
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int,
+                  decay: str, min_ratio: float) -> float:
+    """Factor on the configured learning rate for optimizer step `step` (0-based).
+
+    Linear warm-up from 1/warmup_steps to 1, then constant, or a linear or
+    cosine decay reaching min_ratio at total_steps.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if decay == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16/fp16 autocast on the device; nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("precision = 'fp16' needs a CUDA GPU: use 'bf16' or 'fp32' "
+                        "in the training config on CPU")
+    if (precision == "bf16" and device.type == "cuda"
+            and not torch.cuda.is_bf16_supported()):
+        raise UserError("this GPU has no bfloat16 support: use precision = 'fp16' "
+                        "or 'fp32' in the training config")
+
+
+# ---------------------------------------------------------------------------
+# Random-number states (plain types only, so checkpoints load with weights_only)
+
+def _local_rng_bytes(device: torch.device) -> torch.Tensor:
+    parts = [torch.get_rng_state()]
+    if device.type == "cuda":
+        parts.append(torch.cuda.get_rng_state(device))
+    return torch.cat(parts)
+
+
+def gather_rng_states(ctx) -> Dict[str, Any]:
+    """Every rank's torch (and CUDA) RNG state; call on all ranks together."""
+    local = _local_rng_bytes(ctx.device).to(torch.int64)
+    table = torch.zeros(ctx.world_size, local.numel(), dtype=torch.int64)
+    table[ctx.rank] = local
+    dist_utils.all_reduce_sum(table, ctx)
+    np_state = np.random.get_state()
+    return {
+        "world_size": ctx.world_size,
+        "cpu_bytes": int(torch.get_rng_state().numel()),
+        "ranks": [row.to(torch.uint8) for row in table],
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+
+
+def restore_rng_states(state: Dict[str, Any], ctx) -> bool:
+    """Restore this rank's RNG states; False when the saved layout differs."""
+    random.setstate(_as_tuples(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    if state["world_size"] != ctx.world_size:
+        return False
+    mine = state["ranks"][ctx.rank]
+    cpu = state["cpu_bytes"]
+    torch.set_rng_state(mine[:cpu].clone())
+    if ctx.device.type == "cuda":
+        if mine.numel() == cpu:
+            return False
+        torch.cuda.set_rng_state(mine[cpu:].clone(), ctx.device)
+    return True
+
+
+def _as_tuples(value):
+    """random.setstate wants tuples where a round trip may give lists."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuples(v) for v in value)
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Ctrl-C: finish the step, save, then stop
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag that the loop checks between steps.
+
+    The current step finishes so the checkpoint is consistent; a second Ctrl-C
+    stops at once (the last checkpoint on disk stays whole: writes are atomic).
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nStopping after this step and saving a checkpoint "
+              "(press Ctrl-C again to quit without saving).", file=sys.stderr, flush=True)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on Ctrl-C after saving; the message says where."""
+
+
+# ---------------------------------------------------------------------------
+# Metrics log
+
+class MetricsLog:
+    """JSON lines in output_dir/metrics.jsonl, one per display and evaluation.
+
+    A new run starts the file afresh; a resumed run keeps the records up to
+    the step it resumes from (dropping any written after that checkpoint, e.g.
+    before a crash), so the file always describes one consistent run.
+    """
+
+    def __init__(self, path: str, resume_step: Optional[int], enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        kept = []
+        if resume_step is not None and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue  # a line cut short by a crash
+                    if record.get("step", 0) <= resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------
+# The trainer
+
+class Trainer:
+    """Trains `model` on a prepared split; one code path for 1 or W processes.
+
+    model: the plain GPT2Decoder, already on ctx.device (wrapped here).
+    resume: the training state from a checkpoint (everything but "model"),
+        or None to start at step 0.
+    """
+
+    def __init__(self, model, model_hparams: Dict[str, Any], cfg: TrainConfig, ctx,
+                 train_split: PreparedSplit, dev_split: Optional[PreparedSplit],
+                 output_dir: str, resume: Optional[Dict[str, Any]] = None,
+                 stop_after_steps: Optional[int] = None, progress: bool = True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import texar.torch as tx
+        self.cfg, self.ctx = cfg, ctx
+        self.model_hparams = model_hparams
+        self.train_split, self.dev_split = train_split, dev_split
+        self.output_dir = output_dir
+        self.stop_after_steps = stop_after_steps
+        self.progress = progress and ctx.is_main
+        self.device = ctx.device
+        check_precision(cfg.precision, self.device)
+
+        self.plain_model = model
+        model.train()
+        self.model = dist_utils.wrap_model(model, ctx)
+        hparams = _opt_hparams(cfg.opt)
+        self.optimizer = tx.core.get_optimizer(_param_groups(model), hparams)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.clip_grad = tx.core.get_grad_clip_fn(hparams)
+        self.scaler = _grad_scaler() if cfg.precision == "fp16" else None
+
+        self.sampler = dist_utils.make_train_sampler(len(train_split), ctx, cfg.seed)
+        self.global_batch = dist_utils.global_batch_size(
+            cfg.train_batch_size, ctx, cfg.gradient_accumulation_steps)
+        examples_per_rank = math.ceil(len(train_split) / ctx.world_size)
+        self.steps_per_epoch = math.ceil(
+            examples_per_rank / (cfg.train_batch_size * cfg.gradient_accumulation_steps))
+        self.total_steps = self.steps_per_epoch * cfg.max_train_epoch
+
+        self.step = 0             # optimizer steps done
+        self.epoch = 0            # the epoch in progress
+        self.examples_done = 0    # of this epoch's global order
+        self.best_dev_ppl: Optional[float] = None
+        self.last_eval: Optional[EvalResult] = None
+        self.last_eval_step: Optional[int] = None
+        if resume is not None:
+            self._load_state(resume)
+        else:
+            # Dropout differs per rank; data order comes from the sampler.
+            torch.manual_seed(cfg.seed + ctx.rank)
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
+        self.log = MetricsLog(os.path.join(output_dir, METRICS_LOG),
+                              self.step if resume is not None else None,
+                              enabled=ctx.is_main)
+
+    # -- state -----------------------------------------------------------
+
+    def state_dict(self, rng: Dict[str, Any]) -> Dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.plain_model.state_dict(),
+            "model_hparams": self.model_hparams,
+            "optimizer": self.optimizer.state_dict(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler else None,
+            "schedule": {"base_lrs": self.base_lrs, "warmup_steps": self.cfg.warmup_steps,
+                         "total_steps": self.total_steps, "lr_decay": self.cfg.lr_decay,
+                         "min_lr_ratio": self.cfg.min_lr_ratio},
+            "step": self.step,
+            "epoch": self.epoch,
+            "examples_done_in_epoch": self.examples_done,
+            "rng": rng,
+            "best_dev_ppl": self.best_dev_ppl,
+            "data": {"train_examples": len(self.train_split),
+                     "train_batch_size": self.cfg.train_batch_size,
+                     "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps,
+                     "world_size": self.ctx.world_size, "seed": self.cfg.seed},
+        }
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise UserError("the --checkpoint was not written by this version of "
+                            "gpt2_train_main.py, so training cannot resume from it")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.examples_done = int(state["examples_done_in_epoch"])
+        self.best_dev_ppl = state.get("best_dev_ppl")
+        notes = []
+        saved = state.get("data", {})
+        now = {"train_examples": len(self.train_split),
+               "train_batch_size": self.cfg.train_batch_size,
+               "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps,
+               "world_size": self.ctx.world_size, "seed": self.cfg.seed}
+        changed = [f"{k} {saved.get(k)} -> {v}" for k, v in now.items()
+                   if saved.get(k) != v]
+        if changed:
+            notes.append("settings differ from the checkpoint's ("
+                         + ", ".join(changed) + "): training continues, but not "
+                                                "exactly as an uninterrupted run")
+        if state["schedule"].get("total_steps") != self.total_steps:
+            notes.append(f"the learning-rate schedule now spans {self.total_steps} "
+                         f"steps (was {state['schedule'].get('total_steps')})")
+        if self.examples_done > len(self.train_split):
+            self.examples_done = len(self.train_split)
+        if not restore_rng_states(state["rng"], self.ctx):
+            torch.manual_seed(self.cfg.seed + self.ctx.rank + self.step)
+            notes.append("random states were saved for another world size or device: "
+                         "dropout is reseeded")
+        for note in notes:
+            self._print(f"note: {note}", file=sys.stderr)
+
+    def save(self, path: str) -> None:
+        """Write a full training checkpoint (rank 0 writes; all ranks call)."""
+        rng = gather_rng_states(self.ctx)
+        if self.ctx.is_main:
+            save_checkpoint(path, self.state_dict(rng))
+        dist_utils.barrier(self.ctx)
+
+    # -- loop ------------------------------------------------------------
+
+    def train(self) -> None:
+        """Train until max_train_epoch (or --stop_after_steps, or Ctrl-C)."""
+        from tqdm import tqdm
+        cfg = self.cfg
+        last_path = os.path.join(self.output_dir, LAST_CHECKPOINT)
+        if self.step >= self.total_steps or self.epoch >= cfg.max_train_epoch:
+            self._print(f"Training already complete: step {self.step} of "
+                        f"{self.total_steps} (raise max_train_epoch to train more).")
+            return
+        self._print(dist_utils.describe(self.ctx, cfg.train_batch_size,
+                                        cfg.gradient_accumulation_steps))
+        self._print(f"{len(self.train_split):,} training examples, "
+                    f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps "
+                    f"in {cfg.max_train_epoch} epochs"
+                    + (f"; resuming at step {self.step} (epoch {self.epoch + 1})"
+                       if self.step else "") + ".")
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step",
+                   desc="train", disable=not self.progress, dynamic_ncols=True)
+        window = _Window(self.device)
+        stopped_by = None
+        with StopRequest() as stop, dist_utils.peer_failure_guard(self.ctx):
+            for epoch in range(self.epoch, cfg.max_train_epoch):
+                if epoch != self.epoch:
+                    self.epoch, self.examples_done = epoch, 0
+                self.sampler.set_epoch(epoch)
+                self.sampler.set_start(self.examples_done)
+                for group in _step_groups(iter(self.sampler), cfg.train_batch_size,
+                                          cfg.gradient_accumulation_steps):
+                    self._train_step(group, window)
+                    self.step += 1
+                    self.examples_done = min(
+                        len(self.train_split),
+                        self.examples_done + self.ctx.world_size * sum(map(len, group)))
+                    bar.update(1)
+                    stopped_by = self._after_step(window, bar, stop, last_path)
+                    if stopped_by:
+                        break
+                if stopped_by:
+                    break
+            else:
+                self.epoch, self.examples_done = cfg.max_train_epoch, 0
+            bar.close()
+            self.save(last_path)
+        if stopped_by == "interrupt":
+            self._print(f"Interrupted at step {self.step}: saved {last_path}. Continue "
+                        f"with --do_train --checkpoint {last_path}.", file=sys.stderr)
+            raise TrainingInterrupted
+        if stopped_by == "stop_after_steps":
+            self._print(f"Stopped at step {self.step} (--stop_after_steps); saved "
+                        f"{last_path}. Continue with --do_train --checkpoint {last_path}.")
+        else:
+            self._print(f"Training done: {self.step} steps; saved {last_path}.")
+
+    def _train_step(self, group: List[List[int]], window: "_Window") -> None:
+        """One optimizer step over `group` (micro-batches of example indices)."""
+        ctx, cfg = self.ctx, self.cfg
+        batches = [self.train_split.batch(ix, EOS_ID) for ix in group]
+        local_tokens = sum(int((lengths - 1).sum()) for _, lengths in batches)
+        tokens = dist_utils.all_reduce_sum(
+            torch.tensor([local_tokens], dtype=torch.float64), ctx)
+        scale = ctx.world_size / float(tokens[0])
+
+        multiplier = lr_multiplier(self.step, warmup_steps=cfg.warmup_steps,
+                                   total_steps=self.total_steps, decay=cfg.lr_decay,
+                                   min_ratio=cfg.min_lr_ratio)
+        for group_, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group_["lr"] = base_lr * multiplier
+
+        step_nll = torch.zeros((), device=self.device)
+        for i, (ids, lengths) in enumerate(batches):
+            ids = ids.to(self.device, non_blocking=True)
+            lengths = lengths.to(self.device, non_blocking=True)
+            with dist_utils.maybe_no_sync(self.model, sync=i == len(batches) - 1):
+                with autocast(cfg.precision, self.device):
+                    nll, _ = lm_nll(self.model, ids, lengths)
+                loss = nll * scale
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            step_nll += nll.detach().float()
+
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip_grad is not None:
+            self.clip_grad(parameters=self.plain_model.parameters())
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        window.add(step_nll, float(tokens[0]))
+
+    def _after_step(self, window: "_Window", bar, stop: StopRequest,
+                    last_path: str) -> Optional[str]:
+        """Display, evaluate, checkpoint; the reason to stop, if any."""
+        cfg, step = self.cfg, self.step
+        if cfg.display_steps > 0 and step % cfg.display_steps == 0:
+            self._display(window, bar)
+        paused = time.perf_counter()  # evaluation and saving do not count in tok/s
+        if (cfg.eval_steps > 0 and step % cfg.eval_steps == 0
+                and self.dev_split is not None):
+            self.evaluate_and_track(should_stop=stop)
+        if cfg.checkpoint_steps > 0 and step % cfg.checkpoint_steps == 0:
+            self.save(last_path)
+        window.start += time.perf_counter() - paused
+        # Every rank must stop at the same step: agree on the flag.
+        flag = torch.tensor([1.0 if stop() else 0.0])
+        if float(dist_utils.all_reduce_sum(flag, self.ctx)[0]) > 0:
+            return "interrupt"
+        if self.stop_after_steps is not None and step >= self.stop_after_steps:
+            return "stop_after_steps"
+        return None
+
+    def _display(self, window: "_Window", bar) -> None:
+        nll = dist_utils.all_reduce_sum(window.nll.reshape(1).double(), self.ctx)
+        loss = float(nll[0]) / window.tokens
+        elapsed = max(time.perf_counter() - window.start, 1e-9)
+        lr = self.optimizer.param_groups[0]["lr"]
+        record = dict(split="train", step=self.step,
+                      epoch=round(self.step / self.steps_per_epoch, 4),
+                      loss=loss, ppl=perplexity(loss), lr=lr,
+                      tokens_per_s=window.tokens / elapsed)
+        self.log.write(**record)
+        if self.ctx.is_main:
+            line = (f"step {self.step:>6} | epoch {record['epoch']:.2f} | loss {loss:.4f} | "
+                    f"ppl {record['ppl']:.2f} | lr {lr:.2e} | "
+                    f"{record['tokens_per_s']:,.0f} tok/s")
+            if self.progress:
+                bar.set_postfix(loss=f"{loss:.3f}")
+                bar.write(line)
+            else:
+                print(line, flush=True)
+        window.reset()
+
+    def evaluate_and_track(self, should_stop=None) -> Optional[EvalResult]:
+        """Dev perplexity on rank 0 (others wait); keeps model_best.ckpt."""
+        result = None
+        if self.ctx.is_main:
+            result = evaluate(self.plain_model, self.dev_split, self.cfg.eval_batch_size,
+                              self.device, self.cfg.precision, self.progress, should_stop)
+            if result is not None:
+                self.last_eval = result
+                self.log.write(split="dev", step=self.step, loss=result.loss,
+                               ppl=result.perplexity, examples=result.examples,
+                               tokens=result.tokens)
+                improved = self.best_dev_ppl is None or result.perplexity < self.best_dev_ppl
+                mark = " (best so far)" if improved else ""
+                self._print(f"step {self.step:>6} | {result.describe()}{mark}")
+                if improved:
+                    self.best_dev_ppl = result.perplexity
+                    save_checkpoint(os.path.join(self.output_dir, BEST_CHECKPOINT), {
+                        "format": CHECKPOINT_FORMAT,
+                        "model": self.plain_model.state_dict(),
+                        "model_hparams": self.model_hparams,
+                        "step": self.step, "dev_perplexity": result.perplexity})
+        self.last_eval_step = self.step  # on every rank, so all agree
+        dist_utils.barrier(self.ctx)
+        return result
+
+    def _print(self, *args, **kwargs) -> None:
+        if self.ctx.is_main:
+            kwargs.setdefault("flush", True)
+            print(*args, **kwargs)
+
+
+class _Window:
+    """Loss and token counts since the last display (kept on the device: no sync)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.nll = torch.zeros((), device=self.device)
+        self.tokens = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, nll: torch.Tensor, tokens: float):
+        self.nll += nll
+        self.tokens += tokens
+
+
+def _step_groups(indices, batch_size: int, accumulation: int):
+    """Lists of up to `accumulation` micro-batches of up to `batch_size` indices."""
+    from itertools import islice
+    while True:
+        group = []
+        for _ in range(accumulation):
+            batch = list(islice(indices, batch_size))
+            if not batch:
+                break
+            group.append(batch)
+        if not group:
+            return
+        yield group
+
+
+def _param_groups(model) -> List[Dict[str, Any]]:
+    """Weight decay on matrices only, not on biases and LayerNorm gains (as GPT-2
+    fine-tuning usually does); the optimizer kwargs' weight_decay applies to the
+    first group."""
+    decay, no_decay = [], []
+    for param in model.parameters():  # shared (tied) parameters appear once
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _grad_scaler():
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
