@@ -1,9 +1,11 @@
 """utils/distributed.py: data sharding, launcher environments, real multi-process runs.
 
-The multi-process tests start real processes talking Gloo over 127.0.0.1. This
-file is also their worker: `python tests/test_distributed.py <mode> <out_dir>`
-(see `worker_main`), launched by torchrun, by mpirun, or by hand with torchrun's
-variables set.
+Multi-process tests start real processes talking Gloo over 127.0.0.1:
+- lost ranks: this file is the worker (`python tests/test_distributed.py <mode>
+  <out_dir> [timeout_s]`, see `worker_main`), started by hand with torchrun's
+  variables so no launcher cleans up after a failure;
+- end to end: gpt2_train_main.py under torchrun and under the original example's
+  mpirun command, against one process (weights, losses, dev perplexity, resume).
 """
 import os
 import shutil
