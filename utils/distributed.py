@@ -113,8 +113,9 @@ def launch_info(env=None, master_addr: Optional[str] = None,
                 master_port: Optional[int] = None) -> LaunchInfo:
     """Read torchrun's or OpenMPI's variables from `env` (default os.environ).
 
-    Explicit `master_addr` / `master_port` (command-line flags) win over
-    MASTER_ADDR / MASTER_PORT. Raises UserError naming what to set.
+    Under mpirun, explicit `master_addr` / `master_port` (command-line flags)
+    win over MASTER_ADDR / MASTER_PORT; under torchrun its own variables are
+    used (its agent serves the rendezvous). Raises UserError naming what to set.
     """
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
