@@ -1,0 +1,336 @@
+"""Benchmark GPT-2 generation: this project's engine against the alternatives.
+
+Engines, all on the same random GPT-2 124M weights (configs.config_model_117M):
+  ours  - utils.generation.generate (prefill + preallocated KV cache)
+  hf    - Hugging Face transformers' GPT2LMHeadModel.generate(use_cache=True),
+          with the texar weights copied in (skipped if transformers is absent)
+  texar - texar's built-in decoding, model(decoding_strategy='infer_greedy',
+          context=...), what the original example used
+
+Every case decodes greedily with an end token that cannot occur, so every
+engine produces exactly --new_tokens tokens per row. Each (engine, case) runs
+in its own subprocess so its peak memory is its own: peak = the process's
+resident-set high-water mark during generation (reset through
+/proc/self/clear_refs just before) minus the resident set before it; on CUDA,
+torch.cuda.max_memory_allocated. Time to first token (TTFT) is a separate
+run with one new token; tok/s counts all rows' new tokens over the whole run.
+
+Ceiling: batch-1 decoding reads every weight once per token, so tokens/s can
+be at most (memory bandwidth) / (bytes of weights + KV cache read per token).
+The bandwidth is measured in the same run (sum over a 1 GiB tensor, same
+thread count); "%ceil" is the decode rate (after the first token) against
+that ceiling.
+
+Run (the whole table takes minutes, mostly texar's built-in decoding):
+    python benchmarks/bench_generate.py
+    python benchmarks/bench_generate.py --quick           # batch 1, prompts 8 and 200
+    python benchmarks/bench_generate.py --skip_texar_long # texar only on prompts <= 200
+The machine may be shared: timings move with other load, so compare ratios
+taken in the same run, and re-run on a quiet machine for absolute numbers.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+NEVER = -1  # an end token no engine can produce: every row runs to the end
+SEED = 1234
+
+
+def build_texar(device: str):
+    import torch
+    from utils.model import build_model, load_model_hparams
+    torch.manual_seed(SEED)  # every subprocess builds the same weights
+    return build_model(load_model_hparams("configs.config_model_117M")).to(device).eval()
+
+
+def hf_from_texar(model):
+    """GPT2LMHeadModel holding a copy of a texar GPT2Decoder's weights."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    dec = model.decoder
+    n_vocab, n_embd = model.word_embedder.embedding.shape
+    config = GPT2Config(vocab_size=n_vocab, n_positions=model.position_embedder.embedding.shape[0],
+                        n_embd=n_embd, n_layer=len(dec.self_attns),
+                        n_head=dec.self_attns[0]._hparams.num_heads,
+                        activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = GPT2LMHeadModel(config)
+    t = hf.transformer
+    with torch.no_grad():
+        t.wte.weight.copy_(model.word_embedder.embedding)
+        t.wpe.weight.copy_(model.position_embedder.embedding)
+        for i, block in enumerate(t.h):
+            attn = dec.self_attns[i]
+            fc1, _, fc2 = dec.poswise_networks[i]._layers
+            block.ln_1.load_state_dict(dec.self_attn_layer_norm[i].state_dict())
+            block.ln_2.load_state_dict(dec.poswise_layer_norm[i].state_dict())
+            # HF's Conv1D stores [in, out]: the transpose of torch's Linear.
+            block.attn.c_attn.weight.copy_(torch.cat(
+                [attn.Q_dense.weight, attn.K_dense.weight, attn.V_dense.weight]).t())
+            block.attn.c_attn.bias.copy_(torch.cat(
+                [attn.Q_dense.bias, attn.K_dense.bias, attn.V_dense.bias]))
+            block.attn.c_proj.weight.copy_(attn.O_dense.weight.t())
+            block.attn.c_proj.bias.copy_(attn.O_dense.bias)
+            block.mlp.c_fc.weight.copy_(fc1.weight.t())
+            block.mlp.c_fc.bias.copy_(fc1.bias)
+            block.mlp.c_proj.weight.copy_(fc2.weight.t())
+            block.mlp.c_proj.bias.copy_(fc2.bias)
+        t.ln_f.load_state_dict(dec.final_layer_norm.state_dict())
+    hf.tie_weights()
+    return hf.eval()
+
+
+def prompts(batch: int, length: int):
+    import torch
+    g = torch.Generator().manual_seed(SEED + length)
+    return torch.randint(0, 50256, (batch, length), generator=g)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak(device: str) -> int:
+    """Start measuring peak memory now; returns the baseline in bytes."""
+    import torch
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current VmRSS
+    return _rss_kib("VmRSS") * 1024
+
+
+def _peak(device: str) -> int:
+    import torch
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return _rss_kib("VmHWM") * 1024
+
+
+def run_case(engine: str, batch: int, length: int, new_tokens: int, device: str,
+             threads: int, repeats: int) -> dict:
+    """Time one engine on one case (runs inside the child process)."""
+    import torch
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(threads)
+    model = build_texar(device)
+    ids = prompts(batch, length).to(device)
+    total = length + new_tokens
+
+    if engine == "ours":
+        from utils.generation import generate
+        contexts = ids.tolist()
+
+        def decode(n):
+            return generate(model, contexts, length + n, strategy="greedy",
+                            end_token=NEVER)
+    elif engine == "hf":
+        hf = hf_from_texar(model).to(device)
+        del model
+        hf.generation_config.eos_token_id = None  # never stop early
+        hf.generation_config.pad_token_id = 0
+        mask = torch.ones_like(ids)
+
+        def decode(n):
+            with torch.inference_mode():
+                out = hf.generate(ids, attention_mask=mask, max_new_tokens=n,
+                                  do_sample=False, use_cache=True)
+            return out[:, length:].tolist()
+    elif engine == "texar":
+        lengths = torch.full((batch,), length, dtype=torch.long, device=device)
+
+        def decode(n):
+            with torch.no_grad():
+                # texar returns max_decoding_length + 1 tokens, context included.
+                out, _ = model(decoding_strategy="infer_greedy", context=ids,
+                               context_sequence_length=lengths,
+                               max_decoding_length=length + n - 1, end_token=NEVER)
+            return out.sample_id[:, length:].tolist()
+    else:
+        raise ValueError(engine)
+
+    def timed(n):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = decode(n)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, result
+
+    decode(2)  # warm-up: first-call allocations and kernel selection
+    base = _reset_peak(device)
+    ttfts, totals = [], []
+    for _ in range(repeats):
+        ttfts.append(timed(1)[0])
+        seconds, tokens = timed(new_tokens)
+        totals.append(seconds)
+    peak = _peak(device) - base
+    assert all(len(row) == new_tokens for row in tokens), "early stop"
+    ttft, seconds = statistics.median(ttfts), statistics.median(totals)
+    return {"engine": engine, "batch": batch, "prompt": length, "total": total,
+            "ttft": ttft, "seconds": seconds,
+            "tok_s": batch * new_tokens / seconds,
+            "decode_tok_s": batch * (new_tokens - 1) / max(seconds - ttft, 1e-9),
+            "peak_bytes": peak, "first_row": tokens[0]}
+
+
+def measure_bandwidth(threads: int, device: str) -> float:
+    """Achievable read bandwidth in bytes/s: best of 5 sums over 1 GiB."""
+    import torch
+    torch.set_num_threads(threads)
+    x = torch.ones(256 * 1024 * 1024, device=device)  # touched, so really in memory
+    best = float("inf")
+    for _ in range(6):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        x.sum()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * x.element_size() / best
+
+
+def bytes_per_token(batch: int, prompt: int, new_tokens: int) -> float:
+    """Bytes one decoding step reads: weights once, plus every row's KV cache."""
+    from utils.model import load_model_hparams, model_size
+    s = model_size(load_model_hparams("configs.config_model_117M"))
+    d, v, layers = s["n_embd"], s["n_vocab"], s["n_layer"]
+    weights = v * d + layers * (12 * d * d + 13 * d) + 2 * d  # wte (=output) + blocks + final LN
+    mean_len = prompt + new_tokens / 2
+    kv = batch * layers * 2 * mean_len * d
+    return 4.0 * (weights + kv)
+
+
+def child_main(spec: str) -> None:
+    args = json.loads(spec)
+    print("RESULT " + json.dumps(run_case(**args)), flush=True)
+
+
+def run_in_child(**kwargs) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(kwargs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": " | ".join(tail) or f"exit {proc.returncode}", **kwargs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch_sizes", default="1,16")
+    parser.add_argument("--prompt_lengths", default="8,200,512")
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--engines", default="ours,hf,texar")
+    parser.add_argument("--texar_max_prompt", type=int, default=None,
+                        help="run texar's built-in decoding only on prompts up to this length")
+    parser.add_argument("--skip_texar_long", action="store_true",
+                        help="same as --texar_max_prompt 200")
+    parser.add_argument("--texar_max_batch", type=int, default=None,
+                        help="run texar's built-in decoding only up to this batch size")
+    parser.add_argument("--quick", action="store_true",
+                        help="batch 1, prompts 8 and 200, texar on the 8-token prompt only")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed runs per case (the median is reported)")
+    parser.add_argument("--device", default=None, help="default: cuda if available")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child_main(args.child)
+
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    lengths = [int(n) for n in args.prompt_lengths.split(",")]
+    texar_max_prompt, texar_max_batch = args.texar_max_prompt, args.texar_max_batch
+    if args.skip_texar_long:
+        texar_max_prompt = 200
+    if args.quick:
+        batches, lengths, texar_max_prompt = [1], [8, 200], 8
+    engines = args.engines.split(",")
+    if "hf" in engines:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("transformers is not installed: skipping the hf engine "
+                  "(pip install -r requirements-bench.txt)")
+            engines.remove("hf")
+
+    bandwidth = measure_bandwidth(args.threads, device)
+    print(f"device {device}, torch {torch.__version__}, {args.threads} threads, "
+          f"measured bandwidth {bandwidth / 1e9:.1f} GB/s, {args.new_tokens} new tokens, "
+          f"greedy, median of {args.repeats}")
+    results = []
+    for batch in batches:
+        for length in lengths:
+            for engine in engines:
+                if engine == "texar" and (
+                        (texar_max_prompt is not None and length > texar_max_prompt)
+                        or (texar_max_batch is not None and batch > texar_max_batch)):
+                    continue
+                r = run_in_child(engine=engine, batch=batch, length=length,
+                                 new_tokens=args.new_tokens, device=device,
+                                 threads=args.threads, repeats=args.repeats)
+                results.append(r)
+                if "error" in r:
+                    print(f"  {engine} batch {batch} prompt {length}: FAILED {r['error']}")
+                else:
+                    print(f"  {engine:5s} batch {batch:2d} prompt {length:3d}: "
+                          f"{r['tok_s']:7.1f} tok/s, TTFT {r['ttft'] * 1000:7.1f} ms",
+                          flush=True)
+    print_table(results, bandwidth, args.new_tokens)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"bandwidth": bandwidth, "threads": args.threads, "device": device,
+                       "results": results}, f, indent=1)
+
+
+def print_table(results, bandwidth: float, new_tokens: int) -> None:
+    ok = [r for r in results if "error" not in r]
+    by_case = {}
+    for r in ok:
+        by_case.setdefault((r["batch"], r["prompt"]), {})[r["engine"]] = r
+    header = (f"{'batch':>5} {'prompt':>6} {'engine':>6} {'tok/s':>8} {'TTFT ms':>8} "
+              f"{'peak MiB':>8} {'%ceil':>6} {'x texar':>8} {'x hf':>6} {'same ids':>8}")
+    print()
+    print(header)
+    print("-" * len(header))
+    for (batch, prompt), engines in sorted(by_case.items()):
+        ceiling = batch * bandwidth / bytes_per_token(batch, prompt, new_tokens)
+        ref_ids = engines.get("hf", engines.get("texar", {})).get("first_row")
+        for name in ("ours", "hf", "texar"):
+            r = engines.get(name)
+            if r is None:
+                continue
+            vs = {k: (f"{r['tok_s'] / engines[k]['tok_s']:.2f}" if k in engines else "-")
+                  for k in ("texar", "hf")}
+            same = "-" if ref_ids is None else ("yes" if r["first_row"] == ref_ids else "NO")
+            print(f"{batch:>5} {prompt:>6} {name:>6} {r['tok_s']:8.1f} "
+                  f"{r['ttft'] * 1000:8.1f} {r['peak_bytes'] / 2**20:8.0f} "
+                  f"{100 * r['decode_tok_s'] / ceiling:5.0f}% {vs['texar']:>8} "
+                  f"{vs['hf']:>6} {same:>8}")
+    print("\n%ceil: decode tok/s (after the first token) / (bandwidth / bytes read per "
+          "step); batch 16 on CPU is compute-bound, so its %ceil is low by nature.")
+
+
+if __name__ == "__main__":
+    main()

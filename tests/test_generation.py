@@ -1,0 +1,406 @@
+"""utils.generation against references we did not write.
+
+- texar-pytorch's own decoding on the same model: teacher-forced logits,
+  built-in greedy decoding with contexts, the sampling helpers' filters and
+  draws, texar.torch.utils.beam_search;
+- Hugging Face transformers' GPT2LMHeadModel with the same weights (skipped
+  when transformers is absent) and, always, the greedy continuations that
+  transformers recorded for TF-written checkpoints (tests/fixtures/tf_gpt2).
+"""
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from utils.checkpoint import load_openai_weights
+from utils.errors import UserError
+from utils.generation import (filter_logits, forward_logits, generate,
+                              next_token_logits)
+from utils.model import build_model, gpt2_hparams, hparams_from_openai
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from texar.torch.modules import TopKSampleEmbeddingHelper, TopPSampleEmbeddingHelper
+    from texar.torch.modules.decoders.decoder_helpers import _top_k_logits, _top_p_logits
+    from texar.torch.utils.beam_search import beam_search as texar_beam_search
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "tf_gpt2")
+EOT = 50256
+NEVER = -1  # an end token no model produces
+N_CTX = 48
+CONTEXTS = [[464, 2068, 7586, 21831, 18045], [15496, 995], [11, 13, 198, 262, 995, 3, 7, 9]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(20240101)
+    return build_model(gpt2_hparams(n_vocab=50257, n_ctx=N_CTX, n_embd=32,
+                                    n_head=4, n_layer=2)).eval()
+
+
+def texar_greedy(model, contexts, max_decoding_length, end_token):
+    """texar's built-in decoding, continuation cut before the first end token."""
+    longest = max(len(c) for c in contexts)
+    ids = torch.tensor([c + [0] * (longest - len(c)) for c in contexts])
+    lengths = torch.tensor([len(c) for c in contexts])
+    with torch.no_grad():
+        # texar runs max_decoding_length steps after the first context token,
+        # so it returns max_decoding_length + 1 tokens: ask for one fewer.
+        out, _ = model(decoding_strategy="infer_greedy", context=ids,
+                       context_sequence_length=lengths,
+                       max_decoding_length=max_decoding_length - 1, end_token=end_token)
+    result = []
+    for row, ctx in zip(out.sample_id.tolist(), contexts):
+        # Shorter when every row ended before the limit.
+        assert row[:len(ctx)] == ctx and len(row) <= max_decoding_length
+        new = row[len(ctx):]
+        assert end_token in new or len(row) == max_decoding_length
+        result.append(new[:new.index(end_token)] if end_token in new else new)
+    return result
+
+
+# ---------------------------------------------------------------- prefill
+
+
+def test_prefill_logits_equal_texar_teacher_forcing(model):
+    ids = torch.randint(0, 50257, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(inputs=ids, decoding_strategy="train_greedy").logits
+    torch.testing.assert_close(forward_logits(model, ids), expected, atol=1e-5, rtol=0)
+
+
+def test_padded_batch_prefill_equals_each_context_alone(model):
+    batched = next_token_logits(model, CONTEXTS)
+    for row, ctx in enumerate(CONTEXTS):
+        alone = forward_logits(model, torch.tensor([ctx]))[0, -1]
+        torch.testing.assert_close(batched[row], alone, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- greedy
+
+
+def test_greedy_equals_texar_builtin_decoding_for_mixed_lengths(model):
+    max_len = 30
+    ours = generate(model, CONTEXTS, max_len, strategy="greedy", end_token=NEVER)
+    assert [len(o) for o in ours] == [max_len - len(c) for c in CONTEXTS]
+    assert ours == texar_greedy(model, CONTEXTS, max_len, NEVER)
+    # An end token that row 0 produces part-way: it stops there, the others
+    # stop wherever they produce it too (or run to the limit), as in texar.
+    end = ours[0][6]
+    stopped = generate(model, CONTEXTS, max_len, strategy="greedy", end_token=end)
+    assert stopped[0] == ours[0][:ours[0].index(end)]
+    assert stopped == texar_greedy(model, CONTEXTS, max_len, end)
+
+
+def test_batched_greedy_equals_each_context_alone(model):
+    batched = generate(model, CONTEXTS, N_CTX, strategy="greedy")
+    alone = [generate(model, [c], N_CTX, strategy="greedy")[0] for c in CONTEXTS]
+    assert batched == alone
+    assert any(len(row) > 20 for row in batched)  # long enough to mean something
+
+
+def hf_from_texar(model):
+    """transformers' GPT2LMHeadModel holding a copy of the texar weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    dec = model.decoder
+    n_vocab, n_embd = model.word_embedder.embedding.shape
+    hf = GPT2LMHeadModel(GPT2Config(
+        vocab_size=n_vocab, n_positions=model.position_embedder.embedding.shape[0],
+        n_embd=n_embd, n_layer=len(dec.self_attns),
+        n_head=dec.self_attns[0]._hparams.num_heads, activation_function="gelu_new",
+        layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    with torch.no_grad():
+        t = hf.transformer
+        t.wte.weight.copy_(model.word_embedder.embedding)
+        t.wpe.weight.copy_(model.position_embedder.embedding)
+        t.ln_f.load_state_dict(dec.final_layer_norm.state_dict())
+        for i, block in enumerate(t.h):
+            attn, (fc1, _, fc2) = dec.self_attns[i], dec.poswise_networks[i]._layers
+            block.ln_1.load_state_dict(dec.self_attn_layer_norm[i].state_dict())
+            block.ln_2.load_state_dict(dec.poswise_layer_norm[i].state_dict())
+            qkv = [attn.Q_dense, attn.K_dense, attn.V_dense]
+            block.attn.c_attn.weight.copy_(torch.cat([m.weight for m in qkv]).t())
+            block.attn.c_attn.bias.copy_(torch.cat([m.bias for m in qkv]))
+            block.attn.c_proj.weight.copy_(attn.O_dense.weight.t())
+            block.attn.c_proj.bias.copy_(attn.O_dense.bias)
+            block.mlp.c_fc.weight.copy_(fc1.weight.t())
+            block.mlp.c_fc.bias.copy_(fc1.bias)
+            block.mlp.c_proj.weight.copy_(fc2.weight.t())
+            block.mlp.c_proj.bias.copy_(fc2.bias)
+    hf.tie_weights()
+    return hf.eval()
+
+
+def test_greedy_equals_transformers_gpt2(model):
+    pytest.importorskip("transformers")
+    hf = hf_from_texar(model)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    max_len = 40
+    ours = generate(model, CONTEXTS, max_len, strategy="greedy", end_token=NEVER)
+    for ctx, row in zip(CONTEXTS, ours):
+        ids = torch.tensor([ctx])
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                              max_new_tokens=max_len - len(ctx))
+        assert row == out[0, len(ctx):].tolist()
+
+
+@pytest.mark.parametrize("name", ["tiny_a", "tiny_b"])
+def test_greedy_equals_transformers_reference_on_tf_checkpoints(name):
+    """Checkpoints written by TensorFlow, continuations recorded by transformers."""
+    with open(os.path.join(FIXTURES, "reference", name + ".json")) as f:
+        meta = json.load(f)
+    ref = np.load(os.path.join(FIXTURES, "reference", name + ".npz"), allow_pickle=False)
+    gpt2 = build_model(hparams_from_openai(meta["hparams"])).eval()
+    load_openai_weights(gpt2, os.path.join(FIXTURES, "models", name, "model.ckpt"))
+    n_ctx = meta["hparams"]["n_ctx"]
+    cases = meta["greedy"]
+    prompts = [c["prompt_ids"] for c in cases]
+    # Both prompts in one padded batch, and the full length, not stopping at 50256.
+    ours = generate(gpt2, prompts, n_ctx, strategy="greedy", end_token=NEVER)
+    for case, row in zip(cases, ours):
+        assert case["prompt_ids"] + row == case["output_ids"]
+    # With <|endoftext|> as the end token: cut before its first occurrence.
+    stopped = generate(gpt2, prompts, n_ctx, strategy="greedy")
+    for case, row in zip(cases, stopped):
+        first = case["first_eot_index"] or len(case["output_ids"])
+        assert case["prompt_ids"] + row == case["output_ids"][:first]
+    # Padded prefill of the two reference sequences (one starts with 50256).
+    rows = [ref["input_ids"][b, :n].tolist() for b, n in enumerate(ref["lengths"])]
+    np.testing.assert_allclose(next_token_logits(gpt2, rows).numpy(), ref["logits_last"],
+                               atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- end token
+
+
+def test_rows_stop_at_end_token_and_decoding_exits_early(model):
+    # Make <|endoftext|> the argmax everywhere: a final layer norm that always
+    # outputs `direction`, and an end-token embedding far along it.
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with torch.no_grad():
+            direction = torch.randn(32, generator=torch.Generator().manual_seed(0))
+            model.decoder.final_layer_norm.weight.zero_()
+            model.decoder.final_layer_norm.bias.copy_(direction)
+            model.word_embedder.embedding[EOT] = 50 * direction
+        steps = []
+        out = generate(model, CONTEXTS, 40, strategy="greedy",
+                       on_tokens=lambda ids, done: steps.append((ids.clone(), done.clone())))
+        assert out == [[], [], []]
+        assert len(steps) == 1 and steps[0][1].all() and (steps[0][0] == EOT).all()
+    finally:
+        model.load_state_dict(state)
+
+
+def test_on_tokens_streams_each_row_until_it_ends(model):
+    full = generate(model, CONTEXTS, 30, strategy="greedy", end_token=NEVER)
+    end = full[1][3]  # row 1 ends at its 4th token
+    calls = []
+    out = generate(model, CONTEXTS, 30, strategy="greedy", end_token=end,
+                   on_tokens=lambda ids, done: calls.append((ids.tolist(), done.tolist())))
+    streamed = [[ids[r] for ids, _ in calls if ids[r] != end] for r in range(3)]
+    assert streamed == out
+    first_done = [next(i for i, (_, done) in enumerate(calls) if done[r]) for r in range(3)]
+    assert first_done[1] == 3
+    assert len(calls) == max(first_done) + 1  # stops once every row is done
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def texar_top_k(logits, k):
+    return _top_k_logits(logits.clone(), k)
+
+
+def texar_top_p(logits, p):
+    return _top_p_logits(logits.clone(), p)
+
+
+def assert_same_distribution(ours, theirs):
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    torch.testing.assert_close(torch.softmax(ours, -1), torch.softmax(theirs, -1),
+                               atol=1e-6, rtol=0)
+
+
+def random_logits(ties: bool):
+    g = torch.Generator().manual_seed(7)
+    if ties:  # few distinct values: ties at every threshold
+        return torch.randint(0, 6, (6, 300), generator=g).float()
+    return torch.randn(6, 300, generator=g) * 3
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("k", [1, 2, 5, 40, 299])
+def test_top_k_equals_texar(ties, k):
+    logits = random_logits(ties)
+    assert_same_distribution(filter_logits(logits, top_k=k), texar_top_k(logits, k))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("p", [1e-6, 0.1, 0.5, 0.9, 0.999])
+def test_top_p_equals_texar(ties, p):
+    logits = random_logits(ties)
+    assert_same_distribution(filter_logits(logits, top_p=p), texar_top_p(logits, p))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_temperature_then_top_k_then_top_p(ties):
+    logits = random_logits(ties)
+    for k, p, t in [(10, 0.5, 0.7), (40, 0.9, 1.3), (1, 0.5, 2.0), (300, 0.3, 1.0)]:
+        expected = texar_top_p(texar_top_k(logits / t, k), p)
+        assert_same_distribution(filter_logits(logits, temperature=t, top_k=k, top_p=p),
+                                 expected)
+
+
+def test_filters_off_leave_logits_unchanged():
+    logits = random_logits(False)
+    assert torch.equal(filter_logits(logits, top_k=0, top_p=1.0), logits)
+
+
+@pytest.mark.parametrize("helper,kwargs,temperature", [
+    ("top_k", {"top_k": 40}, 0.7), ("top_k", {"top_k": 0}, 1.0),
+    ("top_p", {"top_p": 0.9}, 0.7)])
+def test_sampling_draws_what_texar_helpers_draw(model, helper, kwargs, temperature):
+    """Same seed, same tokens as texar's sampling helpers (one-token contexts,
+    where texar draws exactly once per new token, as we do)."""
+    starts = torch.tensor([5, 17, 300])
+    torch.manual_seed(123)
+    if helper == "top_k":
+        h = TopKSampleEmbeddingHelper(starts, EOT, kwargs["top_k"], temperature)
+    else:
+        h = TopPSampleEmbeddingHelper(starts, EOT, kwargs["top_p"], temperature)
+    with torch.no_grad():
+        out, lengths = model(helper=h, max_decoding_length=15)
+    expected = [row[:n] for row, n in zip(out.sample_id.tolist(), lengths.tolist())]
+    expected = [row[:row.index(EOT)] if EOT in row else row for row in expected]
+    torch.manual_seed(123)
+    ours = generate(model, [[5], [17], [300]], 16, strategy="sample",
+                    temperature=temperature, **kwargs)
+    assert ours == expected
+
+
+def test_same_seed_same_samples_different_seed_different(model):
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return generate(model, CONTEXTS, 40, strategy="sample", top_k=50, generator=g,
+                        end_token=NEVER)
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    # The passed generator is used, not the global RNG.
+    torch.manual_seed(0)
+    a = run(3)
+    torch.manual_seed(99)
+    assert run(3) == a
+
+
+def test_top_k_1_sampling_equals_greedy(model):
+    g = torch.Generator().manual_seed(5)
+    assert (generate(model, CONTEXTS, 40, strategy="sample", top_k=1, generator=g)
+            == generate(model, CONTEXTS, 40, strategy="greedy"))
+
+
+# ---------------------------------------------------------------- beam search
+
+
+def texar_beam_on_context(model, context, max_decoding_length, width, alpha, end_token):
+    """texar.torch.utils.beam_search driven by teacher-forced texar forwards."""
+    prefix = torch.tensor(context[:-1], dtype=torch.long)
+
+    def next_logits(ids):
+        full = torch.cat([prefix.expand(ids.size(0), -1), ids], dim=1)
+        with torch.no_grad():
+            return model(inputs=full, decoding_strategy="train_greedy").logits[:, -1]
+
+    seqs, _ = texar_beam_search(next_logits, torch.tensor([context[-1]]), width,
+                                max_decoding_length - len(context), 50257, alpha,
+                                eos_id=end_token)
+    best = seqs[0, 0, 1:].tolist()
+    return best[:best.index(end_token)] if end_token in best else best
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 2.0])
+def test_beam_search_equals_texar_beam_search(model, alpha):
+    max_len = 24
+    free = generate(model, CONTEXTS, max_len, strategy="beam", beam_width=3,
+                    length_penalty=alpha, end_token=NEVER)
+    # An end token the best beams meet part-way, so finished beams compete
+    # with alive ones and the stopping rule matters.
+    end = free[0][4]
+    ours = generate(model, CONTEXTS, max_len, strategy="beam", beam_width=3,
+                    length_penalty=alpha, end_token=end)
+    expected = [texar_beam_on_context(model, c, max_len, 3, alpha, end) for c in CONTEXTS]
+    assert ours == expected
+    assert len(ours[0]) < max_len - len(CONTEXTS[0])  # a finished beam won
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_beam_search_equals_texar_builtin_beam_decoding(model, alpha):
+    """model(start_tokens=..., beam_width=...): texar's own beam decoding."""
+    starts = [5, 17, 300]
+    with torch.no_grad():
+        out = model(start_tokens=torch.tensor(starts), beam_width=4, length_penalty=alpha,
+                    max_decoding_length=19, end_token=EOT)
+    expected = []
+    for row in out["sample_id"][:, :, 0].tolist():
+        expected.append(row[:row.index(EOT)] if EOT in row else row)
+    ours = generate(model, [[s] for s in starts], 20, strategy="beam", beam_width=4,
+                    length_penalty=alpha)
+    assert ours == expected
+
+
+def test_beam_width_1_equals_greedy(model):
+    assert (generate(model, CONTEXTS, 30, strategy="beam", beam_width=1)
+            == generate(model, CONTEXTS, 30, strategy="greedy"))
+
+
+def test_beam_streaming_is_refused(model):
+    with pytest.raises(ValueError, match="beam"):
+        generate(model, CONTEXTS, 30, strategy="beam", on_tokens=lambda i, d: None)
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("contexts,max_len,kwargs,words", [
+    ([[]], 10, {}, ["context 0 is empty"]),
+    ([[1, 2]], N_CTX + 1, {}, [str(N_CTX + 1), str(N_CTX), "n_ctx"]),
+    ([[1, 2], list(range(10))], 10, {},
+     ["context 1 has 10 tokens", "max_decoding_length 10", "--max_decoding_length",
+      "shorten the prompt"]),
+    ([[1, 50257]], 10, {}, ["50257", "vocabulary"]),
+    ([[1]], 10, {"temperature": 0.0}, ["temperature"]),
+    ([[1]], 10, {"temperature": -1.0}, ["temperature"]),
+    ([[1]], 10, {"top_k": -1}, ["top_k"]),
+    ([[1]], 10, {"top_p": 0.0}, ["top_p", "(0, 1]"]),
+    ([[1]], 10, {"top_p": 1.5}, ["top_p"]),
+    ([[1]], 10, {"strategy": "nucleus"}, ["nucleus", "greedy, sample, beam"]),
+    ([[1]], 10, {"strategy": "beam", "beam_width": 0}, ["beam_width"]),
+])
+def test_bad_arguments_raise_one_line_user_errors(model, contexts, max_len, kwargs, words):
+    with pytest.raises(UserError) as err:
+        generate(model, contexts, max_len, **kwargs)
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_no_contexts_gives_no_outputs(model):
+    assert generate(model, [], 10) == []
+
+
+def test_dropout_is_never_applied():
+    """A model with dropout, left in training mode, decodes as texar does in eval mode."""
+    torch.manual_seed(3)
+    noisy = build_model(gpt2_hparams(n_vocab=50257, n_ctx=N_CTX, n_embd=32, n_head=4,
+                                     n_layer=2, dropout=0.5))
+    noisy.train()
+    ours = generate(noisy, CONTEXTS, 24, strategy="greedy", end_token=NEVER)
+    assert noisy.training
+    noisy.eval()
+    assert ours == texar_greedy(noisy, CONTEXTS, 24, NEVER)

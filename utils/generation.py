@@ -1,0 +1,485 @@
+"""Fast text generation with texar's GPT2Decoder: its own modules and weights.
+
+texar's built-in inference feeds even the prompt one token per step and
+re-stacks the whole key/value cache at every step. This engine runs the same
+parameters (read from the model's submodules, never copied) the way GPT-2 is
+usually served:
+
+1. Prefill: the whole prompt batch goes through the network in one forward
+   pass, filling a key/value cache [layers, batch, heads, slots, head_dim]
+   that is allocated once and written in place.
+2. Decode: one token per row per step; each step writes one cache slot and
+   attends over the slots so far with scaled_dot_product_attention.
+
+Prompts of different lengths share a batch by LEFT padding: every prompt ends
+at the same cache slot, padding slots are masked out of attention, and each
+row gets its own position ids, so every row sees exactly the positions and
+keys it would see decoded alone.
+
+Counting follows the original Texar example: `max_decoding_length` counts the
+prompt too, so a prompt of L tokens gets at most max_decoding_length - L new
+tokens. (texar's own `model(context=..., max_decoding_length=M)` returns M + 1
+tokens in all: call it with M - 1 for the same count.)
+
+Strategies: "greedy" (argmax), "sample" (temperature, top-k, top-p; see
+utils/sampling.py), "beam" (texar's beam search with its length penalty
+((5 + len) / 6) ** alpha, best beam returned).
+"""
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.errors import UserError
+from utils.sampling import filter_logits, sample_from_logits
+
+__all__ = ["generate", "forward_logits", "next_token_logits", "filter_logits"]
+
+STRATEGIES = ("greedy", "sample", "beam")
+# texar's beam search marks impossible scores with -1e7, not -inf; kept so
+# that ties and orderings come out the same.
+_BEAM_INF = 1.0e7
+
+
+def _onednn_linear(x, weight, bias=None):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _onednn_linear_gelu(x, weight, bias):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
+
+
+def _linear_gelu(x, weight, bias):
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+_LINEAR_CHOICE = {}
+
+
+def _uses_onednn(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether to run the linear layers through oneDNN on this device/dtype.
+
+    On x86 CPUs PyTorch's nn.Linear goes to MKL, whose matrix-vector product
+    for torch's [out, in] weight layout streams weights well below memory
+    bandwidth (measured ~12 GB/s of ~30 on the dev machine); oneDNN's linear
+    (the op torch.compile uses on CPU) reads the same tensors 15-40% faster.
+    It is a private op, so it is used only after a check that it exists and
+    agrees with F.linear; anything else falls back to F.linear.
+    """
+    key = (device.type, dtype)
+    if key not in _LINEAR_CHOICE:
+        ok = False
+        if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+            try:
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(3, 2, 16, generator=g).to(dtype)
+                w = torch.randn(8, 16, generator=g).to(dtype)
+                b = torch.randn(8, generator=g).to(dtype)
+                tol = 1e-4 if dtype == torch.float32 else 5e-2
+                ok = (torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b),
+                                     atol=tol, rtol=tol)
+                      and torch.allclose(_onednn_linear_gelu(x, w, b),
+                                         _linear_gelu(x, w, b), atol=tol, rtol=tol))
+            except (AttributeError, RuntimeError, NotImplementedError):
+                ok = False
+        _LINEAR_CHOICE[key] = ok
+    return _LINEAR_CHOICE[key]
+
+
+class _Layer:
+    """One transformer block's parameters (references to the model's tensors)."""
+
+    def __init__(self, decoder: nn.Module, i: int, onednn: bool):
+        attn = decoder.self_attns[i]
+        ln1, ln2 = decoder.self_attn_layer_norm[i], decoder.poswise_layer_norm[i]
+        fc1, act, fc2 = decoder.poswise_networks[i]._layers
+        self.ln1 = (ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)
+        self.ln2 = (ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
+        self.q = (attn.Q_dense.weight, attn.Q_dense.bias)
+        self.k = (attn.K_dense.weight, attn.K_dense.bias)
+        self.v = (attn.V_dense.weight, attn.V_dense.bias)
+        self.o = (attn.O_dense.weight, attn.O_dense.bias)
+        self.fc1 = (fc1.weight, fc1.bias)
+        self.fc2 = (fc2.weight, fc2.bias)
+        # GPT-2's tanh GELU is fused into the first feed-forward layer; any
+        # other activation is called as the model's own module.
+        if type(act).__name__ == "GPTGELU":
+            self.fc1_act = _onednn_linear_gelu if onednn else _linear_gelu
+        else:
+            linear = _onednn_linear if onednn else F.linear
+            self.fc1_act = lambda x, w, b: act(linear(x, w, b))
+
+
+class _GPT2:
+    """The forward pass of a texar GPT2Decoder, with a preallocated KV cache."""
+
+    def __init__(self, model: nn.Module):
+        dec = model.decoder
+        self.wte = model.word_embedder.embedding
+        self.wpe = model.position_embedder.embedding
+        out = dec._output_layer  # nn.Linear tied to the word embedding
+        self.out_weight, self.out_bias = out.weight, out.bias
+        self.final_ln = (dec.final_layer_norm.normalized_shape,
+                         dec.final_layer_norm.weight, dec.final_layer_norm.bias,
+                         dec.final_layer_norm.eps)
+        self.device, self.dtype = self.wte.device, self.wte.dtype
+        onednn = _uses_onednn(self.device, self.dtype)
+        self.linear = _onednn_linear if onednn else F.linear
+        self.layers = [_Layer(dec, i, onednn) for i in range(len(dec.self_attns))]
+        self.n_head = int(dec.self_attns[0]._hparams.num_heads)
+        self.n_vocab, self.n_embd = self.wte.shape
+        self.n_ctx = self.wpe.shape[0]
+        self.head_dim = self.n_embd // self.n_head
+
+    def new_cache(self, rows: int, slots: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        shape = (len(self.layers), rows, self.n_head, slots, self.head_dim)
+        return (torch.empty(shape, device=self.device, dtype=self.dtype),
+                torch.empty(shape, device=self.device, dtype=self.dtype))
+
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor,
+               cache: Optional[Tuple[torch.Tensor, torch.Tensor]], start: int,
+               mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Final hidden states [B, T, D] of tokens `ids` [B, T] at cache slots
+        start..start+T-1 (written into `cache` when given).
+
+        `mask` (bool, True = may attend) is [B, 1, T, start+T] or None for
+        plain causal attention over every slot.
+        """
+        B, T = ids.shape
+        H, hd = self.n_head, self.head_dim
+        linear = self.linear
+        x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
+        end = start + T
+        for i, layer in enumerate(self.layers):
+            h = F.layer_norm(x, *layer.ln1)
+            q = linear(h, *layer.q).view(B, T, H, hd).transpose(1, 2)
+            k = linear(h, *layer.k).view(B, T, H, hd).transpose(1, 2)
+            v = linear(h, *layer.v).view(B, T, H, hd).transpose(1, 2)
+            if cache is not None:
+                cache[0][i, :, :, start:end] = k
+                cache[1][i, :, :, start:end] = v
+            if start:  # attend over the cached slots too
+                k, v = cache[0][i, :, :, :end], cache[1][i, :, :, :end]
+            if mask is None and T > 1:
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            a = a.transpose(1, 2).reshape(B, T, self.n_embd)
+            x = x + linear(a, *layer.o)
+            h = F.layer_norm(x, *layer.ln2)
+            x = x + linear(layer.fc1_act(h, *layer.fc1), *layer.fc2)
+        return F.layer_norm(x, *self.final_ln)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden, self.out_weight, self.out_bias)
+
+
+def forward_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced logits [B, T, V] of token ids [B, T] (the prefill pass).
+
+    Equals texar's `model(inputs=ids, decoding_strategy='train_greedy').logits`
+    up to float rounding.
+    """
+    net = _GPT2(model)
+    with torch.inference_mode():
+        ids = ids.to(net.device)
+        positions = torch.arange(ids.size(1), device=net.device).expand_as(ids)
+        return net.logits(net.hidden(ids, positions, None, 0, None))
+
+
+def next_token_logits(model: nn.Module, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Logits [B, V] of the token after each context (lengths may differ).
+
+    One batched, left-padded prefill pass: the same one `generate` starts
+    with. Each row equals running its context alone, up to float rounding.
+    """
+    contexts = [[int(t) for t in ctx] for ctx in contexts]
+    net = _GPT2(model)
+    _check_token_ids(net, contexts)
+    for i, ctx in enumerate(contexts):
+        if len(ctx) > net.n_ctx:
+            raise UserError(f"context {i} has {len(ctx)} tokens, more than the "
+                            f"model's {net.n_ctx} positions (n_ctx): shorten it")
+    if not contexts:
+        return torch.empty(0, net.n_vocab, device=net.device, dtype=net.dtype)
+    with torch.inference_mode():
+        batch = _Batch(net, contexts, 1, max(len(c) for c in contexts))
+        hidden = net.hidden(batch.ids, batch.positions, None, 0, batch.prefill_mask)
+        return net.logits(hidden[:, -1])
+
+
+class _Batch:
+    """Left-padded prompts: where each row's tokens, positions and valid slots are."""
+
+    def __init__(self, net: _GPT2, contexts: List[List[int]], rows_per_context: int,
+                 slots: int):
+        device = net.device
+        lengths = [len(c) for c in contexts]
+        self.width = max(lengths)  # the prompt part of the cache
+        pads = [self.width - n for n in lengths]
+        ids = torch.zeros(len(contexts), self.width, dtype=torch.long)
+        for row, ctx in enumerate(contexts):
+            ids[row, pads[row]:] = torch.tensor(ctx, dtype=torch.long)
+        r = rows_per_context
+        self.ids = ids.to(device).repeat_interleave(r, dim=0)
+        self.lengths = torch.tensor(lengths, device=device).repeat_interleave(r)
+        pad = torch.tensor(pads, device=device).repeat_interleave(r)
+        slot = torch.arange(self.width, device=device)
+        self.positions = (slot - pad[:, None]).clamp_(min=0)
+        self.padded = any(pads)
+        self.n_ctx = net.n_ctx
+        # valid[b, s]: cache slot s of row b holds a real token (not padding).
+        self.valid = (torch.arange(slots, device=device)[None, :] >= pad[:, None])
+        if self.padded:
+            causal = torch.ones(self.width, self.width, dtype=torch.bool,
+                                device=device).tril_()
+            # A padding query attends to itself only, so no row of the
+            # softmax is empty (an empty row would give NaN keys downstream).
+            self.prefill_mask = ((causal & self.valid[:, None, :self.width])
+                                 | torch.eye(self.width, dtype=torch.bool,
+                                             device=device))[:, None]
+        else:
+            self.prefill_mask = None
+
+    def step_mask(self, end: int) -> Optional[torch.Tensor]:
+        return self.valid[:, None, None, :end] if self.padded else None
+
+    def step_positions(self, step: int) -> torch.Tensor:
+        """Positions [B, 1] of the tokens fed at decoding step `step` (0-based).
+
+        Rows that are already done may run past the model's positions; their
+        outputs are discarded, so they are clamped to stay in range.
+        """
+        return (self.lengths + step).clamp_(max=self.n_ctx - 1)[:, None]
+
+
+def _check_arguments(net: _GPT2, contexts: List[List[int]], max_decoding_length: int,
+                     strategy: str, temperature: float, top_k: int, top_p: float,
+                     beam_width: int) -> None:
+    if strategy not in STRATEGIES:
+        raise UserError(f"unknown decoding strategy {strategy!r}: use one of "
+                        f"{', '.join(STRATEGIES)}")
+    if not temperature > 0:
+        raise UserError(f"temperature must be greater than 0, got {temperature}")
+    if top_k < 0:
+        raise UserError(f"top_k must be 0 (off) or positive, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    if beam_width < 1:
+        raise UserError(f"beam_width must be at least 1, got {beam_width}")
+    if max_decoding_length > net.n_ctx:
+        raise UserError(f"max_decoding_length {max_decoding_length} exceeds the "
+                        f"model's {net.n_ctx} positions (n_ctx): use "
+                        f"--max_decoding_length {net.n_ctx} or less")
+    _check_token_ids(net, contexts)
+    for i, ctx in enumerate(contexts):
+        if len(ctx) >= max_decoding_length:
+            raise UserError(
+                f"context {i} has {len(ctx)} tokens, leaving no room for a new "
+                f"token within max_decoding_length {max_decoding_length} (which "
+                f"counts the context): raise --max_decoding_length (at most "
+                f"{net.n_ctx}) or shorten the prompt")
+
+
+def _check_token_ids(net: _GPT2, contexts: List[List[int]]) -> None:
+    for i, ctx in enumerate(contexts):
+        if not ctx:
+            raise UserError(f"context {i} is empty: give at least one token "
+                            f"(e.g. <|endoftext|>) to start from")
+        bad = [t for t in ctx if not 0 <= t < net.n_vocab]
+        if bad:
+            raise UserError(f"context {i} holds token id {bad[0]}, outside the "
+                            f"model's vocabulary of {net.n_vocab}: check the "
+                            f"tokenizer matches the model")
+
+
+def generate(model: nn.Module, contexts: Sequence[Sequence[int]],
+             max_decoding_length: int, *,
+             strategy: str = "sample",
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             beam_width: int = 4, length_penalty: float = 0.0,
+             end_token: int = 50256,
+             generator: Optional[torch.Generator] = None,
+             on_tokens: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
+             ) -> List[List[int]]:
+    """Continue each context with the model; returns the new ids per context.
+
+    model: a texar GPT2Decoder (utils.model.build_model); used as it is, on
+        its device and dtype, without dropout and without gradients.
+    contexts: token ids per prompt; lengths may differ.
+    max_decoding_length: total length, context included: context i gets at
+        most max_decoding_length - len(contexts[i]) new tokens. At most the
+        model's n_ctx.
+    strategy: "greedy", "sample" (temperature, then top_k, then top_p, as
+        texar's helpers filter) or "beam" (beam_width, length_penalty alpha
+        as in texar: scores are divided by ((5 + len) / 6) ** alpha).
+    end_token: a row stops when it produces this id (default <|endoftext|>);
+        an id outside the vocabulary (e.g. -1) never occurs, so every row
+        runs to its length limit.
+    generator: the torch.Generator samples are drawn from (the global RNG
+        when None); the same seed gives the same samples.
+    on_tokens: called after every decoding step with new_ids [B] (LongTensor)
+        and done [B] (BoolTensor). A row that has finished, at this step or
+        earlier, shows end_token (even when it stopped at its length limit,
+        the limit-reaching token itself is shown with done=True); so
+        "new_ids[b] != end_token" means row b has a new token to print. Not
+        supported with strategy="beam" (the best beam is known only at the
+        end): passing it raises ValueError.
+
+    Returns one list per context: the continuation only (no context), cut
+    before the first end_token, which is not included.
+    Raises UserError (one line) for arguments a user can fix.
+    """
+    contexts = [[int(t) for t in ctx] for ctx in contexts]
+    net = _GPT2(model)
+    _check_arguments(net, contexts, max_decoding_length, strategy, temperature,
+                     top_k, top_p, beam_width)
+    if not contexts:
+        return []
+    if strategy == "beam":
+        if on_tokens is not None:
+            raise ValueError("on_tokens (streaming) is not supported with beam "
+                             "search: the best beam is known only at the end")
+        with torch.inference_mode():
+            return _beam_search(net, contexts, max_decoding_length, beam_width,
+                                length_penalty, end_token)
+    with torch.inference_mode():
+        return _decode(net, contexts, max_decoding_length, strategy == "greedy",
+                       temperature, top_k, top_p, end_token, generator, on_tokens)
+
+
+def _decode(net: _GPT2, contexts: List[List[int]], max_decoding_length: int,
+            greedy: bool, temperature: float, top_k: int, top_p: float,
+            end_token: int, generator: Optional[torch.Generator],
+            on_tokens) -> List[List[int]]:
+    """Greedy or sampled decoding of a batch of prompts."""
+    device = net.device
+    lengths = [len(c) for c in contexts]
+    room = torch.tensor([max_decoding_length - n for n in lengths], device=device)
+    steps = max_decoding_length - min(lengths)  # for the row with most room
+    width = max(lengths)
+    slots = width + steps - 1  # the last new token is never fed back
+    batch = _Batch(net, contexts, 1, slots)
+    cache = net.new_cache(len(contexts), slots)
+    out = torch.full((len(contexts), steps), end_token, dtype=torch.long,
+                     device=device)
+    done = torch.zeros(len(contexts), dtype=torch.bool, device=device)
+    end = torch.tensor(end_token, device=device)
+
+    hidden = net.hidden(batch.ids, batch.positions, cache, 0, batch.prefill_mask)
+    logits = net.logits(hidden[:, -1])  # every prompt ends at the last slot
+    for step in range(steps):
+        if greedy:
+            tokens = torch.argmax(logits, dim=-1)
+        else:
+            tokens = sample_from_logits(
+                filter_logits(logits, temperature=temperature, top_k=top_k,
+                              top_p=top_p), generator)
+        # Finished rows show end_token; they are still fed what they drew (a
+        # real id, whatever end_token is) and their outputs are ignored.
+        shown = torch.where(done, end, tokens)
+        out[:, step] = shown
+        done |= (shown == end) | (room <= step + 1)
+        if on_tokens is not None:
+            on_tokens(shown, done)
+        if step + 1 == steps or bool(done.all()):
+            break
+        slot = width + step
+        hidden = net.hidden(tokens[:, None], batch.step_positions(step), cache,
+                            slot, batch.step_mask(slot + 1))
+        logits = net.logits(hidden[:, -1])
+    return [_cut(row, end_token) for row in out.tolist()]
+
+
+def _cut(ids: List[int], end_token: int) -> List[int]:
+    return ids[:ids.index(end_token)] if end_token in ids else ids
+
+
+def _beam_search(net: _GPT2, contexts: List[List[int]], max_decoding_length: int,
+                 beam_width: int, alpha: float, end_token: int) -> List[List[int]]:
+    """texar's beam search (texar.torch.utils.beam_search), per context.
+
+    Each context's result equals texar's beam search run on that context
+    alone: alive beams grow to the 2*W best extensions, the W best that did
+    not end stay alive, the W best that ended (scored log p / ((5+n)/6)**alpha,
+    n counting the end token) are kept as finished. A context stops after its
+    max_decoding_length - len(context) steps or once its best finished score
+    beats what its best alive beam could still reach. The result is the best
+    finished beam, or the best alive one when none finished.
+    """
+    device = net.device
+    B, W, V = len(contexts), beam_width, net.n_vocab
+    lengths = [len(c) for c in contexts]
+    decode_len = torch.tensor([max_decoding_length - n for n in lengths],
+                              device=device)
+    steps = max_decoding_length - min(lengths)
+    width = max(lengths)
+    slots = width + steps - 1
+    batch = _Batch(net, contexts, W, slots)
+    cache = net.new_cache(B * W, slots)
+    rows = torch.arange(B, device=device)[:, None]
+
+    # All W beams of a context start from the same prompt; only beam 0 is
+    # live at first (the others start at log p = -inf, as in texar).
+    hidden = net.hidden(batch.ids, batch.positions, cache, 0, batch.prefill_mask)
+    logits = net.logits(hidden[:, -1]).float().view(B, W, V)
+    alive_logp = torch.full((B, W), float("-inf"), device=device)
+    alive_logp[:, 0] = 0.0
+    alive_seq = torch.zeros(B, W, 0, dtype=torch.long, device=device)
+    fin_seq = torch.zeros(B, W, 0, dtype=torch.long, device=device)
+    fin_scores = torch.full((B, W), -_BEAM_INF, device=device)
+    fin_flags = torch.zeros(B, W, dtype=torch.bool, device=device)
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    results: List[Optional[List[int]]] = [None] * B
+
+    for step in range(steps):
+        log_probs = torch.log_softmax(logits, dim=-1) + alive_logp[:, :, None]
+        penalty = ((5.0 + float(step + 1)) / 6.0) ** alpha
+        scores = (log_probs / penalty).view(B, W * V)
+        top_scores, top_ids = torch.topk(scores, 2 * W)
+        top_logp = top_scores * penalty
+        parent, token = top_ids // V, top_ids % V
+        top_seq = torch.cat([alive_seq[rows, parent], token[:, :, None]], dim=2)
+        ended = token == end_token
+
+        # The W best candidates that did not end stay alive.
+        _, pick = torch.topk(top_scores + ended.float() * -_BEAM_INF, W)
+        alive_seq = top_seq[rows, pick]
+        alive_logp = top_logp[rows, pick]
+        new_tokens = token[rows, pick]
+        beam_parent = parent[rows, pick]
+
+        # The W best of (finished so far, candidates that ended) are finished.
+        fin_seq = torch.cat([fin_seq, fin_seq.new_zeros(B, W, 1)], dim=2)
+        all_seq = torch.cat([fin_seq, top_seq], dim=1)
+        all_scores = torch.cat(
+            [fin_scores, top_scores + (~ended).float() * -_BEAM_INF], dim=1)
+        all_flags = torch.cat([fin_flags, ended], dim=1)
+        _, pick = torch.topk(all_scores, W)
+        fin_seq, fin_scores = all_seq[rows, pick], all_scores[rows, pick]
+        fin_flags = all_flags[rows, pick]
+
+        # texar's stopping test, per context.
+        max_penalty = ((5.0 + decode_len.float()) / 6.0) ** alpha
+        bound_met = fin_scores.max(dim=1).values > alive_logp[:, 0] / max_penalty
+        stop = active & (bound_met | (decode_len <= step + 1))
+        for b in torch.nonzero(stop).flatten().tolist():
+            best = fin_seq[b, 0] if bool(fin_flags[b].any()) else alive_seq[b, 0]
+            results[b] = _cut(best.tolist(), end_token)
+        active &= ~stop
+        if not bool(active.any()):
+            break
+
+        # Reorder the cache to follow each surviving beam's parent, then feed
+        # the beams' new tokens.
+        src = (rows * W + beam_parent).flatten()
+        slot = width + step
+        cache[0][:, :, :, :slot] = cache[0][:, src, :, :slot]
+        cache[1][:, :, :, :slot] = cache[1][:, src, :, :slot]
+        positions = (batch.lengths + step).clamp_(max=net.n_ctx - 1)[:, None]
+        hidden = net.hidden(new_tokens.reshape(B * W, 1), positions, cache, slot,
+                            batch.step_mask(slot + 1))
+        logits = net.logits(hidden[:, -1]).float().view(B, W, V)
+    return results  # type: ignore[return-value]
