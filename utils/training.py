@@ -472,6 +472,8 @@ class Trainer:
             torch.manual_seed(cfg.seed + ctx.rank)
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
+        if ctx.is_main:
+            _remove_stale_temp_files(output_dir)
         self.log = MetricsLog(os.path.join(output_dir, METRICS_LOG),
                               self.step if resume is not None else None,
                               enabled=ctx.is_main)
@@ -725,6 +727,16 @@ class _Window:
     def add(self, nll: torch.Tensor, tokens: float):
         self.nll += nll
         self.tokens += tokens
+
+
+def _remove_stale_temp_files(output_dir: str) -> None:
+    """Temporary checkpoint files a killed run left behind (never the real ones)."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.endswith(".tmp") and name.startswith(
+                (LAST_CHECKPOINT + ".", BEST_CHECKPOINT + ".")):
+            os.remove(os.path.join(output_dir, name))
 
 
 def _step_groups(indices, batch_size: int, accumulation: int):

@@ -1,0 +1,175 @@
+"""prepare_data.py: text lines -> <split>.npy records, streamed, atomic, with clear errors."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import prepare_data
+from utils import data as data_utils
+from utils.data import PreparedSplit
+from utils.errors import UserError
+from utils.processor import EOS_ID, get_encoder
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# OpenAI's GPT-2 ids for "Hello world" (also in tests/fixtures/tf_gpt2/README.md).
+HELLO_WORLD_IDS = [15496, 995]
+
+
+def write(path, text, mode="w"):
+    with open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        f.write(text)
+
+
+def prepare(*args):
+    return prepare_data.main(["--quiet", *map(str, args)])
+
+
+def records(path):
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def test_each_line_becomes_eos_bpe_eos_padded(tmp_path, capsys):
+    write(tmp_path / "train.txt", "Hello world\n\n   \nThe cat sat on the mat.\r\n")
+    write(tmp_path / "dev.txt", "\ufeffHello world\n")
+    assert prepare("--data_dir", tmp_path, "--max_seq_length", 16) == 0
+    out = capsys.readouterr().out
+    assert "train: 2 examples" in out and "2 empty lines skipped" in out
+    assert not (tmp_path / "test.npy").exists()  # no test.txt, no test split
+
+    train = records(tmp_path / "train.npy")
+    assert train.dtype.names == ("length", "text_ids")
+    assert train["text_ids"].shape == (2, 16)
+    enc = get_encoder()
+    expected = [[EOS_ID] + HELLO_WORLD_IDS + [EOS_ID],
+                [EOS_ID] + enc.encode("The cat sat on the mat.") + [EOS_ID]]
+    for row, ids in zip(train, expected):
+        assert row["length"] == len(ids)
+        assert row["text_ids"].tolist() == ids + [EOS_ID] * (16 - len(ids))
+    # A byte-order mark at the start of a file is not text.
+    dev = records(tmp_path / "dev.npy")
+    assert dev["text_ids"][0, :4].tolist() == [EOS_ID] + HELLO_WORLD_IDS + [EOS_ID]
+
+
+def test_long_lines_are_cut_keeping_both_special_tokens(tmp_path, capsys):
+    line = "one two three four five six seven"
+    write(tmp_path / "train.txt", f"{line}\nHello world\n")
+    prepare("--data_dir", tmp_path, "--max_seq_length", 5)
+    assert "1 truncated to 5" in capsys.readouterr().out
+    rec = records(tmp_path / "train.npy")
+    first = [EOS_ID] + get_encoder().encode(line)[:3] + [EOS_ID]
+    assert rec["length"].tolist() == [5, 4]
+    assert rec["text_ids"][0].tolist() == first
+
+
+def test_output_dir_and_the_original_alias(tmp_path):
+    write(tmp_path / "dev.txt", "Hello world\n")
+    prepare("--data_dir", tmp_path, "--output_dir", tmp_path / "a")
+    prepare("--data_dir", tmp_path, "--tfrecord_output_dir", tmp_path / "b")
+    a, b = (tmp_path / d / "dev.npy" for d in "ab")
+    assert a.read_bytes() == b.read_bytes()
+    assert sorted(os.listdir(tmp_path / "a")) == ["dev.npy"]  # no temporary files left
+
+
+def test_vocabulary_from_pretrain_model_dir(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("encoder.json", "vocab.bpe"):
+        src = os.path.join(REPO_ROOT, "utils", "gpt2_vocab", name)
+        (model_dir / name).write_bytes(open(src, "rb").read())
+    write(tmp_path / "train.txt", "Hello world\n")
+    prepare("--data_dir", tmp_path, "--pretrain_model_dir", model_dir)
+    assert records(tmp_path / "train.npy")["text_ids"][0, 1:3].tolist() == HELLO_WORLD_IDS
+
+
+def test_process_pool_gives_the_same_file(tmp_path, monkeypatch):
+    lines = [f"Line {i}: the river runs {'far ' * (i % 7)}past the mill." for i in range(500)]
+    write(tmp_path / "train.txt", "\n".join(lines) + "\n")
+    prepare("--data_dir", tmp_path, "--max_seq_length", 12, "--num_workers", 1)
+    single = (tmp_path / "train.npy").read_bytes()
+    # Small chunks and no minimum: the pool path, with chunks in flight.
+    monkeypatch.setattr(data_utils, "CHUNK_LINES", 7)
+    monkeypatch.setattr(data_utils, "MIN_LINES_FOR_POOL", 0)
+    prepare("--data_dir", tmp_path, "--max_seq_length", 12, "--num_workers", 2)
+    assert (tmp_path / "train.npy").read_bytes() == single
+
+
+def test_prepared_split_batches_pad_to_the_longest_in_the_batch(tmp_path):
+    write(tmp_path / "train.txt", "Hello world\nThe cat sat on the mat.\nHi\n")
+    prepare("--data_dir", tmp_path, "--max_seq_length", 64)
+    split = PreparedSplit(str(tmp_path / "train.npy"))
+    assert len(split) == 3 and split.max_seq_length == 64
+    ids, lengths = split.batch([0, 2], pad_id=-1)
+    assert ids.shape == (2, int(lengths.max()))  # not 64
+    assert ids[0].tolist() == [EOS_ID] + HELLO_WORLD_IDS + [EOS_ID]
+    assert (ids[1, int(lengths[1]):] == -1).all()
+    assert split.num_targets == int((split.lengths - 1).sum())
+    order = [i for batch in split.batches_by_length(2) for i in batch]
+    assert sorted(order) == [0, 1, 2]
+
+
+# ------------------------------------------------------------------ bad input
+
+def test_no_split_files_is_an_error(tmp_path):
+    write(tmp_path / "other.txt", "x\n")
+    with pytest.raises(UserError, match="none of train.txt, dev.txt, test.txt"):
+        prepare("--data_dir", tmp_path)
+
+
+def test_missing_data_dir_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="not a directory"):
+        prepare("--data_dir", tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("content", ["", "\n \n\t\n"])
+def test_empty_file_is_an_error(tmp_path, content):
+    write(tmp_path / "train.txt", content)
+    with pytest.raises(UserError, match="train.txt has no non-empty lines"):
+        prepare("--data_dir", tmp_path)
+    assert not (tmp_path / "train.npy").exists()
+
+
+def test_non_utf8_names_file_and_line_and_keeps_the_old_output(tmp_path):
+    write(tmp_path / "train.txt", "Hello world\n")
+    prepare("--data_dir", tmp_path)
+    before = (tmp_path / "train.npy").read_bytes()
+    write(tmp_path / "train.txt", "fine\nalso fine\ncaf\xe9 latin-1\n".encode("latin-1"), "wb")
+    with pytest.raises(UserError) as err:
+        prepare("--data_dir", tmp_path)
+    message = str(err.value)
+    assert "train.txt line 3 is not valid UTF-8" in message and "0xe9" in message
+    assert (tmp_path / "train.npy").read_bytes() == before  # untouched
+    assert sorted(os.listdir(tmp_path)) == ["train.npy", "train.txt"]
+
+
+@pytest.mark.parametrize("length", [2, 0, -5])
+def test_max_seq_length_below_3_is_an_error(tmp_path, length):
+    write(tmp_path / "train.txt", "Hello world\n")
+    with pytest.raises(UserError, match="at least 3"):
+        prepare("--data_dir", tmp_path, "--max_seq_length", length)
+
+
+def test_missing_pretrain_model_dir_is_an_error(tmp_path):
+    write(tmp_path / "train.txt", "Hello world\n")
+    with pytest.raises(UserError, match="does not exist"):
+        prepare("--data_dir", tmp_path, "--pretrain_model_dir", tmp_path / "nope")
+
+
+def test_damaged_prepared_file_is_an_error(tmp_path):
+    np.save(tmp_path / "train.npy", np.arange(10), allow_pickle=False)
+    with pytest.raises(UserError, match="not a prepared data file"):
+        PreparedSplit(str(tmp_path / "train.npy"))
+    (tmp_path / "dev.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(UserError, match="not a prepared data file"):
+        PreparedSplit(str(tmp_path / "dev.npy"))
+
+
+def test_command_line_error_is_one_line_and_exit_2(tmp_path):
+    write(tmp_path / "test.txt", b"\xff\xfe\n", "wb")
+    proc = subprocess.run([sys.executable, "prepare_data.py", "--data_dir", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "test.txt line 1" in lines[-1]
+    assert "Traceback" not in proc.stderr
