@@ -45,11 +45,12 @@ NEVER = -1  # an end token no engine can produce: every row runs to the end
 SEED = 1234
 
 
-def build_texar(device: str):
+def build_texar(device: str, dtype: str = "float32"):
     import torch
     from utils.model import build_model, load_model_hparams
     torch.manual_seed(SEED)  # every subprocess builds the same weights
-    return build_model(load_model_hparams("configs.config_model_117M")).to(device).eval()
+    model = build_model(load_model_hparams("configs.config_model_117M"))
+    return model.to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
 def hf_from_texar(model):
@@ -123,12 +124,12 @@ def _peak(device: str) -> int:
 
 
 def run_case(engine: str, batch: int, length: int, new_tokens: int, device: str,
-             threads: int, repeats: int) -> dict:
+             threads: int, repeats: int, dtype: str) -> dict:
     """Time one engine on one case (runs inside the child process)."""
     import torch
     warnings.simplefilter("ignore")
     torch.set_num_threads(threads)
-    model = build_texar(device)
+    model = build_texar(device, dtype)
     ids = prompts(batch, length).to(device)
     total = length + new_tokens
 
@@ -140,7 +141,7 @@ def run_case(engine: str, batch: int, length: int, new_tokens: int, device: str,
             return generate(model, contexts, length + n, strategy="greedy",
                             end_token=NEVER)
     elif engine == "hf":
-        hf = hf_from_texar(model).to(device)
+        hf = hf_from_texar(model.float()).to(device=device, dtype=getattr(torch, dtype))
         del model
         hf.generation_config.eos_token_id = None  # never stop early
         hf.generation_config.pad_token_id = 0
@@ -207,7 +208,7 @@ def measure_bandwidth(threads: int, device: str) -> float:
     return x.numel() * x.element_size() / best
 
 
-def bytes_per_token(batch: int, prompt: int, new_tokens: int) -> float:
+def bytes_per_token(batch: int, prompt: int, new_tokens: int, itemsize: int = 4) -> float:
     """Bytes one decoding step reads: weights once, plus every row's KV cache."""
     from utils.model import load_model_hparams, model_size
     s = model_size(load_model_hparams("configs.config_model_117M"))
@@ -215,7 +216,7 @@ def bytes_per_token(batch: int, prompt: int, new_tokens: int) -> float:
     weights = v * d + layers * (12 * d * d + 13 * d) + 2 * d  # wte (=output) + blocks + final LN
     mean_len = prompt + new_tokens / 2
     kv = batch * layers * 2 * mean_len * d
-    return 4.0 * (weights + kv)
+    return float(itemsize) * (weights + kv)
 
 
 def child_main(spec: str) -> None:
@@ -251,6 +252,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed runs per case (the median is reported)")
     parser.add_argument("--device", default=None, help="default: cuda if available")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="weights and activations of every engine (default float32)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -277,7 +280,8 @@ def main() -> None:
 
     bandwidth = measure_bandwidth(args.threads, device)
     print(f"device {device}, torch {torch.__version__}, {args.threads} threads, "
-          f"measured bandwidth {bandwidth / 1e9:.1f} GB/s, {args.new_tokens} new tokens, "
+          f"{args.dtype}, measured bandwidth {bandwidth / 1e9:.1f} GB/s, "
+          f"{args.new_tokens} new tokens, "
           f"greedy, median of {args.repeats}")
     results = []
     for batch in batches:
@@ -289,7 +293,8 @@ def main() -> None:
                     continue
                 r = run_in_child(engine=engine, batch=batch, length=length,
                                  new_tokens=args.new_tokens, device=device,
-                                 threads=args.threads, repeats=args.repeats)
+                                 threads=args.threads, repeats=args.repeats,
+                                 dtype=args.dtype)
                 results.append(r)
                 if "error" in r:
                     print(f"  {engine} batch {batch} prompt {length}: FAILED {r['error']}")
@@ -297,14 +302,15 @@ def main() -> None:
                     print(f"  {engine:5s} batch {batch:2d} prompt {length:3d}: "
                           f"{r['tok_s']:7.1f} tok/s, TTFT {r['ttft'] * 1000:7.1f} ms",
                           flush=True)
-    print_table(results, bandwidth, args.new_tokens)
+    print_table(results, bandwidth, args.new_tokens, getattr(torch, args.dtype).itemsize)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"bandwidth": bandwidth, "threads": args.threads, "device": device,
+                       "dtype": args.dtype,
                        "results": results}, f, indent=1)
 
 
-def print_table(results, bandwidth: float, new_tokens: int) -> None:
+def print_table(results, bandwidth: float, new_tokens: int, itemsize: int) -> None:
     ok = [r for r in results if "error" not in r]
     by_case = {}
     for r in ok:
@@ -315,7 +321,7 @@ def print_table(results, bandwidth: float, new_tokens: int) -> None:
     print(header)
     print("-" * len(header))
     for (batch, prompt), engines in sorted(by_case.items()):
-        ceiling = batch * bandwidth / bytes_per_token(batch, prompt, new_tokens)
+        ceiling = batch * bandwidth / bytes_per_token(batch, prompt, new_tokens, itemsize)
         ref_ids = engines.get("hf", engines.get("texar", {})).get("first_row")
         for name in ("ours", "hf", "texar"):
             r = engines.get(name)

@@ -25,7 +25,6 @@ Strategies: "greedy" (argmax), "sample" (temperature, top-k, top-p; see
 utils/sampling.py), "beam" (texar's beam search with its length penalty
 ((5 + len) / 6) ** alpha, best beam returned).
 """
-import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -408,6 +407,9 @@ def _beam_search(net: _GPT2, contexts: List[List[int]], max_decoding_length: int
     max_decoding_length - len(context) steps or once its best finished score
     beats what its best alive beam could still reach. The result is the best
     finished beam, or the best alive one when none finished.
+
+    The KV cache is preallocated as for sampling; the small per-beam token
+    histories grow by one column per step, as in texar.
     """
     device = net.device
     B, W, V = len(contexts), beam_width, net.n_vocab
@@ -417,14 +419,22 @@ def _beam_search(net: _GPT2, contexts: List[List[int]], max_decoding_length: int
     steps = max_decoding_length - min(lengths)
     width = max(lengths)
     slots = width + steps - 1
-    batch = _Batch(net, contexts, W, slots)
-    cache = net.new_cache(B * W, slots)
     rows = torch.arange(B, device=device)[:, None]
 
-    # All W beams of a context start from the same prompt; only beam 0 is
+    # All W beams of a context start from the same prompt: run it once per
+    # context, then copy its keys and values to the W beams. Only beam 0 is
     # live at first (the others start at log p = -inf, as in texar).
-    hidden = net.hidden(batch.ids, batch.positions, cache, 0, batch.prefill_mask)
-    logits = net.logits(hidden[:, -1]).float().view(B, W, V)
+    prompts = _Batch(net, contexts, 1, width)
+    prompt_cache = net.new_cache(B, width)
+    hidden = net.hidden(prompts.ids, prompts.positions, prompt_cache, 0,
+                        prompts.prefill_mask)
+    logits = net.logits(hidden[:, -1]).float().repeat_interleave(W, dim=0)
+    logits = logits.view(B, W, V)
+    batch = _Batch(net, contexts, W, slots)
+    cache = net.new_cache(B * W, slots)
+    for part, prompt_part in zip(cache, prompt_cache):
+        part[:, :, :, :width] = prompt_part.repeat_interleave(W, dim=1)
+    del prompt_cache
     alive_logp = torch.full((B, W), float("-inf"), device=device)
     alive_logp[:, 0] = 0.0
     alive_seq = torch.zeros(B, W, 0, dtype=torch.long, device=device)

@@ -75,7 +75,13 @@ def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0,
 
 def sample_from_logits(logits: torch.Tensor,
                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One token id per row of (already filtered) `logits` [B, V] -> [B]."""
+    """One token id per row of (already filtered) `logits` [B, V] -> [B].
+
+    Draws on the generator's device (so a CPU generator also serves a CUDA
+    model) and returns the ids on the logits' device.
+    """
     probs = F.softmax(logits.float(), dim=-1)
-    return torch.multinomial(probs, 1, replacement=True,
-                             generator=generator).squeeze(-1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+    ids = torch.multinomial(probs, 1, replacement=True, generator=generator)
+    return ids.squeeze(-1).to(logits.device)
