@@ -80,7 +80,8 @@ def parse_args(argv=None):
     run.add_argument("--master_port", type=int, default=None,
                      help="With mpirun: a free TCP port on the rank-0 host.")
     run.add_argument("--quiet", action="store_true",
-                     help="No progress bars (the log lines remain).")
+                     help="No progress bars (the log lines remain). Bars are also "
+                          "off when stderr is not a terminal.")
     sample = parser.add_argument_group("sampling for --do_test")
     sample.add_argument("--max_decoding_length", type=int, default=None,
                         help="Most tokens per sample, the context included "
@@ -204,7 +205,7 @@ def write_test_samples(model, split, encoder, args, cfg, device, n_ctx: int,
     model.eval()
     continuations = [None] * len(contexts)
     for indices in tqdm(split.batches_by_length(cfg.test_batch_size), desc="test",
-                        unit="batch", disable=not progress):
+                        unit="batch", disable=None if progress else True):
         outputs = generate(model, [contexts[i] for i in indices], max_len,
                            strategy=args.decoding_strategy,
                            temperature=args.temperature, top_k=args.top_k,

@@ -40,7 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--num_workers", type=int, default=None,
                         help="Processes for BPE encoding (default: all cores).")
     parser.add_argument("--quiet", action="store_true",
-                        help="No progress bars, only the summary.")
+                        help="No progress bars, only the summary (bars are also off "
+                             "when stderr is not a terminal).")
     return parser.parse_args(argv)
 
 

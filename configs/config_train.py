@@ -45,7 +45,8 @@ checkpoint_steps = -1
 # "optimizer": any torch.optim class by name, and its keyword arguments; the
 #     "lr" given here is the peak learning rate of the schedule below. Weight
 #     decay applies to weight matrices and embeddings, not to biases and
-#     LayerNorm parameters.
+#     LayerNorm parameters. Adam and AdamW use torch's fused implementation
+#     where available unless "fused" or "foreach" is given here.
 # "gradient_clip": a function of torch.nn.utils applied before each step, and
 #     its keyword arguments; {"type": ""} disables clipping.
 # (The original example used Adam with lr 0.001; AdamW with a smaller rate is

@@ -467,3 +467,56 @@ def test_command_line_error_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown config")
     assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------ precision, processes
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, data_dir):
+    out = tmp_path / "out"
+    train("--do_train", "--do_eval", "--from_scratch", "--config_model", model_config(tmp_path),
+          "--config_train", train_config(tmp_path, data_dir, precision="bf16"),
+          "--output_dir", out)
+    losses = [r["loss"] for r in read_metrics(out) if r["split"] == "train"]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    # Weights stay float32; only the computation is autocast.
+    assert load_ckpt(out / "model.ckpt")["model"]["word_embedder._embedding"].dtype == torch.float32
+
+
+def test_fp16_on_cpu_is_an_error():
+    from utils.training import check_precision
+    with pytest.raises(UserError, match="fp16.*CUDA"):
+        check_precision("fp16", torch.device("cpu"))
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_with_the_global_batch(tmp_path, data_dir):
+    """torchrun, 2 CPU ranks (Gloo) x batch 2 == 1 process x batch 4, step by step."""
+    sgd = {"optimizer": {"type": "SGD", "kwargs": {"lr": 0.5}}}
+    model_cfg = model_config(tmp_path)
+    one = tmp_path / "one"
+    train("--do_train", "--from_scratch", "--config_model", model_cfg, "--output_dir", one,
+          "--config_train", train_config(tmp_path, data_dir, name="c4", opt=sgd))
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "gpt2_train_main.py", "--do_train", "--do_eval", "--do_test", "--distributed",
+           "--from_scratch", "--config_model", model_cfg, "--output_dir", str(two),
+           "--config_train", train_config(tmp_path, data_dir, name="c2", opt=sgd,
+                                          train_batch_size=2), "--quiet"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 ranks" in proc.stdout and proc.stdout.count("Training done") == 1
+    m1, m2 = read_metrics(one), read_metrics(two)
+    assert [(r["split"], r["step"]) for r in m1] == [(r["split"], r["step"]) for r in m2]
+    np.testing.assert_allclose([r["loss"] for r in m1], [r["loss"] for r in m2], rtol=1e-5)
+    w1, w2 = (load_ckpt(d / "model.ckpt")["model"] for d in (one, two))
+    for name in w1:
+        torch.testing.assert_close(w1[name], w2[name], rtol=1e-5, atol=1e-6)
+    assert len((two / "test_samples.tsv").read_text().split("\n")) == len(TEST_LINES) + 1

@@ -101,7 +101,8 @@ def scan_text_file(path: str, progress: bool = True) -> Tuple[int, int]:
     examples = empty = 0
     size = os.path.getsize(path)
     with tqdm(total=size, unit="B", unit_scale=True, desc=f"check {os.path.basename(path)}",
-              disable=not progress or size < (64 << 20), leave=False) as bar:
+              disable=True if not progress or size < (64 << 20) else None,
+              leave=False) as bar:
         for _, text in iter_lines(path):
             if text:
                 examples += 1
@@ -234,7 +235,7 @@ def prepare_split(text_path: str, out_path: str, *, max_seq_length: int,
                                             shape=(examples,))
         init_args = (vocab_dir, max_seq_length, dtype)
         with tqdm(total=examples, unit=" lines", desc=f"encode {split}",
-                  disable=not progress) as bar:
+                  disable=None if progress else True) as bar:
             for chunk, cut in _encoded_chunks(text_path, num_workers, init_args):
                 end = written + len(chunk)
                 if end > examples:

@@ -238,7 +238,8 @@ def evaluate(model, split: PreparedSplit, batch_size: int, device: torch.device,
     try:
         with torch.no_grad():
             for indices in tqdm(split.batches_by_length(batch_size), desc="eval",
-                                unit="batch", leave=False, disable=not progress):
+                                unit="batch", leave=False,
+                                disable=None if progress else True):
                 if should_stop is not None and should_stop():
                     return None
                 ids, lengths = split.batch(indices, EOS_ID)
@@ -446,7 +447,7 @@ class Trainer:
         model.train()
         self.model = dist_utils.wrap_model(model, ctx)
         hparams = _opt_hparams(cfg.opt)
-        self.optimizer = tx.core.get_optimizer(_param_groups(model), hparams)
+        self.optimizer = _make_optimizer(tx, _param_groups(model), hparams, self.device)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.clip_grad = tx.core.get_grad_clip_fn(hparams)
         self.scaler = _grad_scaler() if cfg.precision == "fp16" else None
@@ -562,7 +563,8 @@ class Trainer:
                     + (f"; resuming at step {self.step} (epoch {self.epoch + 1})"
                        if self.step else "") + ".")
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step",
-                   desc="train", disable=not self.progress, dynamic_ncols=True)
+                   desc="train", dynamic_ncols=True,
+                   disable=None if self.progress else True)
         window = _Window(self.device)
         stopped_by = None
         with StopRequest() as stop, dist_utils.peer_failure_guard(self.ctx):
@@ -763,6 +765,27 @@ def _param_groups(model) -> List[Dict[str, Any]]:
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _make_optimizer(tx, groups, hparams, device):
+    """texar's get_optimizer; Adam/AdamW use torch's fused kernel when the
+    config leaves the implementation open and this torch has it for the
+    device (one kernel over all parameters instead of several per tensor).
+    The arithmetic is the same AdamW."""
+    opt = hparams.optimizer
+    kwargs = opt.kwargs.todict()
+    if (opt.type in ("Adam", "AdamW", "torch.optim.Adam", "torch.optim.AdamW")
+            and not {"fused", "foreach"} & set(kwargs)):
+        fused = hparams.todict()
+        fused["optimizer"]["kwargs"]["fused"] = True
+        try:
+            probe = torch.zeros(1, device=device, requires_grad=True)
+            getattr(torch.optim, opt.type.split(".")[-1])([probe], lr=1.0, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            pass  # an older torch or an unsupported device: torch's default
+        else:
+            return tx.core.get_optimizer(groups, fused)
+    return tx.core.get_optimizer(groups, hparams)
 
 
 def _grad_scaler():
