@@ -10,9 +10,9 @@ Engines, all on the same random GPT-2 124M weights (configs.config_model_117M):
 Every case decodes greedily with an end token that cannot occur, so every
 engine produces exactly --new_tokens tokens per row. Each (engine, case) runs
 in its own subprocess so its peak memory is its own: peak = the process's
-resident-set high-water mark during generation (reset through
-/proc/self/clear_refs just before) minus the resident set before it; on CUDA,
-torch.cuda.max_memory_allocated. Time to first token (TTFT) is a separate
+resident-set high-water mark while generating (warm-up included; reset through
+/proc/self/clear_refs once the model is built) minus the resident set at that
+point; on CUDA, torch.cuda.max_memory_allocated minus memory_allocated. Time to first token (TTFT) is a separate
 run with one new token; tok/s counts all rows' new tokens over the whole run.
 
 Ceiling: batch-1 decoding reads every weight once per token, so tokens/s can
@@ -174,8 +174,10 @@ def run_case(engine: str, batch: int, length: int, new_tokens: int, device: str,
             torch.cuda.synchronize()
         return time.perf_counter() - start, result
 
-    decode(2)  # warm-up: first-call allocations and kernel selection
+    # Peak memory counts from before the warm-up, so one-time allocations
+    # (allocator growth, library workspaces) are included for every engine.
     base = _reset_peak(device)
+    decode(2)  # warm-up: first-call allocations and kernel selection
     ttfts, totals = [], []
     for _ in range(repeats):
         ttfts.append(timed(1)[0])
