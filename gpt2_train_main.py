@@ -129,9 +129,12 @@ def open_splits(args, cfg):
     """The prepared splits the requested steps need, checked before the model loads."""
     from utils.data import PreparedSplit, split_data_path
     wanted = {"train": args.do_train, "dev": args.do_eval, "test": args.do_test}
-    if args.do_train and cfg.eval_steps > 0:
+    if args.do_train and cfg.eval_steps > 0 and not args.do_eval:
         # Evaluation during training uses dev.npy when there is one.
-        wanted["dev"] = wanted["dev"] or os.path.isfile(split_data_path(cfg.data_dir, "dev"))
+        wanted["dev"] = os.path.isfile(split_data_path(cfg.data_dir, "dev"))
+        if not wanted["dev"]:
+            print(f"note: no {split_data_path(cfg.data_dir, 'dev')}: no dev evaluation "
+                  f"during training (prepare a dev.txt to get one)", file=sys.stderr)
     splits = {}
     for name, needed in wanted.items():
         if not needed:

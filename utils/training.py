@@ -555,6 +555,10 @@ class Trainer:
             self._print(f"Training already complete: step {self.step} of "
                         f"{self.total_steps} (raise max_train_epoch to train more).")
             return
+        if self.stop_after_steps is not None and self.step >= self.stop_after_steps:
+            self._print(f"Already at step {self.step}, not before --stop_after_steps "
+                        f"{self.stop_after_steps}: nothing to train.")
+            return
         self._print(dist_utils.describe(self.ctx, cfg.train_batch_size,
                                         cfg.gradient_accumulation_steps))
         self._print(f"{len(self.train_split):,} training examples, "
