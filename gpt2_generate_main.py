@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from utils.cli_args import add_sampling_args, add_weight_args, check_sampling_args
 from utils.errors import UserError, run_main
 
 BANNER_WIDTH = 40
@@ -23,62 +24,32 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--is_interactive", action="store_true",
                         help="Prompt for contexts and continue each one.")
-    parser.add_argument("--max_decoding_length", type=int, default=128,
-                        help="Most tokens in a sample, the context included "
-                             "(at most the model's positions, 1024 for GPT-2).")
-    parser.add_argument("--temperature", type=float, default=0.7,
-                        help="Softmax temperature; must be > 0. Lower is more "
-                             "conservative.")
-    parser.add_argument("--top_k", type=int, default=40,
-                        help="Sample among the k most likely tokens (0: all).")
-    parser.add_argument("--top_p", type=float, default=1.0,
-                        help="Nucleus sampling: the smallest set of tokens whose "
-                             "probability reaches p (1.0: off).")
-    parser.add_argument("--decoding_strategy", default="sample",
-                        choices=("sample", "greedy", "beam"),
-                        help="sample (temperature/top-k/top-p), greedy, or beam "
-                             "search.")
-    parser.add_argument("--beam_width", type=int, default=4,
-                        help="Beams kept by --decoding_strategy beam.")
-    parser.add_argument("--length_penalty", type=float, default=0.0,
-                        help="Beam search length penalty alpha.")
+    add_sampling_args(parser, max_decoding_length_default=128,
+                      max_decoding_length_help="Most tokens in a sample, the context "
+                      "included (at most the model's positions, 1024 for GPT-2).")
     parser.add_argument("--nsamples", type=int, default=1,
                         help="Samples per prompt (interactive) or in total.")
     parser.add_argument("--batch_size", type=int, default=1,
                         help="Samples generated together; must divide --nsamples.")
     parser.add_argument("--seed", type=int, default=None,
                         help="Random seed: the same seed gives the same samples.")
-    parser.add_argument("--config_model", default=None,
-                        help="Model config module or .py path (default: the "
-                             "checkpoint's hparams.json).")
-    parser.add_argument("--pretrain_model_dir", default=None,
-                        help="Directory of OpenAI's GPT-2 files (default: "
-                             "gpt2_pretrained_models/model_117M, or the size "
-                             "--config_model names).")
-    parser.add_argument("--pretrain_checkpoint", default=None,
-                        help="OpenAI checkpoint prefix (default: "
-                             "<pretrain_model_dir>/model.ckpt).")
-    parser.add_argument("--checkpoint", default=None,
-                        help="A model saved by gpt2_train_main.py; takes "
-                             "precedence over --pretrain_checkpoint.")
+    add_weight_args(
+        parser,
+        config_model_help="Model config module or .py path (default: the "
+                          "checkpoint's hparams.json).",
+        checkpoint_help="A model saved by gpt2_train_main.py; takes precedence "
+                        "over --pretrain_checkpoint.")
     return parser.parse_args(argv)
 
 
 def check_args(args) -> None:
     """Reject flag values that cannot work, before a model is loaded."""
-    if args.temperature <= 0:
-        raise UserError(f"--temperature must be > 0 (got {args.temperature})")
-    if args.top_k < 0:
-        raise UserError(f"--top_k must be >= 0 (got {args.top_k}); 0 disables it")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top_p must be in (0, 1] (got {args.top_p}); 1 disables it")
+    check_sampling_args(args)
     if args.nsamples < 1 or args.batch_size < 1:
         raise UserError("--nsamples and --batch_size must be at least 1")
     if args.nsamples % args.batch_size:
         raise UserError(f"--nsamples ({args.nsamples}) must be divisible by "
                         f"--batch_size ({args.batch_size})")
-    if args.beam_width < 1:
-        raise UserError(f"--beam_width must be at least 1 (got {args.beam_width})")
 
 
 def check_max_decoding_length(args, n_ctx: int) -> None:

@@ -26,6 +26,7 @@ import sys
 
 import torch
 
+from utils.cli_args import add_sampling_args, add_weight_args, check_sampling_args
 from utils.errors import UserError, run_main
 
 TEST_SAMPLES = "test_samples.tsv"
@@ -47,20 +48,13 @@ def parse_args(argv=None):
     model.add_argument("--config_train", default="configs.config_train",
                        help="Training config: a module name or a .py path "
                             "(default configs.config_train).")
-    model.add_argument("--config_model", default=None,
-                       help="Model config: a module name or a .py path. Default: the "
-                            "size in hparams.json or in the --checkpoint; with "
-                            "--from_scratch, configs.config_model_117M.")
-    model.add_argument("--pretrain_model_dir", default=None,
-                       help="Directory of OpenAI's GPT-2 files (default "
-                            "gpt2_pretrained_models/model_117M, or the size "
-                            "--config_model names).")
-    model.add_argument("--pretrain_checkpoint", default=None,
-                       help="OpenAI checkpoint prefix (default: "
-                            "<pretrain_model_dir>/model.ckpt); ignored with --checkpoint.")
-    model.add_argument("--checkpoint", default=None,
-                       help="A checkpoint written by this script: its weights are "
-                            "used, and with --do_train its training state too.")
+    add_weight_args(
+        model,
+        config_model_help="Model config: a module name or a .py path. Default: the "
+                          "size in hparams.json or in the --checkpoint; with "
+                          "--from_scratch, configs.config_model_117M.",
+        checkpoint_help="A checkpoint written by this script: its weights are "
+                        "used, and with --do_train its training state too.")
     model.add_argument("--from_scratch", action="store_true",
                        help="Start from random weights built from --config_model "
                             "instead of OpenAI's checkpoint.")
@@ -83,23 +77,9 @@ def parse_args(argv=None):
                      help="No progress bars (the log lines remain). Bars are also "
                           "off when stderr is not a terminal.")
     sample = parser.add_argument_group("sampling for --do_test")
-    sample.add_argument("--max_decoding_length", type=int, default=None,
-                        help="Most tokens per sample, the context included "
-                             "(default: max_decoding_length of --config_train).")
-    sample.add_argument("--temperature", type=float, default=0.7,
-                        help="Softmax temperature, > 0 (default 0.7).")
-    sample.add_argument("--top_k", type=int, default=40,
-                        help="Sample among the k most likely tokens (0: all; "
-                             "default 40).")
-    sample.add_argument("--top_p", type=float, default=1.0,
-                        help="Nucleus sampling threshold (1.0: off).")
-    sample.add_argument("--decoding_strategy", default="sample",
-                        choices=("sample", "greedy", "beam"),
-                        help="sample, greedy, or beam search.")
-    sample.add_argument("--beam_width", type=int, default=4,
-                        help="Beams kept by --decoding_strategy beam.")
-    sample.add_argument("--length_penalty", type=float, default=0.0,
-                        help="Beam search length penalty alpha.")
+    add_sampling_args(sample, max_decoding_length_default=None,
+                      max_decoding_length_help="Most tokens per sample, the context "
+                      "included (default: max_decoding_length of --config_train).")
     sample.add_argument("--seed", type=int, default=None,
                         help="Sampling seed (default: seed of --config_train).")
     return parser.parse_args(argv)
@@ -109,17 +89,7 @@ def check_args(args) -> None:
     """Reject flag values that cannot work before anything is loaded."""
     if not (args.do_train or args.do_eval or args.do_test):
         raise UserError("nothing to do: pass --do_train, --do_eval and/or --do_test")
-    if args.temperature <= 0:
-        raise UserError(f"--temperature must be > 0 (got {args.temperature})")
-    if args.top_k < 0:
-        raise UserError(f"--top_k must be >= 0 (got {args.top_k}); 0 disables it")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top_p must be in (0, 1] (got {args.top_p}); 1 disables it")
-    if args.beam_width < 1:
-        raise UserError(f"--beam_width must be at least 1 (got {args.beam_width})")
-    if args.max_decoding_length is not None and args.max_decoding_length < 2:
-        raise UserError(f"--max_decoding_length must be at least 2 "
-                        f"(got {args.max_decoding_length})")
+    check_sampling_args(args)
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise UserError(f"--stop_after_steps must be at least 1 "
                         f"(got {args.stop_after_steps})")
