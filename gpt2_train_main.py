@@ -26,6 +26,7 @@ import sys
 
 import torch
 
+from utils.atomic import atomic_write
 from utils.cli_args import add_sampling_args, add_weight_args, check_sampling_args
 from utils.errors import UserError, run_main
 
@@ -189,23 +190,9 @@ def write_test_samples(model, split, encoder, args, cfg, device, n_ctx: int,
             continuations[i] = ids
     lines = [f"{tsv_field(encoder.decode(ctx[1:]))}\t{tsv_field(encoder.decode(ids))}\n"
              for ctx, ids in zip(contexts, continuations)]
-    write_text_atomically(path, "".join(lines))
+    with atomic_write(path, "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(lines)
     return len(lines)
-
-
-def write_text_atomically(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def main(argv=None) -> int:

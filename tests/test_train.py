@@ -298,7 +298,7 @@ def test_dev_perplexity_is_corpus_level_as_computed_by_hand(tmp_path):
                  for n in lengths]
     _write_split(tmp_path / "dev.npy", sequences, 20)
 
-    total_nll, total_tokens, batch_means = 0.0, 0, []
+    total_nll, total_tokens = 0.0, 0
     with torch.no_grad():
         for seq in sequences:  # one at a time: no padding anywhere
             ids = torch.tensor([seq])

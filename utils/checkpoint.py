@@ -13,7 +13,6 @@ Two kinds of checkpoint:
 """
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.atomic import atomic_write
 from utils.errors import UserError
 from utils.model import (build_model, check_sizes_agree, hparams_from_openai,
                          load_model_hparams, model_size)
@@ -197,20 +197,8 @@ def read_openai_hparams(model_dir: str) -> Dict[str, Any]:
 
 def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
     """torch.save `state` to `path` atomically: a crash leaves the old file whole."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
-                                    suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from utils import distributed as dist_utils
+from utils.atomic import atomic_write
 from utils.checkpoint import save_checkpoint
 from utils.config_loading import load_config_module
 from utils.data import PreparedSplit
@@ -405,10 +406,8 @@ class MetricsLog:
                         continue  # a line cut short by a crash
                     if record.get("step", 0) <= resume_step:
                         kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_write(path, "w", encoding="utf-8") as f:
             f.writelines(kept)
-        os.replace(tmp, path)
 
     def write(self, **record) -> None:
         if self.enabled:
