@@ -153,8 +153,15 @@ def interactive_loop(generator: Generator, encoder) -> None:
         if not raw_text.strip():
             print("Prompt should not be empty!")
             continue
+        context = encoder.encode(raw_text)
+        limit = generator.args.max_decoding_length
+        if len(context) >= limit:
+            print(f"error: the prompt is {len(context)} tokens, leaving no room "
+                  f"within --max_decoding_length {limit} (which counts the prompt): "
+                  f"shorten it or raise --max_decoding_length", file=sys.stderr)
+            continue
         try:
-            generator.print_batches(encoder.encode(raw_text), stream)
+            generator.print_batches(context, stream)
         except UserError as err:  # e.g. a prompt longer than the model allows
             print(f"error: {err}", file=sys.stderr)
         except KeyboardInterrupt:

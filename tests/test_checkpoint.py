@@ -205,3 +205,29 @@ def test_checkpoint_whose_weights_do_not_fit_its_hparams(tmp_path):
                            "model_hparams": gpt2_hparams(50257, 16, 8, 2, 2)})
     with pytest.raises(UserError, match=r"missing: decoder\.poswise_layer_norm\.1\.bias.* and \d+ more"):
         load_model(checkpoint=path)
+
+
+def test_checkpoint_whose_model_is_not_named_tensors_is_a_user_error(tmp_path):
+    path = str(tmp_path / "odd.ckpt")
+    torch.save({"model": [1, 2, 3]}, path)
+    with pytest.raises(UserError, match="named tensors"):
+        load_checkpoint(path)
+
+
+def test_hparams_json_with_bad_values_is_a_user_error(tmp_path):
+    for key, value in (("n_ctx", "32a"), ("n_head", 0)):
+        broken = tmp_path / f"model_{key}"
+        shutil.copytree(model_dir("tiny_a"), broken)
+        hparams = json.loads((broken / "hparams.json").read_text())
+        hparams[key] = value
+        (broken / "hparams.json").write_text(json.dumps(hparams))
+        with pytest.raises(UserError, match=key):
+            load_model(pretrain_model_dir=str(broken), download=False)
+
+
+def test_incomplete_model_config_is_a_user_error(tmp_path):
+    config = tmp_path / "partial.py"
+    config.write_text('hparams = {"vocab_size": 50257}\n')
+    with pytest.raises(UserError, match="not a complete"):
+        load_model(config_model=str(config), pretrain_model_dir=model_dir("tiny_a"),
+                   download=False)

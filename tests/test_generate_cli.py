@@ -120,8 +120,9 @@ def test_prompt_too_long_is_reported_and_the_session_goes_on(monkeypatch, capsys
                                "--max_decoding_length", "32", "--top_k", "1"],
                               stdin, monkeypatch, capsys)
     assert code == 0
-    assert "error:" in err and "32" in err
+    assert "error: the prompt is 40 tokens" in err and "32" in err
     assert len(samples(out)) == 1
+    assert out.count("SAMPLE") == 1  # no banner for the refused prompt
 
 
 def test_nsamples_per_prompt_in_interactive_mode(monkeypatch, capsys):
@@ -159,3 +160,22 @@ def test_bad_flags_are_user_errors(args, message, monkeypatch, capsys):
     model_dir, _ = fixture("tiny_a")
     with pytest.raises(UserError, match=message):
         run_main(["--pretrain_model_dir", model_dir, *args], "", monkeypatch, capsys)
+
+
+def test_top_p_alone_replaces_the_default_top_k():
+    from utils.cli_args import check_sampling_args
+    args = gpt2_generate_main.parse_args(["--top_p", "0.9"])
+    check_sampling_args(args)
+    assert args.top_k == 0
+    args = gpt2_generate_main.parse_args(["--top_p", "0.9", "--top_k", "5"])
+    check_sampling_args(args)
+    assert args.top_k == 5
+    args = gpt2_generate_main.parse_args([])
+    check_sampling_args(args)
+    assert args.top_k == 40
+
+
+def test_seed_out_of_range_is_a_user_error():
+    from utils.cli_args import check_sampling_args
+    with pytest.raises(UserError, match="--seed"):
+        check_sampling_args(gpt2_generate_main.parse_args(["--seed", str(2 ** 70)]))

@@ -213,9 +213,11 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         raise UserError(f"cannot read checkpoint {path}: it is corrupt or not a "
                         f"checkpoint written by gpt2_train_main.py "
                         f"({type(err).__name__})") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise UserError(f"{path} is not a checkpoint written by "
-                        f"gpt2_train_main.py (it has no 'model' entry)")
+    model_state = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(model_state, dict) or not all(
+            isinstance(k, str) and torch.is_tensor(v) for k, v in model_state.items()):
+        raise UserError(f"{path} is not a checkpoint written by gpt2_train_main.py "
+                        f"(it has no 'model' dict of named tensors)")
     return state
 
 

@@ -29,9 +29,10 @@ def add_sampling_args(group, *, max_decoding_length_default, max_decoding_length
     group.add_argument("--temperature", type=float, default=0.7,
                        help="Softmax temperature, > 0; lower is more conservative "
                             "(default 0.7).")
-    group.add_argument("--top_k", type=int, default=40,
-                       help="Sample among the k most likely tokens (0: all; "
-                            "default 40).")
+    group.add_argument("--top_k", type=int, default=None,
+                       help="Sample among the k most likely tokens (0: all). "
+                            "Default 40, or 0 when --top_p is given (as in the "
+                            "original example, top-p then replaces top-k).")
     group.add_argument("--top_p", type=float, default=1.0,
                        help="Nucleus sampling: the smallest set of tokens whose "
                             "probability reaches p (1.0: off).")
@@ -46,15 +47,22 @@ def add_sampling_args(group, *, max_decoding_length_default, max_decoding_length
 
 
 def check_sampling_args(args) -> None:
-    """Reject decoding flag values that cannot work, before a model is loaded."""
+    """Reject decoding flag values that cannot work, before a model is loaded.
+
+    Also settles --top_k's default, which depends on --top_p.
+    """
     if args.temperature <= 0:
         raise UserError(f"--temperature must be > 0 (got {args.temperature})")
+    if args.top_k is None:
+        args.top_k = 0 if args.top_p < 1 else 40
     if args.top_k < 0:
         raise UserError(f"--top_k must be >= 0 (got {args.top_k}); 0 disables it")
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top_p must be in (0, 1] (got {args.top_p}); 1 disables it")
     if args.beam_width < 1:
         raise UserError(f"--beam_width must be at least 1 (got {args.beam_width})")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 63:
+        raise UserError(f"--seed must be between 0 and 2**63 - 1 (got {args.seed})")
     if args.max_decoding_length is not None and args.max_decoding_length < 2:
         raise UserError(f"--max_decoding_length must be at least 2 "
                         f"(got {args.max_decoding_length})")

@@ -228,13 +228,21 @@ def _attempt(session, url, partial, filename, timeout, progress) -> None:
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
 
-        with open(partial, "ab" if have else "wb") as out, \
-                tqdm(total=total, initial=have, desc=filename, unit="B", unit_scale=True,
-                     unit_divisor=1024, disable=not progress, leave=True,
-                     file=sys.stderr) as bar:
-            for chunk in resp.iter_content(CHUNK_BYTES):
-                out.write(chunk)
-                bar.update(len(chunk))
+        try:
+            with open(partial, "ab" if have else "wb") as out, \
+                    tqdm(total=total, initial=have, desc=filename, unit="B",
+                         unit_scale=True, unit_divisor=1024, disable=not progress,
+                         leave=True, file=sys.stderr) as bar:
+                for chunk in resp.iter_content(CHUNK_BYTES):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        except OSError as err:
+            if isinstance(err, requests.RequestException):
+                raise  # a network failure (requests' errors are OSErrors too): retried
+            # Disk full, read-only directory...: retrying cannot help.
+            raise UserError(f"cannot write {partial}: {err.strerror or err}; free "
+                            f"disk space or pass a writable --model_dir, then rerun "
+                            f"to resume") from None
     size = _size(partial)
     if total is not None and size != total:
         if size > total:

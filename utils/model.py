@@ -32,6 +32,12 @@ def gpt2_hparams(n_vocab: int, n_ctx: int, n_embd: int, n_head: int,
     GPT-2. `dropout` applies to embeddings, residuals and attention weights;
     the released GPT-2 models were evaluated without it.
     """
+    sizes = dict(n_vocab=n_vocab, n_ctx=n_ctx, n_embd=n_embd, n_head=n_head,
+                 n_layer=n_layer)
+    bad = [f"{k}={v!r}" for k, v in sizes.items()
+           if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+    if bad:
+        raise UserError(f"GPT-2 sizes must be positive integers: {', '.join(bad)}")
     if n_embd % n_head:
         raise UserError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
     return {
@@ -82,7 +88,14 @@ def hparams_from_openai(openai_hparams: Dict[str, Any]) -> Dict[str, Any]:
     if missing:
         raise UserError(f"hparams.json lacks {', '.join(missing)}: "
                         f"it must hold {', '.join(SIZE_KEYS)}")
-    return gpt2_hparams(**{k: int(openai_hparams[k]) for k in SIZE_KEYS})
+    sizes = {}
+    for k in SIZE_KEYS:
+        try:
+            sizes[k] = int(openai_hparams[k])
+        except (TypeError, ValueError):
+            raise UserError(f"hparams.json has {k}={openai_hparams[k]!r}: it must "
+                            f"be a whole number; re-download the model files") from None
+    return gpt2_hparams(**sizes)
 
 
 def model_size(hparams: Dict[str, Any]) -> Dict[str, int]:
@@ -119,6 +132,13 @@ def load_model_hparams(config_name: str) -> Dict[str, Any]:
     if not isinstance(hparams, dict):
         raise UserError(f"model config {config_name} must define a dict named "
                         f"'hparams' (see configs/config_model_117M.py)")
+    try:
+        model_size(hparams)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"model config {config_name}: 'hparams' is not a complete "
+                        f"GPT2Decoder hparams dict (no {err}); build it with "
+                        f"utils.model.gpt2_hparams as configs/config_model_117M.py "
+                        f"does") from None
     return copy.deepcopy(hparams)
 
 

@@ -35,6 +35,7 @@ tiktoken and Hugging Face `tokenizers` in tests/test_processor.py), including:
 """
 import heapq
 import json
+import operator
 import os
 from itertools import chain, repeat
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -325,13 +326,17 @@ class Encoder:
         try:
             return b"".join(map(table.__getitem__, ids))
         except (KeyError, TypeError):
-            for i in ids:
-                if i not in table:
-                    raise UserError(
-                        f"token id {i!r} is outside the vocabulary of "
-                        f"{len(table)} tokens (valid ids are 0..{len(table) - 1}); "
-                        f"only ids made with this vocabulary can be decoded") from None
-            raise
+            pass  # slow path: find the bad id, or convert 0-d tensors/numpy ints
+        out = []
+        for i in ids:
+            try:
+                out.append(table[operator.index(i)])
+            except (KeyError, TypeError):
+                raise UserError(
+                    f"token id {i!r} is outside the vocabulary of "
+                    f"{len(table)} tokens (valid ids are 0..{len(table) - 1}); "
+                    f"only ids made with this vocabulary can be decoded") from None
+        return b"".join(out)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the ids; invalid UTF-8 (e.g. a cut multi-byte character) becomes U+FFFD."""

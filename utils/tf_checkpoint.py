@@ -616,8 +616,12 @@ _CKPT_PATH_LINE = re.compile(r'^\s*model_checkpoint_path\s*:\s*"((?:[^"\\]|\\.)*
 def _prefix_from_checkpoint_file(directory: str) -> str:
     """The prefix named by DIR/checkpoint (TF's CheckpointState text proto)."""
     state_path = os.path.join(directory, "checkpoint")
-    with open(state_path, encoding="utf-8") as f:
-        match = _CKPT_PATH_LINE.search(f.read())
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            match = _CKPT_PATH_LINE.search(f.read())
+    except (OSError, UnicodeDecodeError) as err:
+        raise TFCheckpointError(f"cannot read {state_path} ({err}); "
+                                f"{REDOWNLOAD}") from None
     if not match:
         raise TFCheckpointError(f"{state_path} has no model_checkpoint_path line; "
                                 f"{REDOWNLOAD}")
