@@ -180,8 +180,9 @@ def main(argv=None) -> int:
     loaded = load_model(config_model=args.config_model,
                         pretrain_model_dir=args.pretrain_model_dir,
                         pretrain_checkpoint=args.pretrain_checkpoint,
-                        checkpoint=args.checkpoint)
-    check_max_decoding_length(args, model_size(loaded.hparams)["n_ctx"])
+                        checkpoint=args.checkpoint,
+                        check=lambda hparams: check_max_decoding_length(
+                            args, model_size(hparams)["n_ctx"]))
     encoder = get_encoder(loaded.vocab_dir)
     device = default_device()
     model = loaded.model.to(device)

@@ -179,3 +179,40 @@ def test_seed_out_of_range_is_a_user_error():
     from utils.cli_args import check_sampling_args
     with pytest.raises(UserError, match="--seed"):
         check_sampling_args(gpt2_generate_main.parse_args(["--seed", str(2 ** 70)]))
+
+
+def test_impossible_length_fails_before_the_weights_are_downloaded(tmp_path, monkeypatch,
+                                                                   capsys):
+    """Only hparams.json is fetched before --max_decoding_length is checked."""
+    import http.server
+    import threading
+
+    requested = []
+    hparams = json.dumps({"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768,
+                          "n_head": 12, "n_layer": 12}).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requested.append(self.path)
+            if self.path.endswith("/hparams.json"):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(hparams)))
+                self.end_headers()
+                self.wfile.write(hparams)
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("GPT2_DOWNLOAD_BASE_URL",
+                           f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(UserError, match="model's 1024 positions"):
+            run_main(["--pretrain_model_dir", str(tmp_path / "model_117M"),
+                      "--max_decoding_length", "5000"], "", monkeypatch, capsys)
+    finally:
+        server.shutdown()
+    assert requested == ["/124M/hparams.json"]

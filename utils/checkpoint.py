@@ -14,7 +14,7 @@ Two kinds of checkpoint:
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -243,11 +243,18 @@ def default_pretrain_model_dir(config_model: Optional[str]) -> str:
     return default_model_dir(DEFAULT_MODEL_NAME)
 
 
-def _ensure_pretrained_files(model_dir: str, prefix: str, download: bool) -> None:
-    """Download OpenAI's files into a default-named model dir when missing."""
-    from utils.download import canonical_model_name, download_model, missing_files
-    have_weights = os.path.isfile(prefix + ".index")
-    if have_weights and os.path.isfile(os.path.join(model_dir, "hparams.json")):
+def _ensure_pretrained_files(model_dir: str, prefix: str, download: bool,
+                             files: Optional[List[str]] = None) -> None:
+    """Download OpenAI's files into a default-named model dir when missing.
+
+    `files` limits the check and the download to those names (hparams.json
+    alone lets the caller check sizes before fetching gigabytes of weights).
+    """
+    from utils.download import MODEL_FILES, canonical_model_name, download_model
+    wanted = [prefix + ".index", os.path.join(model_dir, "hparams.json")]
+    if files is not None:
+        wanted = [os.path.join(model_dir, f) for f in files]
+    if all(os.path.isfile(path) for path in wanted):
         return
     name = os.path.basename(os.path.normpath(model_dir))
     name = name[len("model_"):] if name.startswith("model_") else name
@@ -255,13 +262,13 @@ def _ensure_pretrained_files(model_dir: str, prefix: str, download: bool) -> Non
         name = canonical_model_name(name)
     except UserError:
         name = None
-    if not download or name is None or missing_files(model_dir) == []:
+    if not download or name is None or os.path.basename(prefix) != "model.ckpt":
         raise UserError(
             f"no GPT-2 checkpoint at {prefix} (model.ckpt.index and hparams.json "
             f"expected in {model_dir}): download one with "
             f"'sh download_model.sh 117M' (or 345M, 774M, 1558M), or point "
             f"--pretrain_model_dir/--pretrain_checkpoint at OpenAI's files")
-    download_model(name, model_dir)
+    download_model(name, model_dir, files=files or MODEL_FILES)
 
 
 def load_model(*, config_model: Optional[str] = None,
@@ -269,8 +276,14 @@ def load_model(*, config_model: Optional[str] = None,
                pretrain_checkpoint: Optional[str] = None,
                checkpoint: Optional[str] = None,
                from_scratch: bool = False,
-               download: bool = True) -> LoadedModel:
-    """Build the GPT2Decoder the flags ask for and fill its weights."""
+               download: bool = True,
+               check: Optional[Callable[[Dict[str, Any]], None]] = None,
+               ) -> LoadedModel:
+    """Build the GPT2Decoder the flags ask for and fill its weights.
+
+    `check(hparams)` runs as soon as the model's size is known, before any
+    weights are read or downloaded, so a flag that cannot fit fails fast.
+    """
     if pretrain_model_dir is None:
         pretrain_model_dir = (os.path.dirname(pretrain_checkpoint)
                               if pretrain_checkpoint
@@ -286,12 +299,16 @@ def load_model(*, config_model: Optional[str] = None,
         if config_model:
             check_sizes_agree(load_model_hparams(config_model), model_size(hparams),
                               config_model, checkpoint)
+        if check:
+            check(hparams)
         model = build_model(hparams)
         _load_state_dict(model, state["model"], checkpoint)
         source = f"fine-tuned checkpoint {checkpoint}"
     elif from_scratch:
         config_model = config_model or DEFAULT_CONFIG_MODEL
         hparams = load_model_hparams(config_model)
+        if check:
+            check(hparams)
         model = build_model(hparams)
         source = f"random initialisation ({config_model})"
     else:
@@ -299,12 +316,15 @@ def load_model(*, config_model: Optional[str] = None,
         if prefix.endswith(".index"):
             prefix = prefix[:-len(".index")]
         model_dir = os.path.dirname(prefix) or "."
-        _ensure_pretrained_files(model_dir, prefix, download)
+        _ensure_pretrained_files(model_dir, prefix, download, ["hparams.json"])
         openai_hparams = read_openai_hparams(model_dir)
         hparams = hparams_from_openai(openai_hparams)
         if config_model:
             check_sizes_agree(load_model_hparams(config_model), openai_hparams,
                               config_model, os.path.join(model_dir, "hparams.json"))
+        if check:
+            check(hparams)
+        _ensure_pretrained_files(model_dir, prefix, download)
         model = build_model(hparams)
         load_openai_weights(model, prefix)
         vocab_dir = model_dir
