@@ -374,6 +374,7 @@ def test_continuation_stops_at_end_of_text(tmp_path, data_dir):
         model.word_embedder._embedding[EOS_ID] = 1.0
         model.decoder.final_layer_norm.bias.fill_(1.0)
     args = gpt2_train_main.parse_args(["--do_test", "--decoding_strategy", "greedy"])
+    gpt2_train_main.check_args(args)
     cfg = load_train_config(train_config(tmp_path, data_dir))
     split = PreparedSplit(str(data_dir / "test.npy"))
     from utils.processor import get_encoder
