@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from utils.atomic import atomic_write
+from utils.atomic import atomic_write, ensure_writable_dir
 from utils.cli_args import add_sampling_args, add_weight_args, check_sampling_args
 from utils.errors import UserError, run_main
 
@@ -153,6 +153,23 @@ def tsv_field(text: str) -> str:
     return _TSV_BREAKS.sub(" ", text)
 
 
+def check_test_lengths(split, args, cfg, n_ctx: int) -> int:
+    """The test step's max_decoding_length, checked against the model and the
+    longest test line (before training, so a bad value does not waste a run)."""
+    max_len = args.max_decoding_length or cfg.max_decoding_length
+    if max_len > n_ctx:
+        raise UserError(f"max_decoding_length {max_len} exceeds the model's {n_ctx} "
+                        f"positions: use --max_decoding_length {n_ctx} or less")
+    # A context is a line's tokens without the closing <|endoftext|>.
+    longest = int(split.lengths.max()) - 1
+    if longest >= max_len:
+        raise UserError(f"a test line has {longest} tokens with its <|endoftext|>, "
+                        f"leaving no room within max_decoding_length {max_len} (which "
+                        f"counts the context): raise --max_decoding_length (at most "
+                        f"{n_ctx}) or max_decoding_length in {cfg.name}")
+    return max_len
+
+
 def write_test_samples(model, split, encoder, args, cfg, device, n_ctx: int,
                        path: str, progress: bool) -> int:
     """Continue each test example and write context<TAB>continuation lines."""
@@ -160,19 +177,10 @@ def write_test_samples(model, split, encoder, args, cfg, device, n_ctx: int,
     from utils.generation import generate
     from utils.processor import EOS_ID
 
-    max_len = args.max_decoding_length or cfg.max_decoding_length
-    if max_len > n_ctx:
-        raise UserError(f"max_decoding_length {max_len} exceeds the model's {n_ctx} "
-                        f"positions: use --max_decoding_length {n_ctx} or less")
+    max_len = check_test_lengths(split, args, cfg, n_ctx)
     # The context is the whole line: <|endoftext|> + BPE(line), without the
     # closing <|endoftext|> that prepare_data.py added.
     contexts = [split.example(i)[:-1] for i in range(len(split))]
-    longest = max(len(c) for c in contexts)
-    if longest >= max_len:
-        raise UserError(f"a test line has {longest} tokens with its <|endoftext|>, "
-                        f"leaving no room within max_decoding_length {max_len} (which "
-                        f"counts the context): raise --max_decoding_length (at most "
-                        f"{n_ctx}) or max_decoding_length in {cfg.name}")
     seed = args.seed if args.seed is not None else cfg.seed
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
@@ -203,6 +211,8 @@ def main(argv=None) -> int:
 
     cfg = load_train_config(args.config_train)
     splits = open_splits(args, cfg)
+    if args.do_train or args.do_test:
+        ensure_writable_dir(args.output_dir, "--output_dir")
     ctx = dist_utils.init_distributed(args.distributed, master_addr=args.master_addr,
                                       master_port=args.master_port)
     try:
@@ -228,10 +238,11 @@ def run(args, cfg, splits, ctx) -> int:
             raise UserError(f"{split.path} holds sequences of up to {split.max_seq_length} "
                             f"tokens but the model has {n_ctx} positions: prepare the "
                             f"data with --max_seq_length {n_ctx} or less")
+    if args.do_test:
+        check_test_lengths(splits["test"], args, cfg, n_ctx)
     model = loaded.model.to(ctx.device)
     say(f"Model: {loaded.source}, {count_parameters(model):,} parameters, "
         f"on {ctx.device}.", file=sys.stderr)
-    os.makedirs(args.output_dir, exist_ok=True)
     progress = not args.quiet
     written = []
 

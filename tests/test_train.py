@@ -190,6 +190,47 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, data_
             assert torch.equal(tensor, state_b["optimizer"]["state"][key][field])
 
 
+def test_resume_mid_display_window_and_owed_evaluation(tmp_path, data_dir):
+    """The first display after resuming covers the same steps as in one run, and
+    an evaluation a Ctrl-C cut short is run on resuming."""
+    cfg = train_config(tmp_path, data_dir, max_train_epoch=3, display_steps=2,
+                       eval_steps=3)
+    common = ["--from_scratch", "--config_model", model_config(tmp_path),
+              "--config_train", cfg]
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    train("--do_train", *common, "--output_dir", a)
+    # Stopped between displays (step 5; displays at 2, 4, 6, 8).
+    train("--do_train", *common, "--output_dir", b, "--stop_after_steps", 5)
+    train("--do_train", "--checkpoint", b / "model.ckpt", "--config_train", cfg,
+          "--output_dir", b)
+    assert read_metrics(a) == read_metrics(b)
+    # Stopped at step 6 with its evaluation undone, as a Ctrl-C during it leaves it.
+    train("--do_train", *common, "--output_dir", c, "--stop_after_steps", 6)
+    state = load_ckpt(c / "model.ckpt")
+    assert state["last_eval_step"] == 6
+    state["last_eval_step"], state["last_eval"] = 3, None
+    torch.save(state, c / "model.ckpt")
+    metrics = (c / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (c / "metrics.jsonl").write_text("".join(
+        line for line in metrics if json.loads(line)["split"] != "dev"
+        or json.loads(line)["step"] != 6))
+    train("--do_train", "--checkpoint", c / "model.ckpt", "--config_train", cfg,
+          "--output_dir", c)
+    assert read_metrics(a) == read_metrics(c)
+
+
+def test_resuming_with_another_optimizer_is_an_error(tmp_path, data_dir):
+    out = tmp_path / "out"
+    train("--do_train", "--from_scratch", "--config_model", model_config(tmp_path),
+          "--config_train", train_config(tmp_path, data_dir), "--output_dir", out,
+          "--stop_after_steps", 1)
+    sgd = train_config(tmp_path, data_dir, name="sgd", opt={
+        "optimizer": {"type": "SGD", "kwargs": {"lr": 0.1, "momentum": 0.9}}})
+    with pytest.raises(UserError, match="trained with AdamW but .* configures SGD"):
+        train("--do_train", "--checkpoint", out / "model.ckpt", "--config_train", sgd,
+              "--output_dir", out)
+
+
 def test_gradient_accumulation_gives_the_same_updates(tmp_path, data_dir):
     """Batch 4 vs 2 x 2 accumulated: the loss is normalised by the step's tokens.
 
@@ -414,6 +455,13 @@ def test_data_longer_than_the_model_is_an_error(tmp_path, data_dir):
     ({"opt": {"learning_rate_decay": {"type": "ExponentialLR",
                                       "kwargs": {"gamma": 0.9}}}}, "warmup_steps"),
     ({"opt": {"optimiser": {}}}, "not valid texar"),
+    ({"opt": {"optimizer": {"type": "AdamW", "kwargs": {"lr": 1e-3, "betas": (0.9, 2.0)}}}},
+     "cannot be used: Invalid beta"),
+    ({"opt": {"optimizer": {"type": "NoSuchOpt", "kwargs": {"lr": 1e-3}}}}, "cannot be used"),
+    ({"opt": {"optimizer": {"type": "AdamW", "kwargs": {"lr": 1e-3, "bogus": 1}}}},
+     "cannot be used: .*bogus"),
+    ({"seed": -5}, "seed"),
+    ({"seed": 2 ** 70}, "seed"),
 ])
 def test_bad_config_values_are_errors(tmp_path, data_dir, overrides, match):
     with pytest.raises(UserError, match=match):
@@ -444,6 +492,40 @@ def test_context_too_long_for_max_decoding_length(tmp_path, data_dir):
         train("--do_test", "--from_scratch", "--config_model", model_config(tmp_path),
               "--config_train", train_config(tmp_path, data_dir),
               "--max_decoding_length", 4)
+    # Found before training, not after it.
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="raise --max_decoding_length"):
+        train("--do_train", "--do_test", "--from_scratch", "--config_model",
+              model_config(tmp_path), "--config_train", train_config(tmp_path, data_dir),
+              "--max_decoding_length", 4, "--output_dir", out)
+    assert not (out / "model.ckpt").exists()
+
+
+def test_output_dir_that_cannot_be_written_is_an_error(tmp_path, data_dir):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    common = ["--do_train", "--from_scratch", "--config_model", model_config(tmp_path),
+              "--config_train", train_config(tmp_path, data_dir)]
+    with pytest.raises(UserError, match="is a file, not a directory"):
+        train(*common, "--output_dir", a_file)
+    with pytest.raises(UserError, match="cannot write to --output_dir"):
+        train(*common, "--output_dir", a_file / "below")
+    with pytest.raises(UserError, match="--output_dir is empty"):
+        train(*common, "--output_dir", "")
+
+
+def test_written_files_get_the_usual_permissions(tmp_path, data_dir):
+    """Not mkstemp's private 0600: results are readable as the umask allows."""
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        train("--do_train", "--do_test", "--from_scratch", "--config_model",
+              model_config(tmp_path), "--config_train", train_config(tmp_path, data_dir),
+              "--output_dir", out, "--stop_after_steps", 1)
+    finally:
+        os.umask(old)
+    for name in ("model.ckpt", "metrics.jsonl", "test_samples.tsv"):
+        assert (os.stat(out / name).st_mode & 0o777) == 0o644, name
 
 
 def test_nothing_to_do_and_bad_flags(tmp_path):
@@ -497,7 +579,12 @@ def _free_port():
 
 
 def test_two_processes_train_like_one_with_the_global_batch(tmp_path, data_dir):
-    """torchrun, 2 CPU ranks (Gloo) x batch 2 == 1 process x batch 4, step by step."""
+    """torchrun, 2 CPU ranks (Gloo) x batch 2 == 1 process x batch 4, step by step.
+
+    9 examples: each epoch's last step has 1, so one rank gets an empty slot,
+    which must not train any example twice."""
+    write_lines(data_dir / "train.txt", TRAIN_LINES[:9])
+    prepare_data.main(["--quiet", "--data_dir", str(data_dir), "--max_seq_length", "24"])
     sgd = {"optimizer": {"type": "SGD", "kwargs": {"lr": 0.5}}}
     model_cfg = model_config(tmp_path)
     one = tmp_path / "one"

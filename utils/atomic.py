@@ -10,6 +10,34 @@ import os
 import tempfile
 from contextlib import contextmanager
 
+from utils.errors import UserError
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def ensure_writable_dir(path: str, what: str) -> None:
+    """Create directory `path` if needed and check a file can be written in it.
+
+    Called before long work starts, so that a wrong output path fails at once
+    with one line instead of after hours (or with a traceback).
+    """
+    if not path:
+        raise UserError(f"{what} is empty: give a directory path")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{what} {path} is a file, not a directory: choose another path")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise UserError(f"cannot write to {what} {path} ({err.strerror}): choose a "
+                        f"writable directory") from None
+
 
 @contextmanager
 def atomic_write(path: str, mode: str = "wb", **open_kwargs):
@@ -19,6 +47,8 @@ def atomic_write(path: str, mode: str = "wb", **open_kwargs):
     fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
                                     suffix=".tmp", dir=directory)
     try:
+        # mkstemp makes the file private (0600); give it the usual mode instead.
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
             f.flush()

@@ -350,15 +350,21 @@ def maybe_no_sync(model: nn.Module, sync: bool):
 
 # ---------------------------------------------------------------- data sharding
 
+PAD_INDEX = -1  # a sampler slot with no example (see ShardSampler)
+
+
 class ShardSampler(Sampler):
     """This rank's share of one epoch's global example order.
 
     The global order is torch.randperm(dataset_len) seeded with seed + epoch
     (identity when shuffle=False) and does not depend on the world size; rank r
     of W yields order[start:][r::W]. When the remaining length is not a
-    multiple of W, the order is padded by wrapping around to its beginning
-    (as torch's DistributedSampler does), so every rank yields the same number
-    of indices: ceil((dataset_len - start) / W). W = 1 pads nothing.
+    multiple of W, the order is padded with PAD_INDEX (-1), so every rank yields
+    the same number of indices, ceil((dataset_len - start) / W), and takes the
+    same number of steps. The trainer turns a PAD_INDEX into a row without
+    targets: unlike wrapping around (torch's DistributedSampler), no example
+    counts twice, so W ranks still train exactly as one process. W = 1 pads
+    nothing.
 
     Mid-epoch resume: `set_start(n)` skips the first n examples of the epoch's
     GLOBAL order (n = optimizer steps done x global batch), so a job can resume
@@ -406,9 +412,8 @@ class ShardSampler(Sampler):
         order = self.global_order()
         rest = order[self.start:]
         short = len(self) * self.world_size - len(rest)
-        if short:  # wrap around (repeat as often as needed for tiny datasets)
-            reps = math.ceil(short / len(order))
-            rest = torch.cat([rest, order.repeat(reps)[:short]])
+        if short:
+            rest = torch.cat([rest, torch.full((short,), PAD_INDEX, dtype=rest.dtype)])
         return iter(rest[self.rank::self.world_size].tolist())
 
 

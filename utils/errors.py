@@ -6,7 +6,13 @@ scripts wrap their `main` with `run_main`, which prints the message on one line
 and exits with status 2 instead of showing a traceback. Anything else is a bug in
 this project and keeps its traceback.
 """
+import errno
 import sys
+
+# Failures of the machine rather than of this code: a full disk, a read-only
+# or forbidden path. They get one line like UserError, not a traceback.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                       errno.EPERM, errno.EIO}
 
 
 class UserError(Exception):
@@ -17,13 +23,22 @@ def run_main(main, *args, **kwargs):
     """Call `main`, turning `UserError` into a one-line error and exit code 2.
 
     Ctrl-C exits with 130 and no traceback; `main` is responsible for saving
-    anything worth keeping before the interrupt reaches here.
+    anything worth keeping before the interrupt reaches here. A full disk or a
+    path we may not write also ends in one line (files are written atomically,
+    so nothing half-written is left).
     """
     try:
         result = main(*args, **kwargs)
     except UserError as err:
         message = " ".join(str(err).split())  # one line, whatever the message held
         print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        print(f"error: cannot write or read{where}: {err.strerror}: free disk space "
+              f"or fix the path's permissions, then run again", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

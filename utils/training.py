@@ -18,6 +18,7 @@ step, epoch and position inside it, and the random-number states of every rank.
 It is written atomically and loads with `torch.load(weights_only=True)`.
 """
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -49,6 +50,7 @@ METRICS_LOG = "metrics.jsonl"
 IGNORE_INDEX = -100
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_DECAYS = ("constant", "linear", "cosine")
+MAX_SEED = 2 ** 32 - 1  # numpy.random.seed takes no larger
 
 
 # ---------------------------------------------------------------------------
@@ -127,6 +129,8 @@ def check_train_config(cfg: TrainConfig) -> None:
     for key in ("display_steps", "eval_steps", "checkpoint_steps", "seed"):
         if not _is_int(getattr(cfg, key)):
             bad(key, "must be an integer (-1 disables the step-based ones)")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        bad("seed", f"must be between 0 and {MAX_SEED}")
     if not _is_int(cfg.max_seq_length) or cfg.max_seq_length < 3:
         bad("max_seq_length", "must be an integer of at least 3 (it counts the "
                               "two <|endoftext|> tokens)")
@@ -169,6 +173,21 @@ def _check_opt(cfg: TrainConfig) -> None:
     kwargs = hparams.optimizer.kwargs.todict()
     if not isinstance(kwargs.get("lr"), (int, float)) or kwargs["lr"] <= 0:
         raise UserError(f"{where}: optimizer kwargs need a positive 'lr'")
+    # Build the optimizer and the clipping function once on a throw-away
+    # parameter, so a bad type or kwarg fails now, before the model loads.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import texar.torch as tx
+    probe = torch.nn.Parameter(torch.zeros(1))
+    probe.grad = torch.zeros(1)
+    try:
+        tx.core.get_optimizer([probe], hparams)
+        clip = tx.core.get_grad_clip_fn(hparams)
+        if clip is not None:
+            clip(parameters=[probe])
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as err:
+        raise UserError(f"{where} cannot be used: {' '.join(str(err).split())}: fix "
+                        f"the optimizer type, its kwargs or gradient_clip") from None
 
 
 # ---------------------------------------------------------------------------
@@ -465,6 +484,7 @@ class Trainer:
         self.best_dev_ppl: Optional[float] = None
         self.last_eval: Optional[EvalResult] = None
         self.last_eval_step: Optional[int] = None
+        self.window = _Window(self.device)  # training loss since the last display
         if resume is not None:
             self._load_state(resume)
         else:
@@ -480,12 +500,15 @@ class Trainer:
 
     # -- state -----------------------------------------------------------
 
-    def state_dict(self, rng: Dict[str, Any]) -> Dict[str, Any]:
+    def state_dict(self, rng: Dict[str, Any], window_nll: float = 0.0) -> Dict[str, Any]:
+        """Everything to continue exactly; `window_nll` is the display window's
+        loss summed over all ranks."""
         return {
             "format": CHECKPOINT_FORMAT,
             "model": self.plain_model.state_dict(),
             "model_hparams": self.model_hparams,
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_type": type(self.optimizer).__name__,
             "grad_scaler": self.scaler.state_dict() if self.scaler else None,
             "schedule": {"base_lrs": self.base_lrs, "warmup_steps": self.cfg.warmup_steps,
                          "total_steps": self.total_steps, "lr_decay": self.cfg.lr_decay,
@@ -495,6 +518,9 @@ class Trainer:
             "examples_done_in_epoch": self.examples_done,
             "rng": rng,
             "best_dev_ppl": self.best_dev_ppl,
+            "last_eval_step": self.last_eval_step,
+            "last_eval": dataclasses.asdict(self.last_eval) if self.last_eval else None,
+            "display_window": {"nll": window_nll, "tokens": self.window.tokens},
             "data": {"train_examples": len(self.train_split),
                      "train_batch_size": self.cfg.train_batch_size,
                      "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps,
@@ -505,13 +531,32 @@ class Trainer:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise UserError("the --checkpoint was not written by this version of "
                             "gpt2_train_main.py, so training cannot resume from it")
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved_type, mine = state.get("optimizer_type"), type(self.optimizer).__name__
+        if saved_type is not None and saved_type != mine:
+            raise UserError(f"the --checkpoint was trained with {saved_type} but "
+                            f"{self.cfg.name} configures {mine}: resume with the same "
+                            f"optimizer type, or leave out --checkpoint to start anew")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise UserError(f"the optimizer state in the --checkpoint does not fit "
+                            f"the optimizer of {self.cfg.name} ({type(err).__name__}: "
+                            f"{err}): resume with the same opt settings, or leave out "
+                            f"--checkpoint to start anew") from None
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.examples_done = int(state["examples_done_in_epoch"])
         self.best_dev_ppl = state.get("best_dev_ppl")
+        self.last_eval_step = state.get("last_eval_step")
+        if state.get("last_eval"):
+            self.last_eval = EvalResult(**state["last_eval"])
+        window = state.get("display_window")
+        if window:  # the first display after resuming covers the same steps
+            self.window.tokens = float(window["tokens"])
+            if self.ctx.is_main:  # displays sum nll over ranks: count it once
+                self.window.nll += float(window["nll"])
         notes = []
         saved = state.get("data", {})
         now = {"train_examples": len(self.train_split),
@@ -539,8 +584,10 @@ class Trainer:
     def save(self, path: str) -> None:
         """Write a full training checkpoint (rank 0 writes; all ranks call)."""
         rng = gather_rng_states(self.ctx)
+        nll = dist_utils.all_reduce_sum(
+            self.window.nll.detach().reshape(1).double().cpu(), self.ctx)
         if self.ctx.is_main:
-            save_checkpoint(path, self.state_dict(rng))
+            save_checkpoint(path, self.state_dict(rng, float(nll[0])))
         dist_utils.barrier(self.ctx)
 
     # -- loop ------------------------------------------------------------
@@ -568,9 +615,12 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step",
                    desc="train", dynamic_ncols=True,
                    disable=None if self.progress else True)
-        window = _Window(self.device)
+        window = self.window
+        window.start, window.timed_tokens = time.perf_counter(), 0.0
         stopped_by = None
         with StopRequest() as stop, dist_utils.peer_failure_guard(self.ctx):
+            if self._eval_owed():  # due at the checkpoint's step, cut short by Ctrl-C
+                self.evaluate_and_track(should_stop=stop)
             for epoch in range(self.epoch, cfg.max_train_epoch):
                 if epoch != self.epoch:
                     self.epoch, self.examples_done = epoch, 0
@@ -606,7 +656,7 @@ class Trainer:
     def _train_step(self, group: List[List[int]], window: "_Window") -> None:
         """One optimizer step over `group` (micro-batches of example indices)."""
         ctx, cfg = self.ctx, self.cfg
-        batches = [self.train_split.batch(ix, EOS_ID) for ix in group]
+        batches = [self._batch(ix) for ix in group]
         local_tokens = sum(int((lengths - 1).sum()) for _, lengths in batches)
         tokens = dist_utils.all_reduce_sum(
             torch.tensor([local_tokens], dtype=torch.float64), ctx)
@@ -644,6 +694,23 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         window.add(step_nll, float(tokens[0]))
 
+    def _batch(self, indices: List[int]):
+        """A padded batch; sampler padding slots become rows with no targets
+        (length 1), so a rank still runs its step without counting an example
+        twice."""
+        real = [i for i in indices if i != dist_utils.PAD_INDEX]
+        empty = len(indices) - len(real)
+        if not empty:
+            return self.train_split.batch(real, EOS_ID)
+        if real:
+            ids, lengths = self.train_split.batch(real, EOS_ID)
+        else:  # width 2: the model needs at least one input position
+            ids, lengths = (torch.empty(0, 2, dtype=torch.int64),
+                            torch.empty(0, dtype=torch.int64))
+        ids = torch.cat([ids, torch.full((empty, ids.size(1)), EOS_ID, dtype=ids.dtype)])
+        lengths = torch.cat([lengths, torch.ones(empty, dtype=lengths.dtype)])
+        return ids, lengths
+
     def _after_step(self, window: "_Window", bar, stop: StopRequest,
                     last_path: str) -> Optional[str]:
         """Display, evaluate, checkpoint; the reason to stop, if any."""
@@ -673,7 +740,7 @@ class Trainer:
         record = dict(split="train", step=self.step,
                       epoch=round(self.step / self.steps_per_epoch, 4),
                       loss=loss, ppl=perplexity(loss), lr=lr,
-                      tokens_per_s=window.tokens / elapsed)
+                      tokens_per_s=window.timed_tokens / elapsed)
         self.log.write(**record)
         if self.ctx.is_main:
             line = (f"step {self.step:>6} | epoch {record['epoch']:.2f} | loss {loss:.4f} | "
@@ -707,9 +774,16 @@ class Trainer:
                         "model": self.plain_model.state_dict(),
                         "model_hparams": self.model_hparams,
                         "step": self.step, "dev_perplexity": result.perplexity})
-        self.last_eval_step = self.step  # on every rank, so all agree
+        if result is not None or not self.ctx.is_main:
+            self.last_eval_step = self.step  # an interrupted one is still owed
         dist_utils.barrier(self.ctx)
         return result
+
+    def _eval_owed(self) -> bool:
+        """Whether the evaluation due at the current step never finished."""
+        eval_steps = self.cfg.eval_steps
+        return (self.dev_split is not None and eval_steps > 0 and self.step > 0
+                and self.step % eval_steps == 0 and self.last_eval_step != self.step)
 
     def _print(self, *args, **kwargs) -> None:
         if self.ctx.is_main:
@@ -726,12 +800,14 @@ class _Window:
 
     def reset(self):
         self.nll = torch.zeros((), device=self.device)
-        self.tokens = 0.0
+        self.tokens = 0.0         # target tokens the loss covers (global)
+        self.timed_tokens = 0.0   # of those, the ones trained since `start`
         self.start = time.perf_counter()
 
     def add(self, nll: torch.Tensor, tokens: float):
         self.nll += nll
         self.tokens += tokens
+        self.timed_tokens += tokens
 
 
 def _remove_stale_temp_files(output_dir: str) -> None:
