@@ -41,6 +41,8 @@ class Server:
     def __init__(self, files, remote="124M"):
         self.files = {f"/{remote}/{name}": data for name, data in files.items()}
         self.requests = []          # (path, Range header or None)
+        self.if_ranges = []         # (path, If-Range header or None)
+        self.etags = {}             # path -> ETag to send (and to honour in If-Range)
         self.drop_after = {}        # path -> bytes to send before a reset, once each
         self.before_drop = None     # called before the reset (lets the client read first)
         self.truncate_to = {}       # path -> bytes to send (full Content-Length), once each
@@ -80,6 +82,7 @@ class Server:
         path = h.path
         with self.lock:
             self.requests.append((path, h.headers.get("Range")))
+            self.if_ranges.append((path, h.headers.get("If-Range")))
             statuses = self.fail_status.get(path)
             status = statuses.pop(0) if statuses else None
             drop = self.drop_after.pop(path, None)
@@ -98,6 +101,10 @@ class Server:
             return
         start, code = 0, 200
         rng = h.headers.get("Range")
+        etag = self.etags.get(path)
+        if_range = h.headers.get("If-Range")
+        if if_range is not None and if_range != etag:
+            rng = None  # RFC 9110: the file changed, so send all of it
         if rng and not self.ignore_range:
             start = int(rng.split("=")[1].split("-")[0])
             if start >= len(data):
@@ -110,6 +117,8 @@ class Server:
         body = data[start:]
         h.send_response(code)
         h.send_header("Content-Length", str(len(body)))
+        if etag:
+            h.send_header("ETag", etag)
         if code == 206:
             h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         h.end_headers()
@@ -209,6 +218,38 @@ def test_dropped_connection_resumes_with_range(server, files, tmp_path):
     assert_complete(model_dir, files)
     assert server.ranges(BIG) == [None, f"bytes={on_disk}-"]
     assert sleeps == [download.BACKOFF_BASE_S]
+
+
+def test_resume_sends_if_range_and_restarts_when_the_file_changed(server, files, tmp_path):
+    """A file replaced on the server (same size) between a drop and the resume
+    must not be spliced: If-Range makes the server send the new one whole."""
+    path = f"/124M/{BIG}"
+    server.etags[path] = '"v1"'
+    server.drop_after[path] = 150_000
+    partial = tmp_path / "model_117M" / (BIG + ".partial")
+    new = bytes(reversed(files[BIG]))
+
+    def replace_file():
+        wait_until(lambda: partial.exists() and partial.stat().st_size >= download.CHUNK_BYTES)
+        server.files[path], server.etags[path] = new, '"v2"'
+    server.before_drop = replace_file
+    model_dir = fetch(server, tmp_path)
+    assert_complete(model_dir, {**files, BIG: new})
+    assert [v for p, v in server.if_ranges if p == path] == [None, '"v1"']
+    assert not os.path.exists(str(partial) + download.VALIDATOR_SUFFIX)
+
+
+def test_resume_with_an_unchanged_file_appends(server, files, tmp_path):
+    path = f"/124M/{BIG}"
+    server.etags[path] = '"v1"'
+    server.drop_after[path] = 150_000
+    on_disk = 2 * download.CHUNK_BYTES
+    partial = tmp_path / "model_117M" / (BIG + ".partial")
+    server.before_drop = lambda: wait_until(
+        lambda: partial.exists() and partial.stat().st_size >= on_disk)
+    assert_complete(fetch(server, tmp_path), files)
+    assert server.ranges(BIG) == [None, f"bytes={on_disk}-"]
+    assert [v for p, v in server.if_ranges if p == path] == [None, '"v1"']
 
 
 def test_server_ignoring_range_restarts_from_zero(server, files, tmp_path):

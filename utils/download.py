@@ -12,7 +12,11 @@ Each file streams into `<file>.partial` next to its final name. A dropped
 connection is resumed with an HTTP Range request, after an exponential backoff;
 a `.partial` left by an interrupted run (Ctrl-C included) is resumed by the next
 one. Only a file whose size matches what the server announced is moved into
-place, so a file under its final name is always complete.
+place, so a file under its final name is always complete. A resumed request
+carries `If-Range` with the ETag (or Last-Modified) of the first response,
+kept in `<file>.partial.validator`: if the file changed on the server in
+between, the server sends it whole and the download starts over, instead of
+splicing two versions into a file of the right size.
 """
 import argparse
 import os
@@ -28,6 +32,7 @@ from utils.errors import UserError, run_main
 
 OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 BASE_URL_ENV = "GPT2_DOWNLOAD_BASE_URL"  # overrides OPENAI_BASE_URL (mirrors, tests)
+VALIDATOR_SUFFIX = ".validator"  # beside <file>.partial: its ETag / Last-Modified
 
 MODEL_FILES = ("checkpoint", "encoder.json", "hparams.json",
                "model.ckpt.data-00000-of-00001", "model.ckpt.index",
@@ -196,6 +201,23 @@ def download_file(url: str, dest: str, *, session: Optional[requests.Session] = 
         if own_session:
             session.close()
     os.replace(partial, dest)
+    _remove(partial + VALIDATOR_SUFFIX)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _validator(headers) -> Optional[str]:
+    """What identifies this version of the file for If-Range: a strong ETag,
+    else Last-Modified (weak ETags are not allowed in If-Range)."""
+    etag = headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return headers.get("Last-Modified")
 
 
 def _attempt(session, url, partial, filename, timeout, progress) -> None:
@@ -203,8 +225,14 @@ def _attempt(session, url, partial, filename, timeout, progress) -> None:
     have = _size(partial)
     # identity: sizes and ranges must refer to the file's own bytes, not a gzip of them.
     headers = {"Accept-Encoding": "identity"}
+    validator_path = partial + VALIDATOR_SUFFIX
     if have:
         headers["Range"] = f"bytes={have}-"
+        try:
+            with open(validator_path, encoding="utf-8") as f:
+                headers["If-Range"] = f.read().strip()
+        except (OSError, UnicodeDecodeError):
+            pass  # an older partial: resumed on the size check alone
     with session.get(url, headers=headers, stream=True, timeout=timeout) as resp:
         if resp.status_code == 416 and have:
             # Nothing after byte `have`: the partial is complete, or longer than the file.
@@ -223,10 +251,15 @@ def _attempt(session, url, partial, filename, timeout, progress) -> None:
             if start != have:
                 os.remove(partial)
                 raise _Transient(f"server resumed at byte {start}, not {have}; starting over")
-        else:  # a full body: a fresh start, or a server that ignores Range
+        else:  # a full body: a fresh start, a changed file, or Range ignored
             have = 0
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
+            _remove(validator_path)
+            validator = _validator(resp.headers)
+            if validator:
+                with open(validator_path, "w", encoding="utf-8") as f:
+                    f.write(validator)
 
         try:
             with open(partial, "ab" if have else "wb") as out, \
