@@ -252,6 +252,28 @@ def test_resume_with_an_unchanged_file_appends(server, files, tmp_path):
     assert [v for p, v in server.if_ranges if p == path] == [None, '"v1"']
 
 
+def test_second_downloader_waits_for_the_first(server, files, tmp_path):
+    """While another process holds the directory's lock nothing is fetched;
+    once it is released, files that appeared meanwhile are not fetched again."""
+    import fcntl
+    model_dir = tmp_path / "model_117M"
+    model_dir.mkdir()
+    with open(model_dir / download.LOCK_NAME, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # what another downloader holds
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(dir=fetch(server, tmp_path)))
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive() and server.requests == []
+        for name, data in files.items():  # the other process finishes
+            if name != "vocab.bpe":
+                (model_dir / name).write_bytes(data)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    thread.join(30)
+    assert_complete(result["dir"], files)
+    assert [p for p, _ in server.requests] == ["/124M/vocab.bpe"]
+
+
 def test_server_ignoring_range_restarts_from_zero(server, files, tmp_path):
     server.ignore_range = True
     server.drop_after[f"/124M/{BIG}"] = 200_000

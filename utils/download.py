@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from typing import Callable, Iterable, List, Optional, Sequence
 
 import requests
@@ -33,6 +34,7 @@ from utils.errors import UserError, run_main
 OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 BASE_URL_ENV = "GPT2_DOWNLOAD_BASE_URL"  # overrides OPENAI_BASE_URL (mirrors, tests)
 VALIDATOR_SUFFIX = ".validator"  # beside <file>.partial: its ETag / Last-Modified
+LOCK_NAME = ".download.lock"  # in the model directory, held while downloading
 
 MODEL_FILES = ("checkpoint", "encoder.json", "hparams.json",
                "model.ckpt.data-00000-of-00001", "model.ckpt.index",
@@ -116,7 +118,9 @@ def download_model(name: str = DEFAULT_MODEL, model_dir: Optional[str] = None,
     except OSError as err:
         raise UserError(f"cannot create model directory {model_dir} ({err.strerror}); "
                         f"pass a writable --model_dir") from err
-    with requests.Session() as session:
+    with _directory_lock(model_dir), requests.Session() as session:
+        # Another process may have fetched some files while this one waited.
+        todo = missing_files(model_dir, tuple(files))
         for filename in todo:
             url = model_file_url(name, filename, base_url)
             try:
@@ -124,12 +128,35 @@ def download_model(name: str = DEFAULT_MODEL, model_dir: Optional[str] = None,
                               retries=retries, timeout=timeout, progress=progress,
                               sleep=sleep)
             except UserError as err:
-                if created and not os.listdir(model_dir):
+                if created and os.listdir(model_dir) == [LOCK_NAME]:
+                    os.remove(os.path.join(model_dir, LOCK_NAME))
                     os.rmdir(model_dir)  # leave no empty directory behind
                 raise UserError(
                     f"{err}; or download GPT-2 {name}'s files ({', '.join(MODEL_FILES)}) "
                     f"by hand into {model_dir}/ and rerun") from err
     return model_dir
+
+
+@contextmanager
+def _directory_lock(model_dir: str):
+    """One download into `model_dir` at a time: two processes appending to the
+    same .partial would corrupt it, so a second one waits for the first."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        yield
+        return
+    with open(os.path.join(model_dir, LOCK_NAME), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            tqdm.write(f"waiting for another process downloading into {model_dir} ...",
+                       file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def ensure_model(name_or_dir: str = DEFAULT_MODEL, **kwargs) -> str:
