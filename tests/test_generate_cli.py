@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import gpt2_generate_main
 from utils.checkpoint import save_checkpoint
@@ -110,6 +111,31 @@ def test_greedy_strategy_equals_top_k_1(monkeypatch, capsys):
                             monkeypatch, capsys)
     _, top1, _ = run_main(common + ["--top_k", "1"], prompt, monkeypatch, capsys)
     assert samples(greedy) == samples(top1) and samples(greedy)[0]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_follows_the_reference(dtype):
+    """--dtype runs the same engine on 16-bit weights: the next-token logits stay
+    close to the reference's, and the greedy continuation starts the same."""
+    from utils.checkpoint import load_model
+    from utils.generation import next_token_logits
+    for name in ("tiny_a", "tiny_b"):
+        model_dir, ref = fixture(name)
+        model = load_model(pretrain_model_dir=model_dir).model.eval()
+        full = next_token_logits(model, [ref["greedy"][0]["prompt_ids"]])
+        half = next_token_logits(model.to(getattr(torch, dtype)),
+                                 [ref["greedy"][0]["prompt_ids"]]).float()
+        assert half.dtype == torch.float32 and full.shape == half.shape
+        tolerance = 0.1 if dtype == "bfloat16" else 0.01
+        assert (half - full).abs().max() < tolerance * full.abs().max()
+        result = run_cli(["--pretrain_model_dir", model_dir, "--is_interactive",
+                          "--decoding_strategy", "greedy", "--max_decoding_length",
+                          str(len(ref["greedy"][0]["prompt_ids"]) + 3), "--dtype", dtype],
+                         ref["greedy"][0]["prompt_text"] + "\n")
+        assert result.returncode == 0 and f"({dtype})" in result.stderr, result.stderr
+        g = ref["greedy"][0]
+        expected = get_encoder().decode(g["output_ids"][len(g["prompt_ids"]):][:3])
+        assert samples(result.stdout) == [expected]
 
 
 def test_prompt_too_long_is_reported_and_the_session_goes_on(monkeypatch, capsys):
