@@ -8,7 +8,9 @@
 Each non-empty line becomes <|endoftext|> + BPE(line) + <|endoftext|>, cut to
 --max_seq_length tokens (the two special tokens included) and padded. Each
 split is written to <output_dir>/<split>.npy (see utils/data.py for the
-format), replacing any earlier one only once complete.
+format), replacing any earlier one only once complete. All the text files are
+checked first, so a bad one changes nothing; Ctrl-C keeps the splits already
+written.
 """
 import argparse
 import os
@@ -67,8 +69,9 @@ def vocab_dir_and_label(pretrain_model_dir):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from utils.data import (SPLITS, check_max_seq_length, prepare_split,
-                            split_data_path, split_text_path)
+    from utils.data import (SPLITS, check_max_seq_length, check_text_file,
+                            prepare_output_dir, prepare_split, split_data_path,
+                            split_text_path)
 
     check_max_seq_length(args.max_seq_length)
     if args.num_workers is not None and args.num_workers < 1:
@@ -79,18 +82,31 @@ def main(argv=None) -> int:
     if not splits:
         raise UserError(f"{args.data_dir} has none of train.txt, dev.txt, test.txt: "
                         f"put the examples there, one per line")
-    output_dir = args.output_dir or args.data_dir
+    output_dir = args.data_dir if args.output_dir is None else args.output_dir
+    prepare_output_dir(output_dir)  # before hours of encoding, not after
     vocab_dir, vocab_label = vocab_dir_and_label(args.pretrain_model_dir)
     print(f"Encoding {', '.join(s + '.txt' for s in splits)} from {args.data_dir} "
           f"with {vocab_label}; max_seq_length {args.max_seq_length}.", file=sys.stderr)
 
     start = time.time()
     summaries = []
-    for split in splits:
-        summaries.append(prepare_split(
-            split_text_path(args.data_dir, split), split_data_path(output_dir, split),
-            max_seq_length=args.max_seq_length, vocab_dir=vocab_dir,
-            num_workers=args.num_workers, progress=not args.quiet))
+    try:
+        # Every split checked before any is written: a bad file changes nothing.
+        counts = {split: check_text_file(split_text_path(args.data_dir, split),
+                                         not args.quiet) for split in splits}
+        for split in splits:
+            summaries.append(prepare_split(
+                split_text_path(args.data_dir, split), split_data_path(output_dir, split),
+                max_seq_length=args.max_seq_length, vocab_dir=vocab_dir,
+                num_workers=args.num_workers, progress=not args.quiet,
+                counts=counts[split]))
+    except KeyboardInterrupt:
+        # Splits are written in order, each atomically: name what is done.
+        done = ", ".join(f"{s}.npy" for s in splits[:len(summaries)])
+        left = ", ".join(f"{s}.npy" for s in splits[len(summaries):])
+        print(f"interrupted: {left} not written" + (f"; {done} complete" if done else ""),
+              file=sys.stderr)
+        raise
     for s in summaries:
         print(f"{s.split}: {s.examples:,} examples, {s.tokens:,} tokens (longest "
               f"{s.longest}), {s.truncated:,} truncated to {args.max_seq_length}, "

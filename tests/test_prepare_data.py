@@ -1,7 +1,12 @@
 """prepare_data.py: text lines -> <split>.npy records, streamed, atomic, with clear errors."""
+import builtins
+import errno
+import glob
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -173,3 +178,137 @@ def test_command_line_error_is_one_line_and_exit_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "test.txt line 1" in lines[-1]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("length", [65537, 10 ** 11])
+def test_max_seq_length_above_65536_is_an_error(tmp_path, length):
+    write(tmp_path / "train.txt", "Hello world\n")
+    with pytest.raises(UserError, match=f"--max_seq_length {length} is too large: use 3 to 65536"):
+        prepare("--data_dir", tmp_path, "--max_seq_length", length)
+    data_utils.check_max_seq_length(65536)  # the bound itself is fine
+
+
+@pytest.mark.parametrize("dev", ["", b"caf\xe9\n"])
+def test_a_bad_later_split_changes_nothing(tmp_path, dev):
+    write(tmp_path / "train.txt", "Hello world\n")
+    write(tmp_path / "dev.txt", "Hello world\n")
+    prepare("--data_dir", tmp_path, "--max_seq_length", 16)
+    before = {name: (tmp_path / name).read_bytes() for name in ("train.npy", "dev.npy")}
+    write(tmp_path / "dev.txt", dev, "wb" if isinstance(dev, bytes) else "w")
+    with pytest.raises(UserError, match="dev.txt"):
+        prepare("--data_dir", tmp_path, "--max_seq_length", 32)
+    # train.txt is fine, but train.npy is not rewritten at the new length alone.
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+# --------------------------------------------------------- the output directory
+
+def _no_scan(*args, **kwargs):
+    raise AssertionError("a text file was read before the output directory was checked")
+
+
+@pytest.mark.parametrize("where", ["file", "under_file", "empty"])
+def test_unusable_output_dir_is_an_error_before_any_work(tmp_path, monkeypatch, where):
+    write(tmp_path / "train.txt", "Hello world\n")
+    write(tmp_path / "afile", "x")
+    output_dir = {"file": tmp_path / "afile", "under_file": tmp_path / "afile" / "sub",
+                  "empty": ""}[where]
+    monkeypatch.setattr(data_utils, "scan_text_file", _no_scan)
+    message = {"file": "is a file, not a directory", "under_file": "cannot write to output "
+               "directory", "empty": "--output_dir is empty"}[where]
+    with pytest.raises(UserError, match=message):
+        prepare("--data_dir", tmp_path, "--output_dir", output_dir)
+    assert not (tmp_path / "train.npy").exists()
+
+
+def test_read_only_output_dir_is_an_error(tmp_path, monkeypatch):
+    write(tmp_path / "train.txt", "Hello world\n")
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        if os.access(out, os.W_OK):  # root: permissions are not enforced; pretend
+            def read_only_open(path, *args, **kwargs):
+                if os.path.dirname(os.path.abspath(path)) == str(out):
+                    raise PermissionError(errno.EACCES, "Permission denied", str(path))
+                return builtins.open(path, *args, **kwargs)
+            monkeypatch.setattr(data_utils, "open", read_only_open, raising=False)
+        monkeypatch.setattr(data_utils, "scan_text_file", _no_scan)
+        with pytest.raises(UserError, match=f"cannot write to output directory {out} "
+                                            f"\\(Permission denied\\)"):
+            prepare("--data_dir", tmp_path, "--output_dir", out)
+    finally:
+        out.chmod(0o755)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no posix_fallocate")
+def test_full_disk_is_an_error_and_keeps_the_old_output(tmp_path, monkeypatch):
+    write(tmp_path / "train.txt", "Hello world\n")
+    prepare("--data_dir", tmp_path)
+    before = (tmp_path / "train.npy").read_bytes()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(UserError, match=f"no space left in {tmp_path} to write train.npy"):
+        prepare("--data_dir", tmp_path)
+    assert (tmp_path / "train.npy").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["train.npy", "train.txt"]  # no temporary file
+
+
+def test_temporary_files_of_killed_runs_are_removed(tmp_path):
+    write(tmp_path / "train.txt", "Hello world\n")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = [f".train.npy.{dead}.tmp", f".test.npy.{dead}.tmp"]
+    kept = [f".dev.npy.{os.getppid()}.tmp",  # a run still going on
+            f".train.npy.{dead}.tmp.bak", "notes.tmp"]  # not ours
+    for name in stale + kept:
+        write(tmp_path / name, "x")
+    prepare("--data_dir", tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["train.npy", "train.txt"])
+
+
+# ------------------------------------------------------------------ Ctrl-C
+
+def _encoding_started(out, first_chunk_done):
+    """Whether train.npy's temporary file exists (and holds a first encoded chunk)."""
+    for tmp in glob.glob(str(out / ".train.npy.*.tmp")):
+        if not first_chunk_done:
+            return True
+        try:
+            return np.load(tmp, mmap_mode="r")["length"][0] > 0
+        except (OSError, ValueError):  # its header is not written yet
+            pass
+    return False
+
+
+# "starting": while the worker pool starts; "encoding": while workers encode.
+@pytest.mark.parametrize("when", ["starting", "encoding"])
+def test_ctrl_c_with_the_process_pool_exits_cleanly(tmp_path, when):
+    words = "the river runs far past an old mill and a stone bridge under quiet sky".split()
+    with open(tmp_path / "train.txt", "w", encoding="utf-8") as f:
+        for i in range(300_000):
+            f.write(" ".join(words[(i * 7 + k * 3) % len(words)] for k in range(12)) + "\n")
+    out = tmp_path / "out"
+    # Its own process group, which the Ctrl-C goes to, as in a terminal.
+    proc = subprocess.Popen([sys.executable, "prepare_data.py", "--data_dir", str(tmp_path),
+                             "--output_dir", str(out), "--num_workers", "2"],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        while not _encoding_started(out, when == "encoding") and proc.poll() is None:
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)  # a guard against the old hang
+    finally:
+        try:  # whatever is left of the group, a stray worker included
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "interrupted: train.npy not written" in stderr
+    assert os.listdir(out) == []  # no temporary file, no half-written split

@@ -25,9 +25,14 @@ complete: an interrupted run never leaves a half-written split.
 `PreparedSplit` reads such a file back and builds batches padded only to the
 longest example in the batch.
 """
+import errno
 import os
+import re
+import signal
+import threading
 import time
 from collections import deque
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -43,6 +48,9 @@ IDS_FIELD = "text_ids"
 CHUNK_LINES = 2000
 # Below this many lines a process pool costs more than it saves.
 MIN_LINES_FOR_POOL = 4 * CHUNK_LINES
+# GPT-2's n_ctx is 1024; allow bigger-context configs, but not sizes whose
+# records (2 bytes a token) could not be allocated.
+MAX_SEQ_LENGTH = 65536
 
 
 def split_text_path(data_dir: str, split: str) -> str:
@@ -64,6 +72,61 @@ def check_max_seq_length(max_seq_length: int) -> None:
     if max_seq_length < 3:
         raise UserError(f"--max_seq_length must be at least 3 (got {max_seq_length}): "
                         f"it counts the two <|endoftext|> tokens around each line")
+    if max_seq_length > MAX_SEQ_LENGTH:
+        raise UserError(f"--max_seq_length {max_seq_length} is too large: use 3 to "
+                        f"{MAX_SEQ_LENGTH} (GPT-2 models read at most 1024 tokens)")
+
+
+# ---------------------------------------------------------------------------
+# The output directory
+
+# prepare_split writes <output_dir>/.<split>.npy.<pid>.tmp, renamed when complete.
+_TMP_NAME = re.compile(r"\.(%s)\.npy\.(\d+)\.tmp" % "|".join(SPLITS))
+
+
+def _tmp_path(out_path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(out_path)),
+                        f".{os.path.basename(out_path)}.{os.getpid()}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def prepare_output_dir(output_dir: str) -> None:
+    """Create `output_dir` and check it is writable, before any work is done.
+
+    Also removes temporary files a killed run (kill -9, power loss) left
+    there; those of a run still going on in the same directory are kept.
+    """
+    if not output_dir:
+        raise UserError("--output_dir is empty: give a directory, or leave the flag "
+                        "out to write beside the text files")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"--output_dir {output_dir} is a file, not a directory: give "
+                        f"a directory (it is created if missing)")
+    probe = os.path.join(output_dir, f".prepare_data.{os.getpid()}.probe")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise UserError(f"cannot write to output directory {output_dir} "
+                        f"({err.strerror}): give an --output_dir you can write to") from None
+    for name in os.listdir(output_dir):
+        match = _TMP_NAME.fullmatch(name)
+        if match and not _pid_alive(int(match.group(2))):
+            try:
+                os.remove(os.path.join(output_dir, name))
+            except FileNotFoundError:
+                pass  # another run removed it first
 
 
 # ---------------------------------------------------------------------------
@@ -112,6 +175,16 @@ def scan_text_file(path: str, progress: bool = True) -> Tuple[int, int]:
     return examples, empty
 
 
+def check_text_file(path: str, progress: bool = True) -> Tuple[int, int]:
+    """`scan_text_file`, and a UserError for a file without examples."""
+    examples, empty = scan_text_file(path, progress)
+    if examples == 0:
+        split = os.path.splitext(os.path.basename(path))[0]
+        raise UserError(f"{path} has no non-empty lines: put one example "
+                        f"per line (or remove the file to skip the {split} split)")
+    return examples, empty
+
+
 # ---------------------------------------------------------------------------
 # Encoding: text -> records
 
@@ -139,12 +212,24 @@ def _init_worker(vocab_dir: Optional[str], max_seq_length: int,
                  dtype: np.dtype) -> None:
     from utils.processor import EOS_ID, get_encoder
     _WORKER.update(encoder=get_encoder(vocab_dir), max_seq_length=max_seq_length,
-                   dtype=dtype, eos_id=EOS_ID)
+                   dtype=dtype, eos_id=EOS_ID, stop=None)
 
 
-def _encode_chunk(lines: List[str]) -> Tuple[np.ndarray, int]:
+def _init_pool_worker(stop, *init_args) -> None:
+    # Ctrl-C is for the parent, which winds the pool down: a worker killed by
+    # it mid-message prints a traceback and can leave the pool hung.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(*init_args)
+    _WORKER["stop"] = stop
+
+
+def _encode_chunk(lines: List[str]) -> Optional[Tuple[np.ndarray, int]]:
     w = _WORKER
-    token_lists = [w["encoder"].encode(line) for line in lines]
+    token_lists = []
+    for line in lines:
+        if w["stop"] is not None and w["stop"].is_set():
+            return None  # the parent has stopped: skip what is left
+        token_lists.append(w["encoder"].encode(line))
     return pack_records(token_lists, w["max_seq_length"], w["dtype"], w["eos_id"])
 
 
@@ -175,8 +260,12 @@ def _encoded_chunks(path: str, num_workers: int, init_args: tuple
     import multiprocessing
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
     context = multiprocessing.get_context(method)
-    with context.Pool(num_workers, initializer=_init_worker,
-                      initargs=init_args) as pool:
+    stop = context.Event()
+    pool = None
+    try:
+        with _ctrl_c_held():
+            pool = context.Pool(num_workers, initializer=_init_pool_worker,
+                                initargs=(stop, *init_args))
         pending = deque()
         for chunk in _chunks(path):
             pending.append(pool.apply_async(_encode_chunk, (chunk,)))
@@ -184,6 +273,37 @@ def _encoded_chunks(path: str, num_workers: int, init_args: tuple
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+    finally:
+        # Done, failed or interrupted alike. Not pool.terminate(): it hangs if
+        # its feeder thread is blocked sending a chunk to the workers it kills.
+        # The workers skip the chunks still queued, so this is quick.
+        if pool is not None:
+            stop.set()
+            pool.close()
+            pool.join()
+
+
+@contextmanager
+def _ctrl_c_held():
+    """Hold a Ctrl-C back until the block is done, then raise it.
+
+    Around Pool(): a KeyboardInterrupt inside it can leave forked workers that
+    nothing stops.
+    """
+    # Only Python's own handler raises KeyboardInterrupt (Ctrl-C may be
+    # ignored, e.g. in a background job), and only in the main thread.
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 @dataclass
@@ -207,8 +327,12 @@ def default_num_workers() -> int:
 
 def prepare_split(text_path: str, out_path: str, *, max_seq_length: int,
                   vocab_dir: Optional[str], num_workers: Optional[int] = None,
-                  progress: bool = True) -> SplitSummary:
-    """Encode one text file into a prepared `.npy`, atomically."""
+                  progress: bool = True,
+                  counts: Optional[Tuple[int, int]] = None) -> SplitSummary:
+    """Encode one text file into a prepared `.npy`, atomically.
+
+    `counts` is `check_text_file(text_path)`, when the caller has it already.
+    """
     from tqdm import tqdm
     from utils.processor import get_encoder
 
@@ -217,26 +341,23 @@ def prepare_split(text_path: str, out_path: str, *, max_seq_length: int,
     split = os.path.splitext(os.path.basename(text_path))[0]
     encoder = get_encoder(vocab_dir)  # loaded here first: a bad vocabulary fails early
     dtype = record_dtype(max_seq_length, len(encoder))
-    examples, skipped = scan_text_file(text_path, progress)
-    if examples == 0:
-        raise UserError(f"{text_path} has no non-empty lines: put one example "
-                        f"per line (or remove the file to skip the {split} split)")
+    examples, skipped = counts or check_text_file(text_path, progress)
     if num_workers is None:
         num_workers = default_num_workers()
     if examples < MIN_LINES_FOR_POOL:
         num_workers = 1
 
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
-    tmp_path = os.path.join(out_dir, f".{os.path.basename(out_path)}.{os.getpid()}.tmp")
+    prepare_output_dir(os.path.dirname(os.path.abspath(out_path)))
+    tmp_path = _tmp_path(out_path)
     written = tokens = truncated = longest = 0
     try:
-        records = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=dtype,
-                                            shape=(examples,))
+        records = _create_records(tmp_path, out_path, dtype, examples)
         init_args = (vocab_dir, max_seq_length, dtype)
+        # closing(): a Ctrl-C between chunks stops the pool here, not at exit.
         with tqdm(total=examples, unit=" lines", desc=f"encode {split}",
-                  disable=None if progress else True) as bar:
-            for chunk, cut in _encoded_chunks(text_path, num_workers, init_args):
+                  disable=None if progress else True) as bar, \
+                closing(_encoded_chunks(text_path, num_workers, init_args)) as chunks:
+            for chunk, cut in chunks:
                 end = written + len(chunk)
                 if end > examples:
                     raise _changed_while_reading(text_path)
@@ -249,11 +370,14 @@ def prepare_split(text_path: str, out_path: str, *, max_seq_length: int,
                 bar.update(len(chunk))
         if written != examples:
             raise _changed_while_reading(text_path)
-        records.flush()
-        del records
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, out_path)
+        try:
+            records.flush()
+            del records
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp_path, out_path)
+        except OSError as err:
+            raise _write_error(out_path, err) from None
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
@@ -265,6 +389,39 @@ def prepare_split(text_path: str, out_path: str, *, max_seq_length: int,
 def _changed_while_reading(path: str) -> UserError:
     return UserError(f"{path} changed while it was being read; run "
                      f"prepare_data.py again once it is complete")
+
+
+def _create_records(tmp_path: str, out_path: str, dtype: np.dtype,
+                    examples: int) -> np.ndarray:
+    """The memory-mapped output file, its disk space reserved up front.
+
+    Writing to a memory map the disk has no room for kills the process with
+    SIGBUS; reserving the space turns a full disk into ENOSPC here instead.
+    """
+    try:
+        records = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=dtype,
+                                            shape=(examples,))
+        if hasattr(os, "posix_fallocate"):
+            with open(tmp_path, "rb+") as f:
+                try:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+                except OSError as err:
+                    if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                        raise  # not a file system without the call: a real failure
+    except OSError as err:
+        raise _write_error(out_path, err, examples * dtype.itemsize) from None
+    return records
+
+
+def _write_error(out_path: str, err: OSError, size: Optional[int] = None) -> UserError:
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        needed = f" (it needs {size / 1e6:,.1f} MB)" if size else ""
+        return UserError(f"no space left in {out_dir} to write "
+                         f"{os.path.basename(out_path)}{needed}: free some disk "
+                         f"space or give another --output_dir")
+    return UserError(f"cannot write {out_path} ({err.strerror}): check that "
+                     f"--output_dir is a directory you can write to")
 
 
 # ---------------------------------------------------------------------------
