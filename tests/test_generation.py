@@ -102,6 +102,30 @@ def test_batched_greedy_equals_each_context_alone(model):
     assert any(len(row) > 20 for row in batched)  # long enough to mean something
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_weights_widen_long_products_to_float32(model, dtype, monkeypatch):
+    """On CPU, products of many rows run in float32 on widened 16-bit weights:
+    the logits agree with the 16-bit products and with the float32 model."""
+    from utils import generation
+    half = build_model(gpt2_hparams(n_vocab=50257, n_ctx=N_CTX, n_embd=32, n_head=4,
+                                    n_layer=2)).eval()
+    half.load_state_dict(model.state_dict())
+    half.to(dtype)
+    contexts = [CONTEXTS[0] * 4, CONTEXTS[2] * 2]  # 20 and 16 rows: widened
+    full = next_token_logits(model, contexts)
+    widened = next_token_logits(half, contexts)
+    monkeypatch.setattr(generation, "_UPCAST_MIN_ROWS", 10 ** 9)
+    narrow = next_token_logits(half, contexts)
+    assert widened.dtype == narrow.dtype == dtype
+    scale = full.abs().max()
+    tolerance = 0.05 if dtype == torch.bfloat16 else 0.01
+    assert (widened.float() - full).abs().max() < tolerance * scale
+    assert (widened.float() - narrow.float()).abs().max() < tolerance * scale
+    monkeypatch.undo()
+    rows = generate(half, contexts, N_CTX, strategy="greedy", end_token=NEVER)
+    assert [len(r) for r in rows] == [N_CTX - len(c) for c in contexts]
+
+
 def hf_from_texar(model):
     """transformers' GPT2LMHeadModel holding a copy of the texar weights."""
     from transformers import GPT2Config, GPT2LMHeadModel

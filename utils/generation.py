@@ -106,9 +106,24 @@ class _Layer:
         # other activation is called as the model's own module.
         if type(act).__name__ == "GPTGELU":
             self.fc1_act = _onednn_linear_gelu if onednn else _linear_gelu
+            self.act = lambda y: F.gelu(y, approximate="tanh")
         else:
             linear = _onednn_linear if onednn else F.linear
             self.fc1_act = lambda x, w, b: act(linear(x, w, b))
+            self.act = act
+
+
+# CPU matrix products in bfloat16/float16 (without native 16-bit arithmetic, as
+# on AVX2) cost about as much per row as a matrix-vector product: fine for one
+# decoding row, ~6x slower than float32 for a long prompt. From this many rows
+# on, the weights are widened to float32 for the product (a transient copy of
+# one matrix at a time, not a second model).
+_UPCAST_MIN_ROWS = 8
+
+
+def _upcast_linear(x, weight, bias=None):
+    bias = None if bias is None else bias.float()
+    return F.linear(x.float(), weight.float(), bias).to(x.dtype)
 
 
 class _GPT2:
@@ -126,6 +141,8 @@ class _GPT2:
         self.device, self.dtype = self.wte.device, self.wte.dtype
         onednn = _uses_onednn(self.device, self.dtype)
         self.linear = _onednn_linear if onednn else F.linear
+        self.upcast = (self.device.type == "cpu"
+                       and self.dtype in (torch.bfloat16, torch.float16))
         self.layers = [_Layer(dec, i, onednn) for i in range(len(dec.self_attns))]
         self.n_head = int(dec.self_attns[0]._hparams.num_heads)
         self.n_vocab, self.n_embd = self.wte.shape
@@ -148,7 +165,8 @@ class _GPT2:
         """
         B, T = ids.shape
         H, hd = self.n_head, self.head_dim
-        linear = self.linear
+        upcast = self.upcast and B * T >= _UPCAST_MIN_ROWS
+        linear = _upcast_linear if upcast else self.linear
         x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
         end = start + T
         for i, layer in enumerate(self.layers):
@@ -168,11 +186,15 @@ class _GPT2:
             a = a.transpose(1, 2).reshape(B, T, self.n_embd)
             x = x + linear(a, *layer.o)
             h = F.layer_norm(x, *layer.ln2)
-            x = x + linear(layer.fc1_act(h, *layer.fc1), *layer.fc2)
+            ff = layer.act(linear(h, *layer.fc1)) if upcast else layer.fc1_act(h, *layer.fc1)
+            x = x + linear(ff, *layer.fc2)
         return F.layer_norm(x, *self.final_ln)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden, self.out_weight, self.out_bias)
+        rows = hidden.numel() // hidden.size(-1)
+        linear = (_upcast_linear if self.upcast and rows >= _UPCAST_MIN_ROWS
+                  else self.linear)
+        return linear(hidden, self.out_weight, self.out_bias)
 
 
 def forward_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
