@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import prepare_data
+from utils import atomic
 from utils import data as data_utils
 from utils.data import PreparedSplit
 from utils.errors import UserError
@@ -214,8 +215,8 @@ def test_unusable_output_dir_is_an_error_before_any_work(tmp_path, monkeypatch, 
     output_dir = {"file": tmp_path / "afile", "under_file": tmp_path / "afile" / "sub",
                   "empty": ""}[where]
     monkeypatch.setattr(data_utils, "scan_text_file", _no_scan)
-    message = {"file": "is a file, not a directory", "under_file": "cannot write to output "
-               "directory", "empty": "--output_dir is empty"}[where]
+    message = {"file": "is a file, not a directory", "under_file": "cannot write to "
+               "--output_dir", "empty": "--output_dir is empty"}[where]
     with pytest.raises(UserError, match=message):
         prepare("--data_dir", tmp_path, "--output_dir", output_dir)
     assert not (tmp_path / "train.npy").exists()
@@ -232,9 +233,9 @@ def test_read_only_output_dir_is_an_error(tmp_path, monkeypatch):
                 if os.path.dirname(os.path.abspath(path)) == str(out):
                     raise PermissionError(errno.EACCES, "Permission denied", str(path))
                 return builtins.open(path, *args, **kwargs)
-            monkeypatch.setattr(data_utils, "open", read_only_open, raising=False)
+            monkeypatch.setattr(atomic, "open", read_only_open, raising=False)
         monkeypatch.setattr(data_utils, "scan_text_file", _no_scan)
-        with pytest.raises(UserError, match=f"cannot write to output directory {out} "
+        with pytest.raises(UserError, match=f"cannot write to --output_dir {out} "
                                             f"\\(Permission denied\\)"):
             prepare("--data_dir", tmp_path, "--output_dir", out)
     finally:

@@ -29,10 +29,11 @@ def ensure_writable_dir(path: str, what: str) -> None:
         raise UserError(f"{what} is empty: give a directory path")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{what} {path} is a file, not a directory: choose another path")
+    probe = os.path.join(path, f".write_test.{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=path)
-        os.close(fd)
+        with open(probe, "wb"):
+            pass
         os.remove(probe)
     except OSError as err:
         raise UserError(f"cannot write to {what} {path} ({err.strerror}): choose a "

@@ -38,6 +38,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from utils.atomic import ensure_writable_dir
 from utils.errors import UserError
 
 SPLITS = ("train", "dev", "test")
@@ -105,21 +106,7 @@ def prepare_output_dir(output_dir: str) -> None:
     Also removes temporary files a killed run (kill -9, power loss) left
     there; those of a run still going on in the same directory are kept.
     """
-    if not output_dir:
-        raise UserError("--output_dir is empty: give a directory, or leave the flag "
-                        "out to write beside the text files")
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise UserError(f"--output_dir {output_dir} is a file, not a directory: give "
-                        f"a directory (it is created if missing)")
-    probe = os.path.join(output_dir, f".prepare_data.{os.getpid()}.probe")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
-    except OSError as err:
-        raise UserError(f"cannot write to output directory {output_dir} "
-                        f"({err.strerror}): give an --output_dir you can write to") from None
+    ensure_writable_dir(output_dir, "--output_dir")
     for name in os.listdir(output_dir):
         match = _TMP_NAME.fullmatch(name)
         if match and not _pid_alive(int(match.group(2))):

@@ -165,8 +165,8 @@ class _GPT2:
         """
         B, T = ids.shape
         H, hd = self.n_head, self.head_dim
-        upcast = self.upcast and B * T >= _UPCAST_MIN_ROWS
-        linear = _upcast_linear if upcast else self.linear
+        linear = self._linear_for(B * T)
+        upcast = linear is _upcast_linear
         x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
         end = start + T
         for i, layer in enumerate(self.layers):
@@ -190,10 +190,12 @@ class _GPT2:
             x = x + linear(ff, *layer.fc2)
         return F.layer_norm(x, *self.final_ln)
 
+    def _linear_for(self, rows: int):
+        """The linear function for a product over `rows` rows."""
+        return _upcast_linear if self.upcast and rows >= _UPCAST_MIN_ROWS else self.linear
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        rows = hidden.numel() // hidden.size(-1)
-        linear = (_upcast_linear if self.upcast and rows >= _UPCAST_MIN_ROWS
-                  else self.linear)
+        linear = self._linear_for(hidden.numel() // hidden.size(-1))
         return linear(hidden, self.out_weight, self.out_bias)
 
 
