@@ -334,7 +334,9 @@ def prepare_split(text_path: str, out_path: str, *, max_seq_length: int,
     if examples < MIN_LINES_FOR_POOL:
         num_workers = 1
 
-    prepare_output_dir(os.path.dirname(os.path.abspath(out_path)))
+    # prepare_data.py checked the directory once (prepare_output_dir); a
+    # direct caller's unwritable one fails in _create_records, as one line.
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp_path = _tmp_path(out_path)
     written = tokens = truncated = longest = 0
     try:
