@@ -3,10 +3,14 @@
 The server is http.server.ThreadingHTTPServer with a handler that implements
 Range requests (206 + Content-Range, 416 past the end) and can misbehave on
 demand: drop the connection mid-body, announce more bytes than it sends,
-ignore Range, answer 404/500, or stall.
+send no length and close early, ignore Range, answer 404/500, stall, trickle
+a byte at a time, serve a captive portal's HTML page or a corrupt file.
+
+In-process downloads get a fake sleep and CLI runs $GPT2_DOWNLOAD_BACKOFF=0,
+so no test waits out a real back-off.
 """
+import json
 import os
-import random
 import socket
 import struct
 import subprocess
@@ -23,16 +27,24 @@ from utils.download import (MODEL_FILES, canonical_model_name, default_model_dir
 from utils.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = os.path.join(REPO_ROOT, "tests", "fixtures", "tf_gpt2", "models", "tiny_a")
 BIG = "model.ckpt.data-00000-of-00001"
+INDEX = "model.ckpt.index"
+PORTAL = (b"<!DOCTYPE html>\n<html><head><title>Wi-Fi login</title></head>"
+          b"<body>Please log in</body></html>\n")
 
 
 def make_files():
-    """Deterministic stand-ins for the seven files; the weights file is the big one."""
-    rng = random.Random(1234)
-    sizes = {BIG: 400_000, "model.ckpt.meta": 150_000, "encoder.json": 120_000,
-             "vocab.bpe": 90_000, "model.ckpt.index": 3_000, "hparams.json": 90,
-             "checkpoint": 77}
-    return {name: rng.randbytes(size) for name, size in sizes.items()}
+    """The seven files, each passing its check: a tiny checkpoint written by real
+    TensorFlow (tests/fixtures) and a made-up tokenizer; the weights file is the big one."""
+    files = {}
+    for name in ("checkpoint", "hparams.json", BIG, INDEX, "model.ckpt.meta"):
+        with open(os.path.join(TINY_MODEL, name), "rb") as f:
+            files[name] = f.read()
+    files["encoder.json"] = json.dumps({f"tok{i}": i for i in range(8000)}).encode()
+    files["vocab.bpe"] = ("#version: 0.2\n" +
+                          "".join(f"a{i} b{i}\n" for i in range(9000))).encode()
+    return files
 
 
 class Server:
@@ -48,7 +60,14 @@ class Server:
         self.truncate_to = {}       # path -> bytes to send (full Content-Length), once each
         self.fail_status = {}       # path -> [status codes to answer first]
         self.stall_s = {}           # path -> seconds to wait before answering, once
+        self.short_by = {}          # path -> bytes each body falls short of Content-Length
+        self.no_length = set()      # paths sent without Content-Length (end = close)
+        self.cut_no_length = {}     # path -> bytes to send without a length, then close
+        self.bad_bodies = {}        # path -> [bodies to serve first, one per request]
+        self.portal = set()         # paths answered with a captive portal's login page
+        self.trickle = set()        # paths sent a byte at a time, forever
         self.ignore_range = False
+        self.stopping = threading.Event()
         self.lock = threading.Lock()
         server = self
 
@@ -72,6 +91,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def close(self):
+        self.stopping.set()  # ends stalls and trickles
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -88,9 +108,19 @@ class Server:
             drop = self.drop_after.pop(path, None)
             truncate = self.truncate_to.pop(path, None)
             stall = self.stall_s.pop(path, None)
+            bad = self.bad_bodies.get(path)
+            bad = bad.pop(0) if bad else None
+            cut_no_length = self.cut_no_length.pop(path, None)
         if stall:
-            threading.Event().wait(stall)
-        data = self.files.get(path)
+            self.stopping.wait(stall)
+        if path in self.portal:
+            h.send_response(200)  # whatever was asked: a portal answers with its page
+            h.send_header("Content-Type", "text/html; charset=utf-8")
+            h.send_header("Content-Length", str(len(PORTAL)))
+            h.end_headers()
+            h.wfile.write(PORTAL)
+            return
+        data = self.files.get(path) if bad is None else bad
         if status is not None or data is None:
             status = status or 404
             body = b"no such file\n" if status == 404 else b"oops\n"
@@ -116,6 +146,13 @@ class Server:
             code = 206
         body = data[start:]
         h.send_response(code)
+        h.send_header("Content-Type", "application/octet-stream")
+        if cut_no_length is not None or path in self.no_length:
+            # No length: the body ends when the connection closes.
+            h.end_headers()
+            h.wfile.write(body if cut_no_length is None else body[:cut_no_length])
+            h.close_connection = True
+            return
         h.send_header("Content-Length", str(len(body)))
         if etag:
             h.send_header("ETag", etag)
@@ -132,9 +169,18 @@ class Server:
                                     struct.pack("ii", 1, 0))
             h.close_connection = True
             return
-        if truncate is not None:
-            h.wfile.write(body[:truncate])
+        if truncate is not None or path in self.short_by:
+            cut = truncate if truncate is not None else len(body) - self.short_by[path]
+            h.wfile.write(body[:max(0, cut)])
             h.close_connection = True   # a clean close, short of Content-Length
+            return
+        if path in self.trickle:
+            for i in range(len(body)):
+                if self.stopping.wait(0.01):
+                    break
+                h.wfile.write(body[i:i + 1])
+                h.wfile.flush()
+            h.close_connection = True
             return
         h.wfile.write(body)
 
@@ -205,19 +251,23 @@ def test_complete_download(server, files, tmp_path):
     assert all(r is None for _, r in server.requests)
 
 
-def test_dropped_connection_resumes_with_range(server, files, tmp_path):
-    server.drop_after[f"/124M/{BIG}"] = 150_000
-    # A reset discards bytes still in flight: wait until the client has saved the
-    # two whole chunks it can, so the resume point is deterministic.
-    on_disk = 2 * download.CHUNK_BYTES
+def drop_once_saved(server, tmp_path, sent=150_000):
+    """Reset BIG's connection after `sent` bytes, once the client has saved them
+    all (a reset discards bytes still in flight): the resume point is `sent`."""
+    server.drop_after[f"/124M/{BIG}"] = sent
     partial = tmp_path / "model_117M" / (BIG + ".partial")
     server.before_drop = lambda: wait_until(
-        lambda: partial.exists() and partial.stat().st_size >= on_disk)
+        lambda: partial.exists() and partial.stat().st_size >= sent)
+    return sent
+
+
+def test_dropped_connection_resumes_with_range(server, files, tmp_path):
+    on_disk = drop_once_saved(server, tmp_path)
     sleeps = Sleeps()
     model_dir = fetch(server, tmp_path, sleep=sleeps)
     assert_complete(model_dir, files)
     assert server.ranges(BIG) == [None, f"bytes={on_disk}-"]
-    assert sleeps == [download.BACKOFF_BASE_S]
+    assert sleeps == [download.DEFAULT_BACKOFF.base_s]
 
 
 def test_resume_sends_if_range_and_restarts_when_the_file_changed(server, files, tmp_path):
@@ -242,11 +292,7 @@ def test_resume_sends_if_range_and_restarts_when_the_file_changed(server, files,
 def test_resume_with_an_unchanged_file_appends(server, files, tmp_path):
     path = f"/124M/{BIG}"
     server.etags[path] = '"v1"'
-    server.drop_after[path] = 150_000
-    on_disk = 2 * download.CHUNK_BYTES
-    partial = tmp_path / "model_117M" / (BIG + ".partial")
-    server.before_drop = lambda: wait_until(
-        lambda: partial.exists() and partial.stat().st_size >= on_disk)
+    on_disk = drop_once_saved(server, tmp_path)
     assert_complete(fetch(server, tmp_path), files)
     assert server.ranges(BIG) == [None, f"bytes={on_disk}-"]
     assert [v for p, v in server.if_ranges if p == path] == [None, '"v1"']
@@ -288,7 +334,7 @@ def test_server_ignoring_range_restarts_from_zero(server, files, tmp_path):
 
 
 def test_truncated_response_is_detected_and_retried(server, files, tmp_path):
-    server.truncate_to["/124M/model.ckpt.meta"] = 100_000
+    server.truncate_to["/124M/model.ckpt.meta"] = 30_000
     model_dir = fetch(server, tmp_path)
     assert_complete(model_dir, files)
     assert len(server.ranges("model.ckpt.meta")) == 2
@@ -297,16 +343,16 @@ def test_truncated_response_is_detected_and_retried(server, files, tmp_path):
 def test_short_body_caught_by_size_check(server, files, tmp_path, monkeypatch):
     # urllib3 1.x (and other lenient stacks) end a short body without an error;
     # the size check against Content-Length must catch it on its own.
-    def lenient_iter(self, chunk_size=1, decode_unicode=False):
-        for i, chunk in enumerate(original(self, chunk_size, decode_unicode)):
-            if self.url.endswith(BIG) and not cut and i == 1:
-                cut.append(i)
-                return
+    def lenient_read(resp, deadline):
+        for chunk in original(resp, deadline):
             yield chunk
-    original, cut = requests.Response.iter_content, []
-    monkeypatch.setattr(requests.Response, "iter_content", lenient_iter)
+            if resp.url.endswith(BIG) and not cut:
+                cut.append(len(chunk))
+                return
+    original, cut = download._read_body, []
+    monkeypatch.setattr(download, "_read_body", lenient_read)
     assert_complete(fetch(server, tmp_path), files)
-    assert server.ranges(BIG) == [None, f"bytes={download.CHUNK_BYTES}-"]
+    assert server.ranges(BIG) == [None, f"bytes={cut[0]}-"]
 
 
 def test_existing_partial_is_resumed(server, files, tmp_path):
@@ -356,7 +402,7 @@ def test_server_error_is_retried_with_backoff(server, files, tmp_path):
     server.fail_status["/124M/checkpoint"] = [500, 503]
     sleeps = Sleeps()
     assert_complete(fetch(server, tmp_path, sleep=sleeps), files)
-    assert sleeps == [download.BACKOFF_BASE_S, 2 * download.BACKOFF_BASE_S]
+    assert sleeps == [download.DEFAULT_BACKOFF.base_s, 2 * download.DEFAULT_BACKOFF.base_s]
 
 
 def test_persistent_server_error_gives_up(server, tmp_path):
@@ -403,28 +449,30 @@ def test_env_var_base_url(server, files, tmp_path, monkeypatch):
 
 
 def test_interrupt_keeps_partial(server, files, tmp_path, monkeypatch):
-    calls = []
+    received = []
 
-    def interrupting_iter(self, chunk_size=1, decode_unicode=False):
-        for i, chunk in enumerate(original(self, chunk_size, decode_unicode)):
-            if self.url.endswith(BIG) and not calls and i == 2:
-                calls.append(i)
+    def interrupting_read(resp, deadline):
+        for i, chunk in enumerate(original(resp, deadline)):
+            if resp.url.endswith(BIG) and i == 2:
                 raise KeyboardInterrupt
+            received.append(len(chunk) if resp.url.endswith(BIG) else 0)
             yield chunk
-    original = requests.Response.iter_content
-    monkeypatch.setattr(requests.Response, "iter_content", interrupting_iter)
+    original = download._read_body
+    monkeypatch.setattr(download, "_read_body", interrupting_read)
     with pytest.raises(KeyboardInterrupt):
         fetch(server, tmp_path)
+    monkeypatch.undo()
     partial = tmp_path / "model_117M" / (BIG + ".partial")
-    assert partial.stat().st_size == 2 * download.CHUNK_BYTES
+    assert partial.stat().st_size == sum(received) > 0   # every piece received is kept
     assert not (tmp_path / "model_117M" / BIG).exists()
     fetch(server, tmp_path)
     assert_complete(str(tmp_path / "model_117M"), files)
-    assert server.ranges(BIG)[-1] == f"bytes={2 * download.CHUNK_BYTES}-"
+    assert server.ranges(BIG)[-1] == f"bytes={sum(received)}-"
 
 
 def run_cli(args, cwd, env_extra=None, script=False):
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT, **(env_extra or {}))
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, **{download.BACKOFF_ENV: "0"},
+               **(env_extra or {}))
     cmd = (["sh", os.path.join(REPO_ROOT, "download_model.sh")] if script
            else [sys.executable, "-m", "utils.download"])
     return subprocess.run(cmd + args, cwd=cwd, env=env, capture_output=True,
