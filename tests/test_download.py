@@ -497,3 +497,271 @@ def test_cli_downloads_default_model_into_default_dir(server, files, tmp_path):
     expected = os.path.join("gpt2_pretrained_models", "model_117M")
     assert expected in proc.stdout
     assert_complete(str(tmp_path / expected), files)
+
+
+# --- nothing incomplete, foreign or corrupt is renamed into place -------------
+
+def one_line_error(err_info, *needles):
+    message = str(err_info.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+def assert_absent(model_dir, name):
+    """Neither the file nor anything of its download is left behind."""
+    for suffix in ("", ".partial", ".partial" + download.VALIDATOR_SUFFIX):
+        assert not os.path.exists(os.path.join(model_dir, name + suffix)), name + suffix
+
+
+@pytest.mark.parametrize("how", ["content_type", "doctype", "html_tag"])
+def test_html_page_with_200_is_never_renamed_into_place(server, tmp_path, how):
+    path = "/124M/hparams.json"
+    if how == "content_type":
+        server.portal.add(path)
+    elif how == "doctype":   # served as application/octet-stream: sniffed
+        server.files[path] = PORTAL
+    else:
+        server.files[path] = b"\n  <HTML><body>503 upstream unavailable</body></HTML>"
+    with pytest.raises(UserError) as err:
+        fetch(server, tmp_path)
+    one_line_error(err, "hparams.json", "HTML page", "captive portal", "by hand into")
+    assert_absent(tmp_path / "model_117M", "hparams.json")
+    assert len(server.ranges("hparams.json")) == 1   # a portal is not retried
+
+
+def test_html_page_leaves_an_existing_partial_alone(server, files, tmp_path):
+    model_dir = tmp_path / "model_117M"
+    model_dir.mkdir()
+    partial = model_dir / (BIG + ".partial")
+    partial.write_bytes(files[BIG][:123_456])
+    server.portal.add(f"/124M/{BIG}")
+    with pytest.raises(UserError) as err:
+        fetch(server, tmp_path)
+    one_line_error(err, BIG, "HTML page")
+    assert partial.read_bytes() == files[BIG][:123_456]
+    assert not (model_dir / BIG).exists()
+    assert server.ranges(BIG) == ["bytes=123456-"]
+
+
+def test_body_always_short_of_its_content_length_never_lands(server, files, tmp_path):
+    server.short_by["/124M/vocab.bpe"] = 10
+    sleeps = Sleeps()
+    with pytest.raises(UserError) as err:
+        fetch(server, tmp_path, retries=2, sleep=sleeps)
+    one_line_error(err, "vocab.bpe", "after 3 tries without progress")
+    model_dir = tmp_path / "model_117M"
+    assert not (model_dir / "vocab.bpe").exists()
+    kept = (model_dir / "vocab.bpe.partial").read_bytes()   # kept for a later resume
+    assert kept == files["vocab.bpe"][:-10]
+    # The first body made progress; the resumes brought nothing, three times.
+    assert server.ranges("vocab.bpe") == [None] + [f"bytes={len(kept)}-"] * 3
+    assert len(sleeps) == 3
+
+
+def test_early_close_without_content_length_is_resumed(server, files, tmp_path):
+    server.cut_no_length[f"/124M/{BIG}"] = 50_000
+    assert_complete(fetch(server, tmp_path), files)
+    # The close could have been the end: the Range request found the rest.
+    assert server.ranges(BIG) == [None, "bytes=50000-"]
+
+
+def test_whole_body_without_length_is_confirmed_by_range(server, files, tmp_path):
+    server.no_length.add("/124M/encoder.json")   # every body close-delimited
+    assert_complete(fetch(server, tmp_path), files)
+    # 416 for the bytes after it: that was the whole file.
+    assert server.ranges("encoder.json") == [None, f"bytes={len(files['encoder.json'])}-"]
+
+
+def test_body_without_length_from_a_server_without_range_is_read_twice(server, files,
+                                                                      tmp_path):
+    server.no_length.add("/124M/encoder.json")
+    server.ignore_range = True
+    assert_complete(fetch(server, tmp_path), files)
+    assert len(server.ranges("encoder.json")) == 2   # two reads of the same length
+
+
+def test_early_close_without_length_or_range_never_lands(server, files, tmp_path):
+    # Every read stops at the same byte: the two reads agree, but the JSON is cut.
+    path = "/124M/hparams.json"
+    server.no_length.add(path)
+    server.ignore_range = True
+    server.files[path] = files["hparams.json"][:40]
+    with pytest.raises(UserError) as err:
+        fetch(server, tmp_path)
+    one_line_error(err, "hparams.json", "failed its check twice", "not valid JSON",
+                   "--base_url")
+    assert_absent(tmp_path / "model_117M", "hparams.json")
+
+
+def flip_byte(data, at):
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+
+
+CORRUPT = {   # file -> (corrupt copy of the good one, words of the check that fails)
+    "hparams.json": (lambda good: good[:-3], "not valid JSON"),
+    "encoder.json": (lambda good: b'["not", "a", "mapping"]', "JSON object"),
+    "checkpoint": (lambda good: b'all_model_checkpoint_paths: "x"\n',
+                   "model_checkpoint_path"),
+    "vocab.bpe": (lambda good: b"#version: 0.2\na b c\n", "line 2"),
+    INDEX: (lambda good: flip_byte(good, 100), "checkpoint index (it is corrupt (checksum"),
+    BIG: (lambda good: good + b"\0", f"is {1616289} bytes but {INDEX} says 1616288"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPT))
+def test_corrupt_file_on_the_server_is_fetched_twice_then_refused(server, files,
+                                                                 tmp_path, name):
+    corrupt, words = CORRUPT[name]
+    server.files[f"/124M/{name}"] = corrupt(files[name])
+    with pytest.raises(UserError) as err:
+        fetch(server, tmp_path)
+    one_line_error(err, name, "failed its check twice", words, "try another --base_url")
+    assert_absent(tmp_path / "model_117M", name)
+    assert len(server.ranges(name)) == 2
+
+
+def test_corrupt_copy_is_replaced_by_a_good_one(server, files, tmp_path, capsys):
+    server.bad_bodies[f"/124M/{INDEX}"] = [files[INDEX][:-8]]   # once
+    assert_complete(fetch(server, tmp_path), files)
+    assert server.ranges(INDEX) == [None, None]
+    assert f"{INDEX}: the download is not a readable checkpoint index" in capsys.readouterr().err
+
+
+def test_bad_files_already_on_disk_are_fetched_again(server, files, tmp_path, capsys):
+    model_dir = fetch(server, tmp_path)
+    bad = {"hparams.json": b'{"n_vocab": 50257}',           # parses, lacks sizes
+           INDEX: flip_byte(files[INDEX], 200),
+           BIG: files[BIG][:-1000],                            # a cut weights file
+           "model.ckpt.meta": PORTAL}                          # saved by an older run
+    for name, data in bad.items():
+        with open(os.path.join(model_dir, name), "wb") as f:
+            f.write(data)
+    # The cut weights cannot be judged against a corrupt index; once the index
+    # is fetched again, they are.
+    assert sorted(missing_files(model_dir)) == sorted(set(bad) - {BIG})
+    server.requests.clear()
+    assert fetch(server, tmp_path) == model_dir
+    assert_complete(model_dir, files)
+    assert sorted(p for p, _ in server.requests) == sorted(f"/124M/{n}" for n in bad)
+    err = capsys.readouterr().err
+    assert "hparams.json lacks n_ctx, n_embd, n_head, n_layer; downloading it again" in err
+    assert f"{BIG} is 1615288 bytes but {INDEX} says 1616288" in err
+    # All good now: nothing is fetched again.
+    server.requests.clear()
+    assert ensure_model(model_dir) == model_dir and fetch(server, tmp_path) == model_dir
+    assert server.requests == []
+
+
+def test_weights_checked_against_the_index_fetched_in_the_same_run(server, files, tmp_path):
+    """A corrupt index on disk beside a weights file of the size it (wrongly)
+    implies: the weights are checked against the index once it is fetched again."""
+    model_dir = fetch(server, tmp_path)
+    os.remove(os.path.join(model_dir, INDEX))
+    with open(os.path.join(model_dir, BIG), "ab") as f:
+        f.write(b"\0" * 16)
+    server.requests.clear()
+    fetch(server, tmp_path)
+    assert_complete(model_dir, files)
+    assert [p for p, _ in server.requests] == [f"/124M/{INDEX}", f"/124M/{BIG}"]
+
+
+def test_ensure_model_names_a_bad_file_in_a_custom_directory(server, files, tmp_path):
+    model_dir = tmp_path / "mine"
+    model_dir.mkdir()
+    for name, data in files.items():
+        (model_dir / name).write_bytes(data)
+    (model_dir / "checkpoint").write_bytes(b"garbage\n")
+    with pytest.raises(UserError) as err:
+        ensure_model(str(model_dir))
+    one_line_error(err, str(model_dir), "checkpoint has no model_checkpoint_path",
+                   "download_model.sh")
+    assert server.requests == []
+
+
+# --- a slow mirror is bounded by a total timeout per file ---------------------
+
+def test_total_timeout_stops_a_trickling_server_and_keeps_the_partial(server, tmp_path):
+    server.trickle.add(f"/124M/{BIG}")
+    with pytest.raises(UserError) as err:
+        fetch(server, tmp_path, total_timeout=1)
+    message = one_line_error(err, BIG, "total timeout of 1 s", "--total_timeout",
+                             download.TOTAL_TIMEOUT_ENV, "rerun to resume")
+    partial = tmp_path / "model_117M" / (BIG + ".partial")
+    assert f"kept {partial.stat().st_size} bytes in {partial}" in message
+    assert partial.stat().st_size > 0
+    assert not (tmp_path / "model_117M" / BIG).exists()
+    assert server.ranges(BIG) == [None]   # one slow answer, not retried past the limit
+
+
+def test_total_timeout_bounds_a_stalled_server(server, tmp_path):
+    server.stall_s["/124M/checkpoint"] = 30
+    with pytest.raises(UserError) as err:
+        fetch(server, tmp_path, timeout=30, total_timeout=1)
+    one_line_error(err, "checkpoint", "total timeout of 1 s", "received nothing")
+    assert_absent(tmp_path / "model_117M", "checkpoint")
+
+
+def test_total_timeout_and_backoff_settings(monkeypatch):
+    monkeypatch.delenv(download.TOTAL_TIMEOUT_ENV, raising=False)
+    assert download.resolve_total_timeout() is None
+    assert download.resolve_total_timeout("2.5") == 2.5
+    monkeypatch.setenv(download.TOTAL_TIMEOUT_ENV, "7200")
+    assert download.resolve_total_timeout() == 7200
+    assert download.resolve_total_timeout(0) is None   # 0 overrides the env: no limit
+    for bad in ("soon", "-1", "nan", "inf"):
+        monkeypatch.setenv(download.TOTAL_TIMEOUT_ENV, bad)
+        with pytest.raises(UserError, match=f"{download.TOTAL_TIMEOUT_ENV} must be a "
+                                            f"number of seconds >= 0"):
+            download.resolve_total_timeout()
+        with pytest.raises(UserError, match="--total_timeout must be"):
+            download.main(["--total_timeout", bad])
+    backoff = download.Backoff(base_s=0.5, max_s=8.0)
+    assert [backoff.delay(n) for n in range(7)] == [0.5, 0.5, 1, 2, 4, 8, 8]
+    monkeypatch.delenv(download.BACKOFF_ENV, raising=False)
+    assert download.default_backoff() == download.DEFAULT_BACKOFF
+    monkeypatch.setenv(download.BACKOFF_ENV, "0")
+    assert download.default_backoff().delay(5) == 0
+    monkeypatch.setenv(download.BACKOFF_ENV, "-2")
+    with pytest.raises(UserError, match=download.BACKOFF_ENV):
+        download.default_backoff()
+
+
+def assert_one_error_line(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_cli_total_timeout_from_the_environment(server, tmp_path):
+    server.trickle.add("/124M/encoder.json")
+    proc = run_cli(["--model_dir", str(tmp_path / "m"), "--base_url", server.url],
+                   cwd=tmp_path, env_extra={download.TOTAL_TIMEOUT_ENV: "1"})
+    assert_one_error_line(proc, "encoder.json", "total timeout of 1 s", "rerun to resume")
+    assert not (tmp_path / "m" / "encoder.json").exists()
+    assert (tmp_path / "m" / "encoder.json.partial").stat().st_size > 0
+
+
+def test_cli_html_page_and_corrupt_file_exit_2(server, files, tmp_path):
+    server.portal.add("/124M/checkpoint")
+    proc = run_cli(["--model_dir", str(tmp_path / "m"), "--base_url", server.url],
+                   cwd=tmp_path)
+    assert_one_error_line(proc, "checkpoint", "HTML page")
+    assert not (tmp_path / "m").exists()   # nothing at all was saved
+    server.portal.clear()
+    server.files["/124M/hparams.json"] = b"{}"
+    proc = run_cli(["--model_dir", str(tmp_path / "m"), "--base_url", server.url,
+                    "--total_timeout", "0"], cwd=tmp_path)
+    assert_one_error_line(proc, "hparams.json", "failed its check twice", "lacks n_vocab")
+    assert_absent(tmp_path / "m", "hparams.json")
+
+
+def test_cli_refuses_a_bad_total_timeout_before_any_request(server, tmp_path):
+    proc = run_cli(["--model_dir", str(tmp_path / "m"), "--base_url", server.url,
+                    "--total_timeout", "-5"], cwd=tmp_path)
+    assert_one_error_line(proc, "--total_timeout must be a number of seconds >= 0")
+    assert server.requests == [] and not (tmp_path / "m").exists()
