@@ -19,7 +19,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import requests
 
 from utils import download
 from utils.download import (MODEL_FILES, canonical_model_name, default_model_dir,

@@ -479,15 +479,8 @@ def download_file(url: str, dest: str, *, session: Optional[requests.Session] = 
                 problem = check(partial) if check else None
                 if problem is None:
                     break
-                _remove(partial)
-                _remove(partial + VALIDATOR_SUFFIX)
                 rejected += 1
-                if rejected > 1:
-                    raise UserError(
-                        f"{filename} from {url} failed its check twice (it {problem}); the "
-                        f"server sends a broken file: try another --base_url")
-                tqdm.write(f"{filename}: the download {problem}; downloading it again",
-                           file=sys.stderr)
+                _reject(partial, filename, url, problem, last_try=rejected > 1)
                 unconfirmed = None
                 continue
             except _Fatal as err:
@@ -519,6 +512,17 @@ def download_file(url: str, dest: str, *, session: Optional[requests.Session] = 
             session.close()
     os.replace(partial, dest)
     _remove(partial + VALIDATOR_SUFFIX)
+
+
+def _reject(partial, filename, url, problem, last_try) -> None:
+    """Delete a finished download that failed its check: nothing of it is trusted
+    (not even as a start to resume from). UserError when it was the last try."""
+    _remove(partial)
+    _remove(partial + VALIDATOR_SUFFIX)
+    if last_try:
+        raise UserError(f"{filename} from {url} failed its check twice (it {problem}); the "
+                        f"server sends a broken file: try another --base_url")
+    tqdm.write(f"{filename}: the download {problem}; downloading it again", file=sys.stderr)
 
 
 def _attempt_timeout(timeout: float, deadline: Optional[float]) -> float:
