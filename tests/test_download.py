@@ -3,10 +3,14 @@
 The server is http.server.ThreadingHTTPServer with a handler that implements
 Range requests (206 + Content-Range, 416 past the end) and can misbehave on
 demand: drop the connection mid-body, announce more bytes than it sends,
-ignore Range, answer 404/500, or stall.
+send no length and close early, ignore Range, answer 404/500, stall, trickle
+a byte at a time, serve a captive portal's HTML page or a corrupt file.
+
+In-process downloads get a fake sleep and CLI runs $GPT2_DOWNLOAD_BACKOFF=0,
+so no test waits out a real back-off.
 """
+import json
 import os
-import random
 import socket
 import struct
 import subprocess
@@ -15,7 +19,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import requests
 
 from utils import download
 from utils.download import (MODEL_FILES, canonical_model_name, default_model_dir,
@@ -23,16 +26,24 @@ from utils.download import (MODEL_FILES, canonical_model_name, default_model_dir
 from utils.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = os.path.join(REPO_ROOT, "tests", "fixtures", "tf_gpt2", "models", "tiny_a")
 BIG = "model.ckpt.data-00000-of-00001"
+INDEX = "model.ckpt.index"
+PORTAL = (b"<!DOCTYPE html>\n<html><head><title>Wi-Fi login</title></head>"
+          b"<body>Please log in</body></html>\n")
 
 
 def make_files():
-    """Deterministic stand-ins for the seven files; the weights file is the big one."""
-    rng = random.Random(1234)
-    sizes = {BIG: 400_000, "model.ckpt.meta": 150_000, "encoder.json": 120_000,
-             "vocab.bpe": 90_000, "model.ckpt.index": 3_000, "hparams.json": 90,
-             "checkpoint": 77}
-    return {name: rng.randbytes(size) for name, size in sizes.items()}
+    """The seven files, each passing its check: a tiny checkpoint written by real
+    TensorFlow (tests/fixtures) and a made-up tokenizer; the weights file is the big one."""
+    files = {}
+    for name in ("checkpoint", "hparams.json", BIG, INDEX, "model.ckpt.meta"):
+        with open(os.path.join(TINY_MODEL, name), "rb") as f:
+            files[name] = f.read()
+    files["encoder.json"] = json.dumps({f"tok{i}": i for i in range(8000)}).encode()
+    files["vocab.bpe"] = ("#version: 0.2\n" +
+                          "".join(f"a{i} b{i}\n" for i in range(9000))).encode()
+    return files
 
 
 class Server:
@@ -48,7 +59,14 @@ class Server:
         self.truncate_to = {}       # path -> bytes to send (full Content-Length), once each
         self.fail_status = {}       # path -> [status codes to answer first]
         self.stall_s = {}           # path -> seconds to wait before answering, once
+        self.short_by = {}          # path -> bytes each body falls short of Content-Length
+        self.no_length = set()      # paths sent without Content-Length (end = close)
+        self.cut_no_length = {}     # path -> bytes to send without a length, then close
+        self.bad_bodies = {}        # path -> [bodies to serve first, one per request]
+        self.portal = set()         # paths answered with a captive portal's login page
+        self.trickle = set()        # paths sent a byte at a time, forever
         self.ignore_range = False
+        self.stopping = threading.Event()
         self.lock = threading.Lock()
         server = self
 
@@ -72,6 +90,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def close(self):
+        self.stopping.set()  # ends stalls and trickles
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -88,9 +107,19 @@ class Server:
             drop = self.drop_after.pop(path, None)
             truncate = self.truncate_to.pop(path, None)
             stall = self.stall_s.pop(path, None)
+            bad = self.bad_bodies.get(path)
+            bad = bad.pop(0) if bad else None
+            cut_no_length = self.cut_no_length.pop(path, None)
         if stall:
-            threading.Event().wait(stall)
-        data = self.files.get(path)
+            self.stopping.wait(stall)
+        if path in self.portal:
+            h.send_response(200)  # whatever was asked: a portal answers with its page
+            h.send_header("Content-Type", "text/html; charset=utf-8")
+            h.send_header("Content-Length", str(len(PORTAL)))
+            h.end_headers()
+            h.wfile.write(PORTAL)
+            return
+        data = self.files.get(path) if bad is None else bad
         if status is not None or data is None:
             status = status or 404
             body = b"no such file\n" if status == 404 else b"oops\n"
@@ -116,6 +145,13 @@ class Server:
             code = 206
         body = data[start:]
         h.send_response(code)
+        h.send_header("Content-Type", "application/octet-stream")
+        if cut_no_length is not None or path in self.no_length:
+            # No length: the body ends when the connection closes.
+            h.end_headers()
+            h.wfile.write(body if cut_no_length is None else body[:cut_no_length])
+            h.close_connection = True
+            return
         h.send_header("Content-Length", str(len(body)))
         if etag:
             h.send_header("ETag", etag)
@@ -132,9 +168,18 @@ class Server:
                                     struct.pack("ii", 1, 0))
             h.close_connection = True
             return
-        if truncate is not None:
-            h.wfile.write(body[:truncate])
+        if truncate is not None or path in self.short_by:
+            cut = truncate if truncate is not None else len(body) - self.short_by[path]
+            h.wfile.write(body[:max(0, cut)])
             h.close_connection = True   # a clean close, short of Content-Length
+            return
+        if path in self.trickle:
+            for i in range(len(body)):
+                if self.stopping.wait(0.01):
+                    break
+                h.wfile.write(body[i:i + 1])
+                h.wfile.flush()
+            h.close_connection = True
             return
         h.wfile.write(body)
 
@@ -205,19 +250,23 @@ def test_complete_download(server, files, tmp_path):
     assert all(r is None for _, r in server.requests)
 
 
-def test_dropped_connection_resumes_with_range(server, files, tmp_path):
-    server.drop_after[f"/124M/{BIG}"] = 150_000
-    # A reset discards bytes still in flight: wait until the client has saved the
-    # two whole chunks it can, so the resume point is deterministic.
-    on_disk = 2 * download.CHUNK_BYTES
+def drop_once_saved(server, tmp_path, sent=150_000):
+    """Reset BIG's connection after `sent` bytes, once the client has saved them
+    all (a reset discards bytes still in flight): the resume point is `sent`."""
+    server.drop_after[f"/124M/{BIG}"] = sent
     partial = tmp_path / "model_117M" / (BIG + ".partial")
     server.before_drop = lambda: wait_until(
-        lambda: partial.exists() and partial.stat().st_size >= on_disk)
+        lambda: partial.exists() and partial.stat().st_size >= sent)
+    return sent
+
+
+def test_dropped_connection_resumes_with_range(server, files, tmp_path):
+    on_disk = drop_once_saved(server, tmp_path)
     sleeps = Sleeps()
     model_dir = fetch(server, tmp_path, sleep=sleeps)
     assert_complete(model_dir, files)
     assert server.ranges(BIG) == [None, f"bytes={on_disk}-"]
-    assert sleeps == [download.BACKOFF_BASE_S]
+    assert sleeps == [download.DEFAULT_BACKOFF.base_s]
 
 
 def test_resume_sends_if_range_and_restarts_when_the_file_changed(server, files, tmp_path):
@@ -242,11 +291,7 @@ def test_resume_sends_if_range_and_restarts_when_the_file_changed(server, files,
 def test_resume_with_an_unchanged_file_appends(server, files, tmp_path):
     path = f"/124M/{BIG}"
     server.etags[path] = '"v1"'
-    server.drop_after[path] = 150_000
-    on_disk = 2 * download.CHUNK_BYTES
-    partial = tmp_path / "model_117M" / (BIG + ".partial")
-    server.before_drop = lambda: wait_until(
-        lambda: partial.exists() and partial.stat().st_size >= on_disk)
+    on_disk = drop_once_saved(server, tmp_path)
     assert_complete(fetch(server, tmp_path), files)
     assert server.ranges(BIG) == [None, f"bytes={on_disk}-"]
     assert [v for p, v in server.if_ranges if p == path] == [None, '"v1"']
@@ -288,7 +333,7 @@ def test_server_ignoring_range_restarts_from_zero(server, files, tmp_path):
 
 
 def test_truncated_response_is_detected_and_retried(server, files, tmp_path):
-    server.truncate_to["/124M/model.ckpt.meta"] = 100_000
+    server.truncate_to["/124M/model.ckpt.meta"] = 30_000
     model_dir = fetch(server, tmp_path)
     assert_complete(model_dir, files)
     assert len(server.ranges("model.ckpt.meta")) == 2
@@ -297,16 +342,16 @@ def test_truncated_response_is_detected_and_retried(server, files, tmp_path):
 def test_short_body_caught_by_size_check(server, files, tmp_path, monkeypatch):
     # urllib3 1.x (and other lenient stacks) end a short body without an error;
     # the size check against Content-Length must catch it on its own.
-    def lenient_iter(self, chunk_size=1, decode_unicode=False):
-        for i, chunk in enumerate(original(self, chunk_size, decode_unicode)):
-            if self.url.endswith(BIG) and not cut and i == 1:
-                cut.append(i)
-                return
+    def lenient_read(resp, deadline):
+        for chunk in original(resp, deadline):
             yield chunk
-    original, cut = requests.Response.iter_content, []
-    monkeypatch.setattr(requests.Response, "iter_content", lenient_iter)
+            if resp.url.endswith(BIG) and not cut:
+                cut.append(len(chunk))
+                return
+    original, cut = download._read_body, []
+    monkeypatch.setattr(download, "_read_body", lenient_read)
     assert_complete(fetch(server, tmp_path), files)
-    assert server.ranges(BIG) == [None, f"bytes={download.CHUNK_BYTES}-"]
+    assert server.ranges(BIG) == [None, f"bytes={cut[0]}-"]
 
 
 def test_existing_partial_is_resumed(server, files, tmp_path):
@@ -356,7 +401,7 @@ def test_server_error_is_retried_with_backoff(server, files, tmp_path):
     server.fail_status["/124M/checkpoint"] = [500, 503]
     sleeps = Sleeps()
     assert_complete(fetch(server, tmp_path, sleep=sleeps), files)
-    assert sleeps == [download.BACKOFF_BASE_S, 2 * download.BACKOFF_BASE_S]
+    assert sleeps == [download.DEFAULT_BACKOFF.base_s, 2 * download.DEFAULT_BACKOFF.base_s]
 
 
 def test_persistent_server_error_gives_up(server, tmp_path):
@@ -403,28 +448,30 @@ def test_env_var_base_url(server, files, tmp_path, monkeypatch):
 
 
 def test_interrupt_keeps_partial(server, files, tmp_path, monkeypatch):
-    calls = []
+    received = []
 
-    def interrupting_iter(self, chunk_size=1, decode_unicode=False):
-        for i, chunk in enumerate(original(self, chunk_size, decode_unicode)):
-            if self.url.endswith(BIG) and not calls and i == 2:
-                calls.append(i)
+    def interrupting_read(resp, deadline):
+        for i, chunk in enumerate(original(resp, deadline)):
+            if resp.url.endswith(BIG) and i == 2:
                 raise KeyboardInterrupt
+            received.append(len(chunk) if resp.url.endswith(BIG) else 0)
             yield chunk
-    original = requests.Response.iter_content
-    monkeypatch.setattr(requests.Response, "iter_content", interrupting_iter)
+    original = download._read_body
+    monkeypatch.setattr(download, "_read_body", interrupting_read)
     with pytest.raises(KeyboardInterrupt):
         fetch(server, tmp_path)
+    monkeypatch.undo()
     partial = tmp_path / "model_117M" / (BIG + ".partial")
-    assert partial.stat().st_size == 2 * download.CHUNK_BYTES
+    assert partial.stat().st_size == sum(received) > 0   # every piece received is kept
     assert not (tmp_path / "model_117M" / BIG).exists()
     fetch(server, tmp_path)
     assert_complete(str(tmp_path / "model_117M"), files)
-    assert server.ranges(BIG)[-1] == f"bytes={2 * download.CHUNK_BYTES}-"
+    assert server.ranges(BIG)[-1] == f"bytes={sum(received)}-"
 
 
 def run_cli(args, cwd, env_extra=None, script=False):
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT, **(env_extra or {}))
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, **{download.BACKOFF_ENV: "0"},
+               **(env_extra or {}))
     cmd = (["sh", os.path.join(REPO_ROOT, "download_model.sh")] if script
            else [sys.executable, "-m", "utils.download"])
     return subprocess.run(cmd + args, cwd=cwd, env=env, capture_output=True,
@@ -449,3 +496,271 @@ def test_cli_downloads_default_model_into_default_dir(server, files, tmp_path):
     expected = os.path.join("gpt2_pretrained_models", "model_117M")
     assert expected in proc.stdout
     assert_complete(str(tmp_path / expected), files)
+
+
+# --- nothing incomplete, foreign or corrupt is renamed into place -------------
+
+def one_line_error(err_info, *needles):
+    message = str(err_info.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+def assert_absent(model_dir, name):
+    """Neither the file nor anything of its download is left behind."""
+    for suffix in ("", ".partial", ".partial" + download.VALIDATOR_SUFFIX):
+        assert not os.path.exists(os.path.join(model_dir, name + suffix)), name + suffix
+
+
+@pytest.mark.parametrize("how", ["content_type", "doctype", "html_tag"])
+def test_html_page_with_200_is_never_renamed_into_place(server, tmp_path, how):
+    path = "/124M/hparams.json"
+    if how == "content_type":
+        server.portal.add(path)
+    elif how == "doctype":   # served as application/octet-stream: sniffed
+        server.files[path] = PORTAL
+    else:
+        server.files[path] = b"\n  <HTML><body>503 upstream unavailable</body></HTML>"
+    with pytest.raises(UserError) as err:
+        fetch(server, tmp_path)
+    one_line_error(err, "hparams.json", "HTML page", "captive portal", "by hand into")
+    assert_absent(tmp_path / "model_117M", "hparams.json")
+    assert len(server.ranges("hparams.json")) == 1   # a portal is not retried
+
+
+def test_html_page_leaves_an_existing_partial_alone(server, files, tmp_path):
+    model_dir = tmp_path / "model_117M"
+    model_dir.mkdir()
+    partial = model_dir / (BIG + ".partial")
+    partial.write_bytes(files[BIG][:123_456])
+    server.portal.add(f"/124M/{BIG}")
+    with pytest.raises(UserError) as err:
+        fetch(server, tmp_path)
+    one_line_error(err, BIG, "HTML page")
+    assert partial.read_bytes() == files[BIG][:123_456]
+    assert not (model_dir / BIG).exists()
+    assert server.ranges(BIG) == ["bytes=123456-"]
+
+
+def test_body_always_short_of_its_content_length_never_lands(server, files, tmp_path):
+    server.short_by["/124M/vocab.bpe"] = 10
+    sleeps = Sleeps()
+    with pytest.raises(UserError) as err:
+        fetch(server, tmp_path, retries=2, sleep=sleeps)
+    one_line_error(err, "vocab.bpe", "after 3 tries without progress")
+    model_dir = tmp_path / "model_117M"
+    assert not (model_dir / "vocab.bpe").exists()
+    kept = (model_dir / "vocab.bpe.partial").read_bytes()   # kept for a later resume
+    assert kept == files["vocab.bpe"][:-10]
+    # The first body made progress; the resumes brought nothing, three times.
+    assert server.ranges("vocab.bpe") == [None] + [f"bytes={len(kept)}-"] * 3
+    assert len(sleeps) == 3
+
+
+def test_early_close_without_content_length_is_resumed(server, files, tmp_path):
+    server.cut_no_length[f"/124M/{BIG}"] = 50_000
+    assert_complete(fetch(server, tmp_path), files)
+    # The close could have been the end: the Range request found the rest.
+    assert server.ranges(BIG) == [None, "bytes=50000-"]
+
+
+def test_whole_body_without_length_is_confirmed_by_range(server, files, tmp_path):
+    server.no_length.add("/124M/encoder.json")   # every body close-delimited
+    assert_complete(fetch(server, tmp_path), files)
+    # 416 for the bytes after it: that was the whole file.
+    assert server.ranges("encoder.json") == [None, f"bytes={len(files['encoder.json'])}-"]
+
+
+def test_body_without_length_from_a_server_without_range_is_read_twice(server, files,
+                                                                      tmp_path):
+    server.no_length.add("/124M/encoder.json")
+    server.ignore_range = True
+    assert_complete(fetch(server, tmp_path), files)
+    assert len(server.ranges("encoder.json")) == 2   # two reads of the same length
+
+
+def test_early_close_without_length_or_range_never_lands(server, files, tmp_path):
+    # Every read stops at the same byte: the two reads agree, but the JSON is cut.
+    path = "/124M/hparams.json"
+    server.no_length.add(path)
+    server.ignore_range = True
+    server.files[path] = files["hparams.json"][:40]
+    with pytest.raises(UserError) as err:
+        fetch(server, tmp_path)
+    one_line_error(err, "hparams.json", "failed its check twice", "not valid JSON",
+                   "--base_url")
+    assert_absent(tmp_path / "model_117M", "hparams.json")
+
+
+def flip_byte(data, at):
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+
+
+CORRUPT = {   # file -> (corrupt copy of the good one, words of the check that fails)
+    "hparams.json": (lambda good: good[:-3], "not valid JSON"),
+    "encoder.json": (lambda good: b'["not", "a", "mapping"]', "JSON object"),
+    "checkpoint": (lambda good: b'all_model_checkpoint_paths: "x"\n',
+                   "model_checkpoint_path"),
+    "vocab.bpe": (lambda good: b"#version: 0.2\na b c\n", "line 2"),
+    INDEX: (lambda good: flip_byte(good, 100), "checkpoint index (it is corrupt (checksum"),
+    BIG: (lambda good: good + b"\0", f"is {1616289} bytes but {INDEX} says 1616288"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPT))
+def test_corrupt_file_on_the_server_is_fetched_twice_then_refused(server, files,
+                                                                 tmp_path, name):
+    corrupt, words = CORRUPT[name]
+    server.files[f"/124M/{name}"] = corrupt(files[name])
+    with pytest.raises(UserError) as err:
+        fetch(server, tmp_path)
+    one_line_error(err, name, "failed its check twice", words, "try another --base_url")
+    assert_absent(tmp_path / "model_117M", name)
+    assert len(server.ranges(name)) == 2
+
+
+def test_corrupt_copy_is_replaced_by_a_good_one(server, files, tmp_path, capsys):
+    server.bad_bodies[f"/124M/{INDEX}"] = [files[INDEX][:-8]]   # once
+    assert_complete(fetch(server, tmp_path), files)
+    assert server.ranges(INDEX) == [None, None]
+    assert f"{INDEX}: the download is not a readable checkpoint index" in capsys.readouterr().err
+
+
+def test_bad_files_already_on_disk_are_fetched_again(server, files, tmp_path, capsys):
+    model_dir = fetch(server, tmp_path)
+    bad = {"hparams.json": b'{"n_vocab": 50257}',           # parses, lacks sizes
+           INDEX: flip_byte(files[INDEX], 200),
+           BIG: files[BIG][:-1000],                            # a cut weights file
+           "model.ckpt.meta": PORTAL}                          # saved by an older run
+    for name, data in bad.items():
+        with open(os.path.join(model_dir, name), "wb") as f:
+            f.write(data)
+    # The cut weights cannot be judged against a corrupt index; once the index
+    # is fetched again, they are.
+    assert sorted(missing_files(model_dir)) == sorted(set(bad) - {BIG})
+    server.requests.clear()
+    assert fetch(server, tmp_path) == model_dir
+    assert_complete(model_dir, files)
+    assert sorted(p for p, _ in server.requests) == sorted(f"/124M/{n}" for n in bad)
+    err = capsys.readouterr().err
+    assert "hparams.json lacks n_ctx, n_embd, n_head, n_layer; downloading it again" in err
+    assert f"{BIG} is 1615288 bytes but {INDEX} says 1616288" in err
+    # All good now: nothing is fetched again.
+    server.requests.clear()
+    assert ensure_model(model_dir) == model_dir and fetch(server, tmp_path) == model_dir
+    assert server.requests == []
+
+
+def test_weights_checked_against_the_index_fetched_in_the_same_run(server, files, tmp_path):
+    """A corrupt index on disk beside a weights file of the size it (wrongly)
+    implies: the weights are checked against the index once it is fetched again."""
+    model_dir = fetch(server, tmp_path)
+    os.remove(os.path.join(model_dir, INDEX))
+    with open(os.path.join(model_dir, BIG), "ab") as f:
+        f.write(b"\0" * 16)
+    server.requests.clear()
+    fetch(server, tmp_path)
+    assert_complete(model_dir, files)
+    assert [p for p, _ in server.requests] == [f"/124M/{INDEX}", f"/124M/{BIG}"]
+
+
+def test_ensure_model_names_a_bad_file_in_a_custom_directory(server, files, tmp_path):
+    model_dir = tmp_path / "mine"
+    model_dir.mkdir()
+    for name, data in files.items():
+        (model_dir / name).write_bytes(data)
+    (model_dir / "checkpoint").write_bytes(b"garbage\n")
+    with pytest.raises(UserError) as err:
+        ensure_model(str(model_dir))
+    one_line_error(err, str(model_dir), "checkpoint has no model_checkpoint_path",
+                   "download_model.sh")
+    assert server.requests == []
+
+
+# --- a slow mirror is bounded by a total timeout per file ---------------------
+
+def test_total_timeout_stops_a_trickling_server_and_keeps_the_partial(server, tmp_path):
+    server.trickle.add(f"/124M/{BIG}")
+    with pytest.raises(UserError) as err:
+        fetch(server, tmp_path, total_timeout=1)
+    message = one_line_error(err, BIG, "total timeout of 1 s", "--total_timeout",
+                             download.TOTAL_TIMEOUT_ENV, "rerun to resume")
+    partial = tmp_path / "model_117M" / (BIG + ".partial")
+    assert f"kept {partial.stat().st_size} bytes in {partial}" in message
+    assert partial.stat().st_size > 0
+    assert not (tmp_path / "model_117M" / BIG).exists()
+    assert server.ranges(BIG) == [None]   # one slow answer, not retried past the limit
+
+
+def test_total_timeout_bounds_a_stalled_server(server, tmp_path):
+    server.stall_s["/124M/checkpoint"] = 30
+    with pytest.raises(UserError) as err:
+        fetch(server, tmp_path, timeout=30, total_timeout=1)
+    one_line_error(err, "checkpoint", "total timeout of 1 s", "received nothing")
+    assert_absent(tmp_path / "model_117M", "checkpoint")
+
+
+def test_total_timeout_and_backoff_settings(monkeypatch):
+    monkeypatch.delenv(download.TOTAL_TIMEOUT_ENV, raising=False)
+    assert download.resolve_total_timeout() is None
+    assert download.resolve_total_timeout("2.5") == 2.5
+    monkeypatch.setenv(download.TOTAL_TIMEOUT_ENV, "7200")
+    assert download.resolve_total_timeout() == 7200
+    assert download.resolve_total_timeout(0) is None   # 0 overrides the env: no limit
+    for bad in ("soon", "-1", "nan", "inf"):
+        monkeypatch.setenv(download.TOTAL_TIMEOUT_ENV, bad)
+        with pytest.raises(UserError, match=f"{download.TOTAL_TIMEOUT_ENV} must be a "
+                                            f"number of seconds >= 0"):
+            download.resolve_total_timeout()
+        with pytest.raises(UserError, match="--total_timeout must be"):
+            download.main(["--total_timeout", bad])
+    backoff = download.Backoff(base_s=0.5, max_s=8.0)
+    assert [backoff.delay(n) for n in range(7)] == [0.5, 0.5, 1, 2, 4, 8, 8]
+    monkeypatch.delenv(download.BACKOFF_ENV, raising=False)
+    assert download.default_backoff() == download.DEFAULT_BACKOFF
+    monkeypatch.setenv(download.BACKOFF_ENV, "0")
+    assert download.default_backoff().delay(5) == 0
+    monkeypatch.setenv(download.BACKOFF_ENV, "-2")
+    with pytest.raises(UserError, match=download.BACKOFF_ENV):
+        download.default_backoff()
+
+
+def assert_one_error_line(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_cli_total_timeout_from_the_environment(server, tmp_path):
+    server.trickle.add("/124M/encoder.json")
+    proc = run_cli(["--model_dir", str(tmp_path / "m"), "--base_url", server.url],
+                   cwd=tmp_path, env_extra={download.TOTAL_TIMEOUT_ENV: "1"})
+    assert_one_error_line(proc, "encoder.json", "total timeout of 1 s", "rerun to resume")
+    assert not (tmp_path / "m" / "encoder.json").exists()
+    assert (tmp_path / "m" / "encoder.json.partial").stat().st_size > 0
+
+
+def test_cli_html_page_and_corrupt_file_exit_2(server, files, tmp_path):
+    server.portal.add("/124M/checkpoint")
+    proc = run_cli(["--model_dir", str(tmp_path / "m"), "--base_url", server.url],
+                   cwd=tmp_path)
+    assert_one_error_line(proc, "checkpoint", "HTML page")
+    assert not (tmp_path / "m").exists()   # nothing at all was saved
+    server.portal.clear()
+    server.files["/124M/hparams.json"] = b"{}"
+    proc = run_cli(["--model_dir", str(tmp_path / "m"), "--base_url", server.url,
+                    "--total_timeout", "0"], cwd=tmp_path)
+    assert_one_error_line(proc, "hparams.json", "failed its check twice", "lacks n_vocab")
+    assert_absent(tmp_path / "m", "hparams.json")
+
+
+def test_cli_refuses_a_bad_total_timeout_before_any_request(server, tmp_path):
+    proc = run_cli(["--model_dir", str(tmp_path / "m"), "--base_url", server.url,
+                    "--total_timeout", "-5"], cwd=tmp_path)
+    assert_one_error_line(proc, "--total_timeout must be a number of seconds >= 0")
+    assert server.requests == [] and not (tmp_path / "m").exists()

@@ -666,3 +666,41 @@ def resolve_checkpoint_prefix(path: str) -> str:
     raise TFCheckpointError(f"no TensorFlow checkpoint at {path}: neither {path}.index nor a "
                             "directory of that name exists; check the path or download the "
                             "model")
+
+
+# ---------------------------------------------------------------------------
+# Checking an index on its own (the downloader, before the data file exists)
+
+def data_shard_sizes(index_path: str) -> Tuple[int, Dict[int, int]]:
+    """(number of data shards, shard -> bytes it must hold), from an index file alone.
+
+    Parses and checks `index_path` (any file name, e.g. a download's
+    `.partial`) as TFCheckpointReader does: footer, block checksums, header,
+    every tensor entry. The data files need not exist. A shard must hold
+    exactly the end of its last tensor: TF writes a shard's tensors back to
+    back, so a longer or shorter data file is not the one this index
+    describes. Shards holding no tensor are absent from the dict.
+    TFCheckpointError if the index is unreadable or corrupt.
+    """
+    try:
+        with open(index_path, "rb") as f:
+            index = f.read()
+    except OSError as err:
+        raise TFCheckpointError(f"cannot read {index_path}: {err.strerror}")
+    entries = _read_table(index, index_path)
+    if not entries or entries[0][0] != b"":
+        raise TFCheckpointError(f"{index_path} is corrupt (no bundle header); {REDOWNLOAD}")
+    num_shards = _parse_header(entries[0][1], index_path)
+    ends: Dict[int, int] = {}
+    for key, value in entries[1:]:
+        try:
+            name = key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TFCheckpointError(f"{index_path} is corrupt (tensor name is not UTF-8); "
+                                    f"{REDOWNLOAD}")
+        entry = _Entry(name, value, index_path)
+        if not 0 <= entry.shard < num_shards:
+            raise TFCheckpointError(f"{index_path} is corrupt (tensor {name!r} is in shard "
+                                    f"{entry.shard} of {num_shards}); {REDOWNLOAD}")
+        ends[entry.shard] = max(ends.get(entry.shard, 0), entry.offset + entry.size)
+    return num_shards, ends
