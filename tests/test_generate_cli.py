@@ -71,7 +71,7 @@ def test_bad_flag_gives_one_line_and_exit_2():
 def test_missing_model_files_and_no_network_give_one_error_line(tmp_path):
     closed = "http://127.0.0.1:9"  # discard port: nothing listens there
     result = run_cli(["--pretrain_model_dir", str(tmp_path / "model_117M")],
-                     env={"GPT2_DOWNLOAD_BASE_URL": closed})
+                     env={"GPT2_DOWNLOAD_BASE_URL": closed, "GPT2_DOWNLOAD_BACKOFF": "0"})
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "model_117M" in errors[0], result.stderr
