@@ -362,10 +362,13 @@ class LongLineCut:
     piece. A piece of the kept text that ends 3 or more characters before its
     end was matched without looking past it (contractions read at most 3
     characters, the other alternatives one past their match), so it is also
-    a piece of the whole line, as is every piece before it. Encoding the text
-    up to such a piece end gives exactly the whole line's first tokens.
-    Enough of them is certain once there are `tokens` pieces (each piece is
-    at least one token), or `tokens * token_bytes` bytes (no token is longer
+    a piece of the whole line, as is every piece before it. The cut is at the
+    end of such a piece whose last character is not whitespace: there the
+    text's end stops every alternative just as the next character did (only
+    whitespace pieces look ahead, and none spans the cut), so encoding the
+    text up to the cut gives exactly the whole line's first tokens. Enough
+    of them is certain once there are `tokens` pieces (each piece is at
+    least one token), or `tokens * token_bytes` bytes (no token is longer
     than `token_bytes`).
 
     The one approximation: when a single piece (a run of letters, digits,
@@ -390,28 +393,30 @@ class LongLineCut:
     def cut(self, kept: str) -> str:
         settled = len(kept) - 3  # pieces ending later may go on past the kept text
         pieces = size = 0
-        for piece in _gpt2_pieces(kept):
+        split, space = _gpt2_regexes()
+        for piece in split.finditer(kept):
             end = piece.end()
             if end > settled:
                 break
             pieces += 1
             size += len(piece.group().encode("utf-8"))
-            if pieces >= self.tokens or size >= self.tokens * self.token_bytes:
+            if ((pieces >= self.tokens or size >= self.tokens * self.token_bytes)
+                    and not space.match(kept, end - 1)):
                 return kept[:end]
         return kept  # one piece runs past the kept text: the approximation
 
 
-_GPT2_SPLIT = None  # GPT-2's pre-tokenizer, compiled on first use
+_GPT2_REGEXES = None  # compiled on first use
 
 
-def _gpt2_pieces(text: str):
-    """Matches of GPT-2's pre-tokenizer over `text`, lazily."""
-    global _GPT2_SPLIT
-    if _GPT2_SPLIT is None:
+def _gpt2_regexes():
+    """GPT-2's pre-tokenizer, and its idea of a whitespace character."""
+    global _GPT2_REGEXES
+    if _GPT2_REGEXES is None:
         import regex
         from utils.processor import GPT2_SPLIT_PATTERN
-        _GPT2_SPLIT = regex.compile(GPT2_SPLIT_PATTERN)
-    return _GPT2_SPLIT.finditer(text)
+        _GPT2_REGEXES = regex.compile(GPT2_SPLIT_PATTERN), regex.compile(r"\s")
+    return _GPT2_REGEXES
 
 
 def _chunks(path: str, long_line: LongLineCut) -> Iterator[List[str]]:
