@@ -100,8 +100,9 @@ def split_files(data_dir):
         path = split_text_path(data_dir, split)
         if os.path.isfile(path):
             splits.append(split)
-        elif os.path.exists(path):  # a directory, a pipe, a device
-            raise UserError(f"{path} is not a regular file: make it the {split} "
+        elif os.path.lexists(path):  # a directory, a pipe, a device, a broken link
+            what = "a broken link" if not os.path.exists(path) else "not a regular file"
+            raise UserError(f"{path} is {what}: make it the {split} "
                             f"examples, one per line, or move it away")
     if not splits:
         raise UserError(f"{data_dir} has none of train.txt, dev.txt, test.txt: "

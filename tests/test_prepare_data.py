@@ -279,7 +279,7 @@ def _encoding_started(out, first_chunk_done):
             return True
         try:
             return np.load(tmp, mmap_mode="r")["length"][0] > 0
-        except (OSError, ValueError):  # its header is not written yet
+        except (OSError, ValueError, EOFError):  # its header is not written yet
             pass
     return False
 
@@ -410,6 +410,26 @@ def test_reading_matches_str_splitlines_at_any_block_size(tmp_path, monkeypatch,
                            for line in expected], (text, keep)
 
 
+@pytest.mark.parametrize("block", [1, 2, 5, 1 << 20])
+def test_non_utf8_line_and_byte_are_right_at_any_block_size(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(data_utils, "READ_BLOCK", block)
+    rng = __import__("random").Random(block)
+    alphabet = list("ab é中 ") + ["\ufeff", "\u2028", "\r\n"] + LINE_BREAKS
+    path = tmp_path / "t.txt"
+    for _ in range(150):
+        chars = [rng.choice(alphabet) for _ in range(rng.randrange(30))]
+        at = rng.randrange(len(chars) + 1)
+        data = "".join(chars[:at]).encode() + b"\xff" + "".join(chars[at:]).encode()
+        write(path, data, "wb")
+        # Where the bad byte is, found another way: decoded with it kept.
+        lines = data.decode("utf-8", "surrogateescape").splitlines()
+        number = next(n for n, line in enumerate(lines, 1) if "\udcff" in line)
+        offset = len(lines[number - 1].split("\udcff")[0].encode()) + 1
+        with pytest.raises(UserError, match=f"t.txt line {number} is not valid UTF-8 "
+                                            f"\\(byte 0xff at byte {offset} of the line"):
+            list(data_utils.iter_lines(str(path), keep=3))
+
+
 def test_non_utf8_in_a_line_longer_than_a_block_names_line_and_byte(tmp_path, monkeypatch):
     monkeypatch.setattr(data_utils, "READ_BLOCK", 4)
     write(tmp_path / "t.txt", b"ok\r" + "caf\u00e9 ".encode() * 5 + b"\xff tail\n", "wb")
@@ -498,3 +518,63 @@ def test_a_giant_single_line_is_read_in_bounded_memory(tmp_path):
     rec = records(big / "train.npy")
     assert len(rec) == 1 and rec["length"][0] == 64
     assert rec["text_ids"][0].tolist() == [EOS_ID] + get_encoder().encode(block)[:62] + [EOS_ID]
+
+
+# ------------------------------------------------- more bad input, one line each
+
+def _setup_bad_input(tmp_path, case):
+    """Files for one bad-input case, and the extra command-line arguments."""
+    write(tmp_path / "dev.txt", "Hello world\n")
+    if case == "split_is_a_directory":
+        (tmp_path / "train.txt").mkdir()
+        return []
+    if case == "split_is_a_broken_link":
+        os.symlink(tmp_path / "gone.txt", tmp_path / "train.txt")
+        return []
+    write(tmp_path / "train.txt", "Hello world\n")
+    if case == "output_is_a_directory":
+        (tmp_path / "train.npy").mkdir()
+        return []
+    if case == "pretrain_model_dir_is_a_file":
+        write(tmp_path / "model.ckpt", "x")
+        return ["--pretrain_model_dir", tmp_path / "model.ckpt"]
+    return {"num_workers_huge": ["--num_workers", 10 ** 9],
+            "num_workers_zero": ["--num_workers", 0],
+            "max_seq_length_zero": ["--max_seq_length", 0]}[case]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("split_is_a_directory", "train.txt is not a regular file: make it the train examples"),
+    ("split_is_a_broken_link", "train.txt is a broken link: make it the train examples"),
+    ("output_is_a_directory", "train.npy is a directory: move it away, or give another "
+                              "--output_dir"),
+    ("pretrain_model_dir_is_a_file", "model.ckpt is a file: give the model directory that "
+                                     "holds encoder.json and vocab.bpe"),
+    ("num_workers_huge", "--num_workers must be 1 to "),
+    ("num_workers_zero", "--num_workers must be 1 to "),
+    ("max_seq_length_zero", "--max_seq_length must be at least 3 (got 0)"),
+])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, case, message):
+    args = _setup_bad_input(tmp_path, case)
+    before = sorted(os.listdir(tmp_path))
+    proc = subprocess.run([sys.executable, "prepare_data.py", "--quiet", "--data_dir",
+                           str(tmp_path), *map(str, args)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written, nothing left
+    if case == "output_is_a_directory":
+        assert os.listdir(tmp_path / "train.npy") == []
+
+
+def test_unreadable_text_file_is_an_error(tmp_path, monkeypatch):
+    write(tmp_path / "train.txt", "Hello world\n")
+
+    def no_read(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    monkeypatch.setattr(data_utils, "open", no_read, raising=False)
+    with pytest.raises(UserError, match=r"cannot read .*train.txt \(Permission denied\)"):
+        prepare("--data_dir", tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["train.txt"]

@@ -1,14 +1,15 @@
 """Prepared data: text lines -> fixed-size records of GPT-2 token ids, and back.
 
 `prepare_data.py` turns each split's text file (`train.txt`, `dev.txt`,
-`test.txt`: one example per line) into `<split>.npy`. Each non-empty line
-becomes
+`test.txt`: one example per line, lines ending as with `str.splitlines`) into
+`<split>.npy`. Each non-empty line becomes
 
     <|endoftext|> + BPE(line) + <|endoftext|>
 
 as in the original Texar example: the BPE tokens are cut to
 `max_seq_length - 2` first, so every example keeps both special tokens, then
-padded with <|endoftext|> to `max_seq_length`.
+padded with <|endoftext|> to `max_seq_length`. A line longer than that needs
+is read only as far as its first tokens need (see `LongLineCut`).
 
 The file is a plain NumPy `.npy` holding a 1-D structured array, one record per
 example:
@@ -128,81 +129,38 @@ def prepare_output_dir(output_dir: str) -> None:
 # know: "\v", "\f", "\x1c", "\x1d", "\x1e", NEL "\x85", LINE SEPARATOR
 # "\u2028" and PARAGRAPH SEPARATOR "\u2029". gpt2_train_main.py's TSV writer
 # replaces the same set, so its output reads back one sample per line.
-
-# Those boundaries as UTF-8 bytes. Each is a whole character, and no other
-# character's UTF-8 contains one, so splitting the bytes splits valid text
-# exactly where str.splitlines splits the decoded text.
-_LINE_BREAK = re.compile(rb"\r\n|[\n\r\v\f\x1c-\x1e]|\xc2\x85|\xe2\x80[\xa8\xa9]")
-# A block may end inside a break ("\r" of "\r\n", or part of U+0085, U+2028,
-# U+2029): those bytes wait for the next block. Longest first.
-_BREAK_STARTS = (b"\xe2\x80", b"\r", b"\xc2", b"\xe2")
-# Bytes read at a time; a longer line is decoded a block at a time, so memory
-# stays bounded whatever the line length.
+_LINE_ENDS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+# Bytes read and decoded at a time; a longer line is read a block at a time,
+# so memory stays bounded whatever the line length.
 READ_BLOCK = 1 << 20
 
 
-def _line_parts(f, on_read=None) -> Iterator[Tuple[bytes, bool]]:
-    """(bytes, ends_line) for the lines of binary file `f`, breaks removed.
-
-    A line within one block comes as a single part; a longer one as several,
-    the last with ends_line True. A final line without a break ends the file
-    (as with str.splitlines, a break at the very end adds no empty line).
-    """
-    held = b""          # bytes that may start a break, waiting for the next block
-    in_line = False     # parts of an unfinished line were yielded
-    while True:
-        block = f.read(READ_BLOCK)
-        if on_read is not None:
-            on_read(len(block))
-        data = held + block if held else block
-        hold = next((len(s) for s in _BREAK_STARTS if data.endswith(s)), 0) if block else 0
-        lines = _LINE_BREAK.split(data[:len(data) - hold])
-        held = data[len(data) - hold:]
-        for line in lines[:-1]:
-            yield line, True
-        if len(lines) > 1:
-            in_line = False
-        last = lines[-1]
-        if not block:  # end of file
-            if last or in_line:
-                yield last, True
-            return
-        if last:
-            yield last, False
-            in_line = True
-
-
-def _not_utf8(path: str, number: int, data: bytes, err: UnicodeDecodeError,
-              offset: int = 0) -> UserError:
-    return UserError(
-        f"{path} line {number} is not valid UTF-8 (byte 0x{data[err.start]:02x} at "
-        f"byte {offset + err.start + 1} of the line): convert the file to UTF-8, e.g. "
-        f"'iconv -f latin1 -t utf-8 in.txt > out.txt'")
+def _open_text(path: str):
+    try:
+        return open(path, "rb")
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror})") from None
 
 
 class _LongLine:
-    """A line read in several parts: decoded part by part, at most `keep`
-    characters kept (from its first non-space character on)."""
+    """A line that spans blocks: its parts, of which at most `keep` characters
+    are kept (from its first non-space character on)."""
 
-    def __init__(self, path: str, number: int, keep: int):
-        self.path, self.number, self.keep = path, number, keep
-        self.offset = 0        # bytes of the line decoded so far
-        self.undecoded = b""   # a character cut by the end of a part
-        self.kept: List[str] = []
+    def __init__(self, number: int, keep: int):
+        self.number = number
         self.room = keep
+        self.kept: List[str] = []
+        self.bytes = 0         # UTF-8 bytes of the line so far
+        self.at_start = True   # nothing added yet
         self.started = False   # a non-space character was seen
         self.more = False      # non-space text after the kept characters
 
-    def add(self, part: bytes, final: bool) -> None:
-        data = self.undecoded + part
-        try:
-            text, used = codecs.utf_8_decode(data, "strict", final)
-        except UnicodeDecodeError as err:
-            raise _not_utf8(self.path, self.number, data, err, self.offset) from None
-        if self.offset == 0 and self.number == 1 and text.startswith("\ufeff"):
+    def add(self, text: str, ends: bool) -> None:
+        if not ends:  # the end of a line is not read on; no need to count it
+            self.bytes += len(text.encode("utf-8"))
+        if self.number == 1 and self.at_start and text.startswith("\ufeff"):
             text = text[1:]  # a byte-order mark is not part of the text
-        self.offset += used
-        self.undecoded = data[used:]
+        self.at_start = False
         if not self.started:
             text = text.lstrip()
             self.started = bool(text)
@@ -213,49 +171,79 @@ class _LongLine:
         if text and not self.more and not text.isspace():
             self.more = True
 
-    def result(self) -> Tuple[str, bool]:
+    def result(self) -> Tuple[int, str, bool]:
         text = "".join(self.kept)
-        return (text, False) if self.more else (text.rstrip(), True)
+        return (self.number, text, False) if self.more else \
+            (self.number, text.rstrip(), True)
+
+
+def _not_utf8(path: str, data: bytes, start: int, finished: int,
+              spanning: Optional[_LongLine]) -> UserError:
+    """The error for the bad byte data[start], after `finished` whole lines."""
+    before = data[:start].decode("utf-8")  # valid: decoding stopped at `start`
+    parts = before.splitlines(keepends=True)
+    tail = parts.pop() if parts and parts[-1][-1] not in _LINE_ENDS else ""
+    offset = len(tail.encode("utf-8"))
+    if not parts and spanning is not None:
+        offset += spanning.bytes  # the line began in an earlier block
+    return UserError(
+        f"{path} line {finished + 1 + len(parts)} is not valid UTF-8 (byte "
+        f"0x{data[start]:02x} at byte {offset + 1} of the line): convert the file "
+        f"to UTF-8, e.g. 'iconv -f latin1 -t utf-8 in.txt > out.txt'")
 
 
 def iter_lines(path: str, keep: int, on_read=None) -> Iterator[Tuple[int, str, bool]]:
     """(line number, text, complete) for every line of a UTF-8 text file.
 
-    Lines end as with str.splitlines (see above). `text` is the line with
-    surrounding whitespace stripped, as the original example did; a line
-    whose stripped text is longer than `keep` characters gives only its first
-    `keep` (complete False), and is read in bounded memory however long it
-    is. A byte-order mark at the start of the file is dropped. A byte sequence
-    that is not UTF-8 is a UserError naming the file and the line.
-    `on_read(n)` is called with the size of each block read.
+    Lines end as with str.splitlines (see above; a break at the very end adds
+    no empty line). `text` is the line with surrounding whitespace stripped,
+    as the original example did; a line whose stripped text is longer than
+    `keep` characters gives only its first `keep` (complete False), and is
+    read in bounded memory however long it is. A byte-order mark at the start
+    of the file is dropped. A byte sequence that is not UTF-8 is a UserError
+    naming the file and the line. `on_read(n)` is told the size of each block.
     """
-    number = 0
-    spanning = None  # the line being read, while it spans blocks
-    try:
-        f = open(path, "rb")
-    except OSError as err:
-        raise UserError(f"cannot read {path} ({err.strerror})") from None
-    with f:
-        for part, ends in _line_parts(f, on_read):
-            if spanning is None and ends:  # the common case: a whole line at once
-                number += 1
-                try:
-                    text = part.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise _not_utf8(path, number, part, err) from None
-                if number == 1 and text.startswith("\ufeff"):
-                    text = text[1:]
-                text = text.strip()
-                yield (number, text, True) if len(text) <= keep else \
-                    (number, text[:keep], False)
-                continue
-            if spanning is None:
-                number += 1
-                spanning = _LongLine(path, number, keep)
-            spanning.add(part, final=ends)
-            if ends:
-                yield (number, *spanning.result())
-                spanning = None
+    finished = 0      # lines yielded
+    spanning = None   # a _LongLine while a line goes on past a block
+    held = b""        # bytes left for the next block: a cut character, a "\r"
+    with _open_text(path) as f:
+        while True:
+            block = f.read(READ_BLOCK)
+            if on_read is not None:
+                on_read(len(block))
+            data = held + block if held else block
+            # A "\r" at the end may be the start of "\r\n": decide with the next block.
+            end = len(data) - 1 if block and data.endswith(b"\r") else len(data)
+            try:
+                # final=False keeps a character cut by the block's end for the next.
+                text, used = codecs.utf_8_decode(memoryview(data)[:end], "strict",
+                                                 not block)
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, data, err.start, finished, spanning) from None
+            held = data[used:]
+            lines = text.splitlines()
+            unfinished = lines.pop() if text and text[-1] not in _LINE_ENDS else None
+            first = 0
+            if spanning is not None and lines:
+                spanning.add(lines[0], ends=True)
+                yield spanning.result()
+                spanning, finished, first = None, finished + 1, 1
+            for i in range(first, len(lines)):
+                finished += 1
+                line = lines[i]
+                if finished == 1 and line.startswith("\ufeff"):
+                    line = line[1:]  # a byte-order mark is not part of the text
+                line = line.strip()
+                yield (finished, line, True) if len(line) <= keep else \
+                    (finished, line[:keep], False)
+            if unfinished is not None:
+                if spanning is None:
+                    spanning = _LongLine(finished + 1, keep)
+                spanning.add(unfinished, ends=not block)
+            if not block:  # end of file
+                if spanning is not None:
+                    yield spanning.result()
+                return
 
 
 def scan_text_file(path: str, progress: bool = True) -> Tuple[int, int]:
