@@ -8,8 +8,9 @@
 
 as in the original Texar example: the BPE tokens are cut to
 `max_seq_length - 2` first, so every example keeps both special tokens, then
-padded with <|endoftext|> to `max_seq_length`. A line longer than that needs
-is read only as far as its first tokens need (see `LongLineCut`).
+padded with <|endoftext|> to `max_seq_length`. A long line is read only as far
+as those first tokens need (see `LongLineCut`), so even a line of hundreds of
+megabytes takes bounded memory.
 
 The file is a plain NumPy `.npy` holding a 1-D structured array, one record per
 example:
@@ -156,7 +157,7 @@ class _LongLine:
         self.more = False      # non-space text after the kept characters
 
     def add(self, text: str, ends: bool) -> None:
-        if not ends:  # the end of a line is not read on; no need to count it
+        if not ends:  # counted to place a bad byte further on in the line
             self.bytes += len(text.encode("utf-8"))
         if self.number == 1 and self.at_start and text.startswith("\ufeff"):
             text = text[1:]  # a byte-order mark is not part of the text
