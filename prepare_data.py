@@ -4,18 +4,24 @@
         [--max_seq_length 128] [--output_dir data/toy]
         [--pretrain_model_dir gpt2_pretrained_models/model_117M]
 
---data_dir holds any of train.txt, dev.txt, test.txt, one example per line.
+--data_dir holds any of train.txt, dev.txt, test.txt, one example per line
+(lines end at \n, \r\n or \r, and at the other breaks of Python's
+str.splitlines: \v \f \x1c-\x1e \x85 \u2028 \u2029).
 Each non-empty line becomes <|endoftext|> + BPE(line) + <|endoftext|>, cut to
 --max_seq_length tokens (the two special tokens included) and padded. Each
 split is written to <output_dir>/<split>.npy (see utils/data.py for the
 format), replacing any earlier one only once complete. All the text files are
-checked first, so a bad one changes nothing; Ctrl-C keeps the splits already
-written.
+checked first, so a bad one changes nothing; Ctrl-C or SIGTERM keeps the
+splits already written and leaves no temporary file. A line too long to hold
+in memory is read only as far as its first tokens need.
 """
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 
 from utils.errors import UserError, run_main
 
@@ -57,6 +63,9 @@ def vocab_dir_and_label(pretrain_model_dir):
             pretrain_model_dir = DEFAULT_PRETRAIN_MODEL_DIR
         else:
             return None, f"the GPT-2 vocabulary shipped in {SHIPPED_VOCAB_DIR}"
+    if os.path.exists(pretrain_model_dir) and not os.path.isdir(pretrain_model_dir):
+        raise UserError(f"--pretrain_model_dir {pretrain_model_dir} is a file: give the "
+                        f"model directory that holds {ENCODER_FILE} and vocab.bpe")
     if not os.path.isdir(pretrain_model_dir):
         raise UserError(f"--pretrain_model_dir {pretrain_model_dir} does not exist: "
                         f"give a GPT-2 model directory, or leave the flag out to "
@@ -67,23 +76,77 @@ def vocab_dir_and_label(pretrain_model_dir):
                                 f"({pretrain_model_dir} has none)")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same cleanup runs."""
+
+
+@contextmanager
+def sigterm_raises_terminated():
+    """While in the block, SIGTERM raises Terminated (only in the main thread)."""
+    def terminate(signum, frame):
+        raise Terminated()
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def split_files(data_dir):
+    """The splits whose text file is in `data_dir`, in SPLITS order."""
+    from utils.data import SPLITS, split_text_path
+    splits = []
+    for split in SPLITS:
+        path = split_text_path(data_dir, split)
+        if os.path.isfile(path):
+            splits.append(split)
+        elif os.path.lexists(path):  # a directory, a pipe, a device, a broken link
+            what = "a broken link" if not os.path.exists(path) else "not a regular file"
+            raise UserError(f"{path} is {what}: make it the {split} "
+                            f"examples, one per line, or move it away")
+    if not splits:
+        raise UserError(f"{data_dir} has none of train.txt, dev.txt, test.txt: "
+                        f"put the examples there, one per line")
+    return splits
+
+
+def check_num_workers(num_workers):
+    from utils.data import default_num_workers
+    most = max(default_num_workers(), os.cpu_count() or 1)
+    if num_workers is not None and not 1 <= num_workers <= most:
+        raise UserError(f"--num_workers must be 1 to {most}, this machine's cores "
+                        f"(got {num_workers}); leave it out to use them all")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from utils.data import (SPLITS, check_max_seq_length, check_text_file,
-                            prepare_output_dir, prepare_split, split_data_path,
-                            split_text_path)
+    if threading.current_thread() is not threading.main_thread():
+        return prepare(args)  # signal handlers can only be set in the main thread
+    with sigterm_raises_terminated():
+        try:
+            return prepare(args)
+        except Terminated:
+            # prepare() said what was written; files are cleaned up like on Ctrl-C.
+            print("terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
+
+
+def prepare(args) -> int:
+    from utils.data import (check_max_seq_length, check_text_file, prepare_output_dir,
+                            prepare_split, split_data_path, split_text_path)
 
     check_max_seq_length(args.max_seq_length)
-    if args.num_workers is not None and args.num_workers < 1:
-        raise UserError(f"--num_workers must be at least 1 (got {args.num_workers})")
+    check_num_workers(args.num_workers)
     if not os.path.isdir(args.data_dir):
         raise UserError(f"--data_dir {args.data_dir} is not a directory")
-    splits = [s for s in SPLITS if os.path.isfile(split_text_path(args.data_dir, s))]
-    if not splits:
-        raise UserError(f"{args.data_dir} has none of train.txt, dev.txt, test.txt: "
-                        f"put the examples there, one per line")
+    splits = split_files(args.data_dir)
     output_dir = args.data_dir if args.output_dir is None else args.output_dir
     prepare_output_dir(output_dir)  # before hours of encoding, not after
+    for split in splits:
+        out_path = split_data_path(output_dir, split)
+        if os.path.isdir(out_path):
+            raise UserError(f"{out_path} is a directory: move it away, or give "
+                            f"another --output_dir")
     vocab_dir, vocab_label = vocab_dir_and_label(args.pretrain_model_dir)
     print(f"Encoding {', '.join(s + '.txt' for s in splits)} from {args.data_dir} "
           f"with {vocab_label}; max_seq_length {args.max_seq_length}.", file=sys.stderr)
@@ -100,7 +163,7 @@ def main(argv=None) -> int:
                 max_seq_length=args.max_seq_length, vocab_dir=vocab_dir,
                 num_workers=args.num_workers, progress=not args.quiet,
                 counts=counts[split]))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as Terminated
         # Splits are written in order, each atomically: name what is done.
         done = ", ".join(f"{s}.npy" for s in splits[:len(summaries)])
         left = ", ".join(f"{s}.npy" for s in splits[len(summaries):])

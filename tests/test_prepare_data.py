@@ -279,37 +279,302 @@ def _encoding_started(out, first_chunk_done):
             return True
         try:
             return np.load(tmp, mmap_mode="r")["length"][0] > 0
-        except (OSError, ValueError):  # its header is not written yet
+        except (OSError, ValueError, EOFError):  # its header is not written yet
             pass
     return False
 
 
-# "starting": while the worker pool starts; "encoding": while workers encode.
-@pytest.mark.parametrize("when", ["starting", "encoding"])
-def test_ctrl_c_with_the_process_pool_exits_cleanly(tmp_path, when):
+def _stop_a_run(tmp_path, when, send, num_workers=2):
+    """Run prepare_data.py on a large train.txt and stop it with `send(pid)`.
+
+    Returns (exit code, stderr, output directory). The run has its own
+    process group, as in a terminal, so a signal can go to it whole.
+    """
     words = "the river runs far past an old mill and a stone bridge under quiet sky".split()
     with open(tmp_path / "train.txt", "w", encoding="utf-8") as f:
         for i in range(300_000):
             f.write(" ".join(words[(i * 7 + k * 3) % len(words)] for k in range(12)) + "\n")
     out = tmp_path / "out"
-    # Its own process group, which the Ctrl-C goes to, as in a terminal.
     proc = subprocess.Popen([sys.executable, "prepare_data.py", "--data_dir", str(tmp_path),
-                             "--output_dir", str(out), "--num_workers", "2"],
+                             "--output_dir", str(out), "--num_workers", str(num_workers)],
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
         while not _encoding_started(out, when == "encoding") and proc.poll() is None:
             time.sleep(0.01)
         assert proc.poll() is None, proc.communicate()
-        os.killpg(proc.pid, signal.SIGINT)
+        send(proc.pid)
         _, stderr = proc.communicate(timeout=60)  # a guard against the old hang
+        # The workers were wound down before the run exited: none is left.
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)
     finally:
         try:  # whatever is left of the group, a stray worker included
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         proc.communicate()
-    assert proc.returncode == 130, stderr
+    return proc.returncode, stderr, out
+
+
+# "starting": while the worker pool starts; "encoding": while workers encode.
+@pytest.mark.parametrize("when", ["starting", "encoding"])
+def test_ctrl_c_with_the_process_pool_exits_cleanly(tmp_path, when):
+    code, stderr, out = _stop_a_run(tmp_path, when,
+                                    lambda pid: os.killpg(pid, signal.SIGINT))
+    assert code == 130, stderr
     assert "Traceback" not in stderr
     assert "interrupted: train.npy not written" in stderr
     assert os.listdir(out) == []  # no temporary file, no half-written split
+
+
+# SIGTERM to the run alone (kill PID) or to its whole group (a service
+# manager, a container stop), with and without the worker pool.
+@pytest.mark.parametrize("when, to, num_workers", [
+    ("encoding", "run", 2), ("encoding", "group", 2), ("starting", "group", 2),
+    ("encoding", "run", 1)])
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, when, to, num_workers):
+    kill = {"run": lambda pid: os.kill(pid, signal.SIGTERM),
+            "group": lambda pid: os.killpg(pid, signal.SIGTERM)}[to]
+    code, stderr, out = _stop_a_run(tmp_path, when, kill, num_workers)
+    assert code == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert lines[-2:] == ["interrupted: train.npy not written", "terminated"], stderr
+    assert os.listdir(out) == []  # no temporary file, no half-written split
+
+
+# ------------------------------------------------------------ line endings
+
+# Every line boundary of str.splitlines, which prepare_data follows.
+LINE_BREAKS = ["\n", "\r\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85",
+               "\u2028", "\u2029"]
+
+
+def test_cr_only_line_endings_give_one_example_per_line(tmp_path, capsys):
+    lines = [f"Line {i} of an old Mac file." for i in range(152)]
+    # As bytes, so the file holds exactly these line ends on any platform.
+    write(tmp_path / "train.txt", ("\r".join(lines) + "\r").encode("utf-8"), "wb")
+    assert prepare("--data_dir", tmp_path, "--max_seq_length", 16) == 0
+    assert "train: 152 examples" in capsys.readouterr().out
+    rec = records(tmp_path / "train.npy")
+    enc = get_encoder()
+    assert [row["text_ids"][1:row["length"] - 1].tolist() for row in rec] == \
+        [enc.encode(line) for line in lines]
+
+
+def test_every_splitlines_boundary_ends_a_line(tmp_path, capsys):
+    text = "".join(f"line {i}{brk}" for i, brk in enumerate(LINE_BREAKS)) + "last"
+    write(tmp_path / "train.txt", text.encode("utf-8"), "wb")
+    assert prepare("--data_dir", tmp_path, "--max_seq_length", 16) == 0
+    assert f"train: {len(LINE_BREAKS) + 1} examples, " in capsys.readouterr().out
+    rec = records(tmp_path / "train.npy")
+    enc = get_encoder()
+    assert [row["text_ids"][1:row["length"] - 1].tolist() for row in rec] == \
+        [enc.encode(line) for line in text.splitlines()]
+
+
+def test_non_utf8_line_number_counts_every_kind_of_line_end(tmp_path):
+    write(tmp_path / "train.txt", "one\rtwo\u2028three\r\nfour\x85caf\xe9\n".encode("utf-8")
+          .replace(b"caf\xc3\xa9", b"caf\xe9"), "wb")
+    proc = subprocess.run([sys.executable, "prepare_data.py", "--data_dir", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "train.txt line 5 is not valid UTF-8 (byte " \
+        "0xe9 at byte 4 of the line)" in last
+    assert sorted(os.listdir(tmp_path)) == ["train.txt"]
+
+
+def _random_text(rng, alphabet, length):
+    return "".join(rng.choice(alphabet) for _ in range(rng.randrange(length)))
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 7, 1 << 20])
+def test_reading_matches_str_splitlines_at_any_block_size(tmp_path, monkeypatch, block):
+    # Small blocks cut lines, "\r\n" and the bytes of U+2028 across reads.
+    monkeypatch.setattr(data_utils, "READ_BLOCK", block)
+    rng = __import__("random").Random(block)
+    alphabet = list("ab é中 \t") + ["\u3000", "\ufeff", "'s"] + LINE_BREAKS
+    path = tmp_path / "t.txt"
+    for _ in range(150):
+        text = _random_text(rng, alphabet, 40)
+        write(path, text.encode("utf-8"), "wb")
+        expected = text.splitlines()
+        if expected and expected[0].startswith("\ufeff"):
+            expected[0] = expected[0][1:]  # a byte-order mark is not text
+        for keep in (1, 3, 100):
+            got = [(text, complete) for _, text, complete in
+                   data_utils.iter_lines(str(path), keep)]
+            assert got == [(line.strip()[:keep], len(line.strip()) <= keep)
+                           for line in expected], (text, keep)
+
+
+@pytest.mark.parametrize("block", [1, 2, 5, 1 << 20])
+def test_non_utf8_line_and_byte_are_right_at_any_block_size(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(data_utils, "READ_BLOCK", block)
+    rng = __import__("random").Random(block)
+    alphabet = list("ab é中 ") + ["\ufeff", "\u2028", "\r\n"] + LINE_BREAKS
+    path = tmp_path / "t.txt"
+    for _ in range(150):
+        chars = [rng.choice(alphabet) for _ in range(rng.randrange(30))]
+        at = rng.randrange(len(chars) + 1)
+        data = "".join(chars[:at]).encode() + b"\xff" + "".join(chars[at:]).encode()
+        write(path, data, "wb")
+        # Where the bad byte is, found another way: decoded with it kept.
+        lines = data.decode("utf-8", "surrogateescape").splitlines()
+        number = next(n for n, line in enumerate(lines, 1) if "\udcff" in line)
+        offset = len(lines[number - 1].split("\udcff")[0].encode()) + 1
+        with pytest.raises(UserError, match=f"t.txt line {number} is not valid UTF-8 "
+                                            f"\\(byte 0xff at byte {offset} of the line"):
+            list(data_utils.iter_lines(str(path), keep=3))
+
+
+def test_non_utf8_in_a_line_longer_than_a_block_names_line_and_byte(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_utils, "READ_BLOCK", 4)
+    write(tmp_path / "t.txt", b"ok\r" + "caf\u00e9 ".encode() * 5 + b"\xff tail\n", "wb")
+    with pytest.raises(UserError, match=r"t.txt line 2 is not valid UTF-8 \(byte 0xff "
+                                        r"at byte 31 of the line\)"):
+        list(data_utils.iter_lines(str(tmp_path / "t.txt"), keep=5))
+
+
+# ------------------------------------------------------------ long lines
+
+def test_a_long_line_is_cut_where_its_first_tokens_are_certain():
+    # GPT-2 tokens of the cut start are the first tokens of the whole text,
+    # whatever the text around the cut: contractions, runs of spaces of any
+    # kind, letters, digits, punctuation.
+    enc = get_encoder()
+    longest = max(len(token) for token in enc.encoder)
+    rng = __import__("random").Random(0)
+    alphabet = list("ab é中 \t.,'!-") + ["'s", "'ll", "'re", "'d", "12", "\u3000", "  ",
+                                        "x" * 30, "\u00a0", "\u2003", "\x1f", " '"]
+    certain = 0
+    for _ in range(4000):
+        whole = _random_text(rng, alphabet, 80) + "."
+        kept = whole[:rng.randint(1, len(whole))]
+        cut = data_utils.LongLineCut(tokens=rng.randint(1, 12),
+                                     token_bytes=rng.choice([1, longest]))
+        start = cut.cut(kept)
+        assert whole.startswith(start)
+        if start == kept:
+            continue  # no certain cut in so short a text: encoded as kept
+        certain += 1
+        ids = enc.encode(start)
+        assert enc.encode(whole)[:len(ids)] == ids, (whole, kept, start)
+        if cut.token_bytes == longest:
+            assert len(ids) >= cut.tokens, (whole, kept, start)
+    assert certain > 1000  # the property was checked, not skipped
+
+
+def test_long_lines_among_short_ones(tmp_path, monkeypatch, capsys):
+    # Lines longer than a read block, and longer than what is kept of them.
+    monkeypatch.setattr(data_utils, "READ_BLOCK", 64)
+    monkeypatch.setattr(data_utils, "LONG_PIECE_CHARS", 50)
+    words = "the river runs far past an old mill, and a stone bridge's arch".split()
+    long_line = " ".join(words[i % len(words)] for i in range(3000))
+    lines = ["Hello world", "  " + long_line + " \t", "", "The cat sat.", long_line[:100]]
+    write(tmp_path / "train.txt", "\n".join(lines) + "\n")
+    assert prepare("--data_dir", tmp_path, "--max_seq_length", 12) == 0
+    assert "4 examples" in capsys.readouterr().out
+    enc = get_encoder()
+    rec = records(tmp_path / "train.npy")
+    for row, line in zip(rec, [lines[0], long_line, lines[3], lines[4]]):
+        expected = [EOS_ID] + enc.encode(line.strip())[:10] + [EOS_ID]
+        assert row["text_ids"][:row["length"]].tolist() == expected
+
+
+def _peak_memory_mb(data_dir, out_dir):
+    """Peak resident memory (MB) of prepare_data.py run in a fresh process."""
+    script = ("import atexit, resource, runpy, sys\n"
+              "atexit.register(lambda: print('maxrss', resource.getrusage("
+              "resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))\n"
+              f"sys.argv = ['prepare_data.py', '--quiet', '--data_dir', {str(data_dir)!r}, "
+              f"'--output_dir', {str(out_dir)!r}, '--max_seq_length', '64']\n"
+              "runpy.run_path('prepare_data.py', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    return int(proc.stderr.split("maxrss")[-1]) / 1024  # Linux reports KB
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KB on Linux")
+def test_a_giant_single_line_is_read_in_bounded_memory(tmp_path):
+    small, big = tmp_path / "small", tmp_path / "big"
+    small.mkdir()
+    big.mkdir()
+    sentence = "The river runs past the old mill, and the stone bridge's arch holds. "
+    block = sentence * (1_000_000 // len(sentence))
+    write(small / "train.txt", block[:20_000] + "\n")
+    with open(big / "train.txt", "w", encoding="utf-8") as f:
+        for _ in range(200):  # 200 MB, no line break at all
+            f.write(block)
+    size_mb = os.path.getsize(big / "train.txt") / 1e6
+    baseline = _peak_memory_mb(small, small)
+    peak = _peak_memory_mb(big, big)
+    # Reading the line whole would take 3 to 4 times the file size.
+    print(f"peak {peak:.0f} MB, baseline {baseline:.0f} MB, file {size_mb:.0f} MB")
+    assert peak - baseline < 64, (peak, baseline, size_mb)
+    rec = records(big / "train.npy")
+    assert len(rec) == 1 and rec["length"][0] == 64
+    assert rec["text_ids"][0].tolist() == [EOS_ID] + get_encoder().encode(block)[:62] + [EOS_ID]
+
+
+# ------------------------------------------------- more bad input, one line each
+
+def _setup_bad_input(tmp_path, case):
+    """Files for one bad-input case, and the extra command-line arguments."""
+    write(tmp_path / "dev.txt", "Hello world\n")
+    if case == "split_is_a_directory":
+        (tmp_path / "train.txt").mkdir()
+        return []
+    if case == "split_is_a_broken_link":
+        os.symlink(tmp_path / "gone.txt", tmp_path / "train.txt")
+        return []
+    write(tmp_path / "train.txt", "Hello world\n")
+    if case == "output_is_a_directory":
+        (tmp_path / "train.npy").mkdir()
+        return []
+    if case == "pretrain_model_dir_is_a_file":
+        write(tmp_path / "model.ckpt", "x")
+        return ["--pretrain_model_dir", tmp_path / "model.ckpt"]
+    return {"num_workers_huge": ["--num_workers", 10 ** 9],
+            "num_workers_zero": ["--num_workers", 0],
+            "max_seq_length_zero": ["--max_seq_length", 0]}[case]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("split_is_a_directory", "train.txt is not a regular file: make it the train examples"),
+    ("split_is_a_broken_link", "train.txt is a broken link: make it the train examples"),
+    ("output_is_a_directory", "train.npy is a directory: move it away, or give another "
+                              "--output_dir"),
+    ("pretrain_model_dir_is_a_file", "model.ckpt is a file: give the model directory that "
+                                     "holds encoder.json and vocab.bpe"),
+    ("num_workers_huge", "--num_workers must be 1 to "),
+    ("num_workers_zero", "--num_workers must be 1 to "),
+    ("max_seq_length_zero", "--max_seq_length must be at least 3 (got 0)"),
+])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, case, message):
+    args = _setup_bad_input(tmp_path, case)
+    before = sorted(os.listdir(tmp_path))
+    proc = subprocess.run([sys.executable, "prepare_data.py", "--quiet", "--data_dir",
+                           str(tmp_path), *map(str, args)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written, nothing left
+    if case == "output_is_a_directory":
+        assert os.listdir(tmp_path / "train.npy") == []
+
+
+def test_unreadable_text_file_is_an_error(tmp_path, monkeypatch):
+    write(tmp_path / "train.txt", "Hello world\n")
+
+    def no_read(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    monkeypatch.setattr(data_utils, "open", no_read, raising=False)
+    with pytest.raises(UserError, match=r"cannot read .*train.txt \(Permission denied\)"):
+        prepare("--data_dir", tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["train.txt"]

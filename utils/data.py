@@ -1,14 +1,16 @@
 """Prepared data: text lines -> fixed-size records of GPT-2 token ids, and back.
 
 `prepare_data.py` turns each split's text file (`train.txt`, `dev.txt`,
-`test.txt`: one example per line) into `<split>.npy`. Each non-empty line
-becomes
+`test.txt`: one example per line, lines ending as with `str.splitlines`) into
+`<split>.npy`. Each non-empty line becomes
 
     <|endoftext|> + BPE(line) + <|endoftext|>
 
 as in the original Texar example: the BPE tokens are cut to
 `max_seq_length - 2` first, so every example keeps both special tokens, then
-padded with <|endoftext|> to `max_seq_length`.
+padded with <|endoftext|> to `max_seq_length`. A long line is read only as far
+as those first tokens need (see `LongLineCut`), so even a line of hundreds of
+megabytes takes bounded memory.
 
 The file is a plain NumPy `.npy` holding a 1-D structured array, one record per
 example:
@@ -25,6 +27,7 @@ complete: an interrupted run never leaves a half-written split.
 `PreparedSplit` reads such a file back and builds batches padded only to the
 longest example in the batch.
 """
+import codecs
 import errno
 import os
 import re
@@ -52,6 +55,9 @@ MIN_LINES_FOR_POOL = 4 * CHUNK_LINES
 # GPT-2's n_ctx is 1024; allow bigger-context configs, but not sizes whose
 # records (2 bytes a token) could not be allocated.
 MAX_SEQ_LENGTH = 65536
+# Signals that stop a run: Ctrl-C, and SIGTERM, which prepare_data.py turns
+# into an exception like Ctrl-C's.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def split_text_path(data_dir: str, split: str) -> str:
@@ -118,27 +124,127 @@ def prepare_output_dir(output_dir: str) -> None:
 
 # ---------------------------------------------------------------------------
 # Reading text files
+#
+# A line ends where Python's str.splitlines ends one: at "\n", "\r\n", "\r"
+# (universal newlines), and at the other line boundaries Unicode and Python
+# know: "\v", "\f", "\x1c", "\x1d", "\x1e", NEL "\x85", LINE SEPARATOR
+# "\u2028" and PARAGRAPH SEPARATOR "\u2029". gpt2_train_main.py's TSV writer
+# replaces the same set, so its output reads back one sample per line.
+_LINE_ENDS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+# Bytes read and decoded at a time; a longer line is read a block at a time,
+# so memory stays bounded whatever the line length.
+READ_BLOCK = 1 << 20
 
-def iter_lines(path: str) -> Iterator[Tuple[int, str]]:
-    """(line number, stripped text) for every line of a UTF-8 file.
 
-    Lines end at "\\n" only; surrounding whitespace (including "\\r") is
-    stripped, as the original example did. A byte sequence that is not UTF-8
-    is a UserError naming the file and the line.
+def _open_text(path: str):
+    try:
+        return open(path, "rb")
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror})") from None
+
+
+class _LongLine:
+    """A line that spans blocks: its parts, of which at most `keep` characters
+    are kept (from its first non-space character on)."""
+
+    def __init__(self, number: int, keep: int):
+        self.number = number
+        self.room = keep
+        self.kept: List[str] = []
+        self.bytes = 0         # UTF-8 bytes of the line so far
+        self.at_start = True   # nothing added yet
+        self.started = False   # a non-space character was seen
+        self.more = False      # non-space text after the kept characters
+
+    def add(self, text: str, ends: bool) -> None:
+        if not ends:  # counted to place a bad byte further on in the line
+            self.bytes += len(text.encode("utf-8"))
+        if self.number == 1 and self.at_start and text.startswith("\ufeff"):
+            text = text[1:]  # a byte-order mark is not part of the text
+        self.at_start = False
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        if self.room > 0:
+            self.kept.append(text[:self.room])
+            self.room -= len(self.kept[-1])
+            text = text[len(self.kept[-1]):]
+        if text and not self.more and not text.isspace():
+            self.more = True
+
+    def result(self) -> Tuple[int, str, bool]:
+        text = "".join(self.kept)
+        return (self.number, text, False) if self.more else \
+            (self.number, text.rstrip(), True)
+
+
+def _not_utf8(path: str, data: bytes, start: int, finished: int,
+              spanning: Optional[_LongLine]) -> UserError:
+    """The error for the bad byte data[start], after `finished` whole lines."""
+    before = data[:start].decode("utf-8")  # valid: decoding stopped at `start`
+    parts = before.splitlines(keepends=True)
+    tail = parts.pop() if parts and parts[-1][-1] not in _LINE_ENDS else ""
+    offset = len(tail.encode("utf-8"))
+    if not parts and spanning is not None:
+        offset += spanning.bytes  # the line began in an earlier block
+    return UserError(
+        f"{path} line {finished + 1 + len(parts)} is not valid UTF-8 (byte "
+        f"0x{data[start]:02x} at byte {offset + 1} of the line): convert the file "
+        f"to UTF-8, e.g. 'iconv -f latin1 -t utf-8 in.txt > out.txt'")
+
+
+def iter_lines(path: str, keep: int, on_read=None) -> Iterator[Tuple[int, str, bool]]:
+    """(line number, text, complete) for every line of a UTF-8 text file.
+
+    Lines end as with str.splitlines (see above; a break at the very end adds
+    no empty line). `text` is the line with surrounding whitespace stripped,
+    as the original example did; a line whose stripped text is longer than
+    `keep` characters gives only its first `keep` (complete False), and is
+    read in bounded memory however long it is. A byte-order mark at the start
+    of the file is dropped. A byte sequence that is not UTF-8 is a UserError
+    naming the file and the line. `on_read(n)` is told the size of each block.
     """
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
+    finished = 0      # lines yielded
+    spanning = None   # a _LongLine while a line goes on past a block
+    held = b""        # bytes left for the next block: a cut character, a "\r"
+    with _open_text(path) as f:
+        while True:
+            block = f.read(READ_BLOCK)
+            if on_read is not None:
+                on_read(len(block))
+            data = held + block if held else block
+            # A "\r" at the end may be the start of "\r\n": decide with the next block.
+            end = len(data) - 1 if block and data.endswith(b"\r") else len(data)
             try:
-                text = raw.decode("utf-8")
+                # final=False keeps a character cut by the block's end for the next.
+                text, used = codecs.utf_8_decode(memoryview(data)[:end], "strict",
+                                                 not block)
             except UnicodeDecodeError as err:
-                raise UserError(
-                    f"{path} line {number} is not valid UTF-8 (byte "
-                    f"0x{raw[err.start]:02x} at byte {err.start + 1} of the line): "
-                    f"convert the file to UTF-8, e.g. "
-                    f"'iconv -f latin1 -t utf-8 in.txt > out.txt'") from None
-            if number == 1 and text.startswith("\ufeff"):
-                text = text[1:]  # a byte-order mark is not part of the text
-            yield number, text.strip()
+                raise _not_utf8(path, data, err.start, finished, spanning) from None
+            held = data[used:]
+            lines = text.splitlines()
+            unfinished = lines.pop() if text and text[-1] not in _LINE_ENDS else None
+            first = 0
+            if spanning is not None and lines:
+                spanning.add(lines[0], ends=True)
+                yield spanning.result()
+                spanning, finished, first = None, finished + 1, 1
+            for i in range(first, len(lines)):
+                finished += 1
+                line = lines[i]
+                if finished == 1 and line.startswith("\ufeff"):
+                    line = line[1:]  # a byte-order mark is not part of the text
+                line = line.strip()
+                yield (finished, line, True) if len(line) <= keep else \
+                    (finished, line[:keep], False)
+            if unfinished is not None:
+                if spanning is None:
+                    spanning = _LongLine(finished + 1, keep)
+                spanning.add(unfinished, ends=not block)
+            if not block:  # end of file
+                if spanning is not None:
+                    yield spanning.result()
+                return
 
 
 def scan_text_file(path: str, progress: bool = True) -> Tuple[int, int]:
@@ -153,12 +259,12 @@ def scan_text_file(path: str, progress: bool = True) -> Tuple[int, int]:
     with tqdm(total=size, unit="B", unit_scale=True, desc=f"check {os.path.basename(path)}",
               disable=True if not progress or size < (64 << 20) else None,
               leave=False) as bar:
-        for _, text in iter_lines(path):
+        # One character tells an empty line from an example.
+        for _, text, _ in iter_lines(path, keep=1, on_read=bar.update):
             if text:
                 examples += 1
             else:
                 empty += 1
-            bar.update(len(text) + 1)  # approximate; only for the display
     return examples, empty
 
 
@@ -203,9 +309,11 @@ def _init_worker(vocab_dir: Optional[str], max_seq_length: int,
 
 
 def _init_pool_worker(stop, *init_args) -> None:
-    # Ctrl-C is for the parent, which winds the pool down: a worker killed by
-    # it mid-message prints a traceback and can leave the pool hung.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C and SIGTERM are for the parent, which winds the pool down: a
+    # worker killed by one mid-message prints a traceback, and one that dies
+    # loses its chunk, so the pool never finishes.
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     _init_worker(*init_args)
     _WORKER["stop"] = stop
 
@@ -220,20 +328,106 @@ def _encode_chunk(lines: List[str]) -> Optional[Tuple[np.ndarray, int]]:
     return pack_records(token_lists, w["max_seq_length"], w["dtype"], w["eos_id"])
 
 
-def _chunks(path: str) -> Iterator[List[str]]:
+# A long line is read up to its first max_seq_length * (longest token) bytes,
+# plus this many characters: room for the word (piece) that straddles that
+# point, so the cut can fall between two pieces. See LongLineCut.
+LONG_PIECE_CHARS = 1 << 16
+# Characters handed to a worker at a time, at most (besides CHUNK_LINES).
+CHUNK_CHARS = 1 << 22
+
+
+@dataclass(frozen=True)
+class LongLineCut:
+    """What of a long line to encode: a start with the same first tokens.
+
+    An example keeps only its first max_seq_length - 2 tokens, so a long line
+    need not be read whole (a 300 MB line in one str would exhaust memory).
+    `iter_lines` keeps the first `keep_chars` characters; `cut` shortens them
+    to a start whose BPE tokens are certainly the first tokens of the whole
+    line, at least `tokens` of them.
+
+    Why that is possible: GPT-2 first splits text into pieces with a regular
+    expression (utils.processor.GPT2_SPLIT_PATTERN), then runs BPE inside each
+    piece. A piece of the kept text that ends 3 or more characters before its
+    end was matched without looking past it (contractions read at most 3
+    characters, the other alternatives one past their match), so it is also
+    a piece of the whole line, as is every piece before it. The cut is at the
+    end of such a piece whose last character is not whitespace: there the
+    text's end stops every alternative just as the next character did (only
+    whitespace pieces look ahead, and none spans the cut), so encoding the
+    text up to the cut gives exactly the whole line's first tokens. Enough
+    of them is certain once there are `tokens` pieces (each piece is at
+    least one token), or `tokens * token_bytes` bytes (no token is longer
+    than `token_bytes`).
+
+    The one approximation: when a single piece (a run of letters, digits,
+    punctuation or spaces without a break) straddles that point and runs past
+    the kept characters, the kept text is encoded as it is, so the BPE of that
+    piece starts from its first characters only (the whole line would need
+    the whole piece in memory).
+    """
+    tokens: int        # tokens needed: one more than fit, so a cut line counts as truncated
+    token_bytes: int   # the vocabulary's longest token, in bytes
+
+    @classmethod
+    def for_examples(cls, max_seq_length: int, encoder) -> "LongLineCut":
+        # Tokens are stored as one character per byte (GPT-2's byte alphabet).
+        return cls(tokens=max_seq_length - 1,
+                   token_bytes=max(len(token) for token in encoder.encoder))
+
+    @property
+    def keep_chars(self) -> int:
+        return self.tokens * self.token_bytes + LONG_PIECE_CHARS
+
+    def cut(self, kept: str) -> str:
+        settled = len(kept) - 3  # pieces ending later may go on past the kept text
+        pieces = size = 0
+        split, space = _gpt2_regexes()
+        for piece in split.finditer(kept):
+            end = piece.end()
+            if end > settled:
+                break
+            pieces += 1
+            size += len(piece.group().encode("utf-8"))
+            if ((pieces >= self.tokens or size >= self.tokens * self.token_bytes)
+                    and not space.match(kept, end - 1)):
+                return kept[:end]
+        return kept  # one piece runs past the kept text: the approximation
+
+
+_GPT2_REGEXES = None  # compiled on first use
+
+
+def _gpt2_regexes():
+    """GPT-2's pre-tokenizer, and its idea of a whitespace character."""
+    global _GPT2_REGEXES
+    if _GPT2_REGEXES is None:
+        import regex
+        from utils.processor import GPT2_SPLIT_PATTERN
+        _GPT2_REGEXES = regex.compile(GPT2_SPLIT_PATTERN), regex.compile(r"\s")
+    return _GPT2_REGEXES
+
+
+def _chunks(path: str, long_line: LongLineCut) -> Iterator[List[str]]:
+    """The non-empty lines of `path`, long ones cut, in lists of bounded size."""
     chunk: List[str] = []
-    for _, text in iter_lines(path):
+    chars = 0
+    for _, text, complete in iter_lines(path, long_line.keep_chars):
         if text:
+            if not complete:
+                text = long_line.cut(text)
             chunk.append(text)
-            if len(chunk) == CHUNK_LINES:
+            chars += len(text)
+            if len(chunk) == CHUNK_LINES or chars >= CHUNK_CHARS:
                 yield chunk
                 chunk = []
+                chars = 0
     if chunk:
         yield chunk
 
 
-def _encoded_chunks(path: str, num_workers: int, init_args: tuple
-                    ) -> Iterator[Tuple[np.ndarray, int]]:
+def _encoded_chunks(path: str, long_line: LongLineCut, num_workers: int,
+                    init_args: tuple) -> Iterator[Tuple[np.ndarray, int]]:
     """Encoded chunks in file order, BPE spread over `num_workers` processes.
 
     At most two chunks per worker are in flight, so memory stays bounded
@@ -241,7 +435,7 @@ def _encoded_chunks(path: str, num_workers: int, init_args: tuple
     """
     if num_workers <= 1:
         _init_worker(*init_args)
-        for chunk in _chunks(path):
+        for chunk in _chunks(path, long_line):
             yield _encode_chunk(chunk)
         return
     import multiprocessing
@@ -250,11 +444,11 @@ def _encoded_chunks(path: str, num_workers: int, init_args: tuple
     stop = context.Event()
     pool = None
     try:
-        with _ctrl_c_held():
+        with _signals_held():
             pool = context.Pool(num_workers, initializer=_init_pool_worker,
                                 initargs=(stop, *init_args))
         pending = deque()
-        for chunk in _chunks(path):
+        for chunk in _chunks(path, long_line):
             pending.append(pool.apply_async(_encode_chunk, (chunk,)))
             if len(pending) >= 2 * num_workers:
                 yield pending.popleft().get()
@@ -271,26 +465,31 @@ def _encoded_chunks(path: str, num_workers: int, init_args: tuple
 
 
 @contextmanager
-def _ctrl_c_held():
-    """Hold a Ctrl-C back until the block is done, then raise it.
+def _signals_held():
+    """Hold Ctrl-C and SIGTERM back until the block is done, then act on them.
 
-    Around Pool(): a KeyboardInterrupt inside it can leave forked workers that
-    nothing stops.
+    Around Pool(): an exception inside it can leave forked workers that
+    nothing stops. Only signals whose handler is Python code are held (an
+    ignored one stays ignored, a default SIGTERM still ends the process), and
+    only in the main thread, where Python runs handlers.
     """
-    # Only Python's own handler raises KeyboardInterrupt (Ctrl-C may be
-    # ignored, e.g. in a background job), and only in the main thread.
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     received = []
-    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    previous = {}
+    for signum in _STOP_SIGNALS:
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            previous[signum] = handler
+            signal.signal(signum, lambda signum, _frame: received.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    for signum in dict.fromkeys(received):
+        previous[signum](signum, None)  # raises, for Python's and our handlers
 
 
 @dataclass
@@ -328,6 +527,7 @@ def prepare_split(text_path: str, out_path: str, *, max_seq_length: int,
     split = os.path.splitext(os.path.basename(text_path))[0]
     encoder = get_encoder(vocab_dir)  # loaded here first: a bad vocabulary fails early
     dtype = record_dtype(max_seq_length, len(encoder))
+    long_line = LongLineCut.for_examples(max_seq_length, encoder)
     examples, skipped = counts or check_text_file(text_path, progress)
     if num_workers is None:
         num_workers = default_num_workers()
@@ -345,7 +545,8 @@ def prepare_split(text_path: str, out_path: str, *, max_seq_length: int,
         # closing(): a Ctrl-C between chunks stops the pool here, not at exit.
         with tqdm(total=examples, unit=" lines", desc=f"encode {split}",
                   disable=None if progress else True) as bar, \
-                closing(_encoded_chunks(text_path, num_workers, init_args)) as chunks:
+                closing(_encoded_chunks(text_path, long_line, num_workers,
+                                        init_args)) as chunks:
             for chunk, cut in chunks:
                 end = written + len(chunk)
                 if end > examples:
