@@ -9,7 +9,6 @@ same payload does run when the dict reaches texar, so the others test something.
 import copy
 import io
 import json
-import math
 import os
 import subprocess
 import sys
@@ -22,8 +21,8 @@ import gpt2_generate_main
 import gpt2_train_main
 import prepare_data
 from utils.checkpoint import checkpoint_model_fields, load_model, save_checkpoint
-from utils.errors import run_main
-from utils.model import (SIZE_KEYS, build_model, build_peak_bytes, count_parameters,
+from utils.errors import UserError, run_main
+from utils.model import (build_model, build_peak_bytes, count_parameters,
                          gpt2_hparams, hparams_from_sizes, parameter_count)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -432,7 +431,6 @@ def test_inf_weights_are_refused_by_load_model(tmp_path):
     with torch.no_grad():
         model.word_embedder._embedding[7, 0] = float("inf")
     ckpt = new_format_checkpoint(tmp_path / "inf.ckpt", model=model)
-    from utils.errors import UserError
     with pytest.raises(UserError, match=r"first in word_embedder\._embedding"):
         load_model(checkpoint=ckpt)
 

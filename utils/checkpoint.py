@@ -319,9 +319,9 @@ def _ensure_pretrained_files(model_dir: str, prefix: str, download: bool,
 
 
 def _check_weight_paths(pretrain_model_dir: Optional[str],
-                        pretrain_checkpoint: Optional[str],
-                        checkpoint: Optional[str]) -> None:
-    """One clear line for a weight flag that names the wrong kind of path."""
+                        pretrain_checkpoint: Optional[str]) -> None:
+    """One clear line for a weight flag that names the wrong kind of path
+    (load_checkpoint does the same for --checkpoint)."""
     if pretrain_model_dir and os.path.exists(pretrain_model_dir) \
             and not os.path.isdir(pretrain_model_dir):
         raise UserError(
@@ -335,8 +335,6 @@ def _check_weight_paths(pretrain_model_dir: Optional[str],
             f"checkpoint prefix inside it, e.g. "
             f"{os.path.join(pretrain_checkpoint, 'model.ckpt')}, or use "
             f"--pretrain_model_dir {pretrain_checkpoint}")
-    if checkpoint and os.path.isdir(checkpoint):
-        raise _checkpoint_is_directory(checkpoint)
 
 
 def _check_vocabulary(n_vocab: int, vocab_dir: Optional[str], source: str) -> None:
@@ -390,7 +388,7 @@ def load_model(*, config_model: Optional[str] = None,
     The model is built only once its sizes are checked, the tokenizer's ids
     fit it and memory allows it; its loaded weights must all be finite.
     """
-    _check_weight_paths(pretrain_model_dir, pretrain_checkpoint, checkpoint)
+    _check_weight_paths(pretrain_model_dir, pretrain_checkpoint)
     if pretrain_model_dir is None:
         pretrain_model_dir = (os.path.dirname(pretrain_checkpoint)
                               if pretrain_checkpoint

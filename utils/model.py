@@ -3,7 +3,10 @@
 OpenAI describes each GPT-2 model with five numbers (its `hparams.json`):
 n_vocab, n_ctx, n_embd, n_head, n_layer. texar-pytorch wants a nested hparams
 dict. `gpt2_hparams` makes the second from the first, `model_size` goes back,
-and `build_model` constructs the decoder.
+and `build_model` constructs the decoder. Sizes read from a file (hparams.json,
+a checkpoint) pass `check_sizes` first and are turned into hparams here: texar
+builds whatever class an hparams "type" names, so it never sees a dict read
+from a data file.
 
 texar's TransformerDecoder always creates an encoder-decoder attention block
 per layer, which GPT-2 never uses (there is no encoder memory). `build_model`
@@ -12,7 +15,6 @@ for the 117M/124M model instead of 152,770,560. They are never called when no
 `memory` is passed, and removing them saves the memory and optimizer state.
 """
 import copy
-import math
 import warnings
 from typing import Any, Dict, Mapping, Optional
 
