@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.checkpoint import (load_checkpoint, load_model, load_openai_weights,
-                              save_checkpoint)
+from utils.checkpoint import (checkpoint_model_fields, load_checkpoint, load_model,
+                              load_openai_weights, save_checkpoint)
 from utils.errors import UserError
 from utils.model import build_model, gpt2_hparams, hparams_from_openai
 
@@ -146,8 +146,8 @@ def test_finetuned_checkpoint_round_trip_and_precedence(tmp_path):
     hparams = gpt2_hparams(50257, 16, 8, 2, 1)
     model = build_model(hparams)
     path = str(tmp_path / "model.ckpt")
-    save_checkpoint(path, {"model": model.state_dict(), "model_hparams": hparams,
-                           "step": 7})
+    save_checkpoint(path, {"model": model.state_dict(),
+                           **checkpoint_model_fields(hparams), "step": 7})
     # --checkpoint wins over a pre-trained checkpoint that does not even exist.
     loaded = load_model(checkpoint=path,
                         pretrain_checkpoint=str(tmp_path / "absent" / "model.ckpt"))
@@ -169,7 +169,7 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
 def test_truncated_checkpoint_is_a_user_error(tmp_path):
     path = str(tmp_path / "model.ckpt")
     model = build_model(gpt2_hparams(50257, 16, 8, 2, 1))
-    save_checkpoint(path, {"model": model.state_dict(), "model_hparams": {}})
+    save_checkpoint(path, {"model": model.state_dict()})
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
     with pytest.raises(UserError, match="corrupt"):
@@ -202,7 +202,7 @@ def test_checkpoint_whose_weights_do_not_fit_its_hparams(tmp_path):
     model = build_model(gpt2_hparams(50257, 16, 8, 2, 1))
     path = str(tmp_path / "model.ckpt")
     save_checkpoint(path, {"model": model.state_dict(),
-                           "model_hparams": gpt2_hparams(50257, 16, 8, 2, 2)})
+                           **checkpoint_model_fields(gpt2_hparams(50257, 16, 8, 2, 2))})
     with pytest.raises(UserError, match=r"missing: decoder\.poswise_layer_norm\.1\.bias.* and \d+ more"):
         load_model(checkpoint=path)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import gpt2_generate_main
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import checkpoint_model_fields, save_checkpoint
 from utils.errors import UserError
 from utils.model import build_model, gpt2_hparams
 from utils.processor import get_encoder
@@ -163,7 +163,7 @@ def test_finetuned_checkpoint_is_used_over_pretrained(tmp_path, monkeypatch, cap
     hparams = gpt2_hparams(50257, 24, 8, 2, 1)
     path = str(tmp_path / "model.ckpt")
     save_checkpoint(path, {"model": build_model(hparams).state_dict(),
-                           "model_hparams": hparams})
+                           **checkpoint_model_fields(hparams)})
     code, out, err = run_main(["--checkpoint", path, "--pretrain_checkpoint",
                                str(tmp_path / "absent" / "model.ckpt"),
                                "--max_decoding_length", "24", "--seed", "3"],

@@ -132,8 +132,10 @@ def test_pipeline_end_to_end_on_the_command_line(tmp_path, data_dir):
 
     state = load_ckpt(out / "model.ckpt")
     assert state["step"] == 6 and state["epoch"] == 2
-    assert set(state) >= {"model", "model_hparams", "optimizer", "schedule", "rng",
+    assert set(state) >= {"model", "model_sizes", "optimizer", "schedule", "rng",
                           "step", "epoch"}
+    assert state["model_sizes"] == dict(n_vocab=50257, n_ctx=32, n_embd=16, n_head=2,
+                                        n_layer=2)
     best = load_ckpt(out / "model_best.ckpt")
     assert best["step"] in (2, 4, 6)
     records = read_metrics(out)

@@ -4,9 +4,15 @@ Two kinds of checkpoint:
 - OpenAI's released TensorFlow checkpoints (`model.ckpt.*` beside `hparams.json`),
   read by `utils.tf_checkpoint` without TensorFlow and mapped here onto texar's
   parameter names (`load_openai_weights`).
-- Checkpoints written by `gpt2_train_main.py`: a `torch.save`d dict holding at
-  least "model" (the state dict) and "model_hparams" (the texar hparams it was
-  built from). They load with `weights_only=True`: nothing is unpickled.
+- Checkpoints written by `gpt2_train_main.py`: a `torch.save`d dict of data
+  only: "model" (the state dict), "model_sizes" (GPT-2's five size numbers as
+  ints), "model_dropout" (three floats), and training state (tensors, numbers,
+  strings). They load with `weights_only=True`: nothing is unpickled.
+
+A checkpoint never chooses code. texar builds whatever class an hparams "type"
+names, so hparams are always rebuilt by `utils.model.gpt2_hparams` from the
+checked sizes; older checkpoints that stored texar's "model_hparams" dict are
+read for their five sizes and dropout rates only, and the dict goes no further.
 
 `load_model` applies the scripts' flag precedence: --checkpoint, then
 --from_scratch, then the pre-trained checkpoint (downloaded when missing).
@@ -22,8 +28,10 @@ from torch import nn
 
 from utils.atomic import atomic_write
 from utils.errors import UserError
-from utils.model import (build_model, check_sizes_agree, hparams_from_openai,
-                         load_model_hparams, model_size)
+from utils.memory import require_memory
+from utils.model import (build_model, build_peak_bytes, check_dropout, check_sizes,
+                         check_sizes_agree, hparams_from_openai, hparams_from_sizes,
+                         load_model_hparams, model_dropout, model_size)
 
 DEFAULT_CONFIG_MODEL = "configs.config_model_117M"
 DEFAULT_MODEL_NAME = "117M"
@@ -201,8 +209,18 @@ def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
         torch.save(state, f)
 
 
+def _checkpoint_is_directory(path: str) -> UserError:
+    inside = [name for name in ("model.ckpt", "model_best.ckpt")
+              if os.path.isfile(os.path.join(path, name))]
+    hint = (f"pass a file such as {os.path.join(path, inside[0])}" if inside
+            else "pass the .ckpt file gpt2_train_main.py wrote (there is none in it)")
+    return UserError(f"--checkpoint {path} is a directory, not a checkpoint file: {hint}")
+
+
 def load_checkpoint(path: str) -> Dict[str, Any]:
     """A checkpoint written by save_checkpoint, loaded without unpickling code."""
+    if os.path.isdir(path):
+        raise _checkpoint_is_directory(path)
     if not os.path.isfile(path):
         hint = (" (an OpenAI TF checkpoint goes to --pretrain_checkpoint, "
                 "not --checkpoint)" if os.path.isfile(path + ".index") else "")
@@ -219,6 +237,35 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         raise UserError(f"{path} is not a checkpoint written by gpt2_train_main.py "
                         f"(it has no 'model' dict of named tensors)")
     return state
+
+
+def checkpoint_model_fields(hparams: Dict[str, Any]) -> Dict[str, Any]:
+    """What a checkpoint stores to rebuild its model: plain ints and floats."""
+    return {"model_sizes": model_size(hparams),
+            "model_dropout": model_dropout(hparams)}
+
+
+def hparams_from_checkpoint(state: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """texar hparams rebuilt by our code from a checkpoint's checked numbers.
+
+    "model_sizes" must be exactly the five sizes as ints. A checkpoint from
+    before it existed holds texar's "model_hparams" instead: only its size and
+    dropout entries are read, never its "type"s or "kwargs".
+    """
+    source = f"checkpoint {path}"
+    if "model_sizes" in state:
+        sizes = check_sizes(state["model_sizes"], f"{source} model_sizes", exact=True)
+        dropout = state.get("model_dropout")
+        dropout = (check_dropout(dropout, f"{source} model_dropout")
+                   if dropout is not None else None)
+    elif "model_hparams" in state:  # written before model_sizes existed
+        legacy = state["model_hparams"]
+        sizes = model_size(legacy, f"{source} model_hparams")
+        dropout = model_dropout(legacy, f"{source} model_hparams")
+    else:
+        raise UserError(f"{path} has no model_sizes: it was not written by "
+                        f"gpt2_train_main.py")
+    return hparams_from_sizes(sizes, dropout)
 
 
 # ---------------------------------------------------------------------------
@@ -271,6 +318,61 @@ def _ensure_pretrained_files(model_dir: str, prefix: str, download: bool,
     download_model(name, model_dir, files=files or MODEL_FILES)
 
 
+def _check_weight_paths(pretrain_model_dir: Optional[str],
+                        pretrain_checkpoint: Optional[str]) -> None:
+    """One clear line for a weight flag that names the wrong kind of path
+    (load_checkpoint does the same for --checkpoint)."""
+    if pretrain_model_dir and os.path.exists(pretrain_model_dir) \
+            and not os.path.isdir(pretrain_model_dir):
+        raise UserError(
+            f"--pretrain_model_dir {pretrain_model_dir} is a file, not a directory: "
+            f"pass the directory holding hparams.json and model.ckpt.* (a checkpoint "
+            f"file goes to --checkpoint, an OpenAI checkpoint prefix to "
+            f"--pretrain_checkpoint)")
+    if pretrain_checkpoint and os.path.isdir(pretrain_checkpoint):
+        raise UserError(
+            f"--pretrain_checkpoint {pretrain_checkpoint} is a directory: pass the "
+            f"checkpoint prefix inside it, e.g. "
+            f"{os.path.join(pretrain_checkpoint, 'model.ckpt')}, or use "
+            f"--pretrain_model_dir {pretrain_checkpoint}")
+
+
+def _check_vocabulary(n_vocab: int, vocab_dir: Optional[str], source: str) -> None:
+    """The GPT-2 tokenizer's ids must all exist in the model's embedding."""
+    from utils.processor import get_encoder
+    tokens = len(get_encoder(vocab_dir))
+    if n_vocab < tokens:
+        raise UserError(f"{source} has n_vocab={n_vocab} but the GPT-2 tokenizer "
+                        f"has {tokens} tokens: its ids would fall outside the model; "
+                        f"use a model with n_vocab >= {tokens}")
+
+
+def _require_build_memory(sizes: Dict[str, int], source: str) -> None:
+    """Refuse, with the estimate, a model too large for this machine's RAM."""
+    require_memory(build_peak_bytes(sizes),
+                   f"building the model of {source} (n_layer={sizes['n_layer']}, "
+                   f"n_embd={sizes['n_embd']}, n_vocab={sizes['n_vocab']})",
+                   "use a smaller model, or a machine with more memory")
+
+
+def _build_checked(hparams: Dict[str, Any], vocab_dir: Optional[str],
+                   source: str) -> nn.Module:
+    """build_model, once the vocabulary fits and the machine's memory allows it."""
+    sizes = model_size(hparams, source)
+    _check_vocabulary(sizes["n_vocab"], vocab_dir, source)
+    _require_build_memory(sizes, source)
+    return build_model(hparams)
+
+
+def _refuse_non_finite(model: nn.Module, source: str) -> None:
+    """A NaN or inf weight makes every output NaN: refuse it at load time."""
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise UserError(f"{source} has non-finite weights (NaN or inf), first in "
+                            f"{name}: it cannot be used; load an earlier checkpoint "
+                            f"saved before the loss went non-finite")
+
+
 def load_model(*, config_model: Optional[str] = None,
                pretrain_model_dir: Optional[str] = None,
                pretrain_checkpoint: Optional[str] = None,
@@ -283,7 +385,10 @@ def load_model(*, config_model: Optional[str] = None,
 
     `check(hparams)` runs as soon as the model's size is known, before any
     weights are read or downloaded, so a flag that cannot fit fails fast.
+    The model is built only once its sizes are checked, the tokenizer's ids
+    fit it and memory allows it; its loaded weights must all be finite.
     """
+    _check_weight_paths(pretrain_model_dir, pretrain_checkpoint)
     if pretrain_model_dir is None:
         pretrain_model_dir = (os.path.dirname(pretrain_checkpoint)
                               if pretrain_checkpoint
@@ -292,43 +397,44 @@ def load_model(*, config_model: Optional[str] = None,
 
     if checkpoint:
         state = load_checkpoint(checkpoint)
-        hparams = state.get("model_hparams")
-        if not isinstance(hparams, dict):
-            raise UserError(f"{checkpoint} has no 'model_hparams': it was not "
-                            f"written by gpt2_train_main.py")
+        hparams = hparams_from_checkpoint(state, checkpoint)
         if config_model:
             check_sizes_agree(load_model_hparams(config_model), model_size(hparams),
                               config_model, checkpoint)
         if check:
             check(hparams)
-        model = build_model(hparams)
-        _load_state_dict(model, state["model"], checkpoint)
         source = f"fine-tuned checkpoint {checkpoint}"
+        model = _build_checked(hparams, vocab_dir, source)
+        _load_state_dict(model, state["model"], checkpoint)
     elif from_scratch:
         config_model = config_model or DEFAULT_CONFIG_MODEL
         hparams = load_model_hparams(config_model)
         if check:
             check(hparams)
-        model = build_model(hparams)
         source = f"random initialisation ({config_model})"
+        model = _build_checked(hparams, vocab_dir, source)
     else:
         prefix = pretrain_checkpoint or os.path.join(pretrain_model_dir, "model.ckpt")
         if prefix.endswith(".index"):
             prefix = prefix[:-len(".index")]
         model_dir = os.path.dirname(prefix) or "."
         _ensure_pretrained_files(model_dir, prefix, download, ["hparams.json"])
-        openai_hparams = read_openai_hparams(model_dir)
-        hparams = hparams_from_openai(openai_hparams)
+        hparams_path = os.path.join(model_dir, "hparams.json")
+        hparams = hparams_from_openai(read_openai_hparams(model_dir), hparams_path)
+        sizes = model_size(hparams, hparams_path)
         if config_model:
-            check_sizes_agree(load_model_hparams(config_model), openai_hparams,
-                              config_model, os.path.join(model_dir, "hparams.json"))
+            check_sizes_agree(load_model_hparams(config_model), sizes,
+                              config_model, hparams_path)
         if check:
             check(hparams)
-        _ensure_pretrained_files(model_dir, prefix, download)
-        model = build_model(hparams)
-        load_openai_weights(model, prefix)
-        vocab_dir = model_dir
         source = f"OpenAI checkpoint {prefix}"
+        # Before downloading gigabytes of weights that could not be used.
+        _require_build_memory(sizes, hparams_path)
+        _ensure_pretrained_files(model_dir, prefix, download)
+        vocab_dir = model_dir
+        model = _build_checked(hparams, vocab_dir, source)
+        load_openai_weights(model, prefix)
+    _refuse_non_finite(model, source)
     model.eval()
     return LoadedModel(model=model, hparams=hparams, vocab_dir=vocab_dir,
                        source=source)
@@ -345,6 +451,6 @@ def _load_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
     if missing or unexpected or misshaped:
         parts = _name_lists((("missing", missing), ("unexpected", unexpected),
                              ("mis-shaped", misshaped)))
-        raise UserError(f"{path} does not fit its own model_hparams: "
+        raise UserError(f"{path} does not fit its own model_sizes: "
                         + "; ".join(parts))
     model.load_state_dict(state_dict)

@@ -3,7 +3,10 @@
 OpenAI describes each GPT-2 model with five numbers (its `hparams.json`):
 n_vocab, n_ctx, n_embd, n_head, n_layer. texar-pytorch wants a nested hparams
 dict. `gpt2_hparams` makes the second from the first, `model_size` goes back,
-and `build_model` constructs the decoder.
+and `build_model` constructs the decoder. Sizes read from a file (hparams.json,
+a checkpoint) pass `check_sizes` first and are turned into hparams here: texar
+builds whatever class an hparams "type" names, so it never sees a dict read
+from a data file.
 
 texar's TransformerDecoder always creates an encoder-decoder attention block
 per layer, which GPT-2 never uses (there is no encoder memory). `build_model`
@@ -13,7 +16,7 @@ for the 117M/124M model instead of 152,770,560. They are never called when no
 """
 import copy
 import warnings
-from typing import Any, Dict
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -22,6 +25,85 @@ from utils.config_loading import load_config_module
 from utils.errors import UserError
 
 SIZE_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+# Upper bounds on the five sizes. Far above any released GPT-2 (the 1558M
+# model: n_vocab 50257, n_ctx 1024, n_embd 1600, n_head 25, n_layer 48), yet
+# they keep a typo or a hostile file ("n_layer": 200000000) from reaching the
+# memory estimate, let alone texar. Memory is checked separately.
+SIZE_LIMITS = {"n_vocab": 10_000_000, "n_ctx": 1_048_576, "n_embd": 65_536,
+               "n_head": 65_536, "n_layer": 1_000}
+# Where texar's GPT2Decoder hparams (as gpt2_hparams writes them) keep each size.
+_TEXAR_SIZE_PATHS = {"n_vocab": ("vocab_size",), "n_ctx": ("position_size",),
+                     "n_embd": ("decoder", "dim"),
+                     "n_head": ("decoder", "multihead_attention", "num_heads"),
+                     "n_layer": ("decoder", "num_blocks")}
+# ... and each dropout rate.
+_TEXAR_DROPOUT_PATHS = {
+    "embedding_dropout": ("decoder", "embedding_dropout"),
+    "residual_dropout": ("decoder", "residual_dropout"),
+    "attention_dropout": ("decoder", "multihead_attention", "dropout_rate")}
+
+
+def _short_repr(value: Any, limit: int = 40) -> str:
+    """repr(value), cut so that a hostile file cannot flood the message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_sizes(sizes: Any, source: str, exact: bool = False) -> Dict[str, int]:
+    """GPT-2's five sizes as plain ints, or a one-line UserError naming `source`.
+
+    Each must be a Python int (not bool, not float: JSON's 32.0 and 1e400 are
+    refused) between 1 and its SIZE_LIMITS bound, and n_embd must divide by
+    n_head. `exact` also refuses keys other than the five.
+    """
+    if not isinstance(sizes, Mapping):
+        raise UserError(f"{source}: the model sizes must be a mapping of "
+                        f"{', '.join(SIZE_KEYS)}, not {type(sizes).__name__}")
+    missing = [k for k in SIZE_KEYS if k not in sizes]
+    if missing:
+        raise UserError(f"{source} lacks {', '.join(missing)}: it must hold "
+                        f"{', '.join(SIZE_KEYS)}")
+    extra = sorted(_short_repr(k) for k in sizes if k not in SIZE_KEYS)
+    if exact and extra:
+        raise UserError(f"{source}: unexpected entries {', '.join(extra[:5])} among "
+                        f"the model sizes (only {', '.join(SIZE_KEYS)} belong there)")
+    checked = {}
+    for key in SIZE_KEYS:
+        value = sizes[key]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f"{source}: {key}={_short_repr(value)} is not a whole "
+                            f"number: GPT-2 sizes are positive integers")
+        if not 1 <= value <= SIZE_LIMITS[key]:
+            raise UserError(f"{source}: {key}={_short_repr(value)} is out of range: "
+                            f"it must be between 1 and {SIZE_LIMITS[key]:,}")
+        checked[key] = value
+    if checked["n_embd"] % checked["n_head"]:
+        raise UserError(f"{source}: n_embd ({checked['n_embd']}) must be divisible "
+                        f"by n_head ({checked['n_head']})")
+    return checked
+
+
+def parameter_count(sizes: Mapping[str, int]) -> int:
+    """How many parameters GPT-2 of these (checked) sizes has; no allocation.
+
+    Embeddings V*E + C*E, per layer 12*E^2 + 13*E (q, k, v, o projections,
+    the 4x feed-forward, two layer norms), and the final layer norm 2*E. The
+    output layer shares the token embedding.
+    """
+    v, c, e, layers = sizes["n_vocab"], sizes["n_ctx"], sizes["n_embd"], sizes["n_layer"]
+    return v * e + c * e + layers * (12 * e * e + 13 * e) + 2 * e
+
+
+def build_peak_bytes(sizes: Mapping[str, int]) -> int:
+    """fp32 bytes build_model holds at its peak for a model of these sizes.
+
+    texar also builds, per layer, a cross-attention block (4 projections and
+    a layer norm: 4*E^2 + 6*E) and a separate V x E output layer before the
+    embedding replaces it; build_model drops both, but they exist at once.
+    """
+    v, e, layers = sizes["n_vocab"], sizes["n_embd"], sizes["n_layer"]
+    transient = layers * (4 * e * e + 6 * e) + v * e
+    return 4 * (parameter_count(sizes) + transient)
 
 
 def gpt2_hparams(n_vocab: int, n_ctx: int, n_embd: int, n_head: int,
@@ -32,14 +114,11 @@ def gpt2_hparams(n_vocab: int, n_ctx: int, n_embd: int, n_head: int,
     GPT-2. `dropout` applies to embeddings, residuals and attention weights;
     the released GPT-2 models were evaluated without it.
     """
-    sizes = dict(n_vocab=n_vocab, n_ctx=n_ctx, n_embd=n_embd, n_head=n_head,
-                 n_layer=n_layer)
-    bad = [f"{k}={v!r}" for k, v in sizes.items()
-           if not isinstance(v, int) or isinstance(v, bool) or v < 1]
-    if bad:
-        raise UserError(f"GPT-2 sizes must be positive integers: {', '.join(bad)}")
-    if n_embd % n_head:
-        raise UserError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+    check_sizes(dict(n_vocab=n_vocab, n_ctx=n_ctx, n_embd=n_embd, n_head=n_head,
+                     n_layer=n_layer), "GPT-2 sizes")
+    if (not isinstance(dropout, (int, float)) or isinstance(dropout, bool)
+            or not 0.0 <= dropout < 1.0):
+        raise UserError(f"dropout={_short_repr(dropout)} must be a number in [0, 1)")
     return {
         "name": "gpt2_decoder",
         "pretrained_model_name": None,  # we load weights ourselves
@@ -82,42 +161,86 @@ def gpt2_hparams(n_vocab: int, n_ctx: int, n_embd: int, n_head: int,
     }
 
 
-def hparams_from_openai(openai_hparams: Dict[str, Any]) -> Dict[str, Any]:
-    """texar hparams from the dict in an OpenAI model directory's hparams.json."""
-    missing = [k for k in SIZE_KEYS if k not in openai_hparams]
-    if missing:
-        raise UserError(f"hparams.json lacks {', '.join(missing)}: "
-                        f"it must hold {', '.join(SIZE_KEYS)}")
-    sizes = {}
-    for k in SIZE_KEYS:
-        try:
-            sizes[k] = int(openai_hparams[k])
-        except (TypeError, ValueError):
-            raise UserError(f"hparams.json has {k}={openai_hparams[k]!r}: it must "
-                            f"be a whole number; re-download the model files") from None
+def hparams_from_openai(openai_hparams: Any,
+                        source: str = "hparams.json") -> Dict[str, Any]:
+    """texar hparams from the dict in an OpenAI model directory's hparams.json.
+
+    Only the five sizes are read (and checked); `source` names the file in errors.
+    """
+    sizes = check_sizes(openai_hparams, source)
     return gpt2_hparams(**sizes)
 
 
-def model_size(hparams: Dict[str, Any]) -> Dict[str, int]:
-    """The five OpenAI size numbers of a texar GPT2Decoder hparams dict."""
-    dec = hparams["decoder"]
-    return {
-        "n_vocab": int(hparams["vocab_size"]),
-        "n_ctx": int(hparams["position_size"]),
-        "n_embd": int(dec["dim"]),
-        "n_head": int(dec["multihead_attention"]["num_heads"]),
-        "n_layer": int(dec["num_blocks"]),
-    }
+def _walk(hparams: Any, path: tuple, source: str) -> Any:
+    """hparams[path[0]][path[1]]..., or a UserError naming the missing entry."""
+    node = hparams
+    for depth, key in enumerate(path):
+        if not isinstance(node, Mapping) or key not in node:
+            raise UserError(f"{source}: no {'.'.join(path[:depth + 1])} in the "
+                            f"model hparams, so the model's size is unknown")
+        node = node[key]
+    return node
+
+
+def model_size(hparams: Any, source: str = "the model hparams") -> Dict[str, int]:
+    """The five OpenAI size numbers of a texar GPT2Decoder hparams dict, checked.
+
+    Only the size entries are read: the rest of the dict (types, kwargs) is
+    never looked at, so an untrusted dict can be measured safely.
+    """
+    raw = {key: _walk(hparams, path, source) for key, path in _TEXAR_SIZE_PATHS.items()}
+    return check_sizes(raw, source)
+
+
+def model_dropout(hparams: Any, source: str = "the model hparams") -> Dict[str, float]:
+    """The three dropout rates of a texar GPT2Decoder hparams dict (0 when absent)."""
+    rates = {}
+    for key, path in _TEXAR_DROPOUT_PATHS.items():
+        try:
+            rates[key] = _walk(hparams, path, source)
+        except UserError:
+            rates[key] = 0.0
+    return check_dropout(rates, source)
+
+
+def check_dropout(rates: Any, source: str) -> Dict[str, float]:
+    """Dropout rates as floats in [0, 1), keyed as _TEXAR_DROPOUT_PATHS; else UserError."""
+    if not isinstance(rates, Mapping) or set(rates) != set(_TEXAR_DROPOUT_PATHS):
+        raise UserError(f"{source}: the dropout rates must be a mapping of exactly "
+                        f"{', '.join(_TEXAR_DROPOUT_PATHS)}")
+    checked = {}
+    for key in _TEXAR_DROPOUT_PATHS:
+        value = rates[key]
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not 0.0 <= value < 1.0):  # NaN fails the comparison too
+            raise UserError(f"{source}: {key}={_short_repr(value)} must be a number "
+                            f"in [0, 1)")
+        checked[key] = float(value)
+    return checked
+
+
+def hparams_from_sizes(sizes: Mapping[str, int],
+                       dropout: Optional[Mapping[str, float]] = None) -> Dict[str, Any]:
+    """gpt2_hparams for checked sizes, with per-part dropout rates if given."""
+    hparams = gpt2_hparams(**sizes)
+    for key, rate in (dropout or {}).items():
+        *parents, leaf = _TEXAR_DROPOUT_PATHS[key]
+        node = hparams
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = rate
+    return hparams
 
 
 def check_sizes_agree(config_hparams: Dict[str, Any],
-                      openai_hparams: Dict[str, Any], config_name: str,
+                      openai_hparams: Mapping[str, Any], config_name: str,
                       hparams_path: str) -> None:
-    """Raise a UserError naming both values when a config and hparams.json differ."""
-    ours = model_size(config_hparams)
-    theirs = {k: int(openai_hparams[k]) for k in SIZE_KEYS if k in openai_hparams}
+    """Raise a UserError naming both values when a config and the sizes a
+    checkpoint or hparams.json gives (`openai_hparams`) differ."""
+    ours = model_size(config_hparams, config_name)
+    theirs = check_sizes(openai_hparams, hparams_path)
     diffs = [f"{k}={ours[k]} in {config_name} but {theirs[k]} in {hparams_path}"
-             for k in SIZE_KEYS if k in theirs and ours[k] != theirs[k]]
+             for k in SIZE_KEYS if ours[k] != theirs[k]]
     if diffs:
         raise UserError("the model config does not match the checkpoint: "
                         + "; ".join(diffs)
@@ -133,12 +256,11 @@ def load_model_hparams(config_name: str) -> Dict[str, Any]:
         raise UserError(f"model config {config_name} must define a dict named "
                         f"'hparams' (see configs/config_model_117M.py)")
     try:
-        model_size(hparams)
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"model config {config_name}: 'hparams' is not a complete "
-                        f"GPT2Decoder hparams dict (no {err}); build it with "
-                        f"utils.model.gpt2_hparams as configs/config_model_117M.py "
-                        f"does") from None
+        model_size(hparams, f"model config {config_name}")
+    except UserError as err:
+        raise UserError(f"{err} ('hparams' is not a complete GPT2Decoder hparams "
+                        f"dict: build it with utils.model.gpt2_hparams as "
+                        f"configs/config_model_117M.py does)") from None
     return copy.deepcopy(hparams)
 
 

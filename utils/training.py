@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from utils import distributed as dist_utils
 from utils.atomic import atomic_write
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import checkpoint_model_fields, save_checkpoint
 from utils.config_loading import load_config_module
 from utils.data import PreparedSplit
 from utils.errors import UserError
@@ -453,7 +453,8 @@ class Trainer:
             warnings.simplefilter("ignore")
             import texar.torch as tx
         self.cfg, self.ctx = cfg, ctx
-        self.model_hparams = model_hparams
+        # Checkpoints store the model's sizes as plain numbers, never texar hparams.
+        self.model_fields = checkpoint_model_fields(model_hparams)
         self.train_split, self.dev_split = train_split, dev_split
         self.output_dir = output_dir
         self.stop_after_steps = stop_after_steps
@@ -506,7 +507,7 @@ class Trainer:
         return {
             "format": CHECKPOINT_FORMAT,
             "model": self.plain_model.state_dict(),
-            "model_hparams": self.model_hparams,
+            **self.model_fields,
             "optimizer": self.optimizer.state_dict(),
             "optimizer_type": type(self.optimizer).__name__,
             "grad_scaler": self.scaler.state_dict() if self.scaler else None,
@@ -772,7 +773,7 @@ class Trainer:
                     save_checkpoint(os.path.join(self.output_dir, BEST_CHECKPOINT), {
                         "format": CHECKPOINT_FORMAT,
                         "model": self.plain_model.state_dict(),
-                        "model_hparams": self.model_hparams,
+                        **self.model_fields,
                         "step": self.step, "dev_perplexity": result.perplexity})
         if result is not None or not self.ctx.is_main:
             self.last_eval_step = self.step  # an interrupted one is still owed
