@@ -16,6 +16,11 @@ A training checkpoint (`output_dir/model.ckpt`) holds everything to continue
 exactly where it stopped: model, optimizer, loss scaler, learning-rate schedule,
 step, epoch and position inside it, and the random-number states of every rank.
 It is written atomically and loads with `torch.load(weights_only=True)`.
+
+A loss that is not finite (or weights that are not) stops training with
+TrainingDiverged before anything of it is logged or saved: checkpoints on disk
+keep their last finite versions. The check reads each step's marker one step
+late (no sync per step) and exactly before every display, evaluation and save.
 """
 import contextlib
 import dataclasses
@@ -208,8 +213,9 @@ def _check_opt(cfg: TrainConfig) -> None:
                         f"the optimizer type, its kwargs or gradient_clip") from None
 
 
-# Clipping thresholds: a NaN, infinite, zero or negative one makes every update
-# NaN or nothing. (norm_type may be inf: the max norm.)
+# A NaN or infinite optimizer or clipping number makes every update NaN; a zero
+# or negative rate or clipping threshold makes it nothing or backwards.
+# (norm_type may be inf: the max norm.)
 _POSITIVE_KWARGS = ("lr", "max_norm", "clip_value")
 _MAY_BE_INFINITE = ("norm_type",)
 
