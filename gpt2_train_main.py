@@ -9,9 +9,15 @@
             (every checkpoint_steps and at the end) and model_best.ckpt (best dev
             perplexity). With --checkpoint <output_dir>/model.ckpt it resumes
             exactly where that run stopped. Ctrl-C saves a checkpoint and exits.
+            An --output_dir holding an earlier run's files is refused unless
+            the run continues it (--checkpoint <output_dir>/model.ckpt) or
+            --overwrite_output_dir deletes them. A loss that is not finite
+            stops training (exit 2) without saving the diverged model.
 --do_eval   prints the dev perplexity: exp(total NLL / total target tokens).
 --do_test   continues every line of test.npy (the whole line is the context) and
             writes <output_dir>/test_samples.tsv: context<TAB>continuation.
+
+One run at a time writes into an --output_dir (a lock file, <output_dir>/.lock).
 
 Weights come from --checkpoint (a file written here) when given, else from a
 random initialisation with --from_scratch, else from OpenAI's checkpoint
@@ -26,7 +32,8 @@ import sys
 
 import torch
 
-from utils.atomic import atomic_write, ensure_writable_dir
+from utils.atomic import (OutputDirLock, atomic_write, ensure_writable_dir,
+                          remove_stale_temp_files)
 from utils.cli_args import add_sampling_args, add_weight_args, check_sampling_args
 from utils.errors import UserError, run_main
 
@@ -62,6 +69,11 @@ def parse_args(argv=None):
     model.add_argument("--output_dir", default="output",
                        help="Where checkpoints, metrics.jsonl and test_samples.tsv "
                             "go (default output).")
+    model.add_argument("--overwrite_output_dir", action="store_true",
+                       help="With --do_train: delete the model.ckpt, model_best.ckpt "
+                            "and metrics.jsonl of an earlier run in --output_dir when "
+                            "training starts (after every check has passed), instead "
+                            "of refusing to train there.")
     run = parser.add_argument_group("training run")
     run.add_argument("--stop_after_steps", type=int, default=None,
                      help="Stop (and save) after this many optimizer steps in all; "
@@ -94,6 +106,112 @@ def check_args(args) -> None:
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise UserError(f"--stop_after_steps must be at least 1 "
                         f"(got {args.stop_after_steps})")
+    if args.overwrite_output_dir and not args.do_train:
+        raise UserError("--overwrite_output_dir only applies to --do_train: drop it")
+
+
+# ---------------------------------------------------------------- the output directory
+
+def training_outputs():
+    """The files a training run writes into --output_dir."""
+    from utils.training import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_LOG
+    return (LAST_CHECKPOINT, BEST_CHECKPOINT, METRICS_LOG)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _in_dir(path: str, directory: str) -> bool:
+    return _same_file(os.path.dirname(os.path.abspath(path)), directory)
+
+
+def check_output_paths(args) -> None:
+    """A directory where the run will write a file fails now, not at the first save."""
+    names = (training_outputs() if args.do_train else ()) + (
+        (TEST_SAMPLES,) if args.do_test else ())
+    for name in names:
+        path = os.path.join(args.output_dir, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise UserError(f"{path} is a directory (or another non-file), but this run "
+                            f"writes its {name} there: move it away, or choose another "
+                            f"--output_dir")
+
+
+def check_earlier_run(args, continues_in_place: bool) -> None:
+    """Refuse to train into an --output_dir that holds another run's results.
+
+    Allowed: no such files, --overwrite_output_dir, or a run that continues the
+    one in the directory (`continues_in_place`: --checkpoint is that directory's
+    training checkpoint). Only the files that exist are named.
+    """
+    out = args.output_dir
+    found = [n for n in training_outputs() if os.path.lexists(os.path.join(out, n))]
+    if not found:
+        return
+    if args.overwrite_output_dir:
+        if args.checkpoint and any(_same_file(args.checkpoint, os.path.join(out, n))
+                                   for n in found):
+            raise UserError(f"--overwrite_output_dir would delete --checkpoint "
+                            f"{args.checkpoint} itself: copy it out of {out} first, or "
+                            f"drop --overwrite_output_dir to continue in place")
+        return
+    if continues_in_place:
+        return
+    if not args.checkpoint:
+        why = "from an earlier run"
+    elif _in_dir(args.checkpoint, out):
+        why = (f"and --checkpoint {args.checkpoint} holds weights only, so training "
+               f"would start at step 0 over them")
+    else:
+        why = f"that do not come from --checkpoint {args.checkpoint}"
+    ways = []
+    last_name = training_outputs()[0]
+    last = os.path.join(out, last_name)
+    if last_name in found and not (args.checkpoint and _same_file(args.checkpoint, last)):
+        ways.append(f"continue that run with --checkpoint {last}")
+    ways += ["pass --overwrite_output_dir to delete them and start over there",
+             "choose another --output_dir"]
+    raise UserError(f"--output_dir {out} already holds {', '.join(found)} {why}: "
+                    + ", or ".join(ways))
+
+
+def remove_earlier_run(output_dir: str) -> list:
+    """--overwrite_output_dir: delete the earlier run's files, so that the new
+    run's metrics.jsonl and model_best.ckpt never mix with the old ones."""
+    removed = []
+    for name in training_outputs():
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+            removed.append(name)
+    return removed
+
+
+def check_token_ids(name: str, split, n_vocab: int) -> None:
+    """Every real token of `split` must be an id of the model's vocabulary:
+    an id out of range would index past the embedding (a crash mid-run, or
+    on a GPU an unreadable device assert). Checked in bounded memory."""
+    import numpy as np
+    from utils.data import IDS_FIELD
+    ids_on_disk = np.load(split.path, mmap_mode="r", allow_pickle=False)[IDS_FIELD]
+    positions = np.arange(split.max_seq_length)
+    rows = max(1, (1 << 22) // split.max_seq_length)
+    for start in range(0, len(split), rows):
+        ids = np.asarray(ids_on_disk[start:start + rows])
+        real = positions[None, :] < split.lengths[start:start + rows, None]
+        bad = real & ((ids >= n_vocab) | (ids < 0))
+        if bad.any():
+            row, position = np.argwhere(bad)[0]
+            raise UserError(
+                f"the {name} split {split.path} holds token id {int(ids[row, position])} "
+                f"(example {start + int(row)} counting from 0, position {int(position)}), "
+                f"outside the model's vocabulary of {n_vocab} ids (0 to {n_vocab - 1}): "
+                f"prepare the data with the model's vocabulary, or use a model whose "
+                f"n_vocab covers it")
 
 
 def open_splits(args, cfg):
@@ -211,12 +329,23 @@ def main(argv=None) -> int:
 
     cfg = load_train_config(args.config_train)
     splits = open_splits(args, cfg)
-    if args.do_train or args.do_test:
+    writes_outputs = args.do_train or args.do_test
+    if writes_outputs:
         ensure_writable_dir(args.output_dir, "--output_dir")
+        check_output_paths(args)
     ctx = dist_utils.init_distributed(args.distributed, master_addr=args.master_addr,
                                       master_port=args.master_port)
     try:
-        return run(args, cfg, splits, ctx)
+        # Rank 0 alone writes, so it alone holds the directory's lock.
+        with OutputDirLock(args.output_dir, "--output_dir",
+                           enabled=writes_outputs and ctx.is_main):
+            if writes_outputs and ctx.is_main:
+                remove_stale_temp_files(args.output_dir,
+                                        training_outputs() + (TEST_SAMPLES,))
+            if args.do_train and ctx.is_main:
+                check_earlier_run(args, continues_in_place=bool(args.checkpoint) and
+                                  _in_dir(args.checkpoint, args.output_dir))
+            return run(args, cfg, splits, ctx)
     finally:
         dist_utils.shutdown(ctx)
 
@@ -232,12 +361,18 @@ def run(args, cfg, splits, ctx) -> int:
         lambda *a, **k: None)
     check_precision(cfg.precision, ctx.device)
     loaded, resume = load_weights(args, cfg, ctx)
-    n_ctx = model_size(loaded.hparams)["n_ctx"]
-    for split in splits.values():
-        if split is not None and split.max_seq_length > n_ctx:
+    if args.do_train and args.checkpoint and resume is None and ctx.is_main:
+        check_earlier_run(args, continues_in_place=False)  # weights only: step 0
+    sizes = model_size(loaded.hparams)
+    n_ctx = sizes["n_ctx"]
+    for name, split in splits.items():
+        if split is None:
+            continue
+        if split.max_seq_length > n_ctx:
             raise UserError(f"{split.path} holds sequences of up to {split.max_seq_length} "
                             f"tokens but the model has {n_ctx} positions: prepare the "
                             f"data with --max_seq_length {n_ctx} or less")
+        check_token_ids(name, split, sizes["n_vocab"])
     if args.do_test:
         check_test_lengths(splits["test"], args, cfg, n_ctx)
     model = loaded.model.to(ctx.device)
@@ -248,6 +383,11 @@ def run(args, cfg, splits, ctx) -> int:
 
     trainer = None
     if args.do_train:
+        if args.overwrite_output_dir and ctx.is_main:
+            removed = remove_earlier_run(args.output_dir)
+            if removed:
+                say(f"note: --overwrite_output_dir: deleted the earlier run's "
+                    f"{', '.join(removed)} in {args.output_dir}", file=sys.stderr)
         trainer = Trainer(model, loaded.hparams, cfg, ctx, splits["train"], splits["dev"],
                           args.output_dir, resume=resume,
                           stop_after_steps=args.stop_after_steps, progress=progress)

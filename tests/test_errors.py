@@ -1,5 +1,6 @@
 """utils.errors.run_main: one line and exit code 2 for what the user can fix."""
 import errno
+import os
 
 import pytest
 
@@ -21,11 +22,52 @@ def test_user_error_is_one_line(capsys):
 
 def test_full_disk_is_one_line_naming_the_file(capsys):
     def fail():
-        raise OSError(errno.ENOSPC, "No space left on device", "/out/model.ckpt.x.tmp")
+        raise OSError(errno.ENOSPC, "No space left on device", "/out/model.ckpt")
     code, err = _exit_and_stderr(capsys, fail)
     assert code == 2 and err.count("\n") == 1
-    assert err.startswith("error: cannot write or read /out/model.ckpt.x.tmp: "
-                          "No space left on device")
+    assert err == ("error: no space left on device while writing /out/model.ckpt: "
+                   "free disk space, then run again\n")
+
+
+def test_forbidden_path_is_one_line_naming_the_file(capsys):
+    def fail():
+        raise PermissionError(errno.EACCES, "Permission denied", "/out/model.ckpt")
+    code, err = _exit_and_stderr(capsys, fail)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: cannot write or read /out/model.ckpt: Permission denied")
+
+
+def test_full_disk_inside_torch_save_names_the_target(tmp_path, monkeypatch):
+    """torch.save reports a failed write as a RuntimeError; atomic_write turns
+    it back into the disk's OSError naming the checkpoint, and leaves the old
+    file whole and no temporary file behind."""
+    import io
+
+    import torch
+
+    from utils.checkpoint import save_checkpoint
+
+    target = tmp_path / "model.ckpt"
+    target.write_bytes(b"the previous checkpoint")
+
+    real_fdopen = os.fdopen
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        if "b" in mode and "w" in mode:
+            return FullDisk(fd, "wb")
+        return real_fdopen(fd, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    with pytest.raises(OSError) as info:
+        save_checkpoint(str(target), {"model": {"w": torch.zeros(1000)}})
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert target.read_bytes() == b"the previous checkpoint"
+    assert os.listdir(tmp_path) == ["model.ckpt"]
 
 
 def test_other_os_errors_keep_their_traceback():

@@ -1,22 +1,48 @@
-"""Write a file so that readers only ever see the old or the complete new version.
+"""Write a file so that readers only ever see the old or the complete new version,
+and keep one writer per output directory.
 
 The data goes to a temporary file beside the target (same filesystem), is
 flushed to disk, and only then renamed over the target with os.replace. A crash,
 a kill -9 or an exception part-way leaves the previous file untouched; the
-temporary file is removed on an exception (a killed process may leave one
-named `<name>.<random>.tmp`, which the trainer cleans up on its next start).
+temporary file is removed on an exception. A killed process may leave one
+named `<name>.<pid>.<random>.tmp`: `remove_stale_temp_files` clears those whose
+writer is gone.
+
+`OutputDirLock` is a `fcntl.flock` on `<dir>/.lock` (which holds the owner's
+pid) that a run holds while it writes into the directory, so a second run on
+the same directory stops at once instead of replacing the first one's files.
 """
+import errno
+import fcntl
 import os
+import re
 import tempfile
+import time
 from contextlib import contextmanager
+from typing import Iterable, Optional
 
 from utils.errors import UserError
+
+LOCK_NAME = ".lock"
+# Failures of the disk rather than of the code: reported with the target's path.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
 
 
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (another user's process counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def ensure_writable_dir(path: str, what: str) -> None:
@@ -40,12 +66,32 @@ def ensure_writable_dir(path: str, what: str) -> None:
                         f"writable directory") from None
 
 
+def _disk_error(err: BaseException) -> Optional[OSError]:
+    """The OSError of a full or failing disk behind `err`, if any.
+
+    torch.save reports a failed write as a RuntimeError whose context is the
+    OSError, so the chain is followed.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 @contextmanager
 def atomic_write(path: str, mode: str = "wb", **open_kwargs):
-    """`with atomic_write(p, "w", encoding="utf-8") as f: f.write(...)`."""
+    """`with atomic_write(p, "w", encoding="utf-8") as f: f.write(...)`.
+
+    A full disk (or another disk failure) while writing is raised as an
+    OSError naming `path`, whatever layer reported it.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
+    # The pid in the name tells remove_stale_temp_files whose file it is.
+    fd, tmp_path = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.{os.getpid()}.",
                                     suffix=".tmp", dir=directory)
     try:
         # mkstemp makes the file private (0600); give it the usual mode instead.
@@ -55,7 +101,112 @@ def atomic_write(path: str, mode: str = "wb", **open_kwargs):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+        disk = _disk_error(err)
+        if disk is not None and disk.filename is None:
+            raise OSError(disk.errno, disk.strerror, path) from err
         raise
+
+
+_TEMP_NAME = re.compile(r"(?P<name>.+?)\.(?:(?P<pid>\d+)\.)?[A-Za-z0-9_]+\.tmp")
+
+
+def remove_stale_temp_files(directory: str, names: Iterable[str]) -> None:
+    """Remove atomic_write's temporary files for `names` left by dead writers.
+
+    Call it while holding the directory's OutputDirLock: every live writer of
+    these files holds that lock, so a temporary file found then was left by a
+    process that was killed. The pid in the name is checked as well, for a
+    writer that does not take the lock; names without a pid (older versions)
+    are removed.
+    """
+    names = set(names)
+    for entry in os.listdir(directory):
+        match = _TEMP_NAME.fullmatch(entry)
+        if not match or match.group("name") not in names:
+            continue
+        pid = match.group("pid")
+        if pid is not None and int(pid) != os.getpid() and pid_alive(int(pid)):
+            continue
+        try:
+            os.remove(os.path.join(directory, entry))
+        except FileNotFoundError:
+            pass
+
+
+class OutputDirLock:
+    """`with OutputDirLock(dir, "--output_dir"):` one writer per directory.
+
+    Holds an exclusive, non-blocking flock on `<dir>/.lock` and writes its pid
+    there. A second process gets a UserError naming the holder's pid. The lock
+    file is removed on exit; a process that locked a file which was removed
+    meanwhile (its path now names another file, or none) tries again, so two
+    processes never both think they hold the lock. The kernel releases the
+    lock when its holder dies, however it dies.
+    """
+
+    def __init__(self, directory: str, what: str = "--output_dir", enabled: bool = True):
+        self.path = os.path.join(directory, LOCK_NAME)
+        self.directory, self.what, self.enabled = directory, what, enabled
+        self._fd: Optional[int] = None
+
+    def __enter__(self):
+        if self.enabled:
+            self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_current_umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder_pid(fd)
+                os.close(fd)
+                raise UserError(
+                    f"another run ({holder}) is writing to {self.what} {self.directory} "
+                    f"(it holds {self.path}): wait for it to finish or stop it, or "
+                    f"choose another {self.what}") from None
+            except OSError as err:
+                os.close(fd)
+                if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    return  # a filesystem without locks: run unlocked, as before
+                raise
+            if self._still_at_path(fd):
+                break
+            os.close(fd)  # locked a lock file its owner had just removed
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.remove(self.path)  # while still locked: nobody else holds this file
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def _still_at_path(self, fd: int) -> bool:
+        try:
+            return os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except FileNotFoundError:
+            return False
+
+    @staticmethod
+    def _holder_pid(fd: int) -> str:
+        """'pid N' from the lock file; the holder writes it just after locking."""
+        for _ in range(20):
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            if text.isdigit():
+                return f"pid {text}"
+            time.sleep(0.05)
+        return "pid unknown"

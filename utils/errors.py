@@ -19,6 +19,17 @@ class UserError(Exception):
     """A problem with the user's input; the message names it and the fix."""
 
 
+def describe_environment_error(err: OSError) -> str:
+    """One line for a full disk or a forbidden path, naming the file."""
+    where = f" {err.filename}" if err.filename else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = ("no space left on device" if err.errno == errno.ENOSPC
+                else "disk quota exceeded")
+        return f"{what} while writing{where}: free disk space, then run again"
+    return (f"cannot write or read{where}: {err.strerror}: free disk space or fix "
+            f"the path's permissions, then run again")
+
+
 def run_main(main, *args, **kwargs):
     """Call `main`, turning `UserError` into a one-line error and exit code 2.
 
@@ -36,9 +47,7 @@ def run_main(main, *args, **kwargs):
     except OSError as err:
         if err.errno not in _ENVIRONMENT_ERRNOS:
             raise
-        where = f" {err.filename}" if err.filename else ""
-        print(f"error: cannot write or read{where}: {err.strerror}: free disk space "
-              f"or fix the path's permissions, then run again", file=sys.stderr)
+        print(f"error: {describe_environment_error(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -16,6 +16,11 @@ A training checkpoint (`output_dir/model.ckpt`) holds everything to continue
 exactly where it stopped: model, optimizer, loss scaler, learning-rate schedule,
 step, epoch and position inside it, and the random-number states of every rank.
 It is written atomically and loads with `torch.load(weights_only=True)`.
+
+A loss that is not finite (or weights that are not) stops training with
+TrainingDiverged before anything of it is logged or saved: checkpoints on disk
+keep their last finite versions. The check reads each step's marker one step
+late (no sync per step) and exactly before every display, evaluation and save.
 """
 import contextlib
 import dataclasses
@@ -38,7 +43,7 @@ import torch.nn.functional as F
 from utils import distributed as dist_utils
 from utils.atomic import atomic_write
 from utils.checkpoint import checkpoint_model_fields, save_checkpoint
-from utils.config_loading import load_config_module
+from utils.config_loading import load_config_module, misspelt_settings, settings_of
 from utils.data import PreparedSplit
 from utils.errors import UserError
 from utils.processor import EOS_ID
@@ -90,6 +95,7 @@ _DATA_DIR_ALIASES = ("tfrecord_data_dir", "pickle_data_dir")
 def load_train_config(name: str) -> TrainConfig:
     """Read and check a training config given as a module name or a .py path."""
     module = load_config_module(name)
+    _check_spelling(module, name)
     values = {}
     if not hasattr(module, "data_dir"):
         for alias in _DATA_DIR_ALIASES:
@@ -108,6 +114,18 @@ def load_train_config(name: str) -> TrainConfig:
         cfg.max_decoding_length = cfg.max_seq_length
     check_train_config(cfg)
     return cfg
+
+
+def _check_spelling(module, name: str) -> None:
+    """A setting whose name nearly matches a field (checkpoint_step) would be
+    ignored without a word: it is an error naming the right spelling."""
+    known = _REQUIRED + _OPTIONAL + _DATA_DIR_ALIASES
+    typos = misspelt_settings(settings_of(module), known)
+    if typos:
+        listed = ", ".join(f"{wrong} (did you mean {right}?)" for wrong, right in typos)
+        raise UserError(f"training config {name} sets {listed}, which is not a "
+                        f"setting: fix the name (the settings are listed in "
+                        f"configs/config_train.py)")
 
 
 def _is_int(value) -> bool:
@@ -171,8 +189,13 @@ def _check_opt(cfg: TrainConfig) -> None:
         raise UserError(f"{where} sets gradient_noise_scale, which is not supported: "
                         f"remove it")
     kwargs = hparams.optimizer.kwargs.todict()
-    if not isinstance(kwargs.get("lr"), (int, float)) or kwargs["lr"] <= 0:
-        raise UserError(f"{where}: optimizer kwargs need a positive 'lr'")
+    lr = kwargs.get("lr")
+    if not _is_number(lr) or not math.isfinite(lr) or lr <= 0:
+        raise UserError(f"{where}: optimizer kwargs need a finite positive 'lr' "
+                        f"(got {lr!r}), e.g. 1e-4")
+    _check_numbers(kwargs, f"{where}: optimizer kwargs")
+    if hparams.gradient_clip.type:
+        _check_numbers(hparams.gradient_clip.kwargs.todict(), f"{where}: gradient_clip kwargs")
     # Build the optimizer and the clipping function once on a throw-away
     # parameter, so a bad type or kwarg fails now, before the model loads.
     with warnings.catch_warnings():
@@ -188,6 +211,31 @@ def _check_opt(cfg: TrainConfig) -> None:
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as err:
         raise UserError(f"{where} cannot be used: {' '.join(str(err).split())}: fix "
                         f"the optimizer type, its kwargs or gradient_clip") from None
+
+
+# A NaN or infinite optimizer or clipping number makes every update NaN; a zero
+# or negative rate or clipping threshold makes it nothing or backwards.
+# (norm_type may be inf: the max norm.)
+_POSITIVE_KWARGS = ("lr", "max_norm", "clip_value")
+_MAY_BE_INFINITE = ("norm_type",)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_numbers(kwargs: Dict[str, Any], where: str) -> None:
+    """Every number in `kwargs` (tuples included) finite, thresholds positive."""
+    for key, value in kwargs.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for number in values:
+            if not _is_number(number):
+                continue
+            if math.isnan(number) or (math.isinf(number) and key not in _MAY_BE_INFINITE):
+                raise UserError(f"{where}: {key} = {value!r} is not a finite number: "
+                                f"give a finite value")
+            if key in _POSITIVE_KWARGS and number <= 0:
+                raise UserError(f"{where}: {key} = {value!r} must be positive")
 
 
 # ---------------------------------------------------------------------------
@@ -400,6 +448,10 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on Ctrl-C after saving; the message says where."""
 
 
+class TrainingDiverged(UserError):
+    """The loss or the weights stopped being finite; nothing of it was saved."""
+
+
 # ---------------------------------------------------------------------------
 # Metrics log
 
@@ -429,9 +481,15 @@ class MetricsLog:
             f.writelines(kept)
 
     def write(self, **record) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        try:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk: name the file
+            if err.filename is None:
+                raise OSError(err.errno, err.strerror, self.path) from err
+            raise
 
 
 # ---------------------------------------------------------------------------
@@ -486,6 +544,13 @@ class Trainer:
         self.last_eval: Optional[EvalResult] = None
         self.last_eval_step: Optional[int] = None
         self.window = _Window(self.device)  # training loss since the last display
+        self.last_saved_step: Optional[int] = None  # model.ckpt written by this run
+        # The first step whose loss was not finite (-1: none yet) and that loss,
+        # kept on the device so that watching for it costs no sync per step;
+        # `_bad_step_before` is the marker as it was one step earlier.
+        self._bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self._bad_loss = torch.zeros((), device=self.device)
+        self._bad_step_before = self._bad_step
         if resume is not None:
             self._load_state(resume)
         else:
@@ -493,8 +558,6 @@ class Trainer:
             torch.manual_seed(cfg.seed + ctx.rank)
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
-        if ctx.is_main:
-            _remove_stale_temp_files(output_dir)
         self.log = MetricsLog(os.path.join(output_dir, METRICS_LOG),
                               self.step if resume is not None else None,
                               enabled=ctx.is_main)
@@ -583,13 +646,18 @@ class Trainer:
             self._print(f"note: {note}", file=sys.stderr)
 
     def save(self, path: str) -> None:
-        """Write a full training checkpoint (rank 0 writes; all ranks call)."""
+        """Write a full training checkpoint (rank 0 writes; all ranks call).
+
+        Never a diverged one: TrainingDiverged instead, and `path` keeps the
+        last good checkpoint."""
+        self._stop_if_diverged(exact=True, check_weights=True)
         rng = gather_rng_states(self.ctx)
         nll = dist_utils.all_reduce_sum(
             self.window.nll.detach().reshape(1).double().cpu(), self.ctx)
         if self.ctx.is_main:
             save_checkpoint(path, self.state_dict(rng, float(nll[0])))
         dist_utils.barrier(self.ctx)
+        self.last_saved_step = self.step
 
     # -- loop ------------------------------------------------------------
 
@@ -694,6 +762,68 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         window.add(step_nll, float(tokens[0]))
+        self._note_loss(step_nll / float(tokens[0]))
+
+    # -- divergence ------------------------------------------------------
+
+    def _note_loss(self, loss: torch.Tensor) -> None:
+        """Remember the first step whose loss is not finite (device ops only)."""
+        first = ~torch.isfinite(loss) & (self._bad_step < 0)
+        self._bad_step_before = self._bad_step
+        self._bad_step = self._bad_step.masked_fill(first, self.step + 1)
+        self._bad_loss = torch.where(first, loss.float(), self._bad_loss)
+
+    def _weights_finite(self) -> bool:
+        flags = [torch.isfinite(p).all() for p in self.plain_model.parameters()]
+        return bool(torch.stack(flags).all())
+
+    def _stop_if_diverged(self, exact: bool, check_weights: bool = False,
+                          interrupt: bool = False) -> bool:
+        """Raise TrainingDiverged when any rank saw a non-finite loss (up to
+        this step if `exact`, else up to the previous one, which needs no wait
+        for the step just queued) or, with `check_weights`, holds a non-finite
+        weight. Also agrees on the Ctrl-C flag `interrupt` in the same
+        collective: True when any rank was interrupted. All ranks call it."""
+        marker = self._bad_step if exact else self._bad_step_before
+        weights_bad = check_weights and not self._weights_finite()
+        flags = torch.tensor([float(int(marker) >= 0), float(weights_bad),
+                              float(interrupt)], dtype=torch.float64)
+        flags = dist_utils.all_reduce_sum(flags, self.ctx)
+        if flags[0] > 0 or flags[1] > 0:
+            self._raise_diverged()
+        return bool(flags[2] > 0)
+
+    def _raise_diverged(self) -> None:
+        """One line: the step, the loss, what was kept and the likely cause."""
+        ctx = self.ctx
+        table = torch.zeros(ctx.world_size, 2, dtype=torch.float64)
+        table[ctx.rank, 0] = float(self._bad_step)
+        table[ctx.rank, 1] = float(self._bad_loss)
+        # Each rank fills its own row; the sum gives every rank the whole table.
+        seen = [(int(s), l) for s, l in dist_utils.all_reduce_sum(table, ctx).tolist()
+                if s >= 0]
+        if seen:
+            step, loss = min(seen)
+            what = f"the loss at step {step} is {loss} (not finite)"
+        else:
+            what = f"the weights are no longer finite after step {self.step}"
+        last_path = os.path.join(self.output_dir, LAST_CHECKPOINT)
+        if self.last_saved_step is not None:
+            kept = (f"nothing after step {self.last_saved_step} was saved ({last_path} "
+                    f"holds step {self.last_saved_step})")
+        elif os.path.exists(last_path):
+            kept = f"nothing was saved: {last_path} is left as it was"
+        else:
+            kept = "nothing was saved"
+        if self.cfg.precision == "fp16":
+            cause = ("float16 overflow (precision 'fp16'): use precision 'bf16' or "
+                     "'fp32' in the training config, or a lower lr")
+        else:
+            lr = max(self.base_lrs)
+            cause = (f"a learning rate too high for this model (peak lr {lr:g} in "
+                     f"{self.cfg.name}): lower it, lengthen warmup_steps or clip "
+                     f"gradients (gradient_clip max_norm)")
+        raise TrainingDiverged(f"training stopped: {what}; {kept}. Likely cause: {cause}")
 
     def _batch(self, indices: List[int]):
         """A padded batch; sampler padding slots become rows with no targets
@@ -716,18 +846,24 @@ class Trainer:
                     last_path: str) -> Optional[str]:
         """Display, evaluate, checkpoint; the reason to stop, if any."""
         cfg, step = self.cfg, self.step
-        if cfg.display_steps > 0 and step % cfg.display_steps == 0:
+        display_due = cfg.display_steps > 0 and step % cfg.display_steps == 0
+        eval_due = (cfg.eval_steps > 0 and step % cfg.eval_steps == 0
+                    and self.dev_split is not None)
+        save_due = cfg.checkpoint_steps > 0 and step % cfg.checkpoint_steps == 0
+        if display_due or eval_due:  # never log, evaluate or keep a diverged model
+            self._stop_if_diverged(exact=True, check_weights=eval_due)
+        if display_due:
             self._display(window, bar)
         paused = time.perf_counter()  # evaluation and saving do not count in tok/s
-        if (cfg.eval_steps > 0 and step % cfg.eval_steps == 0
-                and self.dev_split is not None):
+        if eval_due:
             self.evaluate_and_track(should_stop=stop)
-        if cfg.checkpoint_steps > 0 and step % cfg.checkpoint_steps == 0:
+        if save_due:
             self.save(last_path)
         window.start += time.perf_counter() - paused
-        # Every rank must stop at the same step: agree on the flag.
-        flag = torch.tensor([1.0 if stop() else 0.0])
-        if float(dist_utils.all_reduce_sum(flag, self.ctx)[0]) > 0:
+        # Every rank must stop at the same step: agree on the Ctrl-C flag, and on
+        # a loss gone non-finite one step ago (a saved or final step is checked
+        # exactly in save()).
+        if self._stop_if_diverged(exact=False, interrupt=stop()):
             return "interrupt"
         if self.stop_after_steps is not None and step >= self.stop_after_steps:
             return "stop_after_steps"
@@ -765,7 +901,9 @@ class Trainer:
                 self.log.write(split="dev", step=self.step, loss=result.loss,
                                ppl=result.perplexity, examples=result.examples,
                                tokens=result.tokens)
-                improved = self.best_dev_ppl is None or result.perplexity < self.best_dev_ppl
+                # A perplexity that is not finite (a diverged model) is never the best.
+                improved = math.isfinite(result.perplexity) and (
+                    self.best_dev_ppl is None or result.perplexity < self.best_dev_ppl)
                 mark = " (best so far)" if improved else ""
                 self._print(f"step {self.step:>6} | {result.describe()}{mark}")
                 if improved:
@@ -809,16 +947,6 @@ class _Window:
         self.nll += nll
         self.tokens += tokens
         self.timed_tokens += tokens
-
-
-def _remove_stale_temp_files(output_dir: str) -> None:
-    """Temporary checkpoint files a killed run left behind (never the real ones)."""
-    if not os.path.isdir(output_dir):
-        return
-    for name in os.listdir(output_dir):
-        if name.endswith(".tmp") and name.startswith(
-                (LAST_CHECKPOINT + ".", BEST_CHECKPOINT + ".")):
-            os.remove(os.path.join(output_dir, name))
 
 
 def _step_groups(indices, batch_size: int, accumulation: int):
