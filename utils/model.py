@@ -264,11 +264,21 @@ def load_model_hparams(config_name: str) -> Dict[str, Any]:
     return copy.deepcopy(hparams)
 
 
+def import_texar():
+    """`texar.torch`, imported without its import-time deprecation warnings.
+
+    The one place the project imports texar (torch's and numpy's deprecations
+    of the APIs texar 0.1.4 uses would otherwise print on every run).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import texar.torch as tx
+    return tx
+
+
 def build_model(hparams: Dict[str, Any]) -> nn.Module:
     """A randomly initialised texar GPT2Decoder holding only GPT-2's parameters."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # texar's import-time deprecation noise
-        from texar.torch.modules import GPT2Decoder
+    GPT2Decoder = import_texar().modules.GPT2Decoder
     hparams = copy.deepcopy(hparams)
     hparams["pretrained_model_name"] = None
     model = GPT2Decoder(hparams=hparams)
