@@ -42,6 +42,9 @@ DEV_LINES = ["The bakery sells fresh bread.", "Boats leave the harbour at dawn."
              "Snow falls."]
 TEST_LINES = ["The bakery", "Every evening\tthe keeper", "In winter\u2028the children",
               "A form\x0bfeed and a\rcarriage return"]
+# prepare_data ends a line wherever str.splitlines does (\u2028, \x0b, \r ...),
+# so the test split holds these examples; tabs stay inside an example.
+TEST_EXAMPLES = "\n".join(TEST_LINES).splitlines()
 
 
 # Tiny models run as fast on one thread, and a CPU shared with other jobs
@@ -147,7 +150,7 @@ def test_pipeline_end_to_end_on_the_command_line(tmp_path, data_dir):
     assert best["dev_perplexity"] == min(r["ppl"] for r in records if r["split"] == "dev")
 
     lines = (out / "test_samples.tsv").read_text(encoding="utf-8").split("\n")
-    assert lines[-1] == "" and len(lines) - 1 == len(TEST_LINES)
+    assert lines[-1] == "" and len(lines) - 1 == len(TEST_EXAMPLES)
 
     # The generator loads the fine-tuned checkpoint (the lead's loader contract).
     from utils.checkpoint import load_model
@@ -396,13 +399,13 @@ def test_test_samples_tsv_has_one_tab_per_line(tmp_path, data_dir):
     train(*args)
     text = (out / "test_samples.tsv").read_text(encoding="utf-8")
     lines = text.split("\n")[:-1]
-    assert len(lines) == len(TEST_LINES) == len(text.splitlines())
-    for line, original in zip(lines, TEST_LINES):
+    assert len(lines) == len(TEST_EXAMPLES) == len(text.splitlines())
+    for line, original in zip(lines, TEST_EXAMPLES):
         assert line.count("\t") == 1
         context, continuation = line.split("\t")
         assert context == gpt2_train_main.tsv_field(original.strip())
         assert "<|endoftext|>" not in continuation
-    assert context == "A form feed and a carriage return"
+    assert context == "carriage return"
     # The same seed gives the same samples.
     os.rename(out / "test_samples.tsv", tmp_path / "first.tsv")
     train(*args)
@@ -609,4 +612,4 @@ def test_two_processes_train_like_one_with_the_global_batch(tmp_path, data_dir):
     w1, w2 = (load_ckpt(d / "model.ckpt")["model"] for d in (one, two))
     for name in w1:
         torch.testing.assert_close(w1[name], w2[name], rtol=1e-5, atol=1e-6)
-    assert len((two / "test_samples.tsv").read_text().split("\n")) == len(TEST_LINES) + 1
+    assert len((two / "test_samples.tsv").read_text().split("\n")) == len(TEST_EXAMPLES) + 1
