@@ -55,38 +55,12 @@ def build_texar(device: str, dtype: str = "float32"):
 
 def hf_from_texar(model):
     """GPT2LMHeadModel holding a copy of a texar GPT2Decoder's weights."""
-    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
-    dec = model.decoder
-    n_vocab, n_embd = model.word_embedder.embedding.shape
-    config = GPT2Config(vocab_size=n_vocab, n_positions=model.position_embedder.embedding.shape[0],
-                        n_embd=n_embd, n_layer=len(dec.self_attns),
-                        n_head=dec.self_attns[0]._hparams.num_heads,
-                        activation_function="gelu_new", layer_norm_epsilon=1e-5,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    hf = GPT2LMHeadModel(config)
-    t = hf.transformer
-    with torch.no_grad():
-        t.wte.weight.copy_(model.word_embedder.embedding)
-        t.wpe.weight.copy_(model.position_embedder.embedding)
-        for i, block in enumerate(t.h):
-            attn = dec.self_attns[i]
-            fc1, _, fc2 = dec.poswise_networks[i]._layers
-            block.ln_1.load_state_dict(dec.self_attn_layer_norm[i].state_dict())
-            block.ln_2.load_state_dict(dec.poswise_layer_norm[i].state_dict())
-            # HF's Conv1D stores [in, out]: the transpose of torch's Linear.
-            block.attn.c_attn.weight.copy_(torch.cat(
-                [attn.Q_dense.weight, attn.K_dense.weight, attn.V_dense.weight]).t())
-            block.attn.c_attn.bias.copy_(torch.cat(
-                [attn.Q_dense.bias, attn.K_dense.bias, attn.V_dense.bias]))
-            block.attn.c_proj.weight.copy_(attn.O_dense.weight.t())
-            block.attn.c_proj.bias.copy_(attn.O_dense.bias)
-            block.mlp.c_fc.weight.copy_(fc1.weight.t())
-            block.mlp.c_fc.bias.copy_(fc1.bias)
-            block.mlp.c_proj.weight.copy_(fc2.weight.t())
-            block.mlp.c_proj.bias.copy_(fc2.bias)
-        t.ln_f.load_state_dict(dec.final_layer_norm.state_dict())
-    hf.tie_weights()
+    from utils.hf_format import hf_gpt2_config, texar_to_hf_state_dict
+    from utils.model import model_size
+    sizes = model_size(model.hparams.todict())
+    hf = GPT2LMHeadModel(GPT2Config(**hf_gpt2_config(sizes)))
+    hf.load_state_dict(texar_to_hf_state_dict(model.state_dict(), sizes["n_layer"]))
     return hf.eval()
 
 

@@ -39,12 +39,12 @@ def worker_main(mode, out_dir, timeout_s=300.0):
     try:
         with D.peer_failure_guard(ctx):
             total = D.all_reduce_sum(torch.tensor([ctx.rank + 1.0]), ctx)
-            note = D.broadcast_object({"from": ctx.rank, "text": "héllo"}
-                                      if ctx.is_main else None, ctx)
+            from_main = D.all_reduce_sum(torch.tensor([42.0 if ctx.is_main else 0.0]), ctx)
             D.barrier(ctx)
             with open(os.path.join(out_dir, f"{mode}.rank{ctx.rank}"), "w") as f:
                 f.write(f"{ctx.rank} {ctx.world_size} {ctx.local_rank} {ctx.backend} "
-                        f"{total.item():g} {note['from']} {note['text']}")
+                        f"{total.item():g} {from_main.item():g}")
+                ctx.print(" rank-0-only", end="", file=f)
             if mode == "die_in_step":       # rank 1 vanishes between steps
                 model = D.wrap_model(tiny_lm(), ctx)
                 for step in range(3):
@@ -241,13 +241,29 @@ def test_single_process_helpers_are_identities():
     ctx = D.init_distributed(False)
     t = torch.tensor([1.5])
     assert D.all_reduce_sum(t, ctx) is t and t.item() == 1.5
-    assert D.broadcast_object({"a": 1}, ctx) == {"a": 1}
     D.barrier(ctx)
     model = torch.nn.Linear(2, 2)
-    assert D.wrap_model(model, ctx) is model and D.unwrap_model(model) is model
+    assert D.wrap_model(model, ctx) is model
     with D.peer_failure_guard(ctx), pytest.raises(RuntimeError):
         raise RuntimeError("Connection reset by peer")   # untouched for one process
 
+
+
+def test_print_is_rank_0_only_and_flushed(capsys, monkeypatch):
+    def context(rank):
+        return D.DistContext(True, rank, 2, rank, torch.device("cpu"), rank == 0)
+
+    flushed = []
+    real_print = print
+    monkeypatch.setattr("builtins.print",
+                        lambda *a, **k: flushed.append(k.get("flush")) or real_print(*a, **k))
+    context(0).print("step", 3, sep="=")
+    context(1).print("step", 3, sep="=")
+    D.init_distributed(False).print("one process")
+    context(0).print("to stderr", file=sys.stderr)
+    out, err = capsys.readouterr()
+    assert (out, err) == ("step=3\none process\n", "to stderr\n")
+    assert flushed == [True, True, True]
 
 def test_user_error_is_one_line_exit_2(monkeypatch, capsys):
     for name in list(TORCHRUN_ENV) + list(ompi_env()):
@@ -305,7 +321,7 @@ def test_lost_rank_ends_the_others_with_a_message(tmp_path):
             assert "Traceback" not in err, (mode, err[-2000:])
             with open(tmp_path / f"{mode}.rank{survivor}") as f:   # collectives worked
                 assert f.read().split() == [str(survivor), "2", str(survivor), "gloo",
-                                            "3", "0", "héllo"]
+                                            "3", "42"] + ["rank-0-only"] * (survivor == 0)
             if mode == "hang":
                 assert "Timed out" in last
             else:

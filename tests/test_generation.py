@@ -129,32 +129,11 @@ def test_16_bit_weights_widen_long_products_to_float32(model, dtype, monkeypatch
 def hf_from_texar(model):
     """transformers' GPT2LMHeadModel holding a copy of the texar weights."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    dec = model.decoder
-    n_vocab, n_embd = model.word_embedder.embedding.shape
-    hf = GPT2LMHeadModel(GPT2Config(
-        vocab_size=n_vocab, n_positions=model.position_embedder.embedding.shape[0],
-        n_embd=n_embd, n_layer=len(dec.self_attns),
-        n_head=dec.self_attns[0]._hparams.num_heads, activation_function="gelu_new",
-        layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    with torch.no_grad():
-        t = hf.transformer
-        t.wte.weight.copy_(model.word_embedder.embedding)
-        t.wpe.weight.copy_(model.position_embedder.embedding)
-        t.ln_f.load_state_dict(dec.final_layer_norm.state_dict())
-        for i, block in enumerate(t.h):
-            attn, (fc1, _, fc2) = dec.self_attns[i], dec.poswise_networks[i]._layers
-            block.ln_1.load_state_dict(dec.self_attn_layer_norm[i].state_dict())
-            block.ln_2.load_state_dict(dec.poswise_layer_norm[i].state_dict())
-            qkv = [attn.Q_dense, attn.K_dense, attn.V_dense]
-            block.attn.c_attn.weight.copy_(torch.cat([m.weight for m in qkv]).t())
-            block.attn.c_attn.bias.copy_(torch.cat([m.bias for m in qkv]))
-            block.attn.c_proj.weight.copy_(attn.O_dense.weight.t())
-            block.attn.c_proj.bias.copy_(attn.O_dense.bias)
-            block.mlp.c_fc.weight.copy_(fc1.weight.t())
-            block.mlp.c_fc.bias.copy_(fc1.bias)
-            block.mlp.c_proj.weight.copy_(fc2.weight.t())
-            block.mlp.c_proj.bias.copy_(fc2.bias)
-    hf.tie_weights()
+    from utils.hf_format import hf_gpt2_config, texar_to_hf_state_dict
+    from utils.model import model_size
+    sizes = model_size(model.hparams.todict())
+    hf = GPT2LMHeadModel(GPT2Config(**hf_gpt2_config(sizes)))
+    hf.load_state_dict(texar_to_hf_state_dict(model.state_dict(), sizes["n_layer"]))
     return hf.eval()
 
 

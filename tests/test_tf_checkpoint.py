@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from utils.errors import UserError
-from utils.tf_checkpoint import (TFCheckpointError, TFCheckpointReader, crc32c, mask_crc,
-                                 resolve_checkpoint_prefix, unmask_crc)
+from utils.crc32c import crc32c
+from utils.tf_checkpoint import (TFCheckpointError, TFCheckpointReader, data_shard_sizes,
+                                 mask_crc, resolve_checkpoint_prefix, unmask_crc)
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tf_gpt2")
 MODELS = os.path.join(FIXTURES, "models")
@@ -201,6 +202,20 @@ def test_missing_index_and_missing_shard(tmp_path):
         TFCheckpointReader(str(model_dir / "model.ckpt"))
 
 
+
+def test_data_shard_sizes_reads_the_index_alone(tmp_path):
+    """The downloader's check: each shard's expected length, before any data file exists."""
+    model_dir = copy_model("dtypes", tmp_path)
+    data_files = [model_dir / f"model.ckpt.data-0000{k}-of-00002" for k in range(2)]
+    lengths = {k: os.path.getsize(path) for k, path in enumerate(data_files)}
+    for path in data_files:
+        path.unlink()
+    index = model_dir / "model.ckpt.index"
+    assert data_shard_sizes(str(index)) == (2, lengths)
+    flip_byte(index, index.read_bytes().index(b"bfloat16_matrix"))
+    with pytest.raises(TFCheckpointError, match=r"model\.ckpt\.index is corrupt \(checksum"):
+        data_shard_sizes(str(index))
+
 def patch_header(index_path, old, new):
     """Replace bytes in the first table block (which holds the bundle header)
     and re-seal that block's checksum, so only the header's meaning changes."""
@@ -295,51 +310,7 @@ def test_resolve_prefix_errors(tmp_path):
         resolve_checkpoint_prefix(str(v1))
 
 
-# ----------------------------------------------------------------- crc32c ---
-
-def bitwise_crc32c(data: bytes) -> int:
-    """The definition: reflected Castagnoli polynomial, one bit at a time."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-    return crc ^ 0xFFFFFFFF
-
-
-def test_crc32c_known_vectors():
-    # RFC 3720 (iSCSI), appendix B.4, and the usual check value.
-    assert crc32c(bytes(32)) == 0x8A9136AA
-    assert crc32c(b"\xff" * 32) == 0x62A8AB43
-    assert crc32c(bytes(range(32))) == 0x46DD794E
-    assert crc32c(bytes(range(31, -1, -1))) == 0x113FDB5C
-    assert crc32c(b"123456789") == 0xE3069283
-    assert crc32c(b"") == 0
-
-
-def test_crc32c_matches_bitwise_definition_on_random_slices():
-    rng = np.random.default_rng(3)
-    buf = rng.integers(0, 256, 20000, dtype=np.uint8)
-    lengths = [0, 1, 7, 8, 9, 127, 128, 129, 255, 256, 1024, 2047, 2048, 2049, 4100, 9000]
-    lengths += [int(n) for n in rng.integers(0, 12000, 8)]
-    for n in lengths:
-        start = int(rng.integers(0, len(buf) - n + 1))
-        piece = buf[start:start + n]
-        assert crc32c(piece) == bitwise_crc32c(piece.tobytes()), (start, n)
-        assert crc32c(piece.tobytes()) == crc32c(memoryview(piece.tobytes()))
-
-
-def test_crc32c_large_inputs_split_anywhere_agree():
-    # 10 MB goes through many lanes and blocks; the pieces through small ones.
-    rng = np.random.default_rng(4)
-    data = rng.integers(0, 256, 10_000_003, dtype=np.uint8)
-    whole = crc32c(data)
-    for cut in (1, 4099, 3_333_333, 9_999_999):
-        assert crc32c(data[cut:], crc32c(data[:cut])) == whole
-    # Non-byte arrays hash their raw bytes.
-    floats = data[:8_000_000].view(np.float32)
-    assert crc32c(floats) == crc32c(data[:8_000_000].tobytes())
-
+# --------------------------------------------------------- masked crc ---
 
 def test_crc_mask_round_trip():
     for value in (0, 1, 0xE3069283, 0xFFFFFFFF):

@@ -34,10 +34,8 @@ the job when a rank exits non-zero.
 import contextlib
 import datetime
 import inspect
-import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -74,6 +72,12 @@ class DistContext:
     backend: Optional[str] = None    # "nccl" / "gloo" when enabled
     launcher: Optional[str] = None   # "torchrun" / "mpirun" when enabled
     wait_group: Any = field(default=None, repr=False)  # Gloo group for barrier()
+
+    def print(self, *args, **kwargs) -> None:
+        """print() on rank 0 only, flushed (launchers pipe output, which Python buffers)."""
+        if self.is_main:
+            kwargs.setdefault("flush", True)
+            print(*args, **kwargs)
 
 
 # ---------------------------------------------------------------- launch environment
@@ -334,12 +338,6 @@ def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
         return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model inside a DDP wrapper (itself otherwise)."""
-    from torch.nn.parallel import DistributedDataParallel
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def maybe_no_sync(model: nn.Module, sync: bool):
     """Context for one micro-batch's backward: skip the gradient all-reduce
     unless `sync` (the last micro-batch of a gradient-accumulation step)."""
@@ -462,38 +460,3 @@ def barrier(ctx: DistContext) -> None:
         return
     with peer_failure_guard(ctx):
         dist.barrier(group=ctx.wait_group)
-
-
-def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
-    """Rank `src`'s JSON-serialisable `obj` on every rank (JSON, never pickle)."""
-    if not ctx.enabled:
-        return obj
-    with peer_failure_guard(ctx):
-        group = ctx.wait_group
-        if ctx.rank == src:
-            payload = torch.frombuffer(bytearray(json.dumps(obj).encode("utf-8")),
-                                       dtype=torch.uint8)
-            size = torch.tensor([payload.numel()], dtype=torch.int64)
-        else:
-            size = torch.zeros(1, dtype=torch.int64)
-        dist.broadcast(size, src=src, group=group)
-        if ctx.rank != src:
-            payload = torch.empty(int(size.item()), dtype=torch.uint8)
-        dist.broadcast(payload, src=src, group=group)
-    return json.loads(payload.numpy().tobytes().decode("utf-8"))
-
-
-def is_main(ctx: DistContext) -> bool:
-    return ctx.is_main
-
-
-def rank_zero_print(ctx: DistContext, *args, **kwargs) -> None:
-    """print() on rank 0 only."""
-    if ctx.is_main:
-        kwargs.setdefault("flush", True)
-        print(*args, **kwargs)
-
-
-def rank_zero_stderr(ctx: DistContext, *args) -> None:
-    """print() to stderr on rank 0 only."""
-    rank_zero_print(ctx, *args, file=sys.stderr)

@@ -1,5 +1,9 @@
 """GPT-2's byte-level BPE tokenizer: text <-> token ids, exactly as OpenAI's.
 
+The file name is the original texar GPT-2 example's (its `utils/processor.py`
+held the tokenizer too), kept so that readers and scripts coming from that
+example find it where they expect.
+
 GPT-2 tokenizes in three steps:
 
 1. Pre-tokenize: a regular expression cuts the text into pieces (a word with
