@@ -35,8 +35,8 @@ def add_sampling_args(group, *, max_decoding_length_default, max_decoding_length
                        default=max_decoding_length_default,
                        help=max_decoding_length_help)
     group.add_argument("--temperature", type=float, default=0.7,
-                       help="Softmax temperature, > 0; lower is more conservative "
-                            "(default 0.7).")
+                       help="Softmax temperature, a finite number > 0 (at least "
+                            "1.2e-38); lower is more conservative (default 0.7).")
     group.add_argument("--top_k", type=int, default=None,
                        help="Sample among the k most likely tokens (0: all). "
                             "Default 40, or 0 when --top_p is given (as in the "
@@ -51,7 +51,8 @@ def add_sampling_args(group, *, max_decoding_length_default, max_decoding_length
     group.add_argument("--beam_width", type=int, default=4,
                        help="Beams kept by --decoding_strategy beam.")
     group.add_argument("--length_penalty", type=float, default=0.0,
-                       help="Beam search length penalty alpha.")
+                       help="Beam search length penalty alpha, between -10 and 10 "
+                            "(0: off).")
 
 
 def check_sampling_args(args) -> None:

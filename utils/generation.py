@@ -37,7 +37,9 @@ from utils.errors import UserError
 from utils.memory import format_bytes, require_memory
 from utils.sampling import SMALLEST_TEMPERATURE, filter_logits, sample_from_logits
 
-__all__ = ["generate", "forward_logits", "next_token_logits", "filter_logits"]
+__all__ = ["generate", "forward_logits", "next_token_logits", "filter_logits",
+           "generation_memory", "require_generation_memory",
+           "out_of_memory_as_user_error"]
 
 STRATEGIES = ("greedy", "sample", "beam")
 # texar's beam search marks impossible scores with -1e7, not -inf; kept so
