@@ -180,8 +180,9 @@ def read_prompt() -> str:
     """Print the prompt and read one line of stdin, without its line ending.
 
     Reads bytes and decodes each line alone, so a line that is not UTF-8 is
-    reported (NotUTF8) without losing the lines after it, as input() would
-    (its decoder fails on a whole buffered chunk). Raises EOFError at the end.
+    reported (NotUTF8) and the lines after it are still read (input() would
+    lose them: its decoder fails on a whole buffered chunk). Raises EOFError
+    at the end.
     """
     sys.stdout.write(PROMPT)
     sys.stdout.flush()
