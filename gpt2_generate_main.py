@@ -13,11 +13,15 @@ import sys
 
 import torch
 
-from utils.cli_args import add_sampling_args, add_weight_args, check_sampling_args
+from utils.cli_args import (MAX_ROWS, add_sampling_args, add_weight_args,
+                            check_sampling_args)
 from utils.errors import UserError, run_main
 
 BANNER_WIDTH = 40
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OUT_OF_MEMORY_FIX = ("use a smaller --batch_size, --beam_width or "
+                     "--max_decoding_length, or --dtype bfloat16")
+PROMPT = "Model input >>> "
 
 
 def parse_args(argv=None):
@@ -53,6 +57,9 @@ def check_args(args) -> None:
     check_sampling_args(args)
     if args.nsamples < 1 or args.batch_size < 1:
         raise UserError("--nsamples and --batch_size must be at least 1")
+    if args.batch_size > MAX_ROWS:
+        raise UserError(f"--batch_size must be at most {MAX_ROWS} "
+                        f"(got {args.batch_size})")
     if args.nsamples % args.batch_size:
         raise UserError(f"--nsamples ({args.nsamples}) must be divisible by "
                         f"--batch_size ({args.batch_size})")
@@ -63,6 +70,22 @@ def check_max_decoding_length(args, n_ctx: int) -> None:
     if not 2 <= args.max_decoding_length <= n_ctx:
         raise UserError(f"--max_decoding_length must be between 2 and the model's "
                         f"{n_ctx} positions (got {args.max_decoding_length})")
+
+
+def check_fits(args, sizes, device) -> None:
+    """Refuse a length, batch or beam the model or the memory cannot hold.
+
+    Runs once the model's sizes are known, before its weights are read or
+    downloaded. An interactive prompt may fill all but one position.
+    """
+    from utils.generation import require_generation_memory
+    check_max_decoding_length(args, sizes["n_ctx"])
+    prompt_length = args.max_decoding_length - 1 if args.is_interactive else 1
+    require_generation_memory(
+        sizes, batch_size=args.batch_size,
+        max_decoding_length=args.max_decoding_length, prompt_length=prompt_length,
+        strategy=args.decoding_strategy, beam_width=args.beam_width,
+        dtype=DTYPES[args.dtype], device=device, fix=OUT_OF_MEMORY_FIX)
 
 
 class StreamPrinter:
@@ -112,14 +135,17 @@ class Generator:
 
     def samples(self, context, on_tokens=None):
         """Continuation ids for `batch_size` copies of one context."""
-        from utils.generation import generate
+        from utils.generation import generate, out_of_memory_as_user_error
         a = self.args
-        return generate(self.model, [context] * a.batch_size,
-                        a.max_decoding_length, strategy=a.decoding_strategy,
-                        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                        beam_width=a.beam_width, length_penalty=a.length_penalty,
-                        end_token=self.end_token, generator=self.rng,
-                        on_tokens=on_tokens)
+        with out_of_memory_as_user_error(
+                f"generating {a.batch_size} sample(s) of up to "
+                f"{a.max_decoding_length} tokens", OUT_OF_MEMORY_FIX):
+            return generate(self.model, [context] * a.batch_size,
+                            a.max_decoding_length, strategy=a.decoding_strategy,
+                            temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                            beam_width=a.beam_width, length_penalty=a.length_penalty,
+                            end_token=self.end_token, generator=self.rng,
+                            on_tokens=on_tokens)
 
     def print_batches(self, context, stream: bool) -> None:
         """Print --nsamples samples for `context`, each under a SAMPLE banner."""
@@ -146,16 +172,49 @@ def print_banner(number: int) -> None:
     print(f"{bar} SAMPLE {number} {bar}")
 
 
+class NotUTF8(ValueError):
+    """A line of input that is not valid UTF-8 text."""
+
+
+def read_prompt() -> str:
+    """Print the prompt and read one line of stdin, without its line ending.
+
+    Reads bytes and decodes each line alone, so a line that is not UTF-8 is
+    reported (NotUTF8) and the lines after it are still read (input() would
+    lose them: its decoder fails on a whole buffered chunk). Raises EOFError
+    at the end.
+    """
+    sys.stdout.write(PROMPT)
+    sys.stdout.flush()
+    if sys.stdin is None:  # started with stdin closed
+        raise EOFError
+    line = getattr(sys.stdin, "buffer", sys.stdin).readline()
+    if not line:
+        raise EOFError
+    try:
+        if isinstance(line, bytes):
+            line = line.decode("utf-8")
+        else:  # a text stream; undecodable bytes show up as lone surrogates
+            line.encode("utf-8")
+    except UnicodeError:
+        raise NotUTF8() from None
+    return line.rstrip("\r\n")
+
+
 def interactive_loop(generator: Generator, encoder) -> None:
     """Read prompts until EOF or Ctrl-C; continue each one."""
     stream = (generator.args.batch_size == 1
               and generator.args.decoding_strategy != "beam")
     while True:
         try:
-            raw_text = input("Model input >>> ")
+            raw_text = read_prompt()
         except (EOFError, KeyboardInterrupt):
             print()
             return
+        except NotUTF8:
+            print("error: that input is not valid UTF-8 text: type or paste the "
+                  "prompt again as UTF-8", file=sys.stderr)
+            continue
         if not raw_text.strip():
             print("Prompt should not be empty!")
             continue
@@ -177,24 +236,27 @@ def interactive_loop(generator: Generator, encoder) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from utils.checkpoint import load_model
+    from utils.generation import out_of_memory_as_user_error
     from utils.model import default_device, model_size
     from utils.processor import get_encoder
 
     check_args(args)  # before loading, and maybe downloading, a model
+    device = default_device()
+    if (args.dtype == "bfloat16" and device.type == "cuda"
+            and not torch.cuda.is_bf16_supported()):
+        raise UserError("this GPU has no bfloat16 support: use --dtype float16")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     loaded = load_model(config_model=args.config_model,
                         pretrain_model_dir=args.pretrain_model_dir,
                         pretrain_checkpoint=args.pretrain_checkpoint,
                         checkpoint=args.checkpoint,
-                        check=lambda hparams: check_max_decoding_length(
-                            args, model_size(hparams)["n_ctx"]))
+                        check=lambda hparams: check_fits(
+                            args, model_size(hparams), device))
     encoder = get_encoder(loaded.vocab_dir)
-    device = default_device()
-    if (args.dtype == "bfloat16" and device.type == "cuda"
-            and not torch.cuda.is_bf16_supported()):
-        raise UserError("this GPU has no bfloat16 support: use --dtype float16")
-    model = loaded.model.to(device=device, dtype=DTYPES[args.dtype])
+    with out_of_memory_as_user_error(f"moving the model to {device}",
+                                     "use --dtype bfloat16 or a smaller model"):
+        model = loaded.model.to(device=device, dtype=DTYPES[args.dtype])
     print(f"Loaded {loaded.source} on {device} ({args.dtype}).", file=sys.stderr)
 
     generator = Generator(args, model, encoder, device)

@@ -3,6 +3,7 @@
 The greedy continuations to match were computed by Hugging Face transformers'
 GPT-2 from the same TensorFlow files (tests/fixtures/tf_gpt2/README.md).
 """
+import contextlib
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import gpt2_generate_main
+from utils import errors
 from utils.checkpoint import checkpoint_model_fields, save_checkpoint
 from utils.errors import UserError
 from utils.model import build_model, gpt2_hparams
@@ -65,7 +67,8 @@ def test_bad_flag_gives_one_line_and_exit_2():
     result = run_cli(["--pretrain_model_dir", model_dir, "--temperature", "0"])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: --temperature must be > 0 (got 0.0)"]
+        "error: --temperature must be > 0 (got 0.0): a finite number such as 0.7; "
+        "lower is more conservative"]
 
 
 def test_missing_model_files_and_no_network_give_one_error_line(tmp_path):
@@ -178,7 +181,7 @@ def test_finetuned_checkpoint_is_used_over_pretrained(tmp_path, monkeypatch, cap
     (["--max_decoding_length", "33"], "between 2 and the model's 32 positions"),
     (["--top_p", "1.5"], r"--top_p must be in \(0, 1\]"),
     (["--top_k", "-2"], "--top_k must be >= 0"),
-    (["--beam_width", "0"], "--beam_width must be at least 1"),
+    (["--beam_width", "0"], "--beam_width must be between 1 and"),
     (["--checkpoint", "no/such/model.ckpt"], "checkpoint not found"),
     (["--config_model", "configs.nope"], "unknown config"),
 ])
@@ -207,9 +210,10 @@ def test_seed_out_of_range_is_a_user_error():
         check_sampling_args(gpt2_generate_main.parse_args(["--seed", str(2 ** 70)]))
 
 
-def test_impossible_length_fails_before_the_weights_are_downloaded(tmp_path, monkeypatch,
-                                                                   capsys):
-    """Only hparams.json is fetched before --max_decoding_length is checked."""
+@pytest.fixture
+def hparams_server(monkeypatch):
+    """A local download mirror serving only the 124M hparams.json (404 for the
+    weights); points the downloader at it and returns the paths requested."""
     import http.server
     import threading
 
@@ -233,12 +237,206 @@ def test_impossible_length_fails_before_the_weights_are_downloaded(tmp_path, mon
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("GPT2_DOWNLOAD_BASE_URL",
+                       f"http://127.0.0.1:{server.server_address[1]}")
+    yield requested
+    server.shutdown()
+
+
+def test_impossible_length_fails_before_the_weights_are_downloaded(
+        tmp_path, monkeypatch, capsys, hparams_server):
+    """Only hparams.json is fetched before --max_decoding_length is checked."""
+    with pytest.raises(UserError, match="model's 1024 positions"):
+        run_main(["--pretrain_model_dir", str(tmp_path / "model_117M"),
+                  "--max_decoding_length", "5000"], "", monkeypatch, capsys)
+    assert hparams_server == ["/124M/hparams.json"]
+
+
+# --- the script as run: exit code and stderr, from main() in-process ---------
+
+def run_script(argv, stdin=b""):
+    """main(argv) under run_main, as the script runs it: (exit code, stdout,
+    stderr). stdin is bytes behind a UTF-8 text stream, like a process's."""
+    saved = sys.stdin
+    sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
+    out, err = io.StringIO(), io.StringIO()
     try:
-        monkeypatch.setenv("GPT2_DOWNLOAD_BASE_URL",
-                           f"http://127.0.0.1:{server.server_address[1]}")
-        with pytest.raises(UserError, match="model's 1024 positions"):
-            run_main(["--pretrain_model_dir", str(tmp_path / "model_117M"),
-                      "--max_decoding_length", "5000"], "", monkeypatch, capsys)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                errors.run_main(gpt2_generate_main.main, argv)
+            except SystemExit as exit_:
+                code = exit_.code
     finally:
-        server.shutdown()
-    assert requested == ["/124M/hparams.json"]
+        sys.stdin = saved
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_lines(stderr):
+    assert "Traceback" not in stderr
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def assert_one_line_error(code, stderr, *words):
+    assert code == 2, stderr
+    errors_ = error_lines(stderr)
+    assert len(errors_) == 1 and stderr.rstrip().endswith(errors_[0]), stderr
+    for word in words:
+        assert word in errors_[0]
+
+
+INT_LIMIT = str(2 ** 31)  # one more than --batch_size/--beam_width allow
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--temperature", "nan"], ["--temperature must be > 0 (got nan)"]),
+    (["--temperature", "inf"], ["--temperature must be > 0 (got inf)"]),
+    (["--temperature=-inf"], ["--temperature must be > 0 (got -inf)"]),
+    (["--temperature", "0"], ["--temperature must be > 0 (got 0.0)"]),
+    (["--temperature", "1e-45"], ["--temperature 1e-45 is too small", "1.18e-38",
+                                  "--decoding_strategy greedy"]),
+    (["--top_p", "nan"], ["--top_p must be in (0, 1] (got nan)"]),
+    (["--top_p", "inf"], ["--top_p must be in (0, 1] (got inf)"]),
+    (["--length_penalty", "nan"], ["--length_penalty", "-10 and 10", "(got nan)"]),
+    (["--length_penalty=-inf"], ["--length_penalty", "(got -inf)"]),
+    (["--length_penalty", "1e308"], ["--length_penalty", "(got 1e+308)"]),
+    (["--batch_size", INT_LIMIT, "--nsamples", INT_LIMIT], ["--batch_size", "at most"]),
+    (["--decoding_strategy", "beam", "--beam_width", INT_LIMIT], ["--beam_width"]),
+    (["--nsamples", "-3"], ["--nsamples and --batch_size must be at least 1"]),
+    (["--seed", "-1"], ["--seed must be between 0"]),
+    (["--max_decoding_length", "-5"], ["--max_decoding_length must be at least 2"]),
+])
+def test_bad_numbers_are_refused_before_any_download(args, words, tmp_path,
+                                                     hparams_server):
+    model_dir = tmp_path / "model_117M"  # missing: would be downloaded
+    code, out, err = run_script(["--pretrain_model_dir", str(model_dir), *args])
+    assert_one_line_error(code, err, *words)
+    assert hparams_server == [] and not model_dir.exists()
+    assert out == ""
+
+
+@pytest.mark.parametrize("args", [
+    ["--batch_size", str(2 ** 31 - 1), "--nsamples", str(2 ** 31 - 1)],
+    ["--decoding_strategy", "beam", "--beam_width", str(2 ** 31 - 1)],
+])
+def test_batch_or_beam_too_big_for_memory_is_refused_before_the_weights_download(
+        args, tmp_path, hparams_server):
+    model_dir = tmp_path / "model_117M"
+    code, _, err = run_script(["--pretrain_model_dir", str(model_dir), *args])
+    assert_one_line_error(code, err, "generating 2147483647 row(s) of up to 128 tokens",
+                          "key/value cache", "needs about", "is free: use a smaller "
+                          "--batch_size, --beam_width or --max_decoding_length")
+    assert hparams_server == ["/124M/hparams.json"]  # never the weights
+    assert "hparams.json" in os.listdir(model_dir)
+    assert not [name for name in os.listdir(model_dir) if "model.ckpt" in name]
+
+
+def test_memory_check_compares_with_the_free_memory_before_reading_weights(monkeypatch):
+    """Even the default flags are refused when the machine has 1 MiB free; the
+    checkpoint's weights are never read."""
+    import utils.checkpoint
+    read = []
+    monkeypatch.setattr(utils.checkpoint, "load_openai_weights",
+                        lambda *a: read.append(a))
+    monkeypatch.setattr("utils.memory.available_bytes", lambda device=None: 2 ** 20)
+    model_dir, _ = fixture("tiny_a")
+    code, _, err = run_script(["--pretrain_model_dir", model_dir, "--is_interactive",
+                               "--max_decoding_length", "20"], b"Hello\n")
+    assert_one_line_error(code, err, "generating 1 row(s) of up to 20 tokens",
+                          "weights 1.5 MiB")
+    assert re.search(r"needs about [\d.]+ MiB but only 1.0 MiB of (RAM|GPU) is free",
+                     err)
+    assert read == []
+
+
+def failing_allocations(monkeypatch, times):
+    """Make the next `times` KV-cache allocations fail as the allocator does."""
+    from utils.generation import _GPT2
+    real_new_cache = _GPT2.new_cache
+    left = [times]
+
+    def new_cache(self, rows, slots):
+        if left[0]:
+            left[0] -= 1
+            torch.empty(2 ** 62, dtype=torch.uint8)  # raises the real error
+        return real_new_cache(self, rows, slots)
+    monkeypatch.setattr(_GPT2, "new_cache", new_cache)
+
+
+def test_allocation_failure_while_generating_is_one_line(monkeypatch):
+    failing_allocations(monkeypatch, 1)
+    model_dir, _ = fixture("tiny_a")
+    code, out, err = run_script(["--pretrain_model_dir", model_dir, "--batch_size", "2",
+                                 "--nsamples", "2", "--max_decoding_length", "20"])
+    assert_one_line_error(code, err, "ran out of memory generating 2 sample(s) of up "
+                          "to 20 tokens: use a smaller --batch_size")
+    assert samples(out) == []
+
+
+def test_allocation_failure_in_a_session_is_reported_and_it_goes_on(monkeypatch):
+    failing_allocations(monkeypatch, 1)
+    model_dir, _ = fixture("tiny_a")
+    code, out, err = run_script(["--pretrain_model_dir", model_dir, "--is_interactive",
+                                 "--max_decoding_length", "20", "--seed", "0"],
+                                b"Hello\nHello again\n")
+    assert code == 0
+    assert len(error_lines(err)) == 1 and "ran out of memory" in err
+    assert len(samples(out)) == 1 and out.count("Model input >>> ") == 3
+
+
+def test_non_utf8_input_is_reported_and_asked_again(monkeypatch):
+    """A bad line, a good one, then a bad last line without a newline."""
+    model_dir, ref = fixture("tiny_a")
+    g = ref["greedy"][0]
+    stdin = (b"\xff\xfe not text\n" + g["prompt_text"].encode() + b"\ncaf\xc3")
+    code, out, err = run_script(["--pretrain_model_dir", model_dir, "--is_interactive",
+                                 "--top_k", "1", "--max_decoding_length", "32"], stdin)
+    assert code == 0
+    assert error_lines(err) == ["error: that input is not valid UTF-8 text: type or "
+                                "paste the prompt again as UTF-8"] * 2
+    assert out.count("Model input >>> ") == 4  # 3 lines, then EOF
+    expected = get_encoder().decode(g["output_ids"][len(g["prompt_ids"]):])
+    assert samples(out) == [expected]
+
+
+def test_non_utf8_input_through_a_real_process():
+    model_dir, _ = fixture("tiny_a")
+    result = subprocess.run(
+        [sys.executable, "gpt2_generate_main.py", "--pretrain_model_dir", model_dir,
+         "--is_interactive", "--max_decoding_length", "12", "--seed", "0"],
+        input=b"\x80abc\nHello\n", capture_output=True, cwd=REPO, timeout=300)
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert len(error_lines(stderr)) == 1 and "not valid UTF-8" in stderr
+    assert len(samples(result.stdout.decode())) == 1
+
+
+def test_undecodable_bytes_as_surrogates_are_refused_too(monkeypatch, capsys):
+    """Python in the C locale hands undecodable bytes over as lone surrogates."""
+    model_dir, _ = fixture("tiny_a")
+    code, out, err = run_main(["--pretrain_model_dir", model_dir, "--is_interactive",
+                               "--max_decoding_length", "12"], "ab\udcff\nHello\n",
+                              monkeypatch, capsys)
+    assert code == 0 and "not valid UTF-8" in err and len(samples(out)) == 1
+
+
+def test_closed_stdin_ends_the_session_cleanly(monkeypatch, capsys):
+    model_dir, _ = fixture("tiny_a")
+    monkeypatch.setattr(sys, "stdin", None)
+    code = gpt2_generate_main.main(["--pretrain_model_dir", model_dir,
+                                    "--is_interactive", "--max_decoding_length", "12"])
+    out, err = capsys.readouterr()
+    assert code == 0 and out == "Model input >>> \n" and "error" not in err
+
+
+def test_tiny_temperature_samples_what_greedy_decoding_gives(monkeypatch, capsys):
+    """1e-37 is a normal float32: logits / 1e-37 overflow, yet sampling works
+    and picks the most likely token every time."""
+    model_dir, ref = fixture("tiny_a")
+    prompt = ref["greedy"][0]["prompt_text"] + "\n"
+    common = ["--pretrain_model_dir", model_dir, "--is_interactive",
+              "--max_decoding_length", "32", "--top_k", "0", "--seed", "1"]
+    _, tiny, _ = run_main(common + ["--temperature", "1e-37"], prompt, monkeypatch,
+                          capsys)
+    _, greedy, _ = run_main(common + ["--decoding_strategy", "greedy"], prompt,
+                            monkeypatch, capsys)
+    assert samples(tiny) == samples(greedy) and samples(tiny)[0]

@@ -18,7 +18,9 @@ import torch
 from utils.checkpoint import load_openai_weights
 from utils.errors import UserError
 from utils.generation import (filter_logits, forward_logits, generate,
-                              next_token_logits)
+                              generation_memory, next_token_logits,
+                              out_of_memory_as_user_error, require_generation_memory)
+from utils.sampling import sample_from_logits
 from utils.model import build_model, gpt2_hparams, hparams_from_openai
 
 with warnings.catch_warnings():
@@ -378,6 +380,12 @@ def test_beam_streaming_is_refused(model):
     ([[1, 50257]], 10, {}, ["50257", "vocabulary"]),
     ([[1]], 10, {"temperature": 0.0}, ["temperature"]),
     ([[1]], 10, {"temperature": -1.0}, ["temperature"]),
+    ([[1]], 10, {"temperature": float("nan")}, ["temperature", "nan"]),
+    ([[1]], 10, {"temperature": float("inf")}, ["temperature", "inf"]),
+    ([[1]], 10, {"temperature": 1e-45}, ["temperature", "1.18e-38"]),
+    ([[1]], 10, {"strategy": "beam", "length_penalty": float("nan")},
+     ["length_penalty", "nan"]),
+    ([[1]], 10, {"strategy": "beam", "length_penalty": 1e308}, ["length_penalty"]),
     ([[1]], 10, {"top_k": -1}, ["top_k"]),
     ([[1]], 10, {"top_p": 0.0}, ["top_p", "(0, 1]"]),
     ([[1]], 10, {"top_p": 1.5}, ["top_p"]),
@@ -407,3 +415,81 @@ def test_dropout_is_never_applied():
     assert noisy.training
     noisy.eval()
     assert ours == texar_greedy(noisy, CONTEXTS, 24, NEVER)
+
+
+# ------------------------------------------------- extreme values and memory
+
+
+def test_tiny_temperature_puts_all_mass_on_the_top_token():
+    """logits / 1e-37 overflows float32; the filter still gives a distribution
+    (not NaN) and it is the greedy one."""
+    logits = random_logits(False) * 100
+    filtered = filter_logits(logits, temperature=1e-37)
+    probs = torch.softmax(filtered, -1)
+    assert torch.isfinite(probs).all()
+    assert torch.equal(probs.argmax(-1), logits.argmax(-1))
+    assert torch.equal(probs.max(-1).values, torch.ones(len(logits)))
+    assert torch.equal(sample_from_logits(filtered), logits.argmax(-1))
+
+
+def test_tiny_temperature_sampling_equals_greedy(model):
+    g = torch.Generator().manual_seed(4)
+    assert (generate(model, CONTEXTS, 30, strategy="sample", temperature=1e-37,
+                     generator=g, end_token=NEVER)
+            == generate(model, CONTEXTS, 30, strategy="greedy", end_token=NEVER))
+
+
+def test_non_finite_scores_are_a_user_error_not_a_multinomial_crash():
+    logits = torch.tensor([[0.0, float("nan"), 1.0], [0.0, 1.0, 2.0]])
+    with pytest.raises(UserError, match="not finite") as err:
+        sample_from_logits(logits)
+    assert "\n" not in str(err.value)
+
+
+TINY_SIZES = {"n_vocab": 50257, "n_ctx": 32, "n_embd": 8, "n_head": 2, "n_layer": 2}
+
+
+def test_generation_memory_grows_with_rows_and_beams():
+    def total(**kw):
+        return sum(generation_memory(TINY_SIZES, max_decoding_length=20,
+                                     prompt_length=1, **kw).values())
+    one, many = total(batch_size=1), total(batch_size=100)
+    weights = generation_memory(TINY_SIZES, batch_size=1, max_decoding_length=20,
+                                prompt_length=1)["weights"]
+    assert weights == 4 * 404072  # the tiny model's float32 parameters
+    assert many - weights == pytest.approx(100 * (one - weights), rel=0.01)
+    beam_1 = total(batch_size=2, strategy="beam", beam_width=1) - weights
+    assert total(batch_size=2, strategy="beam", beam_width=5) - weights > 4 * beam_1
+    # Without beam search --beam_width takes no memory.
+    assert total(batch_size=2, strategy="sample", beam_width=5) == total(batch_size=2)
+    bf16 = generation_memory(TINY_SIZES, batch_size=1, max_decoding_length=20,
+                             prompt_length=1, dtype=torch.bfloat16)
+    assert bf16["weights"] == weights // 2
+
+
+def test_require_generation_memory_names_the_estimate_and_the_fix(monkeypatch):
+    monkeypatch.setattr("utils.memory.available_bytes", lambda device=None: 2 ** 20)
+    with pytest.raises(UserError) as err:
+        require_generation_memory(TINY_SIZES, batch_size=8, max_decoding_length=20,
+                                  prompt_length=1, fix="use fewer rows")
+    message = str(err.value)
+    for words in ("generating 8 row(s) of up to 20 tokens in float32",
+                  "key/value cache", "next-token scores", "needs about",
+                  "1.0 MiB of RAM is free: use fewer rows"):
+        assert words in message
+    monkeypatch.setattr("utils.memory.available_bytes", lambda device=None: 2 ** 40)
+    require_generation_memory(TINY_SIZES, batch_size=8, max_decoding_length=20,
+                              prompt_length=1)  # fits: no error
+
+
+def test_allocation_failures_become_one_line_other_errors_pass():
+    with pytest.raises(UserError) as err:
+        with out_of_memory_as_user_error("doing it", "do less"):
+            torch.empty(2 ** 62, dtype=torch.uint8)  # a real allocator failure
+    assert str(err.value) == "ran out of memory doing it: do less"
+    with pytest.raises(UserError):
+        with out_of_memory_as_user_error("doing it", "do less"):
+            raise MemoryError()
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        with out_of_memory_as_user_error("doing it", "do less"):
+            raise RuntimeError("size mismatch")

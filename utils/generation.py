@@ -25,21 +25,29 @@ Strategies: "greedy" (argmax), "sample" (temperature, top-k, top-p; see
 utils/sampling.py), "beam" (texar's beam search with its length penalty
 ((5 + len) / 6) ** alpha, best beam returned).
 """
-from typing import Callable, List, Optional, Sequence, Tuple
+import contextlib
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from utils.errors import UserError
-from utils.sampling import filter_logits, sample_from_logits
+from utils.memory import format_bytes, require_memory
+from utils.sampling import SMALLEST_TEMPERATURE, filter_logits, sample_from_logits
 
-__all__ = ["generate", "forward_logits", "next_token_logits", "filter_logits"]
+__all__ = ["generate", "forward_logits", "next_token_logits", "filter_logits",
+           "generation_memory", "require_generation_memory",
+           "out_of_memory_as_user_error"]
 
 STRATEGIES = ("greedy", "sample", "beam")
 # texar's beam search marks impossible scores with -1e7, not -inf; kept so
 # that ties and orderings come out the same.
 _BEAM_INF = 1.0e7
+# texar's length penalty is ((5 + length) / 6) ** alpha: beyond this it
+# overflows a float (or underflows to 0) for lengths within GPT-2's 1024.
+LENGTH_PENALTY_LIMIT = 10.0
 
 
 def _onednn_linear(x, weight, bias=None):
@@ -280,12 +288,17 @@ class _Batch:
 
 def _check_arguments(net: _GPT2, contexts: List[List[int]], max_decoding_length: int,
                      strategy: str, temperature: float, top_k: int, top_p: float,
-                     beam_width: int) -> None:
+                     beam_width: int, length_penalty: float) -> None:
     if strategy not in STRATEGIES:
         raise UserError(f"unknown decoding strategy {strategy!r}: use one of "
                         f"{', '.join(STRATEGIES)}")
-    if not temperature > 0:
-        raise UserError(f"temperature must be greater than 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= SMALLEST_TEMPERATURE):
+        raise UserError(f"temperature must be greater than 0, finite and at least "
+                        f"{SMALLEST_TEMPERATURE:.3g}, got {temperature}")
+    if not (math.isfinite(length_penalty)
+            and abs(length_penalty) <= LENGTH_PENALTY_LIMIT):
+        raise UserError(f"length_penalty must be between -{LENGTH_PENALTY_LIMIT:g} "
+                        f"and {LENGTH_PENALTY_LIMIT:g}, got {length_penalty}")
     if top_k < 0:
         raise UserError(f"top_k must be 0 (off) or positive, got {top_k}")
     if not 0 < top_p <= 1:
@@ -358,7 +371,7 @@ def generate(model: nn.Module, contexts: Sequence[Sequence[int]],
     contexts = [[int(t) for t in ctx] for ctx in contexts]
     net = _GPT2(model)
     _check_arguments(net, contexts, max_decoding_length, strategy, temperature,
-                     top_k, top_p, beam_width)
+                     top_k, top_p, beam_width, length_penalty)
     if not contexts:
         return []
     if strategy == "beam":
@@ -517,3 +530,99 @@ def _beam_search(net: _GPT2, contexts: List[List[int]], max_decoding_length: int
                             batch.step_mask(slot + 1))
         logits = net.logits(hidden[:, -1]).float().view(B, W, V)
     return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------
+# Memory: refuse what cannot fit up front; report allocation failures in one line
+
+# Bytes per (row, vocabulary entry) of next-token scores at one decoding step,
+# measured on CPU with a little to spare: sampling holds several float32
+# copies (temperature, top-k/top-p filters, probabilities, a sort's int64
+# indices), beam search a few (log-softmax, scores, copies per beam), greedy
+# the logits and an argmax.
+_SCORE_BYTES = {"sample": 40, "beam": 32, "greedy": 12}
+# Bytes per prompt token per embedding unit and layer for the prompt pass:
+# the hidden state, q/k/v, attention output and the 4x feed-forward.
+_PROMPT_ACTIVATIONS = 16
+
+
+def generation_memory(sizes: Dict[str, int], *, batch_size: int,
+                      max_decoding_length: int, prompt_length: int,
+                      strategy: str = "sample", beam_width: int = 1,
+                      dtype: torch.dtype = torch.float32) -> Dict[str, int]:
+    """Estimated peak bytes of `generate` on a model of GPT-2 `sizes`, by part.
+
+    sizes: n_vocab, n_ctx, n_embd, n_head, n_layer (utils.model.model_size).
+    batch_size contexts of up to `prompt_length` tokens each, continued to
+    `max_decoding_length` tokens; beam search keeps beam_width rows per
+    context. The estimate errs high by a little, never by orders of magnitude.
+    """
+    n_vocab, n_ctx, n_embd = sizes["n_vocab"], sizes["n_ctx"], sizes["n_embd"]
+    n_head, n_layer = sizes["n_head"], sizes["n_layer"]
+    item = torch.empty((), dtype=dtype).element_size()
+    beams = beam_width if strategy == "beam" else 1
+    rows = batch_size * beams
+    slots = max(max_decoding_length - 1, 1)
+    params = ((n_vocab + n_ctx) * n_embd + 2 * n_embd
+              + n_layer * (12 * n_embd * n_embd + 13 * n_embd))
+    cache = 2 * n_layer * rows * slots * n_embd * item
+    if strategy == "beam":
+        # Reordering the beams copies one of the two caches; the prompt's own
+        # cache is copied to every beam.
+        cache += cache // 2 + 2 * n_layer * batch_size * prompt_length * n_embd * item
+        cache += rows * slots * 8 * 8  # int64 beam histories, alive and finished
+    prompt = (batch_size * prompt_length * _PROMPT_ACTIVATIONS * n_embd * item
+              + 2 * batch_size * n_head * prompt_length * prompt_length * 4)
+    return {"weights": params * item,
+            "key/value cache": cache,
+            "next-token scores": rows * n_vocab * _SCORE_BYTES.get(strategy, 40),
+            "prompt pass": prompt}
+
+
+def require_generation_memory(sizes: Dict[str, int], *, batch_size: int,
+                              max_decoding_length: int, prompt_length: int,
+                              strategy: str = "sample", beam_width: int = 1,
+                              dtype: torch.dtype = torch.float32,
+                              device: Optional[torch.device] = None,
+                              fix: str = "use a smaller --batch_size, --beam_width "
+                                         "or --max_decoding_length") -> None:
+    """UserError (one line, with the estimate by part) when generation cannot
+    fit in `device`'s free memory. Call it before the weights are loaded: the
+    model's `sizes` are enough. gpt2_train_main.py's sample generation can
+    call it too, with its own `fix` wording.
+    """
+    parts = generation_memory(sizes, batch_size=batch_size,
+                              max_decoding_length=max_decoding_length,
+                              prompt_length=prompt_length, strategy=strategy,
+                              beam_width=beam_width, dtype=dtype)
+    rows = batch_size * (beam_width if strategy == "beam" else 1)
+    detail = ", ".join(f"{name} {format_bytes(size)}" for name, size in parts.items())
+    require_memory(sum(parts.values()),
+                   f"generating {rows} row(s) of up to {max_decoding_length} tokens "
+                   f"in {str(dtype).replace('torch.', '')} ({detail})",
+                   fix, device)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is an allocation failure (CPU, CUDA or MPS), not a bug."""
+    if isinstance(err, MemoryError):
+        return True
+    if not isinstance(err, RuntimeError):  # torch.OutOfMemoryError is one
+        return False
+    message = str(err).lower()
+    return any(words in message for words in
+               ("out of memory", "can't allocate memory", "not enough memory"))
+
+
+@contextlib.contextmanager
+def out_of_memory_as_user_error(what: str, fix: str):
+    """Turn an allocation failure inside the block into a one-line UserError:
+    "ran out of memory <what>: <fix>". Other errors pass through."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give back what the failed step held
+        raise UserError(f"ran out of memory {what}: {fix}") from None

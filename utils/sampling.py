@@ -27,6 +27,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from utils.errors import UserError
+
+# Logits are divided by the temperature in float32: below float32's smallest
+# normal number the divisor itself is rounded (1e-45 becomes 1.4e-45, 1e-46
+# becomes 0), so smaller temperatures are refused.
+SMALLEST_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
+
 
 def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """`logits` [B, V] with everything below the k-th largest set to -inf (0 = off)."""
@@ -59,7 +66,7 @@ def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0,
     """
     logits = logits.float()
     if temperature != 1.0:
-        logits = logits / temperature
+        logits = divide_by_temperature(logits, temperature)
     if 0 < top_k < logits.size(-1) and top_p < 1.0:
         # Both filters: run top-p on the k survivors only (already sorted by
         # topk), which spares sorting the whole vocabulary every step.
@@ -73,6 +80,21 @@ def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0,
     return top_p_filter(top_k_filter(logits, top_k), top_p)
 
 
+def divide_by_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`logits / temperature`, without overflowing to inf for a tiny temperature.
+
+    A row whose quotient overflows float32 (e.g. logits near 100 at
+    temperature 1e-37) would turn into NaN probabilities; such rows are
+    divided after subtracting their largest logit instead, which gives the
+    same distribution (the limit: all mass on the top tokens). Other rows are
+    divided as texar does, so its draws are reproduced exactly.
+    """
+    scaled = logits / temperature
+    shifted = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    overflowed = torch.isposinf(scaled).any(dim=-1, keepdim=True)
+    return torch.where(overflowed, shifted, scaled)
+
+
 def sample_from_logits(logits: torch.Tensor,
                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One token id per row of (already filtered) `logits` [B, V] -> [B].
@@ -81,6 +103,13 @@ def sample_from_logits(logits: torch.Tensor,
     model) and returns the ids on the logits' device.
     """
     probs = F.softmax(logits.float(), dim=-1)
+    # torch.multinomial fails on NaN (on CUDA with a device-side assert that
+    # ends the process), so check first. Only a model whose outputs overflow
+    # or are NaN gets here: filtered logits always keep at least one token.
+    if not bool(torch.isfinite(probs).all()):
+        raise UserError("the model gave next-token scores that are not finite "
+                        "(NaN or inf): its weights may be corrupt, or 16-bit "
+                        "activations overflowed (try --dtype float32)")
     if generator is not None and generator.device != probs.device:
         probs = probs.to(generator.device)
     ids = torch.multinomial(probs, 1, replacement=True, generator=generator)
