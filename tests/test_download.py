@@ -5,11 +5,11 @@ Range requests (206 + Content-Range, 416 past the end) and can misbehave on
 demand: drop the connection mid-body, announce more bytes than it sends,
 send no length and close early, ignore Range, answer 404/500, stall, trickle
 a byte at a time, serve a captive portal's HTML page or a corrupt file.
+The files it serves, and their corrupt copies, come from test_model_files.py.
 
 In-process downloads get a fake sleep and CLI runs $GPT2_DOWNLOAD_BACKOFF=0,
 so no test waits out a real back-off.
 """
-import json
 import os
 import socket
 import struct
@@ -20,30 +20,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from test_model_files import BIG, CORRUPT, INDEX, PORTAL, flip_byte, make_files
 from utils import download
-from utils.download import (MODEL_FILES, canonical_model_name, default_model_dir,
-                            download_model, ensure_model, missing_files)
+from utils.download import download_model, ensure_model
 from utils.errors import UserError
+from utils.model_files import MODEL_FILES, missing_files
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = os.path.join(REPO_ROOT, "tests", "fixtures", "tf_gpt2", "models", "tiny_a")
-BIG = "model.ckpt.data-00000-of-00001"
-INDEX = "model.ckpt.index"
-PORTAL = (b"<!DOCTYPE html>\n<html><head><title>Wi-Fi login</title></head>"
-          b"<body>Please log in</body></html>\n")
-
-
-def make_files():
-    """The seven files, each passing its check: a tiny checkpoint written by real
-    TensorFlow (tests/fixtures) and a made-up tokenizer; the weights file is the big one."""
-    files = {}
-    for name in ("checkpoint", "hparams.json", BIG, INDEX, "model.ckpt.meta"):
-        with open(os.path.join(TINY_MODEL, name), "rb") as f:
-            files[name] = f.read()
-    files["encoder.json"] = json.dumps({f"tok{i}": i for i in range(8000)}).encode()
-    files["vocab.bpe"] = ("#version: 0.2\n" +
-                          "".join(f"a{i} b{i}\n" for i in range(9000))).encode()
-    return files
 
 
 class Server:
@@ -227,18 +210,11 @@ def assert_complete(model_dir, files):
     assert missing_files(model_dir) == []
 
 
-def test_model_names():
-    for alias in ("117M", "124M", "gpt2", "gpt2-small", "GPT2-Small"):
-        assert canonical_model_name(alias) == "117M"
-    for alias in ("345M", "355M", "gpt2-medium"):
-        assert canonical_model_name(alias) == "345M"
-    assert canonical_model_name("gpt2-large") == "774M"
-    assert canonical_model_name("gpt2-xl") == "1558M"
-    with pytest.raises(UserError, match="117M.*345M.*774M.*1558M"):
-        canonical_model_name("2B")
-    assert default_model_dir("124M") == os.path.join("gpt2_pretrained_models", "model_117M")
+def test_model_file_url():
     assert (download.model_file_url("345M", "vocab.bpe") ==
             "https://openaipublic.blob.core.windows.net/gpt-2/models/355M/vocab.bpe")
+    assert (download.model_file_url("gpt2", "hparams.json", "http://mirror/m/") ==
+            "http://mirror/m/124M/hparams.json")
 
 
 def test_complete_download(server, files, tmp_path):
@@ -592,21 +568,6 @@ def test_early_close_without_length_or_range_never_lands(server, files, tmp_path
     one_line_error(err, "hparams.json", "failed its check twice", "not valid JSON",
                    "--base_url")
     assert_absent(tmp_path / "model_117M", "hparams.json")
-
-
-def flip_byte(data, at):
-    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
-
-
-CORRUPT = {   # file -> (corrupt copy of the good one, words of the check that fails)
-    "hparams.json": (lambda good: good[:-3], "not valid JSON"),
-    "encoder.json": (lambda good: b'["not", "a", "mapping"]', "JSON object"),
-    "checkpoint": (lambda good: b'all_model_checkpoint_paths: "x"\n',
-                   "model_checkpoint_path"),
-    "vocab.bpe": (lambda good: b"#version: 0.2\na b c\n", "line 2"),
-    INDEX: (lambda good: flip_byte(good, 100), "checkpoint index (it is corrupt (checksum"),
-    BIG: (lambda good: good + b"\0", f"is {1616289} bytes but {INDEX} says 1616288"),
-}
 
 
 @pytest.mark.parametrize("name", sorted(CORRUPT))
