@@ -16,13 +16,17 @@ def random_text(rng, alphabet, length):
     return "".join(rng.choice(alphabet) for _ in range(rng.randrange(length)))
 
 
+def read_in_blocks_of(block, monkeypatch, tmp_path):
+    """Files are read `block` bytes at a time; a seeded generator and a file path."""
+    monkeypatch.setattr(text_lines, "READ_BLOCK", block)
+    return random.Random(block), tmp_path / "t.txt"
+
+
 @pytest.mark.parametrize("block", [1, 2, 3, 7, 1 << 20])
 def test_reading_matches_str_splitlines_at_any_block_size(tmp_path, monkeypatch, block):
     # Small blocks cut lines, "\r\n" and the bytes of U+2028 across reads.
-    monkeypatch.setattr(text_lines, "READ_BLOCK", block)
-    rng = random.Random(block)
+    rng, path = read_in_blocks_of(block, monkeypatch, tmp_path)
     alphabet = list("ab é中 \t") + ["\u3000", "\ufeff", "'s"] + LINE_BREAKS
-    path = tmp_path / "t.txt"
     for _ in range(150):
         text = random_text(rng, alphabet, 40)
         path.write_bytes(text.encode("utf-8"))
@@ -38,10 +42,8 @@ def test_reading_matches_str_splitlines_at_any_block_size(tmp_path, monkeypatch,
 
 @pytest.mark.parametrize("block", [1, 2, 5, 1 << 20])
 def test_non_utf8_line_and_byte_are_right_at_any_block_size(tmp_path, monkeypatch, block):
-    monkeypatch.setattr(text_lines, "READ_BLOCK", block)
-    rng = random.Random(block)
+    rng, path = read_in_blocks_of(block, monkeypatch, tmp_path)
     alphabet = list("ab é中 ") + ["\ufeff", "\u2028", "\r\n"] + LINE_BREAKS
-    path = tmp_path / "t.txt"
     for _ in range(150):
         chars = [rng.choice(alphabet) for _ in range(rng.randrange(30))]
         at = rng.randrange(len(chars) + 1)
