@@ -75,6 +75,10 @@ def test_model_name_of_a_directory():
     assert model_name_of_dir("model_gpt2-xl") == "1558M"
     for other in ("my_model", "model_", "model_2B", "models/345M", "117M", ""):
         assert model_name_of_dir(other) is None, other
+    # Where a bare model name counts as well (checkpoint loading's rule).
+    assert model_name_of_dir("models/355M", prefix_optional=True) == "345M"
+    assert model_name_of_dir("a/model_gpt2/", prefix_optional=True) == "117M"
+    assert model_name_of_dir("my_model", prefix_optional=True) is None
 
 
 def test_good_files_pass_their_checks(tmp_path):

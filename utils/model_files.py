@@ -66,14 +66,19 @@ def default_model_dir(name: str) -> str:
     return os.path.join(MODELS_DIR, MODEL_DIR_PREFIX + canonical_model_name(name))
 
 
-def model_name_of_dir(model_dir: str) -> Optional[str]:
+def model_name_of_dir(model_dir: str, prefix_optional: bool = False) -> Optional[str]:
     """The canonical model name a directory named model_<NAME> holds ('.../model_345M'
-    -> '345M', 'model_gpt2' -> '117M'); None for any other directory name."""
+    -> '345M', 'model_gpt2' -> '117M'); None for any other directory name.
+
+    `prefix_optional`: a directory named just the model ('345M', 'gpt2') counts too.
+    """
     base = os.path.basename(os.path.normpath(model_dir))
-    if not base.startswith(MODEL_DIR_PREFIX):
+    if base.startswith(MODEL_DIR_PREFIX):
+        base = base[len(MODEL_DIR_PREFIX):]
+    elif not prefix_optional:
         return None
     try:
-        return canonical_model_name(base[len(MODEL_DIR_PREFIX):])
+        return canonical_model_name(base)
     except UserError:
         return None
 
