@@ -10,10 +10,11 @@ str.splitlines: \v \f \x1c-\x1e \x85 \u2028 \u2029).
 Each non-empty line becomes <|endoftext|> + BPE(line) + <|endoftext|>, cut to
 --max_seq_length tokens (the two special tokens included) and padded. Each
 split is written to <output_dir>/<split>.npy (see utils/data.py for the
-format), replacing any earlier one only once complete. All the text files are
-checked first, so a bad one changes nothing; Ctrl-C or SIGTERM keeps the
-splits already written and leaves no temporary file. A line too long to hold
-in memory is read only as far as its first tokens need.
+format, utils/prepare.py for the writing), replacing any earlier one only
+once complete. All the text files are checked first, so a bad one changes
+nothing; Ctrl-C or SIGTERM keeps the splits already written and leaves no
+temporary file. A line too long to hold in memory is read only as far as its
+first tokens need.
 """
 import argparse
 import os
@@ -24,8 +25,9 @@ import time
 from contextlib import contextmanager
 
 from utils.errors import UserError, run_main
+from utils.model_files import DEFAULT_MODEL, default_model_dir
 
-DEFAULT_PRETRAIN_MODEL_DIR = os.path.join("gpt2_pretrained_models", "model_117M")
+DEFAULT_PRETRAIN_MODEL_DIR = default_model_dir(DEFAULT_MODEL)
 
 
 def parse_args(argv=None):
@@ -111,7 +113,7 @@ def split_files(data_dir):
 
 
 def check_num_workers(num_workers):
-    from utils.data import default_num_workers
+    from utils.prepare import default_num_workers
     most = max(default_num_workers(), os.cpu_count() or 1)
     if num_workers is not None and not 1 <= num_workers <= most:
         raise UserError(f"--num_workers must be 1 to {most}, this machine's cores "
@@ -132,8 +134,9 @@ def main(argv=None) -> int:
 
 
 def prepare(args) -> int:
-    from utils.data import (check_max_seq_length, check_text_file, prepare_output_dir,
-                            prepare_split, split_data_path, split_text_path)
+    from utils.data import check_max_seq_length, split_data_path, split_text_path
+    from utils.prepare import prepare_output_dir, prepare_split
+    from utils.text_lines import check_text_file
 
     check_max_seq_length(args.max_seq_length)
     check_num_workers(args.num_workers)

@@ -125,7 +125,8 @@ def _null():
 def make_data(scenario, data_dir):
     """Write train.npy for the scenario; returns the list of index batches."""
     import numpy as np
-    from utils.data import prepare_split, record_dtype
+    from utils.data import record_dtype
+    from utils.prepare import prepare_split
     from utils.processor import EOS_ID
     if scenario == "full":
         gen = np.random.default_rng(SEED)

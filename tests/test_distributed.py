@@ -363,7 +363,7 @@ seed = 3
 
 @pytest.fixture(scope="module")
 def toy_job(tmp_path_factory):
-    from utils.data import prepare_split
+    from utils.prepare import prepare_split
     root = tmp_path_factory.mktemp("toy_job")
     data_dir = root / "data"
     for split in ("train", "dev"):

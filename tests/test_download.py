@@ -1,187 +1,29 @@
 """utils.download against a real HTTP server on 127.0.0.1 (no other network).
 
-The server is http.server.ThreadingHTTPServer with a handler that implements
-Range requests (206 + Content-Range, 416 past the end) and can misbehave on
-demand: drop the connection mid-body, announce more bytes than it sends,
-send no length and close early, ignore Range, answer 404/500, stall, trickle
-a byte at a time, serve a captive portal's HTML page or a corrupt file.
+The server (model_server.py) implements Range requests and misbehaves on
+demand: drops connections, sends short or unannounced bodies, ignores Range,
+answers 404/500, stalls, trickles, serves a captive portal's page or a corrupt
+file. The files it serves, and their corrupt copies, come from test_model_files.py.
 
 In-process downloads get a fake sleep and CLI runs $GPT2_DOWNLOAD_BACKOFF=0,
 so no test waits out a real back-off.
 """
-import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from model_server import Server
+from test_model_files import BIG, CORRUPT, INDEX, PORTAL, flip_byte, make_files
 from utils import download
-from utils.download import (MODEL_FILES, canonical_model_name, default_model_dir,
-                            download_model, ensure_model, missing_files)
+from utils.download import download_model, ensure_model
 from utils.errors import UserError
+from utils.model_files import MODEL_FILES, missing_files
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = os.path.join(REPO_ROOT, "tests", "fixtures", "tf_gpt2", "models", "tiny_a")
-BIG = "model.ckpt.data-00000-of-00001"
-INDEX = "model.ckpt.index"
-PORTAL = (b"<!DOCTYPE html>\n<html><head><title>Wi-Fi login</title></head>"
-          b"<body>Please log in</body></html>\n")
-
-
-def make_files():
-    """The seven files, each passing its check: a tiny checkpoint written by real
-    TensorFlow (tests/fixtures) and a made-up tokenizer; the weights file is the big one."""
-    files = {}
-    for name in ("checkpoint", "hparams.json", BIG, INDEX, "model.ckpt.meta"):
-        with open(os.path.join(TINY_MODEL, name), "rb") as f:
-            files[name] = f.read()
-    files["encoder.json"] = json.dumps({f"tok{i}": i for i in range(8000)}).encode()
-    files["vocab.bpe"] = ("#version: 0.2\n" +
-                          "".join(f"a{i} b{i}\n" for i in range(9000))).encode()
-    return files
-
-
-class Server:
-    """Serves `files` under /<remote model name>/<file>; records every request."""
-
-    def __init__(self, files, remote="124M"):
-        self.files = {f"/{remote}/{name}": data for name, data in files.items()}
-        self.requests = []          # (path, Range header or None)
-        self.if_ranges = []         # (path, If-Range header or None)
-        self.etags = {}             # path -> ETag to send (and to honour in If-Range)
-        self.drop_after = {}        # path -> bytes to send before a reset, once each
-        self.before_drop = None     # called before the reset (lets the client read first)
-        self.truncate_to = {}       # path -> bytes to send (full Content-Length), once each
-        self.fail_status = {}       # path -> [status codes to answer first]
-        self.stall_s = {}           # path -> seconds to wait before answering, once
-        self.short_by = {}          # path -> bytes each body falls short of Content-Length
-        self.no_length = set()      # paths sent without Content-Length (end = close)
-        self.cut_no_length = {}     # path -> bytes to send without a length, then close
-        self.bad_bodies = {}        # path -> [bodies to serve first, one per request]
-        self.portal = set()         # paths answered with a captive portal's login page
-        self.trickle = set()        # paths sent a byte at a time, forever
-        self.ignore_range = False
-        self.stopping = threading.Event()
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                try:
-                    server.handle(self)
-                except ConnectionError:  # the client went away (e.g. the Ctrl-C test)
-                    self.close_connection = True
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever,
-                                       kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def close(self):
-        self.stopping.set()  # ends stalls and trickles
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def ranges(self, path_end):
-        return [r for p, r in self.requests if p.endswith(path_end)]
-
-    def handle(self, h):
-        path = h.path
-        with self.lock:
-            self.requests.append((path, h.headers.get("Range")))
-            self.if_ranges.append((path, h.headers.get("If-Range")))
-            statuses = self.fail_status.get(path)
-            status = statuses.pop(0) if statuses else None
-            drop = self.drop_after.pop(path, None)
-            truncate = self.truncate_to.pop(path, None)
-            stall = self.stall_s.pop(path, None)
-            bad = self.bad_bodies.get(path)
-            bad = bad.pop(0) if bad else None
-            cut_no_length = self.cut_no_length.pop(path, None)
-        if stall:
-            self.stopping.wait(stall)
-        if path in self.portal:
-            h.send_response(200)  # whatever was asked: a portal answers with its page
-            h.send_header("Content-Type", "text/html; charset=utf-8")
-            h.send_header("Content-Length", str(len(PORTAL)))
-            h.end_headers()
-            h.wfile.write(PORTAL)
-            return
-        data = self.files.get(path) if bad is None else bad
-        if status is not None or data is None:
-            status = status or 404
-            body = b"no such file\n" if status == 404 else b"oops\n"
-            h.send_response(status)
-            h.send_header("Content-Length", str(len(body)))
-            h.end_headers()
-            h.wfile.write(body)
-            return
-        start, code = 0, 200
-        rng = h.headers.get("Range")
-        etag = self.etags.get(path)
-        if_range = h.headers.get("If-Range")
-        if if_range is not None and if_range != etag:
-            rng = None  # RFC 9110: the file changed, so send all of it
-        if rng and not self.ignore_range:
-            start = int(rng.split("=")[1].split("-")[0])
-            if start >= len(data):
-                h.send_response(416)
-                h.send_header("Content-Range", f"bytes */{len(data)}")
-                h.send_header("Content-Length", "0")
-                h.end_headers()
-                return
-            code = 206
-        body = data[start:]
-        h.send_response(code)
-        h.send_header("Content-Type", "application/octet-stream")
-        if cut_no_length is not None or path in self.no_length:
-            # No length: the body ends when the connection closes.
-            h.end_headers()
-            h.wfile.write(body if cut_no_length is None else body[:cut_no_length])
-            h.close_connection = True
-            return
-        h.send_header("Content-Length", str(len(body)))
-        if etag:
-            h.send_header("ETag", etag)
-        if code == 206:
-            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        h.end_headers()
-        if drop is not None:
-            h.wfile.write(body[:drop])
-            h.wfile.flush()
-            if self.before_drop:
-                self.before_drop()
-            # RST instead of FIN: what a dropped connection looks like to the client.
-            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                    struct.pack("ii", 1, 0))
-            h.close_connection = True
-            return
-        if truncate is not None or path in self.short_by:
-            cut = truncate if truncate is not None else len(body) - self.short_by[path]
-            h.wfile.write(body[:max(0, cut)])
-            h.close_connection = True   # a clean close, short of Content-Length
-            return
-        if path in self.trickle:
-            for i in range(len(body)):
-                if self.stopping.wait(0.01):
-                    break
-                h.wfile.write(body[i:i + 1])
-                h.wfile.flush()
-            h.close_connection = True
-            return
-        h.wfile.write(body)
 
 
 @pytest.fixture
@@ -227,18 +69,11 @@ def assert_complete(model_dir, files):
     assert missing_files(model_dir) == []
 
 
-def test_model_names():
-    for alias in ("117M", "124M", "gpt2", "gpt2-small", "GPT2-Small"):
-        assert canonical_model_name(alias) == "117M"
-    for alias in ("345M", "355M", "gpt2-medium"):
-        assert canonical_model_name(alias) == "345M"
-    assert canonical_model_name("gpt2-large") == "774M"
-    assert canonical_model_name("gpt2-xl") == "1558M"
-    with pytest.raises(UserError, match="117M.*345M.*774M.*1558M"):
-        canonical_model_name("2B")
-    assert default_model_dir("124M") == os.path.join("gpt2_pretrained_models", "model_117M")
+def test_model_file_url():
     assert (download.model_file_url("345M", "vocab.bpe") ==
             "https://openaipublic.blob.core.windows.net/gpt-2/models/355M/vocab.bpe")
+    assert (download.model_file_url("gpt2", "hparams.json", "http://mirror/m/") ==
+            "http://mirror/m/124M/hparams.json")
 
 
 def test_complete_download(server, files, tmp_path):
@@ -592,21 +427,6 @@ def test_early_close_without_length_or_range_never_lands(server, files, tmp_path
     one_line_error(err, "hparams.json", "failed its check twice", "not valid JSON",
                    "--base_url")
     assert_absent(tmp_path / "model_117M", "hparams.json")
-
-
-def flip_byte(data, at):
-    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
-
-
-CORRUPT = {   # file -> (corrupt copy of the good one, words of the check that fails)
-    "hparams.json": (lambda good: good[:-3], "not valid JSON"),
-    "encoder.json": (lambda good: b'["not", "a", "mapping"]', "JSON object"),
-    "checkpoint": (lambda good: b'all_model_checkpoint_paths: "x"\n',
-                   "model_checkpoint_path"),
-    "vocab.bpe": (lambda good: b"#version: 0.2\na b c\n", "line 2"),
-    INDEX: (lambda good: flip_byte(good, 100), "checkpoint index (it is corrupt (checksum"),
-    BIG: (lambda good: good + b"\0", f"is {1616289} bytes but {INDEX} says 1616288"),
-}
 
 
 @pytest.mark.parametrize("name", sorted(CORRUPT))

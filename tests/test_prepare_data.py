@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 
 import prepare_data
+from test_text_lines import LINE_BREAKS, random_text
 from utils import atomic
 from utils import data as data_utils
+from utils import prepare as prepare_utils
+from utils import text_lines
 from utils.data import PreparedSplit
 from utils.errors import UserError
 from utils.processor import EOS_ID, get_encoder
@@ -95,8 +98,8 @@ def test_process_pool_gives_the_same_file(tmp_path, monkeypatch):
     prepare("--data_dir", tmp_path, "--max_seq_length", 12, "--num_workers", 1)
     single = (tmp_path / "train.npy").read_bytes()
     # Small chunks and no minimum: the pool path, with chunks in flight.
-    monkeypatch.setattr(data_utils, "CHUNK_LINES", 7)
-    monkeypatch.setattr(data_utils, "MIN_LINES_FOR_POOL", 0)
+    monkeypatch.setattr(prepare_utils, "CHUNK_LINES", 7)
+    monkeypatch.setattr(prepare_utils, "MIN_LINES_FOR_POOL", 0)
     prepare("--data_dir", tmp_path, "--max_seq_length", 12, "--num_workers", 2)
     assert (tmp_path / "train.npy").read_bytes() == single
 
@@ -214,7 +217,7 @@ def test_unusable_output_dir_is_an_error_before_any_work(tmp_path, monkeypatch, 
     write(tmp_path / "afile", "x")
     output_dir = {"file": tmp_path / "afile", "under_file": tmp_path / "afile" / "sub",
                   "empty": ""}[where]
-    monkeypatch.setattr(data_utils, "scan_text_file", _no_scan)
+    monkeypatch.setattr(text_lines, "scan_text_file", _no_scan)
     message = {"file": "is a file, not a directory", "under_file": "cannot write to "
                "--output_dir", "empty": "--output_dir is empty"}[where]
     with pytest.raises(UserError, match=message):
@@ -234,7 +237,7 @@ def test_read_only_output_dir_is_an_error(tmp_path, monkeypatch):
                     raise PermissionError(errno.EACCES, "Permission denied", str(path))
                 return builtins.open(path, *args, **kwargs)
             monkeypatch.setattr(atomic, "open", read_only_open, raising=False)
-        monkeypatch.setattr(data_utils, "scan_text_file", _no_scan)
+        monkeypatch.setattr(text_lines, "scan_text_file", _no_scan)
         with pytest.raises(UserError, match=f"cannot write to --output_dir {out} "
                                             f"\\(Permission denied\\)"):
             prepare("--data_dir", tmp_path, "--output_dir", out)
@@ -261,9 +264,11 @@ def test_temporary_files_of_killed_runs_are_removed(tmp_path):
     write(tmp_path / "train.txt", "Hello world\n")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
-    stale = [f".train.npy.{dead}.tmp", f".test.npy.{dead}.tmp"]
-    kept = [f".dev.npy.{os.getppid()}.tmp",  # a run still going on
-            f".train.npy.{dead}.tmp.bak", "notes.tmp"]  # not ours
+    # Named as utils.atomic names temporary files: <output>.<pid>.<random>.tmp
+    stale = [f"train.npy.{dead}.k2j4_x9q.tmp", f"test.npy.{dead}.ab12cd34.tmp"]
+    kept = [f"dev.npy.{os.getppid()}.k2j4_x9q.tmp",  # a run still going on
+            f"train.npy.{dead}.ab.tmp.bak", "notes.tmp",  # not ours
+            "train.npy.old.tmp", f"other.npy.{dead}.ab.tmp"]  # no pid; not an output
     for name in stale + kept:
         write(tmp_path / name, "x")
     prepare("--data_dir", tmp_path)
@@ -274,7 +279,7 @@ def test_temporary_files_of_killed_runs_are_removed(tmp_path):
 
 def _encoding_started(out, first_chunk_done):
     """Whether train.npy's temporary file exists (and holds a first encoded chunk)."""
-    for tmp in glob.glob(str(out / ".train.npy.*.tmp")):
+    for tmp in glob.glob(str(out / "train.npy.*.tmp")):
         if not first_chunk_done:
             return True
         try:
@@ -346,10 +351,7 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, when, to, num_workers):
 
 # ------------------------------------------------------------ line endings
 
-# Every line boundary of str.splitlines, which prepare_data follows.
-LINE_BREAKS = ["\n", "\r\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85",
-               "\u2028", "\u2029"]
-
+# LINE_BREAKS: every line boundary of str.splitlines, which prepare_data follows.
 
 def test_cr_only_line_endings_give_one_example_per_line(tmp_path, capsys):
     lines = [f"Line {i} of an old Mac file." for i in range(152)]
@@ -386,58 +388,6 @@ def test_non_utf8_line_number_counts_every_kind_of_line_end(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["train.txt"]
 
 
-def _random_text(rng, alphabet, length):
-    return "".join(rng.choice(alphabet) for _ in range(rng.randrange(length)))
-
-
-@pytest.mark.parametrize("block", [1, 2, 3, 7, 1 << 20])
-def test_reading_matches_str_splitlines_at_any_block_size(tmp_path, monkeypatch, block):
-    # Small blocks cut lines, "\r\n" and the bytes of U+2028 across reads.
-    monkeypatch.setattr(data_utils, "READ_BLOCK", block)
-    rng = __import__("random").Random(block)
-    alphabet = list("ab é中 \t") + ["\u3000", "\ufeff", "'s"] + LINE_BREAKS
-    path = tmp_path / "t.txt"
-    for _ in range(150):
-        text = _random_text(rng, alphabet, 40)
-        write(path, text.encode("utf-8"), "wb")
-        expected = text.splitlines()
-        if expected and expected[0].startswith("\ufeff"):
-            expected[0] = expected[0][1:]  # a byte-order mark is not text
-        for keep in (1, 3, 100):
-            got = [(text, complete) for _, text, complete in
-                   data_utils.iter_lines(str(path), keep)]
-            assert got == [(line.strip()[:keep], len(line.strip()) <= keep)
-                           for line in expected], (text, keep)
-
-
-@pytest.mark.parametrize("block", [1, 2, 5, 1 << 20])
-def test_non_utf8_line_and_byte_are_right_at_any_block_size(tmp_path, monkeypatch, block):
-    monkeypatch.setattr(data_utils, "READ_BLOCK", block)
-    rng = __import__("random").Random(block)
-    alphabet = list("ab é中 ") + ["\ufeff", "\u2028", "\r\n"] + LINE_BREAKS
-    path = tmp_path / "t.txt"
-    for _ in range(150):
-        chars = [rng.choice(alphabet) for _ in range(rng.randrange(30))]
-        at = rng.randrange(len(chars) + 1)
-        data = "".join(chars[:at]).encode() + b"\xff" + "".join(chars[at:]).encode()
-        write(path, data, "wb")
-        # Where the bad byte is, found another way: decoded with it kept.
-        lines = data.decode("utf-8", "surrogateescape").splitlines()
-        number = next(n for n, line in enumerate(lines, 1) if "\udcff" in line)
-        offset = len(lines[number - 1].split("\udcff")[0].encode()) + 1
-        with pytest.raises(UserError, match=f"t.txt line {number} is not valid UTF-8 "
-                                            f"\\(byte 0xff at byte {offset} of the line"):
-            list(data_utils.iter_lines(str(path), keep=3))
-
-
-def test_non_utf8_in_a_line_longer_than_a_block_names_line_and_byte(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_utils, "READ_BLOCK", 4)
-    write(tmp_path / "t.txt", b"ok\r" + "caf\u00e9 ".encode() * 5 + b"\xff tail\n", "wb")
-    with pytest.raises(UserError, match=r"t.txt line 2 is not valid UTF-8 \(byte 0xff "
-                                        r"at byte 31 of the line\)"):
-        list(data_utils.iter_lines(str(tmp_path / "t.txt"), keep=5))
-
-
 # ------------------------------------------------------------ long lines
 
 def test_a_long_line_is_cut_where_its_first_tokens_are_certain():
@@ -451,9 +401,9 @@ def test_a_long_line_is_cut_where_its_first_tokens_are_certain():
                                         "x" * 30, "\u00a0", "\u2003", "\x1f", " '"]
     certain = 0
     for _ in range(4000):
-        whole = _random_text(rng, alphabet, 80) + "."
+        whole = random_text(rng, alphabet, 80) + "."
         kept = whole[:rng.randint(1, len(whole))]
-        cut = data_utils.LongLineCut(tokens=rng.randint(1, 12),
+        cut = prepare_utils.LongLineCut(tokens=rng.randint(1, 12),
                                      token_bytes=rng.choice([1, longest]))
         start = cut.cut(kept)
         assert whole.startswith(start)
@@ -469,8 +419,8 @@ def test_a_long_line_is_cut_where_its_first_tokens_are_certain():
 
 def test_long_lines_among_short_ones(tmp_path, monkeypatch, capsys):
     # Lines longer than a read block, and longer than what is kept of them.
-    monkeypatch.setattr(data_utils, "READ_BLOCK", 64)
-    monkeypatch.setattr(data_utils, "LONG_PIECE_CHARS", 50)
+    monkeypatch.setattr(text_lines, "READ_BLOCK", 64)
+    monkeypatch.setattr(prepare_utils, "LONG_PIECE_CHARS", 50)
     words = "the river runs far past an old mill, and a stone bridge's arch".split()
     long_line = " ".join(words[i % len(words)] for i in range(3000))
     lines = ["Hello world", "  " + long_line + " \t", "", "The cat sat.", long_line[:100]]
@@ -574,7 +524,7 @@ def test_unreadable_text_file_is_an_error(tmp_path, monkeypatch):
 
     def no_read(path, *args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
-    monkeypatch.setattr(data_utils, "open", no_read, raising=False)
+    monkeypatch.setattr(text_lines, "open", no_read, raising=False)
     with pytest.raises(UserError, match=r"cannot read .*train.txt \(Permission denied\)"):
         prepare("--data_dir", tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["train.txt"]

@@ -6,7 +6,9 @@ flushed to disk, and only then renamed over the target with os.replace. A crash,
 a kill -9 or an exception part-way leaves the previous file untouched; the
 temporary file is removed on an exception. A killed process may leave one
 named `<name>.<pid>.<random>.tmp`: `remove_stale_temp_files` clears those whose
-writer is gone.
+writer is gone. This is the project's one temporary-file scheme: a writer that
+needs a path instead of a file object (a NumPy memory map) gets one from
+`new_temp_path`.
 
 `OutputDirLock` is a `fcntl.flock` on `<dir>/.lock` (which holds the owner's
 pid) that a run holds while it writes into the directory, so a second run on
@@ -81,6 +83,35 @@ def _disk_error(err: BaseException) -> Optional[OSError]:
     return None
 
 
+def _create_temp(path: str):
+    """(fd, path) of a new, empty temporary file beside `path`, named
+    `<name>.<pid>.<random>.tmp`: the pid tells remove_stale_temp_files whose it is."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.{os.getpid()}.",
+                                    suffix=".tmp", dir=directory)
+    try:
+        # mkstemp makes the file private (0600); give it the usual mode instead.
+        os.fchmod(fd, 0o666 & ~_current_umask())
+    except BaseException:
+        os.close(fd)
+        os.remove(tmp_path)
+        raise
+    return fd, tmp_path
+
+
+def new_temp_path(path: str) -> str:
+    """Create an empty temporary file beside `path`, named as atomic_write names
+    its own, and return its path: for a writer that needs a path rather than a
+    file object (a NumPy memory map). The caller renames it over `path` when
+    complete, and removes it otherwise; remove_stale_temp_files clears it once
+    the process is gone. OSError if it cannot be created.
+    """
+    fd, tmp_path = _create_temp(path)
+    os.close(fd)
+    return tmp_path
+
+
 @contextmanager
 def atomic_write(path: str, mode: str = "wb", **open_kwargs):
     """`with atomic_write(p, "w", encoding="utf-8") as f: f.write(...)`.
@@ -88,14 +119,8 @@ def atomic_write(path: str, mode: str = "wb", **open_kwargs):
     A full disk (or another disk failure) while writing is raised as an
     OSError naming `path`, whatever layer reported it.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # The pid in the name tells remove_stale_temp_files whose file it is.
-    fd, tmp_path = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.{os.getpid()}.",
-                                    suffix=".tmp", dir=directory)
+    fd, tmp_path = _create_temp(path)
     try:
-        # mkstemp makes the file private (0600); give it the usual mode instead.
-        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
             f.flush()
@@ -113,14 +138,16 @@ def atomic_write(path: str, mode: str = "wb", **open_kwargs):
 _TEMP_NAME = re.compile(r"(?P<name>.+?)\.(?:(?P<pid>\d+)\.)?[A-Za-z0-9_]+\.tmp")
 
 
-def remove_stale_temp_files(directory: str, names: Iterable[str]) -> None:
-    """Remove atomic_write's temporary files for `names` left by dead writers.
+def remove_stale_temp_files(directory: str, names: Iterable[str], *,
+                            without_pid: bool = True) -> None:
+    """Remove the temporary files of atomic_write (or new_temp_path) for `names`
+    left by dead writers.
 
     Call it while holding the directory's OutputDirLock: every live writer of
     these files holds that lock, so a temporary file found then was left by a
     process that was killed. The pid in the name is checked as well, for a
-    writer that does not take the lock; names without a pid (older versions)
-    are removed.
+    writer that does not take the lock; names without a pid (atomic_write's
+    older versions) are removed too, unless `without_pid` is False.
     """
     names = set(names)
     for entry in os.listdir(directory):
@@ -128,6 +155,8 @@ def remove_stale_temp_files(directory: str, names: Iterable[str]) -> None:
         if not match or match.group("name") not in names:
             continue
         pid = match.group("pid")
+        if pid is None and not without_pid:
+            continue
         if pid is not None and int(pid) != os.getpid() and pid_alive(int(pid)):
             continue
         try:

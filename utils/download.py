@@ -4,9 +4,9 @@
     python -m utils.download 345M 774M        # several sizes
     python -m utils.download 117M --model_dir my/dir --base_url http://mirror/gpt-2/models
 
-Model names follow the original Texar example (117M, 345M, 774M, 1558M); OpenAI
-has since renamed the first two 124M and 355M on its storage, and both spellings
-(and the Hugging Face names gpt2, gpt2-medium, ...) are accepted.
+Model names follow the original Texar example (117M, 345M, 774M, 1558M; OpenAI's
+124M and 355M and the Hugging Face names are accepted too): see utils/model_files.py,
+which also says what each file must look like. This module is the HTTP side.
 
 Each file streams into `<file>.partial` next to its final name. A dropped
 connection is resumed with an HTTP Range request, after an exponential backoff;
@@ -23,13 +23,11 @@ Nothing reaches its final name unless it is complete and passes its check:
   same length);
 - an HTML page (a captive portal, a proxy's or mirror's error page) is refused
   without touching the `.partial`;
-- the content is checked (`check_model_file`): hparams.json and encoder.json
-  are JSON objects of the right shape, `checkpoint` names a model_checkpoint_path,
-  vocab.bpe is a '#version' header and merge lines, model.ckpt.index parses
-  with our checkpoint reader, and the data file is exactly as long as that
-  index says. A download that fails its check is deleted and fetched once
-  more; a second failure is an error. A file already on disk that fails its
-  check is downloaded again; one that passes is never fetched again.
+- the content is checked (`utils.model_files.check_model_file`: JSON files of
+  the right shape, a parsing checkpoint index, weights as long as it says...).
+  A download that fails its check is deleted and fetched once more; a second
+  failure is an error. A file already on disk that fails its check is
+  downloaded again; one that passes is never fetched again.
 
 A slow mirror (one that trickles bytes or stalls) is bounded by a total time
 per file: --total_timeout, or $GPT2_DOWNLOAD_TOTAL_TIMEOUT, in seconds (default
@@ -39,7 +37,6 @@ The waits between attempts start at 0.5 s and double up to 8 s;
 $GPT2_DOWNLOAD_BACKOFF sets the first wait (0 retries at once).
 """
 import argparse
-import json
 import math
 import os
 import re
@@ -47,14 +44,17 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, Optional
 
 import requests
 import urllib3
 from tqdm import tqdm
 
 from utils.errors import UserError, run_main
-from utils.tf_checkpoint import REDOWNLOAD, TFCheckpointError, data_shard_sizes
+from utils.model_files import (DEFAULT_MODEL, DEFAULT_MODEL_DIR_PATTERN, MODEL_FILES,
+                               REMOTE_NAMES, canonical_model_name, check_model_file,
+                               checking_order, default_model_dir, file_problems,
+                               looks_like_html, model_name_of_dir)
 
 OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 BASE_URL_ENV = "GPT2_DOWNLOAD_BASE_URL"  # overrides OPENAI_BASE_URL (mirrors, tests)
@@ -62,22 +62,6 @@ TOTAL_TIMEOUT_ENV = "GPT2_DOWNLOAD_TOTAL_TIMEOUT"  # seconds per file; 0 or unse
 BACKOFF_ENV = "GPT2_DOWNLOAD_BACKOFF"  # seconds of the first wait between attempts
 VALIDATOR_SUFFIX = ".validator"  # beside <file>.partial: its ETag / Last-Modified
 LOCK_NAME = ".download.lock"  # in the model directory, held while downloading
-
-INDEX_FILE = "model.ckpt.index"
-DATA_FILE = "model.ckpt.data-00000-of-00001"
-MODEL_FILES = ("checkpoint", "encoder.json", "hparams.json",
-               DATA_FILE, INDEX_FILE, "model.ckpt.meta", "vocab.bpe")
-DEFAULT_MODEL = "117M"
-HPARAMS_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
-
-# Local name (the original example's) -> the folder name on OpenAI's storage.
-REMOTE_NAMES = {"117M": "124M", "345M": "355M", "774M": "774M", "1558M": "1558M"}
-_ALIASES = {
-    "117m": "117M", "124m": "117M", "gpt2": "117M", "gpt2-small": "117M",
-    "345m": "345M", "355m": "345M", "gpt2-medium": "345M",
-    "774m": "774M", "gpt2-large": "774M",
-    "1558m": "1558M", "1.5b": "1558M", "gpt2-xl": "1558M",
-}
 
 CHUNK_BYTES = 1 << 16
 # Worth another try: the server may recover. Any other 4xx (404, 403...) will not.
@@ -117,172 +101,6 @@ class _Fatal(Exception):
 
 class _OutOfTime(Exception):
     """The file's total timeout ran out."""
-
-
-def canonical_model_name(name: str) -> str:
-    """'124M', 'gpt2-small', 'gpt2' or '117M' -> '117M'; unknown names -> UserError."""
-    canonical = _ALIASES.get(str(name).strip().lower())
-    if canonical is None:
-        raise UserError(
-            f"unknown GPT-2 model '{name}': use one of 117M (124M, gpt2), "
-            f"345M (355M, gpt2-medium), 774M (gpt2-large), 1558M (gpt2-xl)")
-    return canonical
-
-
-def default_model_dir(name: str) -> str:
-    """Where the original example keeps a model: gpt2_pretrained_models/model_<NAME>."""
-    return os.path.join("gpt2_pretrained_models",
-                        "model_" + canonical_model_name(name))
-
-
-# ---------------------------------------------------------------------------
-# What a complete, usable file looks like
-
-_HTML_START = re.compile(rb"\s*(<!doctype\s+html|<html[\s>]|<head[\s>]|<body[\s>])",
-                         re.IGNORECASE)
-_CHECKPOINT_LINE = re.compile(r'^\s*model_checkpoint_path\s*:\s*"[^"]+"', re.MULTILINE)
-_MAX_SMALL_FILE = 64 << 20  # hparams.json and checkpoint are bytes; encoder.json ~1 MB
-
-
-def _looks_like_html(head: bytes) -> bool:
-    """Whether a body starts like a web page (no model file does)."""
-    return bool(_HTML_START.match(head.lstrip(b"\xef\xbb\xbf")[:512]))
-
-
-def _read_text(path: str) -> str:
-    if os.path.getsize(path) > _MAX_SMALL_FILE:
-        raise ValueError(f"is {os.path.getsize(path)} bytes, far too large for this file")
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"is not UTF-8 text (byte {err.start})") from None
-
-
-def _read_json_object(path: str) -> dict:
-    try:
-        value = json.loads(_read_text(path))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"is not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(value, dict):
-        raise ValueError("is not a JSON object")
-    return value
-
-
-def _check_hparams(path: str) -> None:
-    missing = [k for k in HPARAMS_KEYS if k not in _read_json_object(path)]
-    if missing:
-        raise ValueError(f"lacks {', '.join(missing)}")
-
-
-def _check_encoder(path: str) -> None:
-    encoder = _read_json_object(path)
-    if not encoder or not all(type(v) is int for v in encoder.values()):
-        raise ValueError("is not a JSON object mapping tokens to integer ids")
-
-
-def _check_checkpoint_state(path: str) -> None:
-    if not _CHECKPOINT_LINE.search(_read_text(path)):
-        raise ValueError('has no model_checkpoint_path: "..." line')
-
-
-def _check_merges(path: str) -> None:
-    lines = _read_text(path).split("\n")
-    if not lines[0].startswith("#version"):
-        raise ValueError("does not start with a '#version' line")
-    for number, line in enumerate(lines[1:], start=2):
-        if line.strip() and len(line.split()) != 2:
-            raise ValueError(f"line {number} is not two tokens separated by a space")
-    if len(lines) < 2 or not any(line.strip() for line in lines[1:]):
-        raise ValueError("holds no merges")
-
-
-def _index_reason(err: TFCheckpointError, path: str) -> str:
-    """The reader's message without its path and its 'download again' advice."""
-    text = str(err).replace(path, "it")
-    return re.sub(r"[;:,]\s*(the download was probably interrupted: )?"
-                  + re.escape(REDOWNLOAD) + r"\s*$", "", text)
-
-
-def _check_index(path: str) -> None:
-    try:
-        num_shards, _ = data_shard_sizes(path)
-    except TFCheckpointError as err:
-        raise ValueError(f"is not a readable checkpoint index ({_index_reason(err, path)})"
-                         ) from None
-    if num_shards != 1:
-        raise ValueError(f"names {num_shards} data files; a GPT-2 model has one ({DATA_FILE})")
-
-
-def _check_data(path: str) -> None:
-    """The data file is as long as the index beside it says (when that index is usable)."""
-    index = os.path.join(os.path.dirname(path), INDEX_FILE)
-    try:
-        num_shards, ends = data_shard_sizes(index)
-    except TFCheckpointError:
-        return  # no usable index yet: the index's own check gets it fetched again
-    expected, size = ends.get(0, 0), os.path.getsize(path)
-    if num_shards == 1 and size != expected:
-        raise ValueError(f"is {size} bytes but {INDEX_FILE} says {expected}")
-
-
-_CHECKS: Dict[str, Callable[[str], None]] = {
-    "hparams.json": _check_hparams,
-    "encoder.json": _check_encoder,
-    "checkpoint": _check_checkpoint_state,
-    "vocab.bpe": _check_merges,
-    INDEX_FILE: _check_index,
-    DATA_FILE: _check_data,
-}
-
-
-def check_model_file(path: str, kind: Optional[str] = None) -> Optional[str]:
-    """What is wrong with model file `path` (e.g. "is not valid JSON (...)"), or None.
-
-    `kind` is the model file it should be (default: its base name), so a
-    `.partial` can be checked before it is renamed. The data file is checked
-    against model.ckpt.index in the same directory.
-    """
-    kind = kind or os.path.basename(path)
-    try:
-        if not os.path.isfile(path):
-            return "is missing"
-        if os.path.getsize(path) == 0:
-            return "is empty"
-        with open(path, "rb") as f:
-            if _looks_like_html(f.read(1024)):
-                return "is an HTML page, not the model file"
-        check = _CHECKS.get(kind)
-        if check:
-            check(path)
-    except ValueError as err:
-        return str(err)
-    except OSError as err:
-        return f"cannot be read ({err.strerror or err})"
-    return None
-
-
-def file_problems(model_dir: str, files: Sequence[str] = MODEL_FILES) -> Dict[str, str]:
-    """{file: what is wrong with it} for the files of `files` that `model_dir` lacks
-    or that fail their check; empty when all of them are usable."""
-    problems = {}
-    for name in _download_order(files):
-        problem = check_model_file(os.path.join(model_dir, name), name)
-        if problem:
-            problems[name] = problem
-    return problems
-
-
-def missing_files(model_dir: str, files: Sequence[str] = MODEL_FILES) -> List[str]:
-    """The files of `files` that `model_dir` lacks or that fail their check (an
-    empty file, an HTML page, a corrupt index... counts as missing)."""
-    return list(file_problems(model_dir, files))
-
-
-def _download_order(files: Iterable[str]) -> List[str]:
-    """Small files first, the weights last: the data file is checked against the index."""
-    return sorted(dict.fromkeys(files), key=lambda name: name == DATA_FILE)
 
 
 # ---------------------------------------------------------------------------
@@ -351,7 +169,7 @@ def download_model(name: str = DEFAULT_MODEL, model_dir: Optional[str] = None,
     """
     name = canonical_model_name(name)
     model_dir = model_dir or default_model_dir(name)
-    files = _download_order(files)
+    files = checking_order(files)
     if not file_problems(model_dir, files):
         return model_dir
     total_timeout = resolve_total_timeout(total_timeout)
@@ -429,11 +247,7 @@ def ensure_model(name_or_dir: str = DEFAULT_MODEL, **kwargs) -> str:
     problems = file_problems(model_dir)
     if not problems:
         return model_dir
-    base = os.path.basename(os.path.normpath(model_dir))
-    try:
-        name = canonical_model_name(base[len("model_"):]) if base.startswith("model_") else None
-    except UserError:
-        name = None
+    name = model_name_of_dir(model_dir)
     if name is None:
         if not os.path.isdir(model_dir):
             what = "does not exist"
@@ -605,7 +419,7 @@ def _attempt(session, url, partial, filename, timeout, progress, deadline,
             first = b""
         else:  # a full body: a fresh start, a changed file, or Range ignored
             first = next(body, b"")
-            if _looks_like_html(first):  # before the partial is touched
+            if looks_like_html(first):  # before the partial is touched
                 raise _Fatal(_html_page("a page starting " + repr(first[:15].decode(
                     "ascii", "replace"))))
             have = 0
@@ -744,8 +558,8 @@ def parse_args(argv=None):
                         help="117M (default; also 124M, gpt2), 345M (355M, gpt2-medium), "
                              "774M (gpt2-large), 1558M (gpt2-xl).")
     parser.add_argument("--model_dir", default=None,
-                        help="Where to put the files (one model only). Default: "
-                             "gpt2_pretrained_models/model_<MODEL>.")
+                        help=f"Where to put the files (one model only). Default: "
+                             f"{DEFAULT_MODEL_DIR_PATTERN}.")
     parser.add_argument("--base_url", default=None,
                         help=f"Storage to fetch from, as <base_url>/<124M|355M|774M|1558M>/"
                              f"<file>. Default: ${BASE_URL_ENV}, else {OPENAI_BASE_URL}.")
