@@ -19,9 +19,11 @@ import gpt2_train_main
 import prepare_data
 from utils.data import PreparedSplit, record_dtype
 from utils.errors import UserError
+from utils.lm import evaluate
 from utils.model import build_model, gpt2_hparams
 from utils.processor import EOS_ID
-from utils.training import evaluate, load_train_config
+from utils.test_samples import tsv_field, write_test_samples
+from utils.train_config import load_train_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures", "tf_gpt2")
@@ -403,7 +405,7 @@ def test_test_samples_tsv_has_one_tab_per_line(tmp_path, data_dir):
     for line, original in zip(lines, TEST_EXAMPLES):
         assert line.count("\t") == 1
         context, continuation = line.split("\t")
-        assert context == gpt2_train_main.tsv_field(original.strip())
+        assert context == tsv_field(original.strip())
         assert "<|endoftext|>" not in continuation
     assert context == "carriage return"
     # The same seed gives the same samples.
@@ -425,8 +427,8 @@ def test_continuation_stops_at_end_of_text(tmp_path, data_dir):
     split = PreparedSplit(str(data_dir / "test.npy"))
     from utils.processor import get_encoder
     path = tmp_path / "t.tsv"
-    gpt2_train_main.write_test_samples(model, split, get_encoder(), args, cfg,
-                                       torch.device("cpu"), 32, str(path), False)
+    write_test_samples(model, split, get_encoder(), args, cfg, torch.device("cpu"), 32,
+                       str(path), False)
     assert all(line.endswith("\t") for line in path.read_text().split("\n")[:-1])
 
 
@@ -571,7 +573,7 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, data_dir):
 
 
 def test_fp16_on_cpu_is_an_error():
-    from utils.training import check_precision
+    from utils.train_config import check_precision
     with pytest.raises(UserError, match="fp16.*CUDA"):
         check_precision("fp16", torch.device("cpu"))
 
