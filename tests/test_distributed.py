@@ -427,10 +427,8 @@ def original_mpirun_shape(n):
     return cmd
 
 
-def test_two_ranks_train_resume_and_evaluate_like_one_process(toy_job):
-    job = toy_job
-    load = lambda out: torch.load(job / out / "model.ckpt", weights_only=True)  # noqa: E731
-
+def run_a_b_c(job, have_mpirun):
+    """The three runs (A alongside B; C after B); the stdout of each."""
     single = start([sys.executable] + trainer_args(job, "single_cfg.py", "A"), worker_env())
     try:   # A runs while B does: neither needs the other
         port = free_port()
@@ -447,13 +445,20 @@ def test_two_ranks_train_resume_and_evaluate_like_one_process(toy_job):
             single.communicate()
     resume = trainer_args(job, "dist_cfg.py", "C", "--distributed", "--do_test",
                           "--checkpoint", str(job / "B" / "model.ckpt"))
-    have_mpirun = shutil.which("mpirun") is not None
     if have_mpirun:
         resumed = run_ok(original_mpirun_shape(2) + [sys.executable] + resume,
                          worker_env(MASTER_PORT=free_port()))
     else:  # still check the distributed resume, under torchrun
         resumed = run_ok([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node", "2"] + resume, worker_env())
+    return single_out, torchrun, resumed
+
+
+def test_two_ranks_train_resume_and_evaluate_like_one_process(toy_job):
+    job = toy_job
+    load = lambda out: torch.load(job / out / "model.ckpt", weights_only=True)  # noqa: E731
+    have_mpirun = shutil.which("mpirun") is not None
+    single_out, torchrun, resumed = run_a_b_c(job, have_mpirun)
 
     # B: rank 0 alone logs, evaluates once and writes the outputs
     out = torchrun
