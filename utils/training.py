@@ -19,8 +19,9 @@ display and evaluation to `output_dir/metrics.jsonl`.
 
 A loss that is not finite (or weights that are not) stops training with
 TrainingDiverged before anything of it is logged or saved: checkpoints on disk
-keep their last finite versions. The check reads each step's marker one step
-late (no sync per step) and exactly before every display, evaluation and save.
+keep their last finite versions (utils/divergence.py watches without a sync per
+step). The optimizer comes from utils/optimizer.py, the random-number states
+from utils/rng_state.py, the metrics file from utils/metrics_log.py.
 """
 import dataclasses
 import math
