@@ -66,7 +66,8 @@ def build_ours(args, device, data_dir, out_dir):
     from utils import distributed as dist_utils
     from utils.data import PreparedSplit
     from utils.model import build_model, load_model_hparams
-    from utils.training import Trainer, TrainConfig
+    from utils.train_config import TrainConfig
+    from utils.training import Trainer
 
     torch.manual_seed(SEED)
     hparams = load_model_hparams("configs.config_model_117M")

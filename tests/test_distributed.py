@@ -335,13 +335,19 @@ def test_lost_rank_ends_the_others_with_a_message(tmp_path):
 
 
 # ------------------------------------------------------------------ the trainer, end to end
-# gpt2_train_main.py on the toy data with a tiny model (2 layers, 16 wide), AdamW
-# at the default fine-tuning rate. Three runs, global batch 8 in each:
-#   A  one process, batch 8, 3 steps;
-#   B  torchrun, 2 ranks x batch 2 x accumulation 2, stops after 2 steps;
-#   C  the original example's mpirun shape, 2 ranks, resumes B's checkpoint for step 3.
-# C must end where A ends (weights, dev perplexity); B's steps must be A's.
+# gpt2_train_main.py on 17 toy lines with a tiny model (2 layers, 16 wide), AdamW
+# at the default fine-tuning rate: 2 epochs of 3 steps, dev evaluation every 2
+# steps. Three runs, global batch 8 in each:
+#   A  one process, batch 8, all 6 steps;
+#   B  torchrun, 2 ranks x batch 2 x accumulation 2, stops after 2 steps (mid-epoch,
+#      at an evaluation, which its --do_eval reuses);
+#   C  the original example's mpirun shape, 2 ranks, resumes B's checkpoint, goes
+#      on into the second epoch and writes the test samples.
+# 17 examples: the last step of each epoch has one, so one rank's micro-batch is
+# an empty slot, which must not train any example twice.
+# B and C together must be A: every step's loss, every dev evaluation, the weights.
 
+TRAIN_EXAMPLES = 17
 TRAIN_CONFIG = """
 data_dir = {data_dir!r}
 max_seq_length = 32
@@ -349,9 +355,9 @@ train_batch_size = {batch}
 gradient_accumulation_steps = {accum}
 eval_batch_size = 8
 test_batch_size = 8
-max_train_epoch = 1
+max_train_epoch = 2
 display_steps = 1
-eval_steps = -1
+eval_steps = 2
 checkpoint_steps = -1
 warmup_steps = 0
 lr_decay = "linear"
@@ -363,13 +369,19 @@ seed = 3
 
 @pytest.fixture(scope="module")
 def toy_job(tmp_path_factory):
+    from utils.data import PreparedSplit
     from utils.prepare import prepare_split
     root = tmp_path_factory.mktemp("toy_job")
     data_dir = root / "data"
-    for split in ("train", "dev"):
-        prepare_split(os.path.join(REPO_ROOT, "data", "toy", f"{split}.txt"),
+    with open(os.path.join(REPO_ROOT, "data", "toy", "train.txt"), encoding="utf-8") as f:
+        lines = f.read().splitlines()[:TRAIN_EXAMPLES]
+    (root / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    sources = {"train": str(root / "train.txt")}
+    for split in ("train", "dev", "test"):
+        prepare_split(sources.get(split, os.path.join(REPO_ROOT, "data", "toy", f"{split}.txt")),
                       str(data_dir / f"{split}.npy"), max_seq_length=32, vocab_dir=None,
                       num_workers=1, progress=False)
+    assert len(PreparedSplit(str(data_dir / "train.npy"))) == TRAIN_EXAMPLES
     (root / "model_cfg.py").write_text(
         "from utils.model import gpt2_hparams\nhparams = gpt2_hparams(50257, 64, 16, 2, 2)\n")
     (root / "single_cfg.py").write_text(TRAIN_CONFIG.format(data_dir=str(data_dir), batch=8,
@@ -379,26 +391,42 @@ def toy_job(tmp_path_factory):
     return root
 
 
-def trainer_args(job, config, out, steps, *extra):
+def trainer_args(job, config, out, *extra):
     return ["gpt2_train_main.py", "--do_train", "--do_eval", "--from_scratch",
             "--config_model", str(job / "model_cfg.py"), "--config_train", str(job / config),
-            "--output_dir", str(job / out), "--stop_after_steps", str(steps), "--quiet",
-            *extra]
+            "--output_dir", str(job / out), "--quiet", *extra]
+
+
+def start(cmd, env):
+    return subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finished_ok(proc, timeout=180):
+    """The stdout of `proc`, once it has exited 0."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"{proc.args} still running after {timeout} s")
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return out
 
 
 def run_ok(cmd, env, timeout=180):
-    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return finished_ok(start(cmd, env), timeout)
+
+
+def records(job, out):
+    import json
+    with open(job / out / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
 
 
 def metrics(job, out):
-    import json
-    with open(job / out / "metrics.jsonl") as f:
-        records = [json.loads(line) for line in f]
-    train = {r["step"]: r["loss"] for r in records if r["split"] == "train"}
-    dev = [r for r in records if r["split"] == "dev"]
+    train = {r["step"]: r["loss"] for r in records(job, out) if r["split"] == "train"}
+    dev = [r for r in records(job, out) if r["split"] == "dev"]
     return train, dev
 
 
@@ -416,61 +444,87 @@ def original_mpirun_shape(n):
     return cmd
 
 
-def test_two_ranks_train_resume_and_evaluate_like_one_process(toy_job):
-    job = toy_job
-    load = lambda out: torch.load(job / out / "model.ckpt", weights_only=True)  # noqa: E731
-
-    single = run_ok([sys.executable] + trainer_args(job, "single_cfg.py", "A", 3),
-                    worker_env())
-    port = free_port()
-    torchrun = run_ok([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-                       "--nproc_per_node", "2", "--rdzv_backend", "c10d",
-                       "--rdzv_endpoint", f"127.0.0.1:{port}", "--max_restarts", "0"]
-                      + trainer_args(job, "dist_cfg.py", "B", 2, "--distributed"),
-                      worker_env())
-    resume = trainer_args(job, "dist_cfg.py", "C", 3, "--distributed",
+def run_a_b_c(job, have_mpirun):
+    """The three runs (A alongside B; C after B); the stdout of each."""
+    single = start([sys.executable] + trainer_args(job, "single_cfg.py", "A"), worker_env())
+    try:   # A runs while B does: neither needs the other
+        port = free_port()
+        torchrun = run_ok([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                           "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+                           "--rdzv_endpoint", f"127.0.0.1:{port}", "--max_restarts", "0"]
+                          + trainer_args(job, "dist_cfg.py", "B", "--stop_after_steps", "2",
+                                         "--distributed"),
+                          worker_env())
+        single_out = finished_ok(single)
+    finally:
+        if single.poll() is None:
+            single.kill()
+            single.communicate()
+    resume = trainer_args(job, "dist_cfg.py", "C", "--distributed", "--do_test",
                           "--checkpoint", str(job / "B" / "model.ckpt"))
-    have_mpirun = shutil.which("mpirun") is not None
     if have_mpirun:
         resumed = run_ok(original_mpirun_shape(2) + [sys.executable] + resume,
                          worker_env(MASTER_PORT=free_port()))
     else:  # still check the distributed resume, under torchrun
         resumed = run_ok([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node", "2"] + resume, worker_env())
+    return single_out, torchrun, resumed
+
+
+def test_two_ranks_train_resume_and_evaluate_like_one_process(toy_job):
+    job = toy_job
+    load = lambda out: torch.load(job / out / "model.ckpt", weights_only=True)  # noqa: E731
+    have_mpirun = shutil.which("mpirun") is not None
+    single_out, torchrun, resumed = run_a_b_c(job, have_mpirun)
 
     # B: rank 0 alone logs, evaluates once and writes the outputs
-    out = torchrun.stdout
+    out = torchrun
+    assert out.count("data-parallel via torchrun: 2 ranks") == 1, out
     assert out.count("global batch = per-rank batch 2 x world size 2 x accumulation 2 "
                      "= 8") == 1, out
     assert out.count("Stopped at step 2") == 1 and out.count("dev: loss") == 2, out
     assert sorted(os.listdir(job / "B")) == ["metrics.jsonl", "model.ckpt",
                                              "model_best.ckpt"]
-    assert len(metrics(job, "B")[1]) == 1                      # one dev evaluation
+    assert len(metrics(job, "B")[1]) == 1      # one dev evaluation, reused by --do_eval
     b_state = load("B")
     assert b_state["step"] == 2 and b_state["data"]["world_size"] == 2
-    assert "via " + ("mpirun" if have_mpirun else "torchrun") in resumed.stdout
+    launcher = "mpirun" if have_mpirun else "torchrun"
+    assert resumed.count(f"data-parallel via {launcher}: 2 ranks") == 1, resumed
+    assert resumed.count("Training done: 6 steps") == 1, resumed
 
-    # the same training losses, step by step
+    # the same training losses, step by step, and the same records in the same order
     a_train, a_dev = metrics(job, "A")
-    b_train, _ = metrics(job, "B")
+    b_train, b_dev = metrics(job, "B")
     c_train, c_dev = metrics(job, "C")
-    assert sorted(a_train) == [1, 2, 3] and sorted(b_train) == [1, 2] and sorted(c_train) == [3]
+    assert sorted(a_train) == [1, 2, 3, 4, 5, 6]
+    assert sorted(b_train) == [1, 2] and sorted(c_train) == [3, 4, 5, 6]
     for step, loss in {**b_train, **c_train}.items():
         assert loss == pytest.approx(a_train[step], rel=1e-6), step
+    order = lambda out: [(r["split"], r["step"]) for r in records(job, out)]  # noqa: E731
+    assert order("A") == order("B") + order("C")
 
-    # the same weights after step 3 and the same dev perplexity
+    # the same weights after step 6 and the same dev perplexities
     a_state, c_state = load("A"), load("C")
-    assert c_state["step"] == a_state["step"] == 3
+    assert c_state["step"] == a_state["step"] == 6
     moved = max((a_state["model"][k] - b_state["model"][k]).abs().max()
                 for k in a_state["model"])
-    assert moved > 5e-5          # step 3 moved the weights well beyond the tolerance
+    assert moved > 5e-5          # steps 3-6 moved the weights well beyond the tolerance
     for name, value in a_state["model"].items():
         assert (value - c_state["model"][name]).abs().max() <= 1e-5, name
-    assert len(a_dev) == len(c_dev) == 1
-    assert c_dev[0]["ppl"] == pytest.approx(a_dev[0]["ppl"], rel=1e-6)
-    a_line = [l for l in single.stdout.splitlines() if l.startswith("dev:")]
-    c_line = [l for l in resumed.stdout.splitlines() if l.startswith("dev:")]
+    assert [r["step"] for r in a_dev] == [2, 4, 6]
+    assert [r["step"] for r in b_dev + c_dev] == [2, 4, 6]
+    for a, other in zip(a_dev, b_dev + c_dev):
+        assert other["ppl"] == pytest.approx(a["ppl"], rel=1e-6), a["step"]
+    a_line = [l for l in single_out.splitlines() if l.startswith("dev:")]
+    c_line = [l for l in resumed.splitlines() if l.startswith("dev:")]
     assert a_line == c_line and len(a_line) == 1
+
+    # C: rank 0 alone continued every test line
+    from utils.data import PreparedSplit
+    test_lines = len(PreparedSplit(str(job / "data" / "test.npy")))
+    assert test_lines == 8
+    samples = (job / "C" / "test_samples.tsv").read_text(encoding="utf-8").split("\n")
+    assert len(samples) == test_lines + 1 and samples[-1] == ""
     if not have_mpirun:
         pytest.skip("OpenMPI's mpirun is not installed (Debian: apt-get install "
                     "openmpi-bin): the resume ran under torchrun; the mpirun launch path "

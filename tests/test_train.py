@@ -21,7 +21,8 @@ from utils.data import PreparedSplit, record_dtype
 from utils.errors import UserError
 from utils.model import build_model, gpt2_hparams
 from utils.processor import EOS_ID
-from utils.training import evaluate, load_train_config
+from utils.test_samples import tsv_field, write_test_samples
+from utils.train_config import load_train_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures", "tf_gpt2")
@@ -167,6 +168,46 @@ def test_loss_falls_while_training(tmp_path, data_dir):
     losses = [r["loss"] for r in read_metrics(out) if r["split"] == "train"]
     assert len(losses) == 24
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 1.0
+
+
+def test_do_eval_after_training_evaluates_the_last_step_once(tmp_path, data_dir, capsys):
+    """--do_eval reuses an evaluation made at the last step, else makes one,
+    which counts for model_best.ckpt like any other."""
+    out = tmp_path / "out"
+    common = ["--do_train", "--do_eval", "--from_scratch", "--config_model",
+              model_config(tmp_path)]
+    train(*common, "--config_train", train_config(tmp_path, data_dir, eval_steps=4),
+          "--output_dir", out)  # 6 steps: step 4 is evaluated in training, 6 after it
+    stdout = capsys.readouterr().out
+    dev = [r for r in read_metrics(out) if r["split"] == "dev"]
+    assert [r["step"] for r in dev] == [4, 6]
+    dev_lines = [line for line in stdout.splitlines() if line.startswith("dev: ")]
+    assert len(dev_lines) == 1 and f"perplexity {dev[-1]['ppl']:.6g}" in dev_lines[0]
+    best = load_ckpt(out / "model_best.ckpt")
+    assert best["dev_perplexity"] == min(r["ppl"] for r in dev)
+    assert f"model_best.ckpt: best dev perplexity {best['dev_perplexity']:.6g}" in stdout
+    # Evaluated at the last step already (2, 4, 6): no second evaluation.
+    again = tmp_path / "again"
+    train(*common, "--config_train", train_config(tmp_path, data_dir, name="every2"),
+          "--output_dir", again)
+    assert [r["step"] for r in read_metrics(again) if r["split"] == "dev"] == [2, 4, 6]
+
+
+def test_the_outputs_listed_are_the_files_in_the_output_dir(tmp_path, data_dir, capsys):
+    """A run resumed into another directory carries the best perplexity over,
+    but has no model_best.ckpt there until it beats it: none is listed."""
+    cfg = train_config(tmp_path, data_dir)  # evaluated every 2 steps
+    a, b = tmp_path / "a", tmp_path / "b"
+    train("--do_train", "--from_scratch", "--config_model", model_config(tmp_path),
+          "--config_train", cfg, "--output_dir", a, "--stop_after_steps", 2)
+    capsys.readouterr()
+    train("--do_train", "--checkpoint", a / "model.ckpt", "--config_train", cfg,
+          "--output_dir", b, "--stop_after_steps", 3)
+    listed = [line.split(": ")[0].strip() for line in capsys.readouterr().out.splitlines()
+              if line.startswith("  ")]
+    assert listed == [str(b / "model.ckpt"), str(b / "metrics.jsonl")]
+    assert sorted(os.listdir(b)) == ["metrics.jsonl", "model.ckpt"]
+    assert load_ckpt(b / "model.ckpt")["best_dev_ppl"] is not None
 
 
 # ------------------------------------------------------------------ resume
@@ -335,34 +376,6 @@ def _write_split(path, sequences, max_seq_length):
     np.save(path, rec, allow_pickle=False)
 
 
-def test_dev_perplexity_is_corpus_level_as_computed_by_hand(tmp_path):
-    torch.manual_seed(0)
-    model = build_model(gpt2_hparams(50257, 32, 16, 2, 2)).eval()
-    gen = torch.Generator().manual_seed(1)
-    lengths = [2, 9, 3, 17, 5]
-    sequences = [[EOS_ID] + torch.randint(0, 50257, (n - 1,), generator=gen).tolist()
-                 for n in lengths]
-    _write_split(tmp_path / "dev.npy", sequences, 20)
-
-    total_nll, total_tokens = 0.0, 0
-    with torch.no_grad():
-        for seq in sequences:  # one at a time: no padding anywhere
-            ids = torch.tensor([seq])
-            logits = model(inputs=ids[:, :-1], decoding_strategy="train_greedy").logits
-            logp = torch.log_softmax(logits.double(), dim=-1)[0]
-            nll = -sum(float(logp[t, seq[t + 1]]) for t in range(len(seq) - 1))
-            total_nll += nll
-            total_tokens += len(seq) - 1
-    expected = total_nll / total_tokens
-
-    result = evaluate(model, PreparedSplit(str(tmp_path / "dev.npy")), 2,
-                      torch.device("cpu"), progress=False)
-    assert result.tokens == total_tokens == sum(lengths) - len(lengths)
-    assert result.examples == 5
-    assert result.loss == pytest.approx(expected, rel=1e-6)
-    assert result.perplexity == pytest.approx(math.exp(expected), rel=1e-6)
-
-
 def test_do_eval_matches_reference_gpt2_on_a_tensorflow_checkpoint(tmp_path):
     """OpenAI-format checkpoint written by TensorFlow; NLL from transformers' GPT-2."""
     with open(os.path.join(FIXTURES, "reference", "tiny_a.json"), encoding="utf-8") as f:
@@ -403,7 +416,7 @@ def test_test_samples_tsv_has_one_tab_per_line(tmp_path, data_dir):
     for line, original in zip(lines, TEST_EXAMPLES):
         assert line.count("\t") == 1
         context, continuation = line.split("\t")
-        assert context == gpt2_train_main.tsv_field(original.strip())
+        assert context == tsv_field(original.strip())
         assert "<|endoftext|>" not in continuation
     assert context == "carriage return"
     # The same seed gives the same samples.
@@ -425,8 +438,8 @@ def test_continuation_stops_at_end_of_text(tmp_path, data_dir):
     split = PreparedSplit(str(data_dir / "test.npy"))
     from utils.processor import get_encoder
     path = tmp_path / "t.tsv"
-    gpt2_train_main.write_test_samples(model, split, get_encoder(), args, cfg,
-                                       torch.device("cpu"), 32, str(path), False)
+    write_test_samples(model, split, get_encoder(), args, cfg, torch.device("cpu"), 32,
+                       str(path), False)
     assert all(line.endswith("\t") for line in path.read_text().split("\n")[:-1])
 
 
@@ -450,46 +463,6 @@ def test_data_longer_than_the_model_is_an_error(tmp_path, data_dir):
         train("--do_eval", "--from_scratch", "--config_model",
               model_config(tmp_path, n_ctx=16), "--config_train",
               train_config(tmp_path, data_dir))
-
-
-@pytest.mark.parametrize("overrides,match", [
-    ({"precision": "fp8"}, "precision"),
-    ({"train_batch_size": 0}, "train_batch_size"),
-    ({"lr_decay": "step"}, "lr_decay"),
-    ({"opt": {"optimizer": {"type": "AdamW", "kwargs": {}}}}, "lr"),
-    ({"opt": {"learning_rate_decay": {"type": "ExponentialLR",
-                                      "kwargs": {"gamma": 0.9}}}}, "warmup_steps"),
-    ({"opt": {"optimiser": {}}}, "not valid texar"),
-    ({"opt": {"optimizer": {"type": "AdamW", "kwargs": {"lr": 1e-3, "betas": (0.9, 2.0)}}}},
-     "cannot be used: Invalid beta"),
-    ({"opt": {"optimizer": {"type": "NoSuchOpt", "kwargs": {"lr": 1e-3}}}}, "cannot be used"),
-    ({"opt": {"optimizer": {"type": "AdamW", "kwargs": {"lr": 1e-3, "bogus": 1}}}},
-     "cannot be used: .*bogus"),
-    ({"seed": -5}, "seed"),
-    ({"seed": 2 ** 70}, "seed"),
-])
-def test_bad_config_values_are_errors(tmp_path, data_dir, overrides, match):
-    with pytest.raises(UserError, match=match):
-        load_train_config(train_config(tmp_path, data_dir, **overrides))
-
-
-def test_config_missing_fields_and_unknown_config(tmp_path):
-    path = tmp_path / "partial.py"
-    path.write_text("data_dir = 'x'\n")
-    with pytest.raises(UserError, match="lacks max_seq_length"):
-        load_train_config(str(path))
-    with pytest.raises(UserError, match="unknown config"):
-        train("--do_eval", "--config_train", "configs.no_such_config")
-
-
-def test_original_config_field_names_are_accepted(tmp_path, data_dir):
-    path = tmp_path / "orig.py"
-    path.write_text(f"tfrecord_data_dir = {str(data_dir)!r}\nmax_seq_length = 24\n"
-                    "train_batch_size = 2\neval_batch_size = 2\ntest_batch_size = 2\n"
-                    "max_train_epoch = 1\ndisplay_steps = 1\neval_steps = -1\n"
-                    "opt = {'optimizer': {'type': 'Adam', 'kwargs': {'lr': 0.001}}}\n")
-    cfg = load_train_config(str(path))
-    assert cfg.data_dir == str(data_dir) and cfg.max_decoding_length == 24
 
 
 def test_context_too_long_for_max_decoding_length(tmp_path, data_dir):
@@ -557,7 +530,7 @@ def test_command_line_error_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-# ------------------------------------------------------------------ precision, processes
+# ------------------------------------------------------------------ precision
 
 def test_bf16_autocast_trains_on_cpu(tmp_path, data_dir):
     out = tmp_path / "out"
@@ -568,48 +541,3 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, data_dir):
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     # Weights stay float32; only the computation is autocast.
     assert load_ckpt(out / "model.ckpt")["model"]["word_embedder._embedding"].dtype == torch.float32
-
-
-def test_fp16_on_cpu_is_an_error():
-    from utils.training import check_precision
-    with pytest.raises(UserError, match="fp16.*CUDA"):
-        check_precision("fp16", torch.device("cpu"))
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_train_like_one_with_the_global_batch(tmp_path, data_dir):
-    """torchrun, 2 CPU ranks (Gloo) x batch 2 == 1 process x batch 4, step by step.
-
-    9 examples: each epoch's last step has 1, so one rank gets an empty slot,
-    which must not train any example twice."""
-    write_lines(data_dir / "train.txt", TRAIN_LINES[:9])
-    prepare_data.main(["--quiet", "--data_dir", str(data_dir), "--max_seq_length", "24"])
-    sgd = {"optimizer": {"type": "SGD", "kwargs": {"lr": 0.5}}}
-    model_cfg = model_config(tmp_path)
-    one = tmp_path / "one"
-    train("--do_train", "--from_scratch", "--config_model", model_cfg, "--output_dir", one,
-          "--config_train", train_config(tmp_path, data_dir, name="c4", opt=sgd))
-    two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "gpt2_train_main.py", "--do_train", "--do_eval", "--do_test", "--distributed",
-           "--from_scratch", "--config_model", model_cfg, "--output_dir", str(two),
-           "--config_train", train_config(tmp_path, data_dir, name="c2", opt=sgd,
-                                          train_batch_size=2), "--quiet"]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 ranks" in proc.stdout and proc.stdout.count("Training done") == 1
-    m1, m2 = read_metrics(one), read_metrics(two)
-    assert [(r["split"], r["step"]) for r in m1] == [(r["split"], r["step"]) for r in m2]
-    np.testing.assert_allclose([r["loss"] for r in m1], [r["loss"] for r in m2], rtol=1e-5)
-    w1, w2 = (load_ckpt(d / "model.ckpt")["model"] for d in (one, two))
-    for name in w1:
-        torch.testing.assert_close(w1[name], w2[name], rtol=1e-5, atol=1e-6)
-    assert len((two / "test_samples.tsv").read_text().split("\n")) == len(TEST_EXAMPLES) + 1

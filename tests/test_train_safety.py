@@ -28,7 +28,7 @@ from test_train import (REPO_ROOT, SUBPROCESS_ENV, _start_long_training,  # noqa
 from utils import atomic, training
 from utils.atomic import OutputDirLock, remove_stale_temp_files
 from utils.errors import UserError, run_main
-from utils.training import load_train_config
+from utils.train_config import load_train_config
 
 
 def run_cli(capsys, *args):

@@ -1,8 +1,6 @@
-"""The fine-tuning loop of gpt2_train_main.py: loss, schedule, evaluation, checkpoints.
+"""The fine-tuning loop of gpt2_train_main.py: the Trainer and what it keeps.
 
-The language-model loss of an example of `length` tokens is the cross-entropy
-of text_ids[1:length] given text_ids[:length-1] (teacher forcing); padding is
-never a target. Each optimizer step's loss is
+Each optimizer step's loss (utils/lm.py defines the per-token loss) is
 
     (sum of token NLL over the step's examples, on every rank and in every
      accumulated micro-batch) / (number of those target tokens)
@@ -16,396 +14,45 @@ A training checkpoint (`output_dir/model.ckpt`) holds everything to continue
 exactly where it stopped: model, optimizer, loss scaler, learning-rate schedule,
 step, epoch and position inside it, and the random-number states of every rank.
 It is written atomically and loads with `torch.load(weights_only=True)`.
+The best dev perplexity's weights go to `output_dir/model_best.ckpt`, and every
+display and evaluation to `output_dir/metrics.jsonl`.
 
 A loss that is not finite (or weights that are not) stops training with
 TrainingDiverged before anything of it is logged or saved: checkpoints on disk
-keep their last finite versions. The check reads each step's marker one step
-late (no sync per step) and exactly before every display, evaluation and save.
+keep their last finite versions (utils/divergence.py watches without a sync per
+step). The optimizer comes from utils/optimizer.py, the random-number states
+from utils/rng_state.py, the metrics file from utils/metrics_log.py.
 """
-import contextlib
 import dataclasses
-import json
 import math
 import os
-import random
 import signal
 import sys
 import threading
 import time
-import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from utils import distributed as dist_utils
-from utils.atomic import atomic_write
 from utils.checkpoint import checkpoint_model_fields, save_checkpoint
-from utils.config_loading import load_config_module, misspelt_settings, settings_of
 from utils.data import PreparedSplit
+from utils.divergence import (DivergenceWatch, TrainingDiverged, likely_cause,
+                              weights_finite, what_was_kept)
 from utils.errors import UserError
+from utils.lm import EvalResult, autocast, evaluate, lm_nll, lr_multiplier, perplexity
+from utils.metrics_log import MetricsLog
+from utils.optimizer import build_optimizer
 from utils.processor import EOS_ID
+from utils.rng_state import gather_rng_states, restore_rng_states, seed_new_run
+from utils.train_config import TrainConfig, check_precision
 
 CHECKPOINT_FORMAT = "gpt2-texar-train-1"
 LAST_CHECKPOINT = "model.ckpt"
 BEST_CHECKPOINT = "model_best.ckpt"
 METRICS_LOG = "metrics.jsonl"
-IGNORE_INDEX = -100
-PRECISIONS = ("fp32", "bf16", "fp16")
-LR_DECAYS = ("constant", "linear", "cosine")
-MAX_SEED = 2 ** 32 - 1  # numpy.random.seed takes no larger
-
-
-# ---------------------------------------------------------------------------
-# Configuration
-
-@dataclass
-class TrainConfig:
-    """The settings of a `--config_train` module (see configs/config_train.py)."""
-    data_dir: str
-    max_seq_length: int
-    train_batch_size: int
-    eval_batch_size: int
-    test_batch_size: int
-    max_train_epoch: int
-    display_steps: int
-    eval_steps: int
-    opt: Dict[str, Any]
-    max_decoding_length: Optional[int] = None
-    checkpoint_steps: int = -1
-    warmup_steps: int = 0
-    lr_decay: str = "constant"
-    min_lr_ratio: float = 0.0
-    gradient_accumulation_steps: int = 1
-    precision: str = "fp32"
-    seed: int = 0
-    name: str = field(default="", compare=False)
-
-
-_REQUIRED = ("data_dir", "max_seq_length", "train_batch_size", "eval_batch_size",
-             "test_batch_size", "max_train_epoch", "display_steps", "eval_steps", "opt")
-_OPTIONAL = ("max_decoding_length", "checkpoint_steps", "warmup_steps", "lr_decay",
-             "min_lr_ratio", "gradient_accumulation_steps", "precision", "seed")
-# Names the original examples used for the data directory.
-_DATA_DIR_ALIASES = ("tfrecord_data_dir", "pickle_data_dir")
-
-
-def load_train_config(name: str) -> TrainConfig:
-    """Read and check a training config given as a module name or a .py path."""
-    module = load_config_module(name)
-    _check_spelling(module, name)
-    values = {}
-    if not hasattr(module, "data_dir"):
-        for alias in _DATA_DIR_ALIASES:
-            if hasattr(module, alias):
-                values["data_dir"] = getattr(module, alias)
-                break
-    missing = [k for k in _REQUIRED if k not in values and not hasattr(module, k)]
-    if missing:
-        raise UserError(f"training config {name} lacks {', '.join(missing)}: "
-                        f"start from configs/config_train.py")
-    for key in _REQUIRED + _OPTIONAL:
-        if hasattr(module, key):
-            values[key] = getattr(module, key)
-    cfg = TrainConfig(name=name, **values)
-    if cfg.max_decoding_length is None:
-        cfg.max_decoding_length = cfg.max_seq_length
-    check_train_config(cfg)
-    return cfg
-
-
-def _check_spelling(module, name: str) -> None:
-    """A setting whose name nearly matches a field (checkpoint_step) would be
-    ignored without a word: it is an error naming the right spelling."""
-    known = _REQUIRED + _OPTIONAL + _DATA_DIR_ALIASES
-    typos = misspelt_settings(settings_of(module), known)
-    if typos:
-        listed = ", ".join(f"{wrong} (did you mean {right}?)" for wrong, right in typos)
-        raise UserError(f"training config {name} sets {listed}, which is not a "
-                        f"setting: fix the name (the settings are listed in "
-                        f"configs/config_train.py)")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_train_config(cfg: TrainConfig) -> None:
-    """One UserError naming the field and the fix for the first bad value."""
-    def bad(field_name, why):
-        raise UserError(f"{field_name} = {getattr(cfg, field_name)!r} in training "
-                        f"config {cfg.name}: {why}")
-
-    if not isinstance(cfg.data_dir, str) or not cfg.data_dir:
-        bad("data_dir", "give the directory prepare_data.py wrote to")
-    for key in ("train_batch_size", "eval_batch_size", "test_batch_size",
-                "max_train_epoch", "gradient_accumulation_steps"):
-        if not _is_int(getattr(cfg, key)) or getattr(cfg, key) < 1:
-            bad(key, "must be a positive integer")
-    for key in ("display_steps", "eval_steps", "checkpoint_steps", "seed"):
-        if not _is_int(getattr(cfg, key)):
-            bad(key, "must be an integer (-1 disables the step-based ones)")
-    if not 0 <= cfg.seed <= MAX_SEED:
-        bad("seed", f"must be between 0 and {MAX_SEED}")
-    if not _is_int(cfg.max_seq_length) or cfg.max_seq_length < 3:
-        bad("max_seq_length", "must be an integer of at least 3 (it counts the "
-                              "two <|endoftext|> tokens)")
-    if not _is_int(cfg.max_decoding_length) or cfg.max_decoding_length < 2:
-        bad("max_decoding_length", "must be an integer of at least 2")
-    if not _is_int(cfg.warmup_steps) or cfg.warmup_steps < 0:
-        bad("warmup_steps", "must be an integer >= 0")
-    if cfg.lr_decay not in LR_DECAYS:
-        bad("lr_decay", f"must be one of {', '.join(LR_DECAYS)}")
-    if not isinstance(cfg.min_lr_ratio, (int, float)) or not 0 <= cfg.min_lr_ratio <= 1:
-        bad("min_lr_ratio", "must be a number between 0 and 1")
-    if cfg.precision not in PRECISIONS:
-        bad("precision", f"must be one of {', '.join(PRECISIONS)}")
-    _check_opt(cfg)
-
-
-def _opt_hparams(opt: Dict[str, Any]):
-    """texar's HParams for `opt`, with its defaults filled in."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import texar.torch as tx
-    return tx.HParams(opt, tx.core.default_optimization_hparams())
-
-
-def _check_opt(cfg: TrainConfig) -> None:
-    where = f"opt in training config {cfg.name}"
-    if not isinstance(cfg.opt, dict):
-        raise UserError(f"{where} must be a dict like "
-                        f"{{'optimizer': {{'type': 'AdamW', 'kwargs': {{'lr': 1e-4}}}}}}")
-    try:
-        hparams = _opt_hparams(cfg.opt)
-    except ValueError as err:
-        raise UserError(f"{where} is not valid texar optimization hparams: {err}") from None
-    if hparams.learning_rate_decay.type:
-        raise UserError(f"{where} sets learning_rate_decay, which this trainer does "
-                        f"not use: set warmup_steps, lr_decay and min_lr_ratio instead")
-    if hparams.gradient_noise_scale is not None:
-        raise UserError(f"{where} sets gradient_noise_scale, which is not supported: "
-                        f"remove it")
-    kwargs = hparams.optimizer.kwargs.todict()
-    lr = kwargs.get("lr")
-    if not _is_number(lr) or not math.isfinite(lr) or lr <= 0:
-        raise UserError(f"{where}: optimizer kwargs need a finite positive 'lr' "
-                        f"(got {lr!r}), e.g. 1e-4")
-    _check_numbers(kwargs, f"{where}: optimizer kwargs")
-    if hparams.gradient_clip.type:
-        _check_numbers(hparams.gradient_clip.kwargs.todict(), f"{where}: gradient_clip kwargs")
-    # Build the optimizer and the clipping function once on a throw-away
-    # parameter, so a bad type or kwarg fails now, before the model loads.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import texar.torch as tx
-    probe = torch.nn.Parameter(torch.zeros(1))
-    probe.grad = torch.zeros(1)
-    try:
-        tx.core.get_optimizer([probe], hparams)
-        clip = tx.core.get_grad_clip_fn(hparams)
-        if clip is not None:
-            clip(parameters=[probe])
-    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as err:
-        raise UserError(f"{where} cannot be used: {' '.join(str(err).split())}: fix "
-                        f"the optimizer type, its kwargs or gradient_clip") from None
-
-
-# A NaN or infinite optimizer or clipping number makes every update NaN; a zero
-# or negative rate or clipping threshold makes it nothing or backwards.
-# (norm_type may be inf: the max norm.)
-_POSITIVE_KWARGS = ("lr", "max_norm", "clip_value")
-_MAY_BE_INFINITE = ("norm_type",)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_numbers(kwargs: Dict[str, Any], where: str) -> None:
-    """Every number in `kwargs` (tuples included) finite, thresholds positive."""
-    for key, value in kwargs.items():
-        values = value if isinstance(value, (list, tuple)) else [value]
-        for number in values:
-            if not _is_number(number):
-                continue
-            if math.isnan(number) or (math.isinf(number) and key not in _MAY_BE_INFINITE):
-                raise UserError(f"{where}: {key} = {value!r} is not a finite number: "
-                                f"give a finite value")
-            if key in _POSITIVE_KWARGS and number <= 0:
-                raise UserError(f"{where}: {key} = {value!r} must be positive")
-
-
-# ---------------------------------------------------------------------------
-# Loss, evaluation, schedule
-
-def target_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, width] True where position t predicts a real token (t < length - 1)."""
-    positions = torch.arange(width, device=lengths.device)
-    return positions[None, :] < (lengths[:, None] - 1)
-
-
-def lm_nll(model, ids: torch.Tensor, lengths: torch.Tensor, per_token: bool = False):
-    """Summed next-token NLL of a padded batch, and the number of targets.
-
-    ids [B, T] (T = the longest example), lengths [B]. Targets are
-    ids[b, 1:lengths[b]]. With per_token=True the sum is taken in float64
-    (for evaluation); otherwise it is a differentiable float32 scalar.
-    """
-    inputs, targets = ids[:, :-1], ids[:, 1:]
-    mask = target_mask(lengths, targets.size(1))
-    targets = targets.masked_fill(~mask, IGNORE_INDEX)
-    logits = model(inputs=inputs, decoding_strategy="train_greedy").logits
-    flat_logits = logits.reshape(-1, logits.size(-1))
-    if per_token:
-        nll = F.cross_entropy(flat_logits.float(), targets.reshape(-1),
-                              ignore_index=IGNORE_INDEX, reduction="none")
-        return nll.double().sum(), mask.sum()
-    nll = F.cross_entropy(flat_logits, targets.reshape(-1),
-                          ignore_index=IGNORE_INDEX, reduction="sum")
-    return nll, mask.sum()
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else float("inf")
-
-
-@dataclass
-class EvalResult:
-    nll: float        # summed over every target token, in nats
-    tokens: int       # target tokens
-    examples: int
-
-    @property
-    def loss(self) -> float:
-        return self.nll / self.tokens
-
-    @property
-    def perplexity(self) -> float:
-        return perplexity(self.loss)
-
-    def describe(self, split: str = "dev") -> str:
-        return (f"{split}: loss {self.loss:.6g} | perplexity {self.perplexity:.6g} | "
-                f"{self.examples:,} examples | {self.tokens:,} tokens")
-
-
-def evaluate(model, split: PreparedSplit, batch_size: int, device: torch.device,
-             precision: str = "fp32", progress: bool = True,
-             should_stop: Optional[Callable[[], bool]] = None) -> Optional[EvalResult]:
-    """Corpus-level loss: exp(total NLL / total target tokens), not a batch mean.
-
-    Batches group examples of similar length, so little is spent on padding.
-    Returns None when `should_stop()` turns true before the end.
-    """
-    from tqdm import tqdm
-    was_training = model.training
-    model.eval()
-    total_nll, total_tokens = 0.0, 0
-    try:
-        with torch.no_grad():
-            for indices in tqdm(split.batches_by_length(batch_size), desc="eval",
-                                unit="batch", leave=False,
-                                disable=None if progress else True):
-                if should_stop is not None and should_stop():
-                    return None
-                ids, lengths = split.batch(indices, EOS_ID)
-                ids, lengths = ids.to(device), lengths.to(device)
-                with autocast(precision, device):
-                    nll, count = lm_nll(model, ids, lengths, per_token=True)
-                total_nll += float(nll)
-                total_tokens += int(count)
-    finally:
-        model.train(was_training)
-    return EvalResult(total_nll, total_tokens, len(split))
-
-
-def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int,
-                  decay: str, min_ratio: float) -> float:
-    """Factor on the configured learning rate for optimizer step `step` (0-based).
-
-    Linear warm-up from 1/warmup_steps to 1, then constant, or a linear or
-    cosine decay reaching min_ratio at total_steps.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if decay == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if decay == "linear":
-        shape = 1.0 - progress
-    else:
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return min_ratio + (1.0 - min_ratio) * shape
-
-
-def autocast(precision: str, device: torch.device):
-    """bf16/fp16 autocast on the device; nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError("precision = 'fp16' needs a CUDA GPU: use 'bf16' or 'fp32' "
-                        "in the training config on CPU")
-    if (precision == "bf16" and device.type == "cuda"
-            and not torch.cuda.is_bf16_supported()):
-        raise UserError("this GPU has no bfloat16 support: use precision = 'fp16' "
-                        "or 'fp32' in the training config")
-
-
-# ---------------------------------------------------------------------------
-# Random-number states (plain types only, so checkpoints load with weights_only)
-
-def _local_rng_bytes(device: torch.device) -> torch.Tensor:
-    parts = [torch.get_rng_state()]
-    if device.type == "cuda":
-        parts.append(torch.cuda.get_rng_state(device))
-    return torch.cat(parts)
-
-
-def gather_rng_states(ctx) -> Dict[str, Any]:
-    """Every rank's torch (and CUDA) RNG state; call on all ranks together."""
-    local = _local_rng_bytes(ctx.device).to(torch.int64)
-    table = torch.zeros(ctx.world_size, local.numel(), dtype=torch.int64)
-    table[ctx.rank] = local
-    dist_utils.all_reduce_sum(table, ctx)
-    np_state = np.random.get_state()
-    return {
-        "world_size": ctx.world_size,
-        "cpu_bytes": int(torch.get_rng_state().numel()),
-        "ranks": [row.to(torch.uint8) for row in table],
-        "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-    }
-
-
-def restore_rng_states(state: Dict[str, Any], ctx) -> bool:
-    """Restore this rank's RNG states; False when the saved layout differs."""
-    random.setstate(_as_tuples(state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    if state["world_size"] != ctx.world_size:
-        return False
-    mine = state["ranks"][ctx.rank]
-    cpu = state["cpu_bytes"]
-    torch.set_rng_state(mine[:cpu].clone())
-    if ctx.device.type == "cuda":
-        if mine.numel() == cpu:
-            return False
-        torch.cuda.set_rng_state(mine[cpu:].clone(), ctx.device)
-    return True
-
-
-def _as_tuples(value):
-    """random.setstate wants tuples where a round trip may give lists."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_as_tuples(v) for v in value)
-    return value
+# Every file a training run writes into its output directory.
+TRAINING_OUTPUTS = (LAST_CHECKPOINT, BEST_CHECKPOINT, METRICS_LOG)
 
 
 # ---------------------------------------------------------------------------
@@ -448,50 +95,6 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on Ctrl-C after saving; the message says where."""
 
 
-class TrainingDiverged(UserError):
-    """The loss or the weights stopped being finite; nothing of it was saved."""
-
-
-# ---------------------------------------------------------------------------
-# Metrics log
-
-class MetricsLog:
-    """JSON lines in output_dir/metrics.jsonl, one per display and evaluation.
-
-    A new run starts the file afresh; a resumed run keeps the records up to
-    the step it resumes from (dropping any written after that checkpoint, e.g.
-    before a crash), so the file always describes one consistent run.
-    """
-
-    def __init__(self, path: str, resume_step: Optional[int], enabled: bool):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        kept = []
-        if resume_step is not None and os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except ValueError:
-                        continue  # a line cut short by a crash
-                    if record.get("step", 0) <= resume_step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-        with atomic_write(path, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-
-    def write(self, **record) -> None:
-        if not self.enabled:
-            return
-        try:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as err:  # a full disk: name the file
-            if err.filename is None:
-                raise OSError(err.errno, err.strerror, self.path) from err
-            raise
-
-
 # ---------------------------------------------------------------------------
 # The trainer
 
@@ -507,9 +110,6 @@ class Trainer:
                  train_split: PreparedSplit, dev_split: Optional[PreparedSplit],
                  output_dir: str, resume: Optional[Dict[str, Any]] = None,
                  stop_after_steps: Optional[int] = None, progress: bool = True):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import texar.torch as tx
         self.cfg, self.ctx = cfg, ctx
         # Checkpoints store the model's sizes as plain numbers, never texar hparams.
         self.model_fields = checkpoint_model_fields(model_hparams)
@@ -523,15 +123,11 @@ class Trainer:
         self.plain_model = model
         model.train()
         self.model = dist_utils.wrap_model(model, ctx)
-        hparams = _opt_hparams(cfg.opt)
-        self.optimizer = _make_optimizer(tx, _param_groups(model), hparams, self.device)
+        self.optimizer, self.clip_grad, self.scaler = build_optimizer(
+            model, cfg.opt, cfg.precision, self.device)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.clip_grad = tx.core.get_grad_clip_fn(hparams)
-        self.scaler = _grad_scaler() if cfg.precision == "fp16" else None
 
         self.sampler = dist_utils.make_train_sampler(len(train_split), ctx, cfg.seed)
-        self.global_batch = dist_utils.global_batch_size(
-            cfg.train_batch_size, ctx, cfg.gradient_accumulation_steps)
         examples_per_rank = math.ceil(len(train_split) / ctx.world_size)
         self.steps_per_epoch = math.ceil(
             examples_per_rank / (cfg.train_batch_size * cfg.gradient_accumulation_steps))
@@ -545,19 +141,11 @@ class Trainer:
         self.last_eval_step: Optional[int] = None
         self.window = _Window(self.device)  # training loss since the last display
         self.last_saved_step: Optional[int] = None  # model.ckpt written by this run
-        # The first step whose loss was not finite (-1: none yet) and that loss,
-        # kept on the device so that watching for it costs no sync per step;
-        # `_bad_step_before` is the marker as it was one step earlier.
-        self._bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
-        self._bad_loss = torch.zeros((), device=self.device)
-        self._bad_step_before = self._bad_step
+        self.divergence = DivergenceWatch(self.device)
         if resume is not None:
             self._load_state(resume)
         else:
-            # Dropout differs per rank; data order comes from the sampler.
-            torch.manual_seed(cfg.seed + ctx.rank)
-            random.seed(cfg.seed)
-            np.random.seed(cfg.seed)
+            seed_new_run(cfg.seed, ctx.rank)
         self.log = MetricsLog(os.path.join(output_dir, METRICS_LOG),
                               self.step if resume is not None else None,
                               enabled=ctx.is_main)
@@ -585,11 +173,15 @@ class Trainer:
             "last_eval_step": self.last_eval_step,
             "last_eval": dataclasses.asdict(self.last_eval) if self.last_eval else None,
             "display_window": {"nll": window_nll, "tokens": self.window.tokens},
-            "data": {"train_examples": len(self.train_split),
-                     "train_batch_size": self.cfg.train_batch_size,
-                     "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps,
-                     "world_size": self.ctx.world_size, "seed": self.cfg.seed},
+            "data": self._data_settings(),
         }
+
+    def _data_settings(self) -> Dict[str, Any]:
+        """What decides the order and grouping of the training examples."""
+        return {"train_examples": len(self.train_split),
+                "train_batch_size": self.cfg.train_batch_size,
+                "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps,
+                "world_size": self.ctx.world_size, "seed": self.cfg.seed}
 
     def _load_state(self, state: Dict[str, Any]) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
@@ -623,10 +215,7 @@ class Trainer:
                 self.window.nll += float(window["nll"])
         notes = []
         saved = state.get("data", {})
-        now = {"train_examples": len(self.train_split),
-               "train_batch_size": self.cfg.train_batch_size,
-               "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps,
-               "world_size": self.ctx.world_size, "seed": self.cfg.seed}
+        now = self._data_settings()
         changed = [f"{k} {saved.get(k)} -> {v}" for k, v in now.items()
                    if saved.get(k) != v]
         if changed:
@@ -762,20 +351,9 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         window.add(step_nll, float(tokens[0]))
-        self._note_loss(step_nll / float(tokens[0]))
+        self.divergence.note_loss(step_nll / float(tokens[0]), self.step + 1)
 
     # -- divergence ------------------------------------------------------
-
-    def _note_loss(self, loss: torch.Tensor) -> None:
-        """Remember the first step whose loss is not finite (device ops only)."""
-        first = ~torch.isfinite(loss) & (self._bad_step < 0)
-        self._bad_step_before = self._bad_step
-        self._bad_step = self._bad_step.masked_fill(first, self.step + 1)
-        self._bad_loss = torch.where(first, loss.float(), self._bad_loss)
-
-    def _weights_finite(self) -> bool:
-        flags = [torch.isfinite(p).all() for p in self.plain_model.parameters()]
-        return bool(torch.stack(flags).all())
 
     def _stop_if_diverged(self, exact: bool, check_weights: bool = False,
                           interrupt: bool = False) -> bool:
@@ -784,46 +362,16 @@ class Trainer:
         for the step just queued) or, with `check_weights`, holds a non-finite
         weight. Also agrees on the Ctrl-C flag `interrupt` in the same
         collective: True when any rank was interrupted. All ranks call it."""
-        marker = self._bad_step if exact else self._bad_step_before
-        weights_bad = check_weights and not self._weights_finite()
-        flags = torch.tensor([float(int(marker) >= 0), float(weights_bad),
-                              float(interrupt)], dtype=torch.float64)
-        flags = dist_utils.all_reduce_sum(flags, self.ctx)
-        if flags[0] > 0 or flags[1] > 0:
-            self._raise_diverged()
-        return bool(flags[2] > 0)
-
-    def _raise_diverged(self) -> None:
-        """One line: the step, the loss, what was kept and the likely cause."""
-        ctx = self.ctx
-        table = torch.zeros(ctx.world_size, 2, dtype=torch.float64)
-        table[ctx.rank, 0] = float(self._bad_step)
-        table[ctx.rank, 1] = float(self._bad_loss)
-        # Each rank fills its own row; the sum gives every rank the whole table.
-        seen = [(int(s), l) for s, l in dist_utils.all_reduce_sum(table, ctx).tolist()
-                if s >= 0]
-        if seen:
-            step, loss = min(seen)
-            what = f"the loss at step {step} is {loss} (not finite)"
-        else:
-            what = f"the weights are no longer finite after step {self.step}"
-        last_path = os.path.join(self.output_dir, LAST_CHECKPOINT)
-        if self.last_saved_step is not None:
-            kept = (f"nothing after step {self.last_saved_step} was saved ({last_path} "
-                    f"holds step {self.last_saved_step})")
-        elif os.path.exists(last_path):
-            kept = f"nothing was saved: {last_path} is left as it was"
-        else:
-            kept = "nothing was saved"
-        if self.cfg.precision == "fp16":
-            cause = ("float16 overflow (precision 'fp16'): use precision 'bf16' or "
-                     "'fp32' in the training config, or a lower lr")
-        else:
-            lr = max(self.base_lrs)
-            cause = (f"a learning rate too high for this model (peak lr {lr:g} in "
-                     f"{self.cfg.name}): lower it, lengthen warmup_steps or clip "
-                     f"gradients (gradient_clip max_norm)")
-        raise TrainingDiverged(f"training stopped: {what}; {kept}. Likely cause: {cause}")
+        weights_bad = check_weights and not weights_finite(self.plain_model)
+        diverged, interrupted = self.divergence.agree(self.ctx, exact, weights_bad,
+                                                      interrupt)
+        if diverged:
+            what = self.divergence.what_went_wrong(self.ctx, self.step)
+            kept = what_was_kept(os.path.join(self.output_dir, LAST_CHECKPOINT),
+                                 self.last_saved_step)
+            cause = likely_cause(self.cfg.precision, max(self.base_lrs), self.cfg.name)
+            raise TrainingDiverged(f"training stopped: {what}; {kept}. Likely cause: {cause}")
+        return interrupted
 
     def _batch(self, indices: List[int]):
         """A padded batch; sampler padding slots become rows with no targets
@@ -918,6 +466,28 @@ class Trainer:
         dist_utils.barrier(self.ctx)
         return result
 
+    def evaluate_at_final_step(self) -> Optional[EvalResult]:
+        """The dev result at the current step, for --do_eval after training: the
+        evaluation done at this step if there was one, else a new one (which
+        may update model_best.ckpt). All ranks call it; rank 0 gets the result,
+        the others None."""
+        if self.last_eval_step != self.step:
+            self.evaluate_and_track()
+        return self.last_eval if self.ctx.is_main else None
+
+    def outputs(self) -> List[Tuple[str, str]]:
+        """(file name, what it holds) for each file of this run in output_dir."""
+        last = os.path.join(self.output_dir, LAST_CHECKPOINT)
+        kept = [(LAST_CHECKPOINT, f"last training state (continue with --do_train "
+                                  f"--checkpoint {last})")]
+        # A best perplexity carried over from a checkpoint of another directory
+        # has no model_best.ckpt here until this run beats it.
+        if self.best_dev_ppl is not None and os.path.isfile(
+                os.path.join(self.output_dir, BEST_CHECKPOINT)):
+            kept.append((BEST_CHECKPOINT, f"best dev perplexity {self.best_dev_ppl:.6g}"))
+        kept.append((METRICS_LOG, "training and dev metrics, one JSON per line"))
+        return kept
+
     def _eval_owed(self) -> bool:
         """Whether the evaluation due at the current step never finished."""
         eval_steps = self.cfg.eval_steps
@@ -962,41 +532,3 @@ def _step_groups(indices, batch_size: int, accumulation: int):
         if not group:
             return
         yield group
-
-
-def _param_groups(model) -> List[Dict[str, Any]]:
-    """Weight decay on matrices only, not on biases and LayerNorm gains (as GPT-2
-    fine-tuning usually does); the optimizer kwargs' weight_decay applies to the
-    first group."""
-    decay, no_decay = [], []
-    for param in model.parameters():  # shared (tied) parameters appear once
-        if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _make_optimizer(tx, groups, hparams, device):
-    """texar's get_optimizer; Adam/AdamW use torch's fused kernel when the
-    config leaves the implementation open and this torch has it for the
-    device (one kernel over all parameters instead of several per tensor).
-    The arithmetic is the same AdamW."""
-    opt = hparams.optimizer
-    kwargs = opt.kwargs.todict()
-    if (opt.type in ("Adam", "AdamW", "torch.optim.Adam", "torch.optim.AdamW")
-            and not {"fused", "foreach"} & set(kwargs)):
-        fused = hparams.todict()
-        fused["optimizer"]["kwargs"]["fused"] = True
-        try:
-            probe = torch.zeros(1, device=device, requires_grad=True)
-            getattr(torch.optim, opt.type.split(".")[-1])([probe], lr=1.0, fused=True)
-        except (RuntimeError, TypeError, ValueError):
-            pass  # an older torch or an unsupported device: torch's default
-        else:
-            return tx.core.get_optimizer(groups, fused)
-    return tx.core.get_optimizer(groups, hparams)
-
-
-def _grad_scaler():
-    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler("cuda")
-    return torch.cuda.amp.GradScaler()

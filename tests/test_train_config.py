@@ -1,0 +1,52 @@
+"""utils/train_config.py: reading a training config, and every check of its values."""
+import pytest
+import torch
+
+from test_train import data_dir, one_thread, train, train_config  # noqa: F401
+from utils.errors import UserError
+from utils.train_config import check_precision, load_train_config
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"precision": "fp8"}, "precision"),
+    ({"train_batch_size": 0}, "train_batch_size"),
+    ({"lr_decay": "step"}, "lr_decay"),
+    ({"opt": {"optimizer": {"type": "AdamW", "kwargs": {}}}}, "lr"),
+    ({"opt": {"learning_rate_decay": {"type": "ExponentialLR",
+                                      "kwargs": {"gamma": 0.9}}}}, "warmup_steps"),
+    ({"opt": {"optimiser": {}}}, "not valid texar"),
+    ({"opt": {"optimizer": {"type": "AdamW", "kwargs": {"lr": 1e-3, "betas": (0.9, 2.0)}}}},
+     "cannot be used: Invalid beta"),
+    ({"opt": {"optimizer": {"type": "NoSuchOpt", "kwargs": {"lr": 1e-3}}}}, "cannot be used"),
+    ({"opt": {"optimizer": {"type": "AdamW", "kwargs": {"lr": 1e-3, "bogus": 1}}}},
+     "cannot be used: .*bogus"),
+    ({"seed": -5}, "seed"),
+    ({"seed": 2 ** 70}, "seed"),
+])
+def test_bad_config_values_are_errors(tmp_path, data_dir, overrides, match):
+    with pytest.raises(UserError, match=match):
+        load_train_config(train_config(tmp_path, data_dir, **overrides))
+
+
+def test_config_missing_fields_and_unknown_config(tmp_path):
+    path = tmp_path / "partial.py"
+    path.write_text("data_dir = 'x'\n")
+    with pytest.raises(UserError, match="lacks max_seq_length"):
+        load_train_config(str(path))
+    with pytest.raises(UserError, match="unknown config"):
+        train("--do_eval", "--config_train", "configs.no_such_config")
+
+
+def test_original_config_field_names_are_accepted(tmp_path, data_dir):
+    path = tmp_path / "orig.py"
+    path.write_text(f"tfrecord_data_dir = {str(data_dir)!r}\nmax_seq_length = 24\n"
+                    "train_batch_size = 2\neval_batch_size = 2\ntest_batch_size = 2\n"
+                    "max_train_epoch = 1\ndisplay_steps = 1\neval_steps = -1\n"
+                    "opt = {'optimizer': {'type': 'Adam', 'kwargs': {'lr': 0.001}}}\n")
+    cfg = load_train_config(str(path))
+    assert cfg.data_dir == str(data_dir) and cfg.max_decoding_length == 24
+
+
+def test_fp16_on_cpu_is_an_error():
+    with pytest.raises(UserError, match="fp16.*CUDA"):
+        check_precision("fp16", torch.device("cpu"))
