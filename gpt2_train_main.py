@@ -161,8 +161,6 @@ def run(args, cfg, splits, ctx) -> int:
     from utils.train_config import check_precision
     from utils.train_data import check_splits_fit_model
 
-    say = (lambda *a, **k: print(*a, **k, flush=True)) if ctx.is_main else (
-        lambda *a, **k: None)
     check_precision(cfg.precision, ctx.device)
     loaded, resume = load_weights(args, cfg, ctx)
     if args.do_train and args.checkpoint and resume is None and ctx.is_main:
@@ -172,12 +170,12 @@ def run(args, cfg, splits, ctx) -> int:
     if args.do_test:
         check_test_lengths(splits["test"], args, cfg, sizes["n_ctx"])
     model = loaded.model.to(ctx.device)
-    say(f"Model: {loaded.source}, {count_parameters(model):,} parameters, "
+    ctx.print(f"Model: {loaded.source}, {count_parameters(model):,} parameters, "
         f"on {ctx.device}.", file=sys.stderr)
 
     trainer = None
     if args.do_train:
-        trainer = run_training(args, cfg, splits, ctx, model, loaded.hparams, resume, say)
+        trainer = run_training(args, cfg, splits, ctx, model, loaded.hparams, resume)
     if args.do_eval:
         if trainer is not None:
             result = trainer.evaluate_at_final_step()
@@ -192,13 +190,13 @@ def run(args, cfg, splits, ctx) -> int:
         written += run_test(args, cfg, splits["test"], ctx, model, loaded.vocab_dir,
                         sizes["n_ctx"])
     if written:
-        say(f"Outputs in {args.output_dir}/:")
+        ctx.print(f"Outputs in {args.output_dir}/:")
         for name, what in written:
-            say(f"  {os.path.join(args.output_dir, name)}: {what}")
+            ctx.print(f"  {os.path.join(args.output_dir, name)}: {what}")
     return 0
 
 
-def run_training(args, cfg, splits, ctx, model, model_hparams, resume, say):
+def run_training(args, cfg, splits, ctx, model, model_hparams, resume):
     """--do_train: the Trainer, once it has trained."""
     from utils.output_dir import remove_earlier_run
     from utils.training import Trainer
@@ -206,7 +204,7 @@ def run_training(args, cfg, splits, ctx, model, model_hparams, resume, say):
     if args.overwrite_output_dir and ctx.is_main:
         removed = remove_earlier_run(args.output_dir)
         if removed:
-            say(f"note: --overwrite_output_dir: deleted the earlier run's "
+            ctx.print(f"note: --overwrite_output_dir: deleted the earlier run's "
                 f"{', '.join(removed)} in {args.output_dir}", file=sys.stderr)
     trainer = Trainer(model, model_hparams, cfg, ctx, splits["train"], splits["dev"],
                       args.output_dir, resume=resume,

@@ -22,6 +22,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from utils import distributed as D  # noqa: E402
+from utils.data import PAD_INDEX, ShardSampler  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 
 THIS_FILE = os.path.abspath(__file__)
@@ -85,7 +86,7 @@ def worker_env(**extra):
 # ------------------------------------------------------------------ sharding
 
 def all_rank_orders(n, world, seed=0, epoch=0, start=0, shuffle=True):
-    samplers = [D.ShardSampler(n, r, world, seed=seed, shuffle=shuffle) for r in range(world)]
+    samplers = [ShardSampler(n, r, world, seed=seed, shuffle=shuffle) for r in range(world)]
     for s in samplers:
         s.set_epoch(epoch)
         s.set_start(start)
@@ -121,15 +122,15 @@ def test_uneven_length_pads_with_empty_slots_so_ranks_take_equal_steps():
     (single,) = all_rank_orders(n, 1, seed=1)
     shards = all_rank_orders(n, world, seed=1)
     assert {len(s) for s in shards} == {3}                 # ceil(11 / 4)
-    padded = single + [D.PAD_INDEX]
+    padded = single + [PAD_INDEX]
     for r, shard in enumerate(shards):
         assert shard == padded[r::world]
-    seen = [i for shard in shards for i in shard if i != D.PAD_INDEX]
+    seen = [i for shard in shards for i in shard if i != PAD_INDEX]
     assert sorted(seen) == list(range(n))                  # every example once
     # more ranks than examples still works
     shards = all_rank_orders(2, 5, seed=1)
     assert [len(s) for s in shards] == [1] * 5
-    assert sorted(i for s in shards for i in s) == [D.PAD_INDEX] * 3 + [0, 1]
+    assert sorted(i for s in shards for i in s) == [PAD_INDEX] * 3 + [0, 1]
     assert all_rank_orders(0, 2) == [[], []]
 
 
@@ -139,11 +140,11 @@ def test_resume_skips_examples_already_trained_on(world):
     (single,) = all_rank_orders(n, 1, seed=9, epoch=4)
     shards = all_rank_orders(n, world, seed=9, epoch=4, start=start)
     rest = single[start:]
-    rest += [D.PAD_INDEX] * ((-len(rest)) % world)
+    rest += [PAD_INDEX] * ((-len(rest)) % world)
     for r, shard in enumerate(shards):
         assert shard == rest[r::world]
     # set_epoch starts the next epoch from its beginning again
-    s = D.ShardSampler(n, 0, 1, seed=9)
+    s = ShardSampler(n, 0, 1, seed=9)
     s.set_epoch(4)
     s.set_start(start)
     assert len(s) == n - start
@@ -153,9 +154,9 @@ def test_resume_skips_examples_already_trained_on(world):
         s.set_start(n + 1)
 
 
-def test_make_train_sampler_and_global_batch_text():
+def test_sampler_layout_and_global_batch_text():
     ctx = D.DistContext(True, 1, 4, 1, torch.device("cpu"), False, "gloo", "torchrun")
-    sampler = D.make_train_sampler(40, ctx, seed=2)
+    sampler = ShardSampler(40, ctx.rank, ctx.world_size, seed=2)
     assert (sampler.rank, sampler.world_size, len(sampler)) == (1, 4, 10)
     assert D.global_batch_size(8, ctx, 2) == 64
     assert "per-rank batch 8 x world size 4 x accumulation 2 = 64" in D.describe(ctx, 8, 2)

@@ -25,10 +25,13 @@ complete: an interrupted run never leaves a half-written split.
 `PreparedSplit` reads such a file back and builds batches padded only to the
 longest example in the batch.
 """
+import math
 import os
-from typing import List, Sequence
+from typing import Iterator, List, Sequence
 
 import numpy as np
+import torch
+from torch.utils.data import Sampler
 
 from utils.errors import UserError
 
@@ -131,3 +134,72 @@ class PreparedSplit:
         """
         order = np.argsort(self.lengths, kind="stable")
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# ---------------------------------------------------------------- sharding an epoch over ranks
+
+PAD_INDEX = -1  # a sampler slot with no example (see ShardSampler)
+
+
+class ShardSampler(Sampler):
+    """This rank's share of one epoch's global example order.
+
+    The global order is torch.randperm(dataset_len) seeded with seed + epoch
+    (identity when shuffle=False) and does not depend on the world size; rank r
+    of W yields order[start:][r::W]. When the remaining length is not a
+    multiple of W, the order is padded with PAD_INDEX (-1), so every rank yields
+    the same number of indices, ceil((dataset_len - start) / W), and takes the
+    same number of steps. The trainer turns a PAD_INDEX into a row without
+    targets: unlike wrapping around (torch's DistributedSampler), no example
+    counts twice, so W ranks still train exactly as one process. W = 1 pads
+    nothing.
+
+    Mid-epoch resume: `set_start(n)` skips the first n examples of the epoch's
+    GLOBAL order (n = optimizer steps done x global batch), so a job can resume
+    with a different world size. `set_epoch` resets the start to 0; call
+    `set_start` after it.
+    """
+
+    def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, start: int = 0):
+        if dataset_len < 0 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad sampler layout: {dataset_len} examples, "
+                             f"rank {rank} of {world_size}")
+        self.dataset_len = dataset_len
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.start = 0
+        self.set_start(start)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch's order (seed + epoch) from its beginning."""
+        self.epoch = int(epoch)
+        self.start = 0
+
+    def set_start(self, index: int) -> None:
+        """Skip the first `index` examples of this epoch's global order."""
+        if not 0 <= index <= self.dataset_len:
+            raise ValueError(f"start {index} outside an epoch of {self.dataset_len}")
+        self.start = int(index)
+
+    def global_order(self) -> torch.Tensor:
+        """The whole epoch's example order, identical on every rank."""
+        if not self.shuffle:
+            return torch.arange(self.dataset_len)
+        gen = torch.Generator()
+        gen.manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.dataset_len, generator=gen)
+
+    def __len__(self) -> int:
+        return math.ceil((self.dataset_len - self.start) / self.world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.global_order()
+        rest = order[self.start:]
+        short = len(self) * self.world_size - len(rest)
+        if short:
+            rest = torch.cat([rest, torch.full((short,), PAD_INDEX, dtype=rest.dtype)])
+        return iter(rest[self.rank::self.world_size].tolist())

@@ -36,7 +36,7 @@ import torch
 
 from utils import distributed as dist_utils
 from utils.checkpoint import checkpoint_model_fields, save_checkpoint
-from utils.data import PreparedSplit
+from utils.data import PAD_INDEX, PreparedSplit, ShardSampler
 from utils.divergence import (DivergenceWatch, TrainingDiverged, likely_cause,
                               weights_finite, what_was_kept)
 from utils.errors import UserError
@@ -127,7 +127,7 @@ class Trainer:
             model, cfg.opt, cfg.precision, self.device)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
 
-        self.sampler = dist_utils.make_train_sampler(len(train_split), ctx, cfg.seed)
+        self.sampler = ShardSampler(len(train_split), ctx.rank, ctx.world_size, cfg.seed)
         examples_per_rank = math.ceil(len(train_split) / ctx.world_size)
         self.steps_per_epoch = math.ceil(
             examples_per_rank / (cfg.train_batch_size * cfg.gradient_accumulation_steps))
@@ -232,7 +232,7 @@ class Trainer:
             notes.append("random states were saved for another world size or device: "
                          "dropout is reseeded")
         for note in notes:
-            self._print(f"note: {note}", file=sys.stderr)
+            self.ctx.print(f"note: {note}", file=sys.stderr)
 
     def save(self, path: str) -> None:
         """Write a full training checkpoint (rank 0 writes; all ranks call).
@@ -256,16 +256,16 @@ class Trainer:
         cfg = self.cfg
         last_path = os.path.join(self.output_dir, LAST_CHECKPOINT)
         if self.step >= self.total_steps or self.epoch >= cfg.max_train_epoch:
-            self._print(f"Training already complete: step {self.step} of "
+            self.ctx.print(f"Training already complete: step {self.step} of "
                         f"{self.total_steps} (raise max_train_epoch to train more).")
             return
         if self.stop_after_steps is not None and self.step >= self.stop_after_steps:
-            self._print(f"Already at step {self.step}, not before --stop_after_steps "
+            self.ctx.print(f"Already at step {self.step}, not before --stop_after_steps "
                         f"{self.stop_after_steps}: nothing to train.")
             return
-        self._print(dist_utils.describe(self.ctx, cfg.train_batch_size,
+        self.ctx.print(dist_utils.describe(self.ctx, cfg.train_batch_size,
                                         cfg.gradient_accumulation_steps))
-        self._print(f"{len(self.train_split):,} training examples, "
+        self.ctx.print(f"{len(self.train_split):,} training examples, "
                     f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps "
                     f"in {cfg.max_train_epoch} epochs"
                     + (f"; resuming at step {self.step} (epoch {self.epoch + 1})"
@@ -302,14 +302,14 @@ class Trainer:
             bar.close()
             self.save(last_path)
         if stopped_by == "interrupt":
-            self._print(f"Interrupted at step {self.step}: saved {last_path}. Continue "
+            self.ctx.print(f"Interrupted at step {self.step}: saved {last_path}. Continue "
                         f"with --do_train --checkpoint {last_path}.", file=sys.stderr)
             raise TrainingInterrupted
         if stopped_by == "stop_after_steps":
-            self._print(f"Stopped at step {self.step} (--stop_after_steps); saved "
+            self.ctx.print(f"Stopped at step {self.step} (--stop_after_steps); saved "
                         f"{last_path}. Continue with --do_train --checkpoint {last_path}.")
         else:
-            self._print(f"Training done: {self.step} steps; saved {last_path}.")
+            self.ctx.print(f"Training done: {self.step} steps; saved {last_path}.")
 
     def _train_step(self, group: List[List[int]], window: "_Window") -> None:
         """One optimizer step over `group` (micro-batches of example indices)."""
@@ -377,7 +377,7 @@ class Trainer:
         """A padded batch; sampler padding slots become rows with no targets
         (length 1), so a rank still runs its step without counting an example
         twice."""
-        real = [i for i in indices if i != dist_utils.PAD_INDEX]
+        real = [i for i in indices if i != PAD_INDEX]
         empty = len(indices) - len(real)
         if not empty:
             return self.train_split.batch(real, EOS_ID)
@@ -453,7 +453,7 @@ class Trainer:
                 improved = math.isfinite(result.perplexity) and (
                     self.best_dev_ppl is None or result.perplexity < self.best_dev_ppl)
                 mark = " (best so far)" if improved else ""
-                self._print(f"step {self.step:>6} | {result.describe()}{mark}")
+                self.ctx.print(f"step {self.step:>6} | {result.describe()}{mark}")
                 if improved:
                     self.best_dev_ppl = result.perplexity
                     save_checkpoint(os.path.join(self.output_dir, BEST_CHECKPOINT), {
@@ -493,11 +493,6 @@ class Trainer:
         eval_steps = self.cfg.eval_steps
         return (self.dev_split is not None and eval_steps > 0 and self.step > 0
                 and self.step % eval_steps == 0 and self.last_eval_step != self.step)
-
-    def _print(self, *args, **kwargs) -> None:
-        if self.ctx.is_main:
-            kwargs.setdefault("flush", True)
-            print(*args, **kwargs)
 
 
 class _Window:
