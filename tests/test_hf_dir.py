@@ -11,15 +11,14 @@ import os
 
 import pytest
 import torch
+import transformers  # a test dependency (requirements-test.txt)
 
-transformers = pytest.importorskip("transformers")  # requirements-test.txt
-
-from utils.errors import UserError  # noqa: E402
-from utils.hf_dir import (detect_format, hf_vocab_encoder, read_hf_config,  # noqa: E402
-                          read_hf_weights, write_hf_dir)
-from utils.hf_format import texar_to_hf_tensors  # noqa: E402
-from utils.model import build_model, hparams_from_sizes  # noqa: E402
-from utils.processor import SHIPPED_VOCAB_DIR, get_encoder  # noqa: E402
+from utils.errors import UserError
+from utils.hf_dir import (detect_format, hf_vocab_encoder, read_hf_config, read_hf_weights,
+                          write_hf_dir)
+from utils.hf_format import texar_to_hf_tensors
+from utils.model import build_model, hparams_from_sizes
+from utils.processor import SHIPPED_VOCAB_DIR, get_encoder
 
 SIZES = {"n_vocab": 50257, "n_ctx": 24, "n_embd": 16, "n_head": 4, "n_layer": 2}
 IDS = torch.tensor([[15496, 995, 11, 50256, 7, 318, 262, 3, 0, 50000]])
@@ -232,3 +231,17 @@ def test_detect_format(tmp_path):
         detect_format(str(other))
     with pytest.raises(UserError, match=r"does not exist or is not a directory"):
         detect_format(str(tmp_path / "nowhere"))
+
+
+def test_write_failure_leaves_nothing(tmp_path):
+    ours = build_model(hparams_from_sizes(SIZES))
+    pairs = list(texar_to_hf_tensors(ours.state_dict(), SIZES["n_layer"]))
+    with pytest.raises(ValueError, match=r"^tensors missing from the safetensors file: "
+                                         r"\['transformer.wte.weight'\]$"):
+        write_hf_dir(str(tmp_path), [p for p in pairs if p[0] != "transformer.wte.weight"],
+                     SIZES)
+    bad = [(n, t[:1] if n == "transformer.wpe.weight" else t) for n, t in pairs]
+    with pytest.raises(ValueError, match=r"^tensor transformer.wpe.weight has shape \[1, 16\]"
+                                         r", not \[24, 16\]$"):
+        write_hf_dir(str(tmp_path), bad, SIZES)
+    assert os.listdir(tmp_path) == []
