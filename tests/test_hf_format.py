@@ -134,7 +134,7 @@ def test_bad_hf_weights_are_one_line_errors(tiny):
 
 
 def test_transformers_model_with_converted_weights_computes_our_logits(tiny):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency (requirements-test.txt)
     sizes = model_size(tiny.hparams.todict())
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_gpt2_config(sizes)))
     hf.load_state_dict(texar_to_hf_state_dict(tiny.state_dict(), sizes["n_layer"]))
@@ -142,3 +142,47 @@ def test_transformers_model_with_converted_weights_computes_our_logits(tiny):
     with torch.no_grad():
         ours, theirs = tiny(inputs=ids).logits, hf.eval()(ids).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+
+
+def test_lazy_hf_tensors_match_the_state_dict_and_shapes(tiny):
+    from utils.hf_format import hf_tensor_shapes, texar_to_hf_tensors
+    sizes = model_size(tiny.hparams.todict())
+    full = texar_to_hf_state_dict(tiny.state_dict(), N_LAYER)
+    lazy = texar_to_hf_tensors(tiny.state_dict(), N_LAYER)
+    assert not isinstance(lazy, dict)
+    pairs = list(lazy)
+    assert sorted(n for n, _ in pairs) == sorted(set(full) - {"lm_head.weight"})
+    assert all(torch.equal(full[n], t) for n, t in pairs)
+    assert hf_tensor_shapes(sizes) == {n: tuple(t.shape) for n, t in sorted(pairs)}
+
+
+@pytest.mark.parametrize("name", ["tiny_a", "tiny_b"])
+def test_openai_hf_openai_round_trip_through_written_files(name, tmp_path):
+    """OpenAI -> HF directory -> OpenAI checkpoint, tensors equal at every hop,
+    the last one written by our TF writer and read by our reader."""
+    from utils.hf_dir import read_hf_config, read_hf_weights, write_hf_dir
+    from utils.hf_format import hf_name_of_openai, openai_of_hf_tensors
+    from utils.tf_checkpoint_writer import write_tf_checkpoint_dir
+    with open(os.path.join(FIXTURES, "models", name, "hparams.json")) as f:
+        sizes = json.load(f)
+    source = TFCheckpointReader(os.path.join(FIXTURES, "models", name, "model.ckpt"))
+    originals = {n: np.array(source.read(n)) for n in source.variables()}
+    # transformers' renaming rule, written independently in this test file, agrees.
+    assert {hf_name_of_openai(n) for n in originals} == {hf_name_of_tf(n) for n in originals}
+
+    def hf_tensors():  # one tensor at a time, straight from the TF reader
+        for tf_name in source.variables():
+            array = torch.from_numpy(np.array(source.read(tf_name)))
+            yield hf_name_of_openai(tf_name), array[0] if array.dim() == 3 else array
+
+    write_hf_dir(str(tmp_path / "hf"), hf_tensors(), sizes)
+    assert read_hf_config(str(tmp_path / "hf")) == sizes
+    texar_state = read_hf_weights(str(tmp_path / "hf"), sizes)
+    back = texar_to_hf_state_dict(texar_state, sizes["n_layer"])
+    written = write_tf_checkpoint_dir(str(tmp_path / "openai"),
+                                      openai_of_hf_tensors(back.items()))
+    assert sorted(written) == sorted(originals)
+    with TFCheckpointReader(str(tmp_path / "openai" / "model.ckpt")) as reader:
+        for tf_name, array in originals.items():
+            assert reader.tf_dtype(tf_name) == "float32"
+            assert np.array_equal(reader.read(tf_name), array), tf_name

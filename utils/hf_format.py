@@ -12,7 +12,7 @@ The Hugging Face side is GPT2LMHeadModel's state dict:
 - `transformer.ln_f`, and `lm_head.weight`, tied to `transformer.wte.weight`
   (texar ties `decoder._output_layer.weight` to its word embedding likewise).
 """
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Mapping, Tuple
 
 import torch
 
@@ -80,18 +80,26 @@ def _copied_whole(get, n_layer: int, to_hf: bool) -> StateDict:
     return out
 
 
+def texar_to_hf_tensors(texar_state: StateDict, n_layer: int) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) of every GPT2LMHeadModel weight but the tied
+    `lm_head.weight`, made one at a time from a texar GPT2Decoder's state dict:
+    a writer that streams them holds one converted tensor at a time."""
+    get = _getter(texar_state, "texar GPT2Decoder", n_layer)
+    for hf, tx, transposed in _one_to_one(n_layer):
+        yield hf, get(tx).t().contiguous() if transposed else get(tx)
+    for i in range(n_layer):
+        fused, parts = _fused_qkv(i)
+        weights = [get(p + ".weight") for p in parts]
+        yield fused + ".weight", torch.cat(weights).t().contiguous()  # [in, q|k|v]
+        yield fused + ".bias", torch.cat([get(p + ".bias") for p in parts])
+
+
 def texar_to_hf_state_dict(texar_state: StateDict, n_layer: int) -> StateDict:
     """Hugging Face GPT2LMHeadModel tensor name -> tensor, from a texar GPT2Decoder's.
 
     Tensors copied as they are may share memory with `texar_state`.
     """
-    get = _getter(texar_state, "texar GPT2Decoder", n_layer)
-    hf_state = _copied_whole(get, n_layer, to_hf=True)
-    for i in range(n_layer):
-        fused, parts = _fused_qkv(i)
-        weights = [get(p + ".weight") for p in parts]
-        hf_state[fused + ".weight"] = torch.cat(weights).t().contiguous()  # [in, q|k|v]
-        hf_state[fused + ".bias"] = torch.cat([get(p + ".bias") for p in parts])
+    hf_state = dict(texar_to_hf_tensors(texar_state, n_layer))
     hf_state[_HF_HEAD] = hf_state["transformer.wte.weight"]
     return hf_state
 
@@ -138,3 +146,63 @@ def hf_gpt2_config(sizes: Dict[str, int]) -> Dict[str, object]:
                 n_embd=sizes["n_embd"], n_layer=sizes["n_layer"], n_head=sizes["n_head"],
                 activation_function="gelu_new", layer_norm_epsilon=1e-5,
                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def hf_tensor_shapes(sizes: Mapping[str, int]) -> Dict[str, Tuple[int, ...]]:
+    """Hugging Face name -> shape of every GPT2LMHeadModel weight of GPT-2 `sizes`,
+    but the tied `lm_head.weight`, in name order."""
+    v, c, e = sizes["n_vocab"], sizes["n_ctx"], sizes["n_embd"]
+    shapes = {"transformer.wte.weight": (v, e), "transformer.wpe.weight": (c, e),
+              "transformer.ln_f.weight": (e,), "transformer.ln_f.bias": (e,)}
+    for i in range(sizes["n_layer"]):
+        h = f"transformer.h.{i}."
+        shapes.update({h + "ln_1.weight": (e,), h + "ln_1.bias": (e,),
+                       h + "ln_2.weight": (e,), h + "ln_2.bias": (e,),
+                       h + "attn.c_attn.weight": (e, 3 * e), h + "attn.c_attn.bias": (3 * e,),
+                       h + "attn.c_proj.weight": (e, e), h + "attn.c_proj.bias": (e,),
+                       h + "mlp.c_fc.weight": (e, 4 * e), h + "mlp.c_fc.bias": (4 * e,),
+                       h + "mlp.c_proj.weight": (4 * e, e), h + "mlp.c_proj.bias": (e,)})
+    return dict(sorted(shapes.items()))
+
+
+# OpenAI's TF names: model/wte, model/h3/attn/c_attn/w, model/h3/ln_1/g, ... Its
+# Conv1D weights are [1, in, out]: Hugging Face's [in, out] with a leading 1.
+_OPENAI_LEAF = {"w": "weight", "g": "weight", "b": "bias"}
+
+
+def hf_name_of_openai(tf_name: str) -> str:
+    """transformers' renaming (as load_tf_weights_in_gpt2): model/h3/ln_1/g ->
+    transformer.h.3.ln_1.weight; model/wte -> transformer.wte.weight."""
+    parts = tf_name.split("/")
+    if parts[0] != "model" or len(parts) < 2:
+        raise UserError(f"{tf_name!r} is not a GPT-2 variable name (model/...)")
+    if parts[1] in ("wte", "wpe") and len(parts) == 2:
+        return f"transformer.{parts[1]}.weight"
+    if parts[1].startswith("h") and parts[1][1:].isdigit():
+        parts[1:2] = ["h", str(int(parts[1][1:]))]
+    return "transformer." + ".".join(parts[1:-1] + [_OPENAI_LEAF.get(parts[-1], parts[-1])])
+
+
+def openai_of_hf(hf_name: str, tensor: torch.Tensor) -> Tuple[str, torch.Tensor]:
+    """(OpenAI TF name, tensor in OpenAI's shape) of a Hugging Face GPT-2 weight."""
+    if hf_name in ("transformer.wte.weight", "transformer.wpe.weight"):
+        return "model/" + hf_name.split(".")[1], tensor
+    parts = hf_name.split(".")
+    if parts[0] != "transformer" or parts[-1] not in ("weight", "bias"):
+        raise UserError(f"{hf_name!r} is not a GPT-2 weight name (transformer....)")
+    scope = parts[1:-1]
+    if scope[0] == "h":
+        scope[0:2] = ["h" + scope[1]]
+    is_norm = scope[-1].startswith("ln_")
+    leaf = "b" if parts[-1] == "bias" else ("g" if is_norm else "w")
+    if leaf == "w":
+        tensor = tensor.unsqueeze(0)  # Conv1D [in, out] -> [1, in, out]
+    return "model/" + "/".join(scope + [leaf]), tensor
+
+
+def openai_of_hf_tensors(hf_tensors) -> Iterator[Tuple[str, torch.Tensor]]:
+    """OpenAI (name, tensor) pairs of Hugging Face ones, lazily; the tied
+    `lm_head.weight` is left out (OpenAI's checkpoints have no output layer)."""
+    for name, tensor in hf_tensors:
+        if name != _HF_HEAD:
+            yield openai_of_hf(name, tensor)
