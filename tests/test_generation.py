@@ -108,7 +108,7 @@ def test_batched_greedy_equals_each_context_alone(model):
 def test_16_bit_weights_widen_long_products_to_float32(model, dtype, monkeypatch):
     """On CPU, products of many rows run in float32 on widened 16-bit weights:
     the logits agree with the 16-bit products and with the float32 model."""
-    from utils import generation
+    from utils import cpu_linear
     half = build_model(gpt2_hparams(n_vocab=50257, n_ctx=N_CTX, n_embd=32, n_head=4,
                                     n_layer=2)).eval()
     half.load_state_dict(model.state_dict())
@@ -116,7 +116,7 @@ def test_16_bit_weights_widen_long_products_to_float32(model, dtype, monkeypatch
     contexts = [CONTEXTS[0] * 4, CONTEXTS[2] * 2]  # 20 and 16 rows: widened
     full = next_token_logits(model, contexts)
     widened = next_token_logits(half, contexts)
-    monkeypatch.setattr(generation, "_UPCAST_MIN_ROWS", 10 ** 9)
+    monkeypatch.setattr(cpu_linear, "UPCAST_MIN_ROWS", 10 ** 9)
     narrow = next_token_logits(half, contexts)
     assert widened.dtype == narrow.dtype == dtype
     scale = full.abs().max()

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils import cpu_linear
 from utils.errors import UserError
 from utils.memory import format_bytes, require_memory
 from utils.sampling import SMALLEST_TEMPERATURE, filter_logits, sample_from_logits
@@ -50,55 +51,10 @@ _BEAM_INF = 1.0e7
 LENGTH_PENALTY_LIMIT = 10.0
 
 
-def _onednn_linear(x, weight, bias=None):
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-def _onednn_linear_gelu(x, weight, bias):
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
-
-
-def _linear_gelu(x, weight, bias):
-    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
-
-
-_LINEAR_CHOICE = {}
-
-
-def _uses_onednn(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether to run the linear layers through oneDNN on this device/dtype.
-
-    On x86 CPUs PyTorch's nn.Linear goes to MKL, whose matrix-vector product
-    for torch's [out, in] weight layout streams weights well below memory
-    bandwidth (measured ~12 GB/s of ~30 on the dev machine); oneDNN's linear
-    (the op torch.compile uses on CPU) reads the same tensors 15-40% faster.
-    It is a private op, so it is used only after a check that it exists and
-    agrees with F.linear; anything else falls back to F.linear.
-    """
-    key = (device.type, dtype)
-    if key not in _LINEAR_CHOICE:
-        ok = False
-        if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-            try:
-                g = torch.Generator().manual_seed(0)
-                x = torch.randn(3, 2, 16, generator=g).to(dtype)
-                w = torch.randn(8, 16, generator=g).to(dtype)
-                b = torch.randn(8, generator=g).to(dtype)
-                tol = 1e-4 if dtype == torch.float32 else 5e-2
-                ok = (torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b),
-                                     atol=tol, rtol=tol)
-                      and torch.allclose(_onednn_linear_gelu(x, w, b),
-                                         _linear_gelu(x, w, b), atol=tol, rtol=tol))
-            except (AttributeError, RuntimeError, NotImplementedError):
-                ok = False
-        _LINEAR_CHOICE[key] = ok
-    return _LINEAR_CHOICE[key]
-
-
 class _Layer:
     """One transformer block's parameters (references to the model's tensors)."""
 
-    def __init__(self, decoder: nn.Module, i: int, onednn: bool):
+    def __init__(self, decoder: nn.Module, i: int, linear, linear_gelu):
         attn = decoder.self_attns[i]
         ln1, ln2 = decoder.self_attn_layer_norm[i], decoder.poswise_layer_norm[i]
         fc1, act, fc2 = decoder.poswise_networks[i]._layers
@@ -113,25 +69,11 @@ class _Layer:
         # GPT-2's tanh GELU is fused into the first feed-forward layer; any
         # other activation is called as the model's own module.
         if type(act).__name__ == "GPTGELU":
-            self.fc1_act = _onednn_linear_gelu if onednn else _linear_gelu
+            self.fc1_act = linear_gelu
             self.act = lambda y: F.gelu(y, approximate="tanh")
         else:
-            linear = _onednn_linear if onednn else F.linear
             self.fc1_act = lambda x, w, b: act(linear(x, w, b))
             self.act = act
-
-
-# CPU matrix products in bfloat16/float16 (without native 16-bit arithmetic, as
-# on AVX2) cost about as much per row as a matrix-vector product: fine for one
-# decoding row, ~6x slower than float32 for a long prompt. From this many rows
-# on, the weights are widened to float32 for the product (a transient copy of
-# one matrix at a time, not a second model).
-_UPCAST_MIN_ROWS = 8
-
-
-def _upcast_linear(x, weight, bias=None):
-    bias = None if bias is None else bias.float()
-    return F.linear(x.float(), weight.float(), bias).to(x.dtype)
 
 
 class _GPT2:
@@ -147,11 +89,10 @@ class _GPT2:
                          dec.final_layer_norm.weight, dec.final_layer_norm.bias,
                          dec.final_layer_norm.eps)
         self.device, self.dtype = self.wte.device, self.wte.dtype
-        onednn = _uses_onednn(self.device, self.dtype)
-        self.linear = _onednn_linear if onednn else F.linear
-        self.upcast = (self.device.type == "cpu"
-                       and self.dtype in (torch.bfloat16, torch.float16))
-        self.layers = [_Layer(dec, i, onednn) for i in range(len(dec.self_attns))]
+        self.linear, linear_gelu = cpu_linear.linear_functions(self.device, self.dtype)
+        self.upcast = cpu_linear.upcasts(self.device, self.dtype)
+        self.layers = [_Layer(dec, i, self.linear, linear_gelu)
+                       for i in range(len(dec.self_attns))]
         self.n_head = int(dec.self_attns[0]._hparams.num_heads)
         self.n_vocab, self.n_embd = self.wte.shape
         self.n_ctx = self.wpe.shape[0]
@@ -174,7 +115,7 @@ class _GPT2:
         B, T = ids.shape
         H, hd = self.n_head, self.head_dim
         linear = self._linear_for(B * T)
-        upcast = linear is _upcast_linear
+        upcast = linear is cpu_linear.upcast_linear
         x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
         end = start + T
         for i, layer in enumerate(self.layers):
@@ -200,7 +141,9 @@ class _GPT2:
 
     def _linear_for(self, rows: int):
         """The linear function for a product over `rows` rows."""
-        return _upcast_linear if self.upcast and rows >= _UPCAST_MIN_ROWS else self.linear
+        if self.upcast and rows >= cpu_linear.UPCAST_MIN_ROWS:
+            return cpu_linear.upcast_linear
+        return self.linear
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         linear = self._linear_for(hidden.numel() // hidden.size(-1))
