@@ -34,7 +34,8 @@ import torch
 
 from utils.atomic import (OutputDirLock, atomic_write, ensure_writable_dir,
                           remove_stale_temp_files)
-from utils.cli_args import add_sampling_args, add_weight_args, check_sampling_args
+from utils.flags import (MAX_SEED, SamplingSettings, add_sampling_args, add_weight_args,
+                         weight_flags)
 from utils.errors import UserError, run_main
 
 TEST_SAMPLES = "test_samples.tsv"
@@ -94,7 +95,8 @@ def parse_args(argv=None):
                       max_decoding_length_help="Most tokens per sample, the context "
                       "included (default: max_decoding_length of --config_train).")
     sample.add_argument("--seed", type=int, default=None,
-                        help="Sampling seed (default: seed of --config_train).")
+                        help=f"Sampling seed, 0 to {MAX_SEED} (default: seed of "
+                             f"--config_train).")
     return parser.parse_args(argv)
 
 
@@ -102,7 +104,8 @@ def check_args(args) -> None:
     """Reject flag values that cannot work before anything is loaded."""
     if not (args.do_train or args.do_eval or args.do_test):
         raise UserError("nothing to do: pass --do_train, --do_eval and/or --do_test")
-    check_sampling_args(args)
+    # Checked once; the test writer fills in --config_train's defaults.
+    args.sampling = SamplingSettings.from_flags(args)
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise UserError(f"--stop_after_steps must be at least 1 "
                         f"(got {args.stop_after_steps})")
@@ -241,26 +244,21 @@ def open_splits(args, cfg):
 
 
 def load_weights(args, cfg, ctx):
-    """(LoadedModel, training state to resume or None), following the flags."""
+    """(LoadedModel, training state to resume or None), following the flags.
+
+    A --checkpoint is read once: its weights and its training state."""
     from utils import distributed as dist_utils
-    from utils.checkpoint import load_checkpoint, load_model
-    resume = None
-    if args.do_train and args.checkpoint:
-        state = load_checkpoint(args.checkpoint)
-        if "optimizer" in state:
-            resume = {k: v for k, v in state.items() if k != "model"}
-        elif ctx.is_main:
-            print(f"note: {args.checkpoint} holds weights only: training starts at "
-                  f"step 0 from them", file=sys.stderr)
-        del state
+    from utils.weights import load_weights as build_and_fill, resolve_model
     # Rank 0 first: it may download OpenAI's files, which the others then read.
     if not ctx.is_main:
         dist_utils.barrier(ctx)
+    resolved = resolve_model(**weight_flags(args))
+    resume = resolved.training_state if args.do_train else None
+    if args.do_train and args.checkpoint and resume is None and ctx.is_main:
+        print(f"note: {args.checkpoint} holds weights only: training starts at "
+              f"step 0 from them", file=sys.stderr)
     torch.manual_seed(cfg.seed)  # the same initial weights for --from_scratch
-    loaded = load_model(config_model=args.config_model,
-                        pretrain_model_dir=args.pretrain_model_dir,
-                        pretrain_checkpoint=args.pretrain_checkpoint,
-                        checkpoint=args.checkpoint, from_scratch=args.from_scratch)
+    loaded = build_and_fill(resolved)
     if ctx.is_main:
         dist_utils.barrier(ctx)
     return loaded, resume
@@ -271,21 +269,18 @@ def tsv_field(text: str) -> str:
     return _TSV_BREAKS.sub(" ", text)
 
 
-def check_test_lengths(split, args, cfg, n_ctx: int) -> int:
-    """The test step's max_decoding_length, checked against the model and the
-    longest test line (before training, so a bad value does not waste a run)."""
-    max_len = args.max_decoding_length or cfg.max_decoding_length
-    if max_len > n_ctx:
-        raise UserError(f"max_decoding_length {max_len} exceeds the model's {n_ctx} "
-                        f"positions: use --max_decoding_length {n_ctx} or less")
+def check_test_lengths(split, args, cfg, n_ctx: int) -> SamplingSettings:
+    """The test step's sampling settings (--config_train's defaults filled in),
+    checked against the model and the longest test line (before training, so
+    a bad value does not waste a run)."""
+    settings = args.sampling.replace(
+        max_decoding_length=args.max_decoding_length or cfg.max_decoding_length,
+        seed=args.seed if args.seed is not None else cfg.seed,
+        batch_size=cfg.test_batch_size,
+        length_setting=f"--max_decoding_length (or max_decoding_length in {cfg.name})")
     # A context is a line's tokens without the closing <|endoftext|>.
-    longest = int(split.lengths.max()) - 1
-    if longest >= max_len:
-        raise UserError(f"a test line has {longest} tokens with its <|endoftext|>, "
-                        f"leaving no room within max_decoding_length {max_len} (which "
-                        f"counts the context): raise --max_decoding_length (at most "
-                        f"{n_ctx}) or max_decoding_length in {cfg.name}")
-    return max_len
+    settings.check(n_ctx, int(split.lengths.max()) - 1)
+    return settings
 
 
 def write_test_samples(model, split, encoder, args, cfg, device, n_ctx: int,
@@ -295,27 +290,23 @@ def write_test_samples(model, split, encoder, args, cfg, device, n_ctx: int,
     from utils.generation import generate
     from utils.processor import EOS_ID
 
-    max_len = check_test_lengths(split, args, cfg, n_ctx)
+    settings = check_test_lengths(split, args, cfg, n_ctx)
     # The context is the whole line: <|endoftext|> + BPE(line), without the
     # closing <|endoftext|> that prepare_data.py added.
     contexts = [split.example(i)[:-1] for i in range(len(split))]
-    seed = args.seed if args.seed is not None else cfg.seed
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    generator.manual_seed(settings.seed)
     model.eval()
     continuations = [None] * len(contexts)
     for indices in tqdm(split.batches_by_length(cfg.test_batch_size), desc="test",
                         unit="batch", disable=None if progress else True):
-        outputs = generate(model, [contexts[i] for i in indices], max_len,
-                           strategy=args.decoding_strategy,
-                           temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, beam_width=args.beam_width,
-                           length_penalty=args.length_penalty, end_token=EOS_ID,
-                           generator=generator)
+        outputs = generate(model, [contexts[i] for i in indices],
+                           settings.max_decoding_length, **settings.generate_kwargs(),
+                           end_token=EOS_ID, generator=generator)
         for i, ids in zip(indices, outputs):
             continuations[i] = ids
-    lines = [f"{tsv_field(encoder.decode(ctx[1:]))}\t{tsv_field(encoder.decode(ids))}\n"
-             for ctx, ids in zip(contexts, continuations)]
+    lines = [f"{tsv_field(encoder.decode(context[1:]))}\t{tsv_field(encoder.decode(ids))}\n"
+             for context, ids in zip(contexts, continuations)]
     with atomic_write(path, "w", encoding="utf-8", newline="\n") as f:
         f.writelines(lines)
     return len(lines)

@@ -12,10 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from utils.checkpoint import (checkpoint_model_fields, load_checkpoint, load_model,
-                              load_openai_weights, save_checkpoint)
+from utils.openai_weights import load_openai_weights
+from utils.weights import (checkpoint_model_fields, load_checkpoint, load_weights,
+                           resolve_model, save_checkpoint)
 from utils.errors import UserError
 from utils.model import build_model, gpt2_hparams, hparams_from_openai
+
+
+
+def load_model(**flags):
+    return load_weights(resolve_model(**flags))
+
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "tf_gpt2")
 MODELS = ("tiny_a", "tiny_b")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.checkpoint import load_openai_weights
+from utils.openai_weights import load_openai_weights
 from utils.errors import UserError
 from utils.generation import (filter_logits, forward_logits, generate,
                               generation_memory, next_token_logits,

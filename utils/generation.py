@@ -26,7 +26,6 @@ utils/sampling.py), "beam" (texar's beam search with its length penalty
 ((5 + len) / 6) ** alpha, best beam returned).
 """
 import contextlib
-import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -35,20 +34,17 @@ from torch import nn
 
 from utils import cpu_linear
 from utils.errors import UserError
+from utils.flags import check_context_room, check_decoding_values, check_length_fits
 from utils.memory import format_bytes, require_memory
-from utils.sampling import SMALLEST_TEMPERATURE, filter_logits, sample_from_logits
+from utils.sampling import filter_logits, sample_from_logits
 
 __all__ = ["generate", "forward_logits", "next_token_logits", "filter_logits",
            "generation_memory", "require_generation_memory",
            "out_of_memory_as_user_error"]
 
-STRATEGIES = ("greedy", "sample", "beam")
 # texar's beam search marks impossible scores with -1e7, not -inf; kept so
 # that ties and orderings come out the same.
 _BEAM_INF = 1.0e7
-# texar's length penalty is ((5 + length) / 6) ** alpha: beyond this it
-# overflows a float (or underflows to 0) for lengths within GPT-2's 1024.
-LENGTH_PENALTY_LIMIT = 10.0
 
 
 class _Layer:
@@ -169,12 +165,12 @@ def next_token_logits(model: nn.Module, contexts: Sequence[Sequence[int]]) -> to
     One batched, left-padded prefill pass: the same one `generate` starts
     with. Each row equals running its context alone, up to float rounding.
     """
-    contexts = [[int(t) for t in ctx] for ctx in contexts]
+    contexts = [[int(t) for t in context] for context in contexts]
     net = _GPT2(model)
     _check_token_ids(net, contexts)
-    for i, ctx in enumerate(contexts):
-        if len(ctx) > net.n_ctx:
-            raise UserError(f"context {i} has {len(ctx)} tokens, more than the "
+    for i, context in enumerate(contexts):
+        if len(context) > net.n_ctx:
+            raise UserError(f"context {i} has {len(context)} tokens, more than the "
                             f"model's {net.n_ctx} positions (n_ctx): shorten it")
     if not contexts:
         return torch.empty(0, net.n_vocab, device=net.device, dtype=net.dtype)
@@ -194,8 +190,8 @@ class _Batch:
         self.width = max(lengths)  # the prompt part of the cache
         pads = [self.width - n for n in lengths]
         ids = torch.zeros(len(contexts), self.width, dtype=torch.long)
-        for row, ctx in enumerate(contexts):
-            ids[row, pads[row]:] = torch.tensor(ctx, dtype=torch.long)
+        for row, context in enumerate(contexts):
+            ids[row, pads[row]:] = torch.tensor(context, dtype=torch.long)
         r = rows_per_context
         self.ids = ids.to(device).repeat_interleave(r, dim=0)
         self.lengths = torch.tensor(lengths, device=device).repeat_interleave(r)
@@ -232,42 +228,24 @@ class _Batch:
 def _check_arguments(net: _GPT2, contexts: List[List[int]], max_decoding_length: int,
                      strategy: str, temperature: float, top_k: int, top_p: float,
                      beam_width: int, length_penalty: float) -> None:
-    if strategy not in STRATEGIES:
-        raise UserError(f"unknown decoding strategy {strategy!r}: use one of "
-                        f"{', '.join(STRATEGIES)}")
-    if not (math.isfinite(temperature) and temperature >= SMALLEST_TEMPERATURE):
-        raise UserError(f"temperature must be greater than 0, finite and at least "
-                        f"{SMALLEST_TEMPERATURE:.3g}, got {temperature}")
-    if not (math.isfinite(length_penalty)
-            and abs(length_penalty) <= LENGTH_PENALTY_LIMIT):
-        raise UserError(f"length_penalty must be between -{LENGTH_PENALTY_LIMIT:g} "
-                        f"and {LENGTH_PENALTY_LIMIT:g}, got {length_penalty}")
-    if top_k < 0:
-        raise UserError(f"top_k must be 0 (off) or positive, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-    if beam_width < 1:
-        raise UserError(f"beam_width must be at least 1, got {beam_width}")
-    if max_decoding_length > net.n_ctx:
-        raise UserError(f"max_decoding_length {max_decoding_length} exceeds the "
-                        f"model's {net.n_ctx} positions (n_ctx): use "
-                        f"--max_decoding_length {net.n_ctx} or less")
+    """The rules the scripts' flags follow (utils.flags), applied to a caller's
+    arguments, and the contexts' tokens and lengths."""
+    check_decoding_values(strategy, temperature, top_k, top_p, beam_width,
+                          length_penalty)
+    check_length_fits(max_decoding_length, net.n_ctx)
     _check_token_ids(net, contexts)
-    for i, ctx in enumerate(contexts):
-        if len(ctx) >= max_decoding_length:
-            raise UserError(
-                f"context {i} has {len(ctx)} tokens, leaving no room for a new "
-                f"token within max_decoding_length {max_decoding_length} (which "
-                f"counts the context): raise --max_decoding_length (at most "
-                f"{net.n_ctx}) or shorten the prompt")
+    for i, context in enumerate(contexts):
+        check_context_room(f"context {i} has", len(context), max_decoding_length,
+                           f"raise --max_decoding_length (at most {net.n_ctx}) or "
+                           f"shorten the prompt")
 
 
 def _check_token_ids(net: _GPT2, contexts: List[List[int]]) -> None:
-    for i, ctx in enumerate(contexts):
-        if not ctx:
+    for i, context in enumerate(contexts):
+        if not context:
             raise UserError(f"context {i} is empty: give at least one token "
                             f"(e.g. <|endoftext|>) to start from")
-        bad = [t for t in ctx if not 0 <= t < net.n_vocab]
+        bad = [t for t in context if not 0 <= t < net.n_vocab]
         if bad:
             raise UserError(f"context {i} holds token id {bad[0]}, outside the "
                             f"model's vocabulary of {net.n_vocab}: check the "
@@ -311,7 +289,7 @@ def generate(model: nn.Module, contexts: Sequence[Sequence[int]],
     before the first end_token, which is not included.
     Raises UserError (one line) for arguments a user can fix.
     """
-    contexts = [[int(t) for t in ctx] for ctx in contexts]
+    contexts = [[int(t) for t in context] for context in contexts]
     net = _GPT2(model)
     _check_arguments(net, contexts, max_decoding_length, strategy, temperature,
                      top_k, top_p, beam_width, length_penalty)
@@ -528,11 +506,11 @@ def require_generation_memory(sizes: Dict[str, int], *, batch_size: int,
                               dtype: torch.dtype = torch.float32,
                               device: Optional[torch.device] = None,
                               fix: str = "use a smaller --batch_size, --beam_width "
-                                         "or --max_decoding_length") -> None:
+                                         "or --max_decoding_length",
+                              model: Optional[str] = None) -> None:
     """UserError (one line, with the estimate by part) when generation cannot
     fit in `device`'s free memory. Call it before the weights are loaded: the
-    model's `sizes` are enough. gpt2_train_main.py's sample generation can
-    call it too, with its own `fix` wording.
+    model's `sizes` are enough; `model` names it in the message.
     """
     parts = generation_memory(sizes, batch_size=batch_size,
                               max_decoding_length=max_decoding_length,
@@ -540,9 +518,10 @@ def require_generation_memory(sizes: Dict[str, int], *, batch_size: int,
                               beam_width=beam_width, dtype=dtype)
     rows = batch_size * (beam_width if strategy == "beam" else 1)
     detail = ", ".join(f"{name} {format_bytes(size)}" for name, size in parts.items())
+    with_model = f" with {model}" if model else ""
     require_memory(sum(parts.values()),
-                   f"generating {rows} row(s) of up to {max_decoding_length} tokens "
-                   f"in {str(dtype).replace('torch.', '')} ({detail})",
+                   f"generating {rows} row(s) of up to {max_decoding_length} tokens"
+                   f"{with_model} in {str(dtype).replace('torch.', '')} ({detail})",
                    fix, device)
 
 

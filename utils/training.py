@@ -42,8 +42,8 @@ import torch.nn.functional as F
 
 from utils import distributed as dist_utils
 from utils.atomic import atomic_write
-from utils.checkpoint import checkpoint_model_fields, save_checkpoint
-from utils.config_loading import load_config_module, misspelt_settings, settings_of
+from utils.weights import checkpoint_model_fields, save_checkpoint
+from utils.flags import load_config_module, misspelt_settings, settings_of
 from utils.data import PreparedSplit
 from utils.errors import UserError
 from utils.processor import EOS_ID
