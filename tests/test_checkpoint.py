@@ -238,3 +238,38 @@ def test_incomplete_model_config_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not a complete"):
         load_model(config_model=str(config), pretrain_model_dir=model_dir("tiny_a"),
                    download=False)
+
+
+def test_a_training_checkpoint_is_read_once_for_weights_and_training_state(
+        tmp_path, monkeypatch):
+    hparams = gpt2_hparams(50257, 16, 8, 2, 1)
+    model = build_model(hparams)
+    path = str(tmp_path / "model.ckpt")
+    save_checkpoint(path, {"model": model.state_dict(), **checkpoint_model_fields(hparams),
+                           "optimizer": {"state": {}}, "step": 3})
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a) or real_load(*a, **k))
+    resolved = resolve_model(checkpoint=path)
+    assert resolved.training_state["step"] == 3 and "model" not in resolved.training_state
+    loaded = load_weights(resolved)
+    assert len(reads) == 1
+    assert resolved.model_state is None  # the model holds the only copy
+    ids = [50256, 15496, 995]
+    np.testing.assert_array_equal(logits_of(loaded.model, ids), logits_of(model.eval(), ids))
+
+
+def test_weights_only_checkpoint_has_no_training_state(tmp_path):
+    hparams = gpt2_hparams(50257, 16, 8, 2, 1)
+    path = str(tmp_path / "weights.ckpt")
+    save_checkpoint(path, {"model": build_model(hparams).state_dict(),
+                           **checkpoint_model_fields(hparams)})
+    assert resolve_model(checkpoint=path).training_state is None
+
+
+@pytest.mark.parametrize("folder,name", [
+    ("gpt2_pretrained_models/model_124M", "117M"), ("model_gpt2-medium", "345M"),
+    ("models/774M/", "774M"), ("model_2B", None), ("my_model", None)])
+def test_released_model_name_reads_the_folder_name_once(folder, name):
+    from utils.weights import released_model_name
+    assert released_model_name(folder) == name

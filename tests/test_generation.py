@@ -493,3 +493,21 @@ def test_allocation_failures_become_one_line_other_errors_pass():
     with pytest.raises(RuntimeError, match="size mismatch"):
         with out_of_memory_as_user_error("doing it", "do less"):
             raise RuntimeError("size mismatch")
+
+
+@pytest.mark.parametrize("kwargs,argv", [
+    ({"temperature": float("nan")}, ["--temperature", "nan"]),
+    ({"top_k": -2}, ["--top_k", "-2"]),
+    ({"top_p": 1.5}, ["--top_p", "1.5"]),
+    ({"strategy": "beam", "beam_width": 0}, ["--beam_width", "0"]),
+    ({"strategy": "beam", "length_penalty": 11.0}, ["--length_penalty", "11"]),
+])
+def test_generate_and_the_flags_refuse_a_value_with_the_same_rule(model, kwargs, argv):
+    """One rule per value (utils.flags): the library call and the flag agree."""
+    import gpt2_generate_main
+    from utils.flags import SamplingSettings
+    with pytest.raises(UserError) as from_call:
+        generate(model, [[1]], 10, **kwargs)
+    with pytest.raises(UserError) as from_flag:
+        SamplingSettings.from_flags(gpt2_generate_main.parse_args(argv))
+    assert str(from_call.value) == str(from_flag.value)
