@@ -21,6 +21,7 @@ from utils.model import build_model, gpt2_hparams, hparams_from_openai
 
 
 def load_model(**flags):
+    """Resolve, then load: what the scripts do with their weight flags."""
     return load_weights(resolve_model(**flags))
 
 
