@@ -13,15 +13,13 @@ import sys
 
 import torch
 
-from utils.cli_args import (MAX_ROWS, add_sampling_args, add_weight_args,
-                            check_sampling_args)
 from utils.errors import UserError, run_main
+from utils.flags import (GENERATION_MEMORY_FIX, MAX_SEED, SamplingSettings,
+                         add_sampling_args, add_weight_args, check_batching,
+                         check_context_room, weight_flags)
 
 BANNER_WIDTH = 40
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-OUT_OF_MEMORY_FIX = ("use a smaller --batch_size, --beam_width or "
-                     "--max_decoding_length, or --dtype bfloat16")
-PROMPT = "Model input >>> "
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def parse_args(argv=None):
@@ -37,7 +35,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=1,
                         help="Samples generated together; must divide --nsamples.")
     parser.add_argument("--seed", type=int, default=None,
-                        help="Random seed: the same seed gives the same samples.")
+                        help=f"Random seed, 0 to {MAX_SEED}: the same seed gives the "
+                             f"same samples.")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="Precision of the weights while generating. bfloat16 "
                              "and float16 halve the memory and, as decoding is "
@@ -52,105 +51,43 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def check_args(args) -> None:
+def check_args(args) -> SamplingSettings:
     """Reject flag values that cannot work, before a model is loaded."""
-    check_sampling_args(args)
-    if args.nsamples < 1 or args.batch_size < 1:
-        raise UserError("--nsamples and --batch_size must be at least 1")
-    if args.batch_size > MAX_ROWS:
-        raise UserError(f"--batch_size must be at most {MAX_ROWS} "
-                        f"(got {args.batch_size})")
-    if args.nsamples % args.batch_size:
-        raise UserError(f"--nsamples ({args.nsamples}) must be divisible by "
-                        f"--batch_size ({args.batch_size})")
+    check_batching(args.nsamples, args.batch_size)
+    return SamplingSettings.from_flags(args, batch_size=args.batch_size,
+                                       dtype=args.dtype)
 
 
-def check_max_decoding_length(args, n_ctx: int) -> None:
-    """The sample length, context included, must fit the model's positions."""
-    if not 2 <= args.max_decoding_length <= n_ctx:
-        raise UserError(f"--max_decoding_length must be between 2 and the model's "
-                        f"{n_ctx} positions (got {args.max_decoding_length})")
+class SampleWriter:
+    """Generates and prints samples for one session: model, encoder, settings."""
 
-
-def check_fits(args, sizes, device) -> None:
-    """Refuse a length, batch or beam the model or the memory cannot hold.
-
-    Runs once the model's sizes are known, before its weights are read or
-    downloaded. An interactive prompt may fill all but one position.
-    """
-    from utils.generation import require_generation_memory
-    check_max_decoding_length(args, sizes["n_ctx"])
-    prompt_length = args.max_decoding_length - 1 if args.is_interactive else 1
-    require_generation_memory(
-        sizes, batch_size=args.batch_size,
-        max_decoding_length=args.max_decoding_length, prompt_length=prompt_length,
-        strategy=args.decoding_strategy, beam_width=args.beam_width,
-        dtype=DTYPES[args.dtype], device=device, fix=OUT_OF_MEMORY_FIX)
-
-
-class StreamPrinter:
-    """Prints one row's tokens as they are made, whole characters at a time.
-
-    A BPE token can end in the middle of a UTF-8 character, so the text is
-    re-decoded from all ids so far and only the settled part is printed.
-    """
-
-    def __init__(self, encoder, end_token: int, out=None):
-        self.encoder, self.end_token = encoder, end_token
-        self.out = out or sys.stdout
-        self.ids, self.printed, self.finished = [], "", False
-
-    def __call__(self, new_ids: torch.Tensor, done: torch.Tensor) -> None:
-        if self.finished:
-            return
-        token = int(new_ids[0])
-        if token == self.end_token:
-            self.finished = True
-            return
-        self.ids.append(token)
-        text = self.encoder.decode(self.ids)
-        if not text.endswith("\ufffd"):
-            self._emit(text)
-        self.finished = bool(done[0])
-
-    def close(self) -> None:
-        self._emit(self.encoder.decode(self.ids))
-
-    def _emit(self, text: str) -> None:
-        self.out.write(text[len(self.printed):])
-        self.out.flush()
-        self.printed = text
-
-
-class Generator:
-    """Holds the model, the encoder and the sampling settings for the session."""
-
-    def __init__(self, args, model, encoder, device):
+    def __init__(self, model, encoder, settings: SamplingSettings, nsamples: int,
+                 device):
         from utils.processor import EOS_ID
-        self.args, self.model, self.encoder = args, model, encoder
+        self.model, self.encoder, self.settings = model, encoder, settings
+        self.nsamples = nsamples
         self.end_token = EOS_ID
         self.rng = torch.Generator(device=device)
-        self.rng.manual_seed(args.seed if args.seed is not None
+        self.rng.manual_seed(settings.seed if settings.seed is not None
                              else torch.seed())
 
     def samples(self, context, on_tokens=None):
         """Continuation ids for `batch_size` copies of one context."""
         from utils.generation import generate, out_of_memory_as_user_error
-        a = self.args
+        s = self.settings
         with out_of_memory_as_user_error(
-                f"generating {a.batch_size} sample(s) of up to "
-                f"{a.max_decoding_length} tokens", OUT_OF_MEMORY_FIX):
-            return generate(self.model, [context] * a.batch_size,
-                            a.max_decoding_length, strategy=a.decoding_strategy,
-                            temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                            beam_width=a.beam_width, length_penalty=a.length_penalty,
+                f"generating {s.batch_size} sample(s) of up to "
+                f"{s.max_decoding_length} tokens", GENERATION_MEMORY_FIX):
+            return generate(self.model, [context] * s.batch_size,
+                            s.max_decoding_length, **s.generate_kwargs(),
                             end_token=self.end_token, generator=self.rng,
                             on_tokens=on_tokens)
 
     def print_batches(self, context, stream: bool) -> None:
         """Print --nsamples samples for `context`, each under a SAMPLE banner."""
+        from utils.interactive import StreamPrinter
         count = 0
-        for _ in range(self.args.nsamples // self.args.batch_size):
+        for _ in range(self.nsamples // self.settings.batch_size):
             if stream:
                 count += 1
                 print_banner(count)
@@ -172,39 +109,11 @@ def print_banner(number: int) -> None:
     print(f"{bar} SAMPLE {number} {bar}")
 
 
-class NotUTF8(ValueError):
-    """A line of input that is not valid UTF-8 text."""
-
-
-def read_prompt() -> str:
-    """Print the prompt and read one line of stdin, without its line ending.
-
-    Reads bytes and decodes each line alone, so a line that is not UTF-8 is
-    reported (NotUTF8) and the lines after it are still read (input() would
-    lose them: its decoder fails on a whole buffered chunk). Raises EOFError
-    at the end.
-    """
-    sys.stdout.write(PROMPT)
-    sys.stdout.flush()
-    if sys.stdin is None:  # started with stdin closed
-        raise EOFError
-    line = getattr(sys.stdin, "buffer", sys.stdin).readline()
-    if not line:
-        raise EOFError
-    try:
-        if isinstance(line, bytes):
-            line = line.decode("utf-8")
-        else:  # a text stream; undecodable bytes show up as lone surrogates
-            line.encode("utf-8")
-    except UnicodeError:
-        raise NotUTF8() from None
-    return line.rstrip("\r\n")
-
-
-def interactive_loop(generator: Generator, encoder) -> None:
+def interactive_loop(writer: SampleWriter) -> None:
     """Read prompts until EOF or Ctrl-C; continue each one."""
-    stream = (generator.args.batch_size == 1
-              and generator.args.decoding_strategy != "beam")
+    from utils.interactive import NotUTF8, read_prompt
+    settings = writer.settings
+    stream = settings.batch_size == 1 and settings.strategy != "beam"
     while True:
         try:
             raw_text = read_prompt()
@@ -218,15 +127,12 @@ def interactive_loop(generator: Generator, encoder) -> None:
         if not raw_text.strip():
             print("Prompt should not be empty!")
             continue
-        context = encoder.encode(raw_text)
-        limit = generator.args.max_decoding_length
-        if len(context) >= limit:
-            print(f"error: the prompt is {len(context)} tokens, leaving no room "
-                  f"within --max_decoding_length {limit} (which counts the prompt): "
-                  f"shorten it or raise --max_decoding_length", file=sys.stderr)
-            continue
         try:
-            generator.print_batches(context, stream)
+            context = writer.encoder.encode(raw_text)
+            check_context_room("the prompt is", len(context),
+                               settings.max_decoding_length,
+                               "shorten it or raise --max_decoding_length")
+            writer.print_batches(context, stream)
         except UserError as err:  # e.g. a prompt longer than the model allows
             print(f"error: {err}", file=sys.stderr)
         except KeyboardInterrupt:
@@ -235,35 +141,36 @@ def interactive_loop(generator: Generator, encoder) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from utils.checkpoint import load_model
     from utils.generation import out_of_memory_as_user_error
-    from utils.model import default_device, model_size
+    from utils.model import default_device
     from utils.processor import get_encoder
+    from utils.weights import load_weights, resolve_model
 
-    check_args(args)  # before loading, and maybe downloading, a model
+    settings = check_args(args)  # before loading, and maybe downloading, a model
     device = default_device()
     if (args.dtype == "bfloat16" and device.type == "cuda"
             and not torch.cuda.is_bf16_supported()):
         raise UserError("this GPU has no bfloat16 support: use --dtype float16")
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    loaded = load_model(config_model=args.config_model,
-                        pretrain_model_dir=args.pretrain_model_dir,
-                        pretrain_checkpoint=args.pretrain_checkpoint,
-                        checkpoint=args.checkpoint,
-                        check=lambda hparams: check_fits(
-                            args, model_size(hparams), device))
+    resolved = resolve_model(**weight_flags(args))
+    # An interactive prompt may fill all but one position.
+    longest = settings.max_decoding_length - 1 if args.is_interactive else 1
+    # Before the weights are read or downloaded.
+    settings.check(resolved.sizes["n_ctx"], longest, sizes=resolved.sizes,
+                   device=device, model=resolved.describe())
+    loaded = load_weights(resolved)
     encoder = get_encoder(loaded.vocab_dir)
     with out_of_memory_as_user_error(f"moving the model to {device}",
                                      "use --dtype bfloat16 or a smaller model"):
-        model = loaded.model.to(device=device, dtype=DTYPES[args.dtype])
+        model = loaded.model.to(device=device, dtype=getattr(torch, args.dtype))
     print(f"Loaded {loaded.source} on {device} ({args.dtype}).", file=sys.stderr)
 
-    generator = Generator(args, model, encoder, device)
+    writer = SampleWriter(model, encoder, settings, args.nsamples, device)
     if args.is_interactive:
-        interactive_loop(generator, encoder)
+        interactive_loop(writer)
     else:
-        generator.print_batches([generator.end_token], stream=False)
+        writer.print_batches([writer.end_token], stream=False)
     return 0
 
 

@@ -31,7 +31,8 @@ import sys
 
 import torch
 
-from utils.cli_args import add_sampling_args, add_weight_args, check_sampling_args
+from utils.flags import (MAX_SEED, SamplingSettings, add_sampling_args, add_weight_args,
+                         weight_flags)
 from utils.errors import UserError, run_main
 
 
@@ -86,7 +87,8 @@ def parse_args(argv=None):
                       max_decoding_length_help="Most tokens per sample, the context "
                       "included (default: max_decoding_length of --config_train).")
     sample.add_argument("--seed", type=int, default=None,
-                        help="Sampling seed (default: seed of --config_train).")
+                        help=f"Sampling seed, 0 to {MAX_SEED} (default: seed of "
+                             f"--config_train).")
     return parser.parse_args(argv)
 
 
@@ -94,7 +96,8 @@ def check_args(args) -> None:
     """Reject flag values that cannot work before anything is loaded."""
     if not (args.do_train or args.do_eval or args.do_test):
         raise UserError("nothing to do: pass --do_train, --do_eval and/or --do_test")
-    check_sampling_args(args)
+    # Checked once; the test writer fills in --config_train's defaults.
+    args.sampling = SamplingSettings.from_flags(args)
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise UserError(f"--stop_after_steps must be at least 1 "
                         f"(got {args.stop_after_steps})")
@@ -104,26 +107,21 @@ def check_args(args) -> None:
 
 
 def load_weights(args, cfg, ctx):
-    """(LoadedModel, training state to resume or None), following the flags."""
+    """(LoadedModel, training state to resume or None), following the flags.
+
+    A --checkpoint is read once: its weights and its training state."""
     from utils import distributed as dist_utils
-    from utils.checkpoint import load_checkpoint, load_model
-    resume = None
-    if args.do_train and args.checkpoint:
-        state = load_checkpoint(args.checkpoint)
-        if "optimizer" in state:
-            resume = {k: v for k, v in state.items() if k != "model"}
-        elif ctx.is_main:
-            print(f"note: {args.checkpoint} holds weights only: training starts at "
-                  f"step 0 from them", file=sys.stderr)
-        del state
+    from utils.weights import load_weights as build_and_fill, resolve_model
     # Rank 0 first: it may download OpenAI's files, which the others then read.
     if not ctx.is_main:
         dist_utils.barrier(ctx)
+    resolved = resolve_model(**weight_flags(args))
+    resume = resolved.training_state if args.do_train else None
+    if args.do_train and args.checkpoint and resume is None and ctx.is_main:
+        print(f"note: {args.checkpoint} holds weights only: training starts at "
+              f"step 0 from them", file=sys.stderr)
     torch.manual_seed(cfg.seed)  # the same initial weights for --from_scratch
-    loaded = load_model(config_model=args.config_model,
-                        pretrain_model_dir=args.pretrain_model_dir,
-                        pretrain_checkpoint=args.pretrain_checkpoint,
-                        checkpoint=args.checkpoint, from_scratch=args.from_scratch)
+    loaded = build_and_fill(resolved)
     if ctx.is_main:
         dist_utils.barrier(ctx)
     return loaded, resume

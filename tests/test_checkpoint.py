@@ -12,10 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from utils.checkpoint import (checkpoint_model_fields, load_checkpoint, load_model,
-                              load_openai_weights, save_checkpoint)
+from utils.openai_weights import load_openai_weights
+from utils.weights import (checkpoint_model_fields, load_checkpoint, load_weights,
+                           resolve_model, save_checkpoint)
 from utils.errors import UserError
 from utils.model import build_model, gpt2_hparams, hparams_from_openai
+
+
+
+def load_model(**flags):
+    """Resolve, then load: what the scripts do with their weight flags."""
+    return load_weights(resolve_model(**flags))
+
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "tf_gpt2")
 MODELS = ("tiny_a", "tiny_b")
@@ -231,3 +239,38 @@ def test_incomplete_model_config_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not a complete"):
         load_model(config_model=str(config), pretrain_model_dir=model_dir("tiny_a"),
                    download=False)
+
+
+def test_a_training_checkpoint_is_read_once_for_weights_and_training_state(
+        tmp_path, monkeypatch):
+    hparams = gpt2_hparams(50257, 16, 8, 2, 1)
+    model = build_model(hparams)
+    path = str(tmp_path / "model.ckpt")
+    save_checkpoint(path, {"model": model.state_dict(), **checkpoint_model_fields(hparams),
+                           "optimizer": {"state": {}}, "step": 3})
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a) or real_load(*a, **k))
+    resolved = resolve_model(checkpoint=path)
+    assert resolved.training_state["step"] == 3 and "model" not in resolved.training_state
+    loaded = load_weights(resolved)
+    assert len(reads) == 1
+    assert resolved.model_state is None  # the model holds the only copy
+    ids = [50256, 15496, 995]
+    np.testing.assert_array_equal(logits_of(loaded.model, ids), logits_of(model.eval(), ids))
+
+
+def test_weights_only_checkpoint_has_no_training_state(tmp_path):
+    hparams = gpt2_hparams(50257, 16, 8, 2, 1)
+    path = str(tmp_path / "weights.ckpt")
+    save_checkpoint(path, {"model": build_model(hparams).state_dict(),
+                           **checkpoint_model_fields(hparams)})
+    assert resolve_model(checkpoint=path).training_state is None
+
+
+@pytest.mark.parametrize("folder,name", [
+    ("gpt2_pretrained_models/model_124M", "117M"), ("model_gpt2-medium", "345M"),
+    ("models/774M/", "774M"), ("model_2B", None), ("my_model", None)])
+def test_checkpoint_loading_reads_a_released_name_from_the_folder(folder, name):
+    from utils.model_files import model_name_of_dir
+    assert model_name_of_dir(folder, prefix_optional=True) == name

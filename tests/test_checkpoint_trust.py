@@ -20,7 +20,7 @@ import torch
 import gpt2_generate_main
 import gpt2_train_main
 import prepare_data
-from utils.checkpoint import checkpoint_model_fields, load_model, save_checkpoint
+from utils.weights import checkpoint_model_fields, load_weights, resolve_model, save_checkpoint
 from utils.errors import UserError, run_main
 from utils.model import (build_model, build_peak_bytes, count_parameters,
                          gpt2_hparams, hparams_from_sizes, parameter_count)
@@ -200,7 +200,7 @@ def test_old_format_checkpoint_loads_its_sizes_and_dropout(tmp_path):
     hparams = gpt2_hparams(**TINY, dropout=0.1)
     model = build_model(hparams).eval()
     ckpt = old_format_checkpoint(tmp_path / "old.ckpt", hparams, model)
-    loaded = load_model(checkpoint=ckpt)
+    loaded = load_weights(resolve_model(checkpoint=ckpt))
     assert loaded.hparams == hparams  # rebuilt by our code, equal to what was saved
     assert loaded.hparams == hparams_from_sizes(TINY, {
         "embedding_dropout": 0.1, "residual_dropout": 0.1, "attention_dropout": 0.1})
@@ -426,13 +426,13 @@ def test_generate_refuses_nan_weights_in_one_line(tmp_path):
     assert snapshot(tmp_path) == before
 
 
-def test_inf_weights_are_refused_by_load_model(tmp_path):
+def test_inf_weights_are_refused_by_load_weights(tmp_path):
     model = build_model(gpt2_hparams(**TINY))
     with torch.no_grad():
         model.word_embedder._embedding[7, 0] = float("inf")
     ckpt = new_format_checkpoint(tmp_path / "inf.ckpt", model=model)
     with pytest.raises(UserError, match=r"first in word_embedder\._embedding"):
-        load_model(checkpoint=ckpt)
+        load_weights(resolve_model(checkpoint=ckpt))
 
 
 # ------------------------------------------------------------------ item 5: token ids

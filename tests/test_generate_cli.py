@@ -16,7 +16,7 @@ import torch
 
 import gpt2_generate_main
 from utils import errors
-from utils.checkpoint import checkpoint_model_fields, save_checkpoint
+from utils.weights import checkpoint_model_fields, save_checkpoint
 from utils.errors import UserError
 from utils.model import build_model, gpt2_hparams
 from utils.processor import get_encoder
@@ -120,11 +120,11 @@ def test_greedy_strategy_equals_top_k_1(monkeypatch, capsys):
 def test_half_precision_follows_the_reference(dtype):
     """--dtype runs the same engine on 16-bit weights: the next-token logits stay
     close to the reference's, and the greedy continuation starts the same."""
-    from utils.checkpoint import load_model
+    from utils.weights import load_weights, resolve_model
     from utils.generation import next_token_logits
     for name in ("tiny_a", "tiny_b"):
         model_dir, ref = fixture(name)
-        model = load_model(pretrain_model_dir=model_dir).model.eval()
+        model = load_weights(resolve_model(pretrain_model_dir=model_dir)).model.eval()
         full = next_token_logits(model, [ref["greedy"][0]["prompt_ids"]])
         half = next_token_logits(model.to(getattr(torch, dtype)),
                                  [ref["greedy"][0]["prompt_ids"]]).float()
@@ -192,22 +192,31 @@ def test_bad_flags_are_user_errors(args, message, monkeypatch, capsys):
 
 
 def test_top_p_alone_replaces_the_default_top_k():
-    from utils.cli_args import check_sampling_args
-    args = gpt2_generate_main.parse_args(["--top_p", "0.9"])
-    check_sampling_args(args)
-    assert args.top_k == 0
-    args = gpt2_generate_main.parse_args(["--top_p", "0.9", "--top_k", "5"])
-    check_sampling_args(args)
-    assert args.top_k == 5
-    args = gpt2_generate_main.parse_args([])
-    check_sampling_args(args)
-    assert args.top_k == 40
+    from utils.flags import SamplingSettings
+
+    def top_k(argv):
+        return SamplingSettings.from_flags(gpt2_generate_main.parse_args(argv)).top_k
+    assert top_k(["--top_p", "0.9"]) == 0
+    assert top_k(["--top_p", "0.9", "--top_k", "5"]) == 5
+    assert top_k([]) == 40
 
 
-def test_seed_out_of_range_is_a_user_error():
-    from utils.cli_args import check_sampling_args
-    with pytest.raises(UserError, match="--seed"):
-        check_sampling_args(gpt2_generate_main.parse_args(["--seed", str(2 ** 70)]))
+@pytest.mark.parametrize("seed", [str(2 ** 70), str(2 ** 32), "-1"])
+def test_seed_out_of_range_is_a_user_error(seed):
+    from utils.flags import SamplingSettings
+    with pytest.raises(UserError, match=r"--seed must be between 0 and 4294967295"):
+        SamplingSettings.from_flags(gpt2_generate_main.parse_args(["--seed", seed]))
+
+
+def test_largest_seed_is_accepted_by_both_scripts():
+    """One seed range for sampling and training: numpy's, 0 to 2**32 - 1."""
+    import gpt2_train_main
+    from utils.flags import MAX_SEED, SamplingSettings
+    args = gpt2_generate_main.parse_args(["--seed", str(MAX_SEED)])
+    assert SamplingSettings.from_flags(args).seed == 2 ** 32 - 1
+    args = gpt2_train_main.parse_args(["--do_test", "--seed", str(MAX_SEED)])
+    gpt2_train_main.check_args(args)
+    assert args.sampling.seed == MAX_SEED
 
 
 @pytest.fixture
@@ -333,9 +342,9 @@ def test_batch_or_beam_too_big_for_memory_is_refused_before_the_weights_download
 def test_memory_check_compares_with_the_free_memory_before_reading_weights(monkeypatch):
     """Even the default flags are refused when the machine has 1 MiB free; the
     checkpoint's weights are never read."""
-    import utils.checkpoint
+    import utils.openai_weights
     read = []
-    monkeypatch.setattr(utils.checkpoint, "load_openai_weights",
+    monkeypatch.setattr(utils.openai_weights, "load_openai_weights",
                         lambda *a: read.append(a))
     monkeypatch.setattr("utils.memory.available_bytes", lambda device=None: 2 ** 20)
     model_dir, _ = fixture("tiny_a")

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import gpt2_generate_main
 from utils import errors
-from utils.checkpoint import checkpoint_model_fields, save_checkpoint
+from utils.weights import checkpoint_model_fields, save_checkpoint
 from utils.model import build_model, gpt2_hparams
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.checkpoint import load_openai_weights
+from utils.openai_weights import load_openai_weights
 from utils.errors import UserError
 from utils.generation import (filter_logits, forward_logits, generate,
                               generation_memory, next_token_logits,
@@ -108,7 +108,7 @@ def test_batched_greedy_equals_each_context_alone(model):
 def test_16_bit_weights_widen_long_products_to_float32(model, dtype, monkeypatch):
     """On CPU, products of many rows run in float32 on widened 16-bit weights:
     the logits agree with the 16-bit products and with the float32 model."""
-    from utils import generation
+    from utils import cpu_linear
     half = build_model(gpt2_hparams(n_vocab=50257, n_ctx=N_CTX, n_embd=32, n_head=4,
                                     n_layer=2)).eval()
     half.load_state_dict(model.state_dict())
@@ -116,7 +116,7 @@ def test_16_bit_weights_widen_long_products_to_float32(model, dtype, monkeypatch
     contexts = [CONTEXTS[0] * 4, CONTEXTS[2] * 2]  # 20 and 16 rows: widened
     full = next_token_logits(model, contexts)
     widened = next_token_logits(half, contexts)
-    monkeypatch.setattr(generation, "_UPCAST_MIN_ROWS", 10 ** 9)
+    monkeypatch.setattr(cpu_linear, "UPCAST_MIN_ROWS", 10 ** 9)
     narrow = next_token_logits(half, contexts)
     assert widened.dtype == narrow.dtype == dtype
     scale = full.abs().max()
@@ -493,3 +493,21 @@ def test_allocation_failures_become_one_line_other_errors_pass():
     with pytest.raises(RuntimeError, match="size mismatch"):
         with out_of_memory_as_user_error("doing it", "do less"):
             raise RuntimeError("size mismatch")
+
+
+@pytest.mark.parametrize("kwargs,argv", [
+    ({"temperature": float("nan")}, ["--temperature", "nan"]),
+    ({"top_k": -2}, ["--top_k", "-2"]),
+    ({"top_p": 1.5}, ["--top_p", "1.5"]),
+    ({"strategy": "beam", "beam_width": 0}, ["--beam_width", "0"]),
+    ({"strategy": "beam", "length_penalty": 11.0}, ["--length_penalty", "11"]),
+])
+def test_generate_and_the_flags_refuse_a_value_with_the_same_rule(model, kwargs, argv):
+    """One rule per value (utils.flags): the library call and the flag agree."""
+    import gpt2_generate_main
+    from utils.flags import SamplingSettings
+    with pytest.raises(UserError) as from_call:
+        generate(model, [[1]], 10, **kwargs)
+    with pytest.raises(UserError) as from_flag:
+        SamplingSettings.from_flags(gpt2_generate_main.parse_args(argv))
+    assert str(from_call.value) == str(from_flag.value)

@@ -154,8 +154,8 @@ def test_pipeline_end_to_end_on_the_command_line(tmp_path, data_dir):
     assert lines[-1] == "" and len(lines) - 1 == len(TEST_EXAMPLES)
 
     # The generator loads the fine-tuned checkpoint (the lead's loader contract).
-    from utils.checkpoint import load_model
-    loaded = load_model(checkpoint=str(out / "model.ckpt"))
+    from utils.weights import load_weights, resolve_model
+    loaded = load_weights(resolve_model(checkpoint=str(out / "model.ckpt")))
     for name, value in loaded.model.state_dict().items():
         assert torch.equal(value, state["model"][name])
 

@@ -26,79 +26,31 @@ utils/sampling.py), "beam" (texar's beam search with its length penalty
 ((5 + len) / 6) ** alpha, best beam returned).
 """
 import contextlib
-import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils import cpu_linear
 from utils.errors import UserError
+from utils.flags import check_context_room, check_decoding_values, check_length_fits
 from utils.memory import format_bytes, require_memory
-from utils.sampling import SMALLEST_TEMPERATURE, filter_logits, sample_from_logits
+from utils.sampling import filter_logits, sample_from_logits
 
 __all__ = ["generate", "forward_logits", "next_token_logits", "filter_logits",
            "generation_memory", "require_generation_memory",
            "out_of_memory_as_user_error"]
 
-STRATEGIES = ("greedy", "sample", "beam")
 # texar's beam search marks impossible scores with -1e7, not -inf; kept so
 # that ties and orderings come out the same.
 _BEAM_INF = 1.0e7
-# texar's length penalty is ((5 + length) / 6) ** alpha: beyond this it
-# overflows a float (or underflows to 0) for lengths within GPT-2's 1024.
-LENGTH_PENALTY_LIMIT = 10.0
-
-
-def _onednn_linear(x, weight, bias=None):
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-def _onednn_linear_gelu(x, weight, bias):
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
-
-
-def _linear_gelu(x, weight, bias):
-    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
-
-
-_LINEAR_CHOICE = {}
-
-
-def _uses_onednn(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether to run the linear layers through oneDNN on this device/dtype.
-
-    On x86 CPUs PyTorch's nn.Linear goes to MKL, whose matrix-vector product
-    for torch's [out, in] weight layout streams weights well below memory
-    bandwidth (measured ~12 GB/s of ~30 on the dev machine); oneDNN's linear
-    (the op torch.compile uses on CPU) reads the same tensors 15-40% faster.
-    It is a private op, so it is used only after a check that it exists and
-    agrees with F.linear; anything else falls back to F.linear.
-    """
-    key = (device.type, dtype)
-    if key not in _LINEAR_CHOICE:
-        ok = False
-        if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-            try:
-                g = torch.Generator().manual_seed(0)
-                x = torch.randn(3, 2, 16, generator=g).to(dtype)
-                w = torch.randn(8, 16, generator=g).to(dtype)
-                b = torch.randn(8, generator=g).to(dtype)
-                tol = 1e-4 if dtype == torch.float32 else 5e-2
-                ok = (torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b),
-                                     atol=tol, rtol=tol)
-                      and torch.allclose(_onednn_linear_gelu(x, w, b),
-                                         _linear_gelu(x, w, b), atol=tol, rtol=tol))
-            except (AttributeError, RuntimeError, NotImplementedError):
-                ok = False
-        _LINEAR_CHOICE[key] = ok
-    return _LINEAR_CHOICE[key]
 
 
 class _Layer:
     """One transformer block's parameters (references to the model's tensors)."""
 
-    def __init__(self, decoder: nn.Module, i: int, onednn: bool):
+    def __init__(self, decoder: nn.Module, i: int, linear, linear_gelu):
         attn = decoder.self_attns[i]
         ln1, ln2 = decoder.self_attn_layer_norm[i], decoder.poswise_layer_norm[i]
         fc1, act, fc2 = decoder.poswise_networks[i]._layers
@@ -113,25 +65,11 @@ class _Layer:
         # GPT-2's tanh GELU is fused into the first feed-forward layer; any
         # other activation is called as the model's own module.
         if type(act).__name__ == "GPTGELU":
-            self.fc1_act = _onednn_linear_gelu if onednn else _linear_gelu
+            self.fc1_act = linear_gelu
             self.act = lambda y: F.gelu(y, approximate="tanh")
         else:
-            linear = _onednn_linear if onednn else F.linear
             self.fc1_act = lambda x, w, b: act(linear(x, w, b))
             self.act = act
-
-
-# CPU matrix products in bfloat16/float16 (without native 16-bit arithmetic, as
-# on AVX2) cost about as much per row as a matrix-vector product: fine for one
-# decoding row, ~6x slower than float32 for a long prompt. From this many rows
-# on, the weights are widened to float32 for the product (a transient copy of
-# one matrix at a time, not a second model).
-_UPCAST_MIN_ROWS = 8
-
-
-def _upcast_linear(x, weight, bias=None):
-    bias = None if bias is None else bias.float()
-    return F.linear(x.float(), weight.float(), bias).to(x.dtype)
 
 
 class _GPT2:
@@ -147,11 +85,10 @@ class _GPT2:
                          dec.final_layer_norm.weight, dec.final_layer_norm.bias,
                          dec.final_layer_norm.eps)
         self.device, self.dtype = self.wte.device, self.wte.dtype
-        onednn = _uses_onednn(self.device, self.dtype)
-        self.linear = _onednn_linear if onednn else F.linear
-        self.upcast = (self.device.type == "cpu"
-                       and self.dtype in (torch.bfloat16, torch.float16))
-        self.layers = [_Layer(dec, i, onednn) for i in range(len(dec.self_attns))]
+        self.linear, linear_gelu = cpu_linear.linear_functions(self.device, self.dtype)
+        self.upcast = cpu_linear.upcasts(self.device, self.dtype)
+        self.layers = [_Layer(dec, i, self.linear, linear_gelu)
+                       for i in range(len(dec.self_attns))]
         self.n_head = int(dec.self_attns[0]._hparams.num_heads)
         self.n_vocab, self.n_embd = self.wte.shape
         self.n_ctx = self.wpe.shape[0]
@@ -174,7 +111,7 @@ class _GPT2:
         B, T = ids.shape
         H, hd = self.n_head, self.head_dim
         linear = self._linear_for(B * T)
-        upcast = linear is _upcast_linear
+        upcast = linear is cpu_linear.upcast_linear
         x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
         end = start + T
         for i, layer in enumerate(self.layers):
@@ -200,7 +137,9 @@ class _GPT2:
 
     def _linear_for(self, rows: int):
         """The linear function for a product over `rows` rows."""
-        return _upcast_linear if self.upcast and rows >= _UPCAST_MIN_ROWS else self.linear
+        if self.upcast and rows >= cpu_linear.UPCAST_MIN_ROWS:
+            return cpu_linear.upcast_linear
+        return self.linear
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         linear = self._linear_for(hidden.numel() // hidden.size(-1))
@@ -226,12 +165,12 @@ def next_token_logits(model: nn.Module, contexts: Sequence[Sequence[int]]) -> to
     One batched, left-padded prefill pass: the same one `generate` starts
     with. Each row equals running its context alone, up to float rounding.
     """
-    contexts = [[int(t) for t in ctx] for ctx in contexts]
+    contexts = [[int(t) for t in context] for context in contexts]
     net = _GPT2(model)
     _check_token_ids(net, contexts)
-    for i, ctx in enumerate(contexts):
-        if len(ctx) > net.n_ctx:
-            raise UserError(f"context {i} has {len(ctx)} tokens, more than the "
+    for i, context in enumerate(contexts):
+        if len(context) > net.n_ctx:
+            raise UserError(f"context {i} has {len(context)} tokens, more than the "
                             f"model's {net.n_ctx} positions (n_ctx): shorten it")
     if not contexts:
         return torch.empty(0, net.n_vocab, device=net.device, dtype=net.dtype)
@@ -251,8 +190,8 @@ class _Batch:
         self.width = max(lengths)  # the prompt part of the cache
         pads = [self.width - n for n in lengths]
         ids = torch.zeros(len(contexts), self.width, dtype=torch.long)
-        for row, ctx in enumerate(contexts):
-            ids[row, pads[row]:] = torch.tensor(ctx, dtype=torch.long)
+        for row, context in enumerate(contexts):
+            ids[row, pads[row]:] = torch.tensor(context, dtype=torch.long)
         r = rows_per_context
         self.ids = ids.to(device).repeat_interleave(r, dim=0)
         self.lengths = torch.tensor(lengths, device=device).repeat_interleave(r)
@@ -289,42 +228,24 @@ class _Batch:
 def _check_arguments(net: _GPT2, contexts: List[List[int]], max_decoding_length: int,
                      strategy: str, temperature: float, top_k: int, top_p: float,
                      beam_width: int, length_penalty: float) -> None:
-    if strategy not in STRATEGIES:
-        raise UserError(f"unknown decoding strategy {strategy!r}: use one of "
-                        f"{', '.join(STRATEGIES)}")
-    if not (math.isfinite(temperature) and temperature >= SMALLEST_TEMPERATURE):
-        raise UserError(f"temperature must be greater than 0, finite and at least "
-                        f"{SMALLEST_TEMPERATURE:.3g}, got {temperature}")
-    if not (math.isfinite(length_penalty)
-            and abs(length_penalty) <= LENGTH_PENALTY_LIMIT):
-        raise UserError(f"length_penalty must be between -{LENGTH_PENALTY_LIMIT:g} "
-                        f"and {LENGTH_PENALTY_LIMIT:g}, got {length_penalty}")
-    if top_k < 0:
-        raise UserError(f"top_k must be 0 (off) or positive, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-    if beam_width < 1:
-        raise UserError(f"beam_width must be at least 1, got {beam_width}")
-    if max_decoding_length > net.n_ctx:
-        raise UserError(f"max_decoding_length {max_decoding_length} exceeds the "
-                        f"model's {net.n_ctx} positions (n_ctx): use "
-                        f"--max_decoding_length {net.n_ctx} or less")
+    """The rules the scripts' flags follow (utils.flags), applied to a caller's
+    arguments, and the contexts' tokens and lengths."""
+    check_decoding_values(strategy, temperature, top_k, top_p, beam_width,
+                          length_penalty)
+    check_length_fits(max_decoding_length, net.n_ctx)
     _check_token_ids(net, contexts)
-    for i, ctx in enumerate(contexts):
-        if len(ctx) >= max_decoding_length:
-            raise UserError(
-                f"context {i} has {len(ctx)} tokens, leaving no room for a new "
-                f"token within max_decoding_length {max_decoding_length} (which "
-                f"counts the context): raise --max_decoding_length (at most "
-                f"{net.n_ctx}) or shorten the prompt")
+    for i, context in enumerate(contexts):
+        check_context_room(f"context {i} has", len(context), max_decoding_length,
+                           f"raise --max_decoding_length (at most {net.n_ctx}) or "
+                           f"shorten the prompt")
 
 
 def _check_token_ids(net: _GPT2, contexts: List[List[int]]) -> None:
-    for i, ctx in enumerate(contexts):
-        if not ctx:
+    for i, context in enumerate(contexts):
+        if not context:
             raise UserError(f"context {i} is empty: give at least one token "
                             f"(e.g. <|endoftext|>) to start from")
-        bad = [t for t in ctx if not 0 <= t < net.n_vocab]
+        bad = [t for t in context if not 0 <= t < net.n_vocab]
         if bad:
             raise UserError(f"context {i} holds token id {bad[0]}, outside the "
                             f"model's vocabulary of {net.n_vocab}: check the "
@@ -368,7 +289,7 @@ def generate(model: nn.Module, contexts: Sequence[Sequence[int]],
     before the first end_token, which is not included.
     Raises UserError (one line) for arguments a user can fix.
     """
-    contexts = [[int(t) for t in ctx] for ctx in contexts]
+    contexts = [[int(t) for t in context] for context in contexts]
     net = _GPT2(model)
     _check_arguments(net, contexts, max_decoding_length, strategy, temperature,
                      top_k, top_p, beam_width, length_penalty)
@@ -585,11 +506,11 @@ def require_generation_memory(sizes: Dict[str, int], *, batch_size: int,
                               dtype: torch.dtype = torch.float32,
                               device: Optional[torch.device] = None,
                               fix: str = "use a smaller --batch_size, --beam_width "
-                                         "or --max_decoding_length") -> None:
+                                         "or --max_decoding_length",
+                              model: Optional[str] = None) -> None:
     """UserError (one line, with the estimate by part) when generation cannot
     fit in `device`'s free memory. Call it before the weights are loaded: the
-    model's `sizes` are enough. gpt2_train_main.py's sample generation can
-    call it too, with its own `fix` wording.
+    model's `sizes` are enough; `model` names it in the message.
     """
     parts = generation_memory(sizes, batch_size=batch_size,
                               max_decoding_length=max_decoding_length,
@@ -597,9 +518,10 @@ def require_generation_memory(sizes: Dict[str, int], *, batch_size: int,
                               beam_width=beam_width, dtype=dtype)
     rows = batch_size * (beam_width if strategy == "beam" else 1)
     detail = ", ".join(f"{name} {format_bytes(size)}" for name, size in parts.items())
+    with_model = f" with {model}" if model else ""
     require_memory(sum(parts.values()),
-                   f"generating {rows} row(s) of up to {max_decoding_length} tokens "
-                   f"in {str(dtype).replace('torch.', '')} ({detail})",
+                   f"generating {rows} row(s) of up to {max_decoding_length} tokens"
+                   f"{with_model} in {str(dtype).replace('torch.', '')} ({detail})",
                    fix, device)
 
 

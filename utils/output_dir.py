@@ -15,7 +15,8 @@ import os
 from utils.atomic import OutputDirLock, ensure_writable_dir, remove_stale_temp_files
 from utils.errors import UserError
 from utils.test_samples import TEST_SAMPLES
-from utils.training import LAST_CHECKPOINT, TRAINING_OUTPUTS
+from utils.training import TRAINING_OUTPUTS
+from utils.weights import LAST_CHECKPOINT
 
 
 def check_output_dir(args) -> None:

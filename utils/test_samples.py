@@ -9,7 +9,7 @@ import re
 import torch
 
 from utils.atomic import atomic_write
-from utils.errors import UserError
+from utils.flags import SamplingSettings
 
 TEST_SAMPLES = "test_samples.tsv"
 # Characters that end a line for some reader (str.splitlines counts all of
@@ -22,21 +22,18 @@ def tsv_field(text: str) -> str:
     return _TSV_BREAKS.sub(" ", text)
 
 
-def check_test_lengths(split, args, cfg, n_ctx: int) -> int:
-    """The test step's max_decoding_length, checked against the model and the
-    longest test line (before training, so a bad value does not waste a run)."""
-    max_len = args.max_decoding_length or cfg.max_decoding_length
-    if max_len > n_ctx:
-        raise UserError(f"max_decoding_length {max_len} exceeds the model's {n_ctx} "
-                        f"positions: use --max_decoding_length {n_ctx} or less")
+def check_test_lengths(split, args, cfg, n_ctx: int) -> SamplingSettings:
+    """The test step's sampling settings (--config_train's defaults filled in),
+    checked against the model and the longest test line (before training, so
+    a bad value does not waste a run)."""
+    settings = args.sampling.replace(
+        max_decoding_length=args.max_decoding_length or cfg.max_decoding_length,
+        seed=args.seed if args.seed is not None else cfg.seed,
+        batch_size=cfg.test_batch_size,
+        length_setting=f"--max_decoding_length (or max_decoding_length in {cfg.name})")
     # A context is a line's tokens without the closing <|endoftext|>.
-    longest = int(split.lengths.max()) - 1
-    if longest >= max_len:
-        raise UserError(f"a test line has {longest} tokens with its <|endoftext|>, "
-                        f"leaving no room within max_decoding_length {max_len} (which "
-                        f"counts the context): raise --max_decoding_length (at most "
-                        f"{n_ctx}) or max_decoding_length in {cfg.name}")
-    return max_len
+    settings.check(n_ctx, int(split.lengths.max()) - 1)
+    return settings
 
 
 def write_test_samples(model, split, encoder, args, cfg, device, n_ctx: int,
@@ -46,27 +43,23 @@ def write_test_samples(model, split, encoder, args, cfg, device, n_ctx: int,
     from utils.generation import generate
     from utils.processor import EOS_ID
 
-    max_len = check_test_lengths(split, args, cfg, n_ctx)
+    settings = check_test_lengths(split, args, cfg, n_ctx)
     # The context is the whole line: <|endoftext|> + BPE(line), without the
     # closing <|endoftext|> that prepare_data.py added.
     contexts = [split.example(i)[:-1] for i in range(len(split))]
-    seed = args.seed if args.seed is not None else cfg.seed
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    generator.manual_seed(settings.seed)
     model.eval()
     continuations = [None] * len(contexts)
     for indices in tqdm(split.batches_by_length(cfg.test_batch_size), desc="test",
                         unit="batch", disable=None if progress else True):
-        outputs = generate(model, [contexts[i] for i in indices], max_len,
-                           strategy=args.decoding_strategy,
-                           temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, beam_width=args.beam_width,
-                           length_penalty=args.length_penalty, end_token=EOS_ID,
-                           generator=generator)
+        outputs = generate(model, [contexts[i] for i in indices],
+                           settings.max_decoding_length, **settings.generate_kwargs(),
+                           end_token=EOS_ID, generator=generator)
         for i, ids in zip(indices, outputs):
             continuations[i] = ids
-    lines = [f"{tsv_field(encoder.decode(ctx[1:]))}\t{tsv_field(encoder.decode(ids))}\n"
-             for ctx, ids in zip(contexts, continuations)]
+    lines = [f"{tsv_field(encoder.decode(context[1:]))}\t{tsv_field(encoder.decode(ids))}\n"
+             for context, ids in zip(contexts, continuations)]
     with atomic_write(path, "w", encoding="utf-8", newline="\n") as f:
         f.writelines(lines)
     return len(lines)

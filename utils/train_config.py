@@ -12,14 +12,13 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from utils.config_loading import load_config_module, misspelt_settings, settings_of
+from utils.flags import MAX_SEED, load_config_module, misspelt_settings, settings_of
 from utils.errors import UserError
 from utils.model import import_texar
 from utils.optimizer import opt_hparams
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_DECAYS = ("constant", "linear", "cosine")
-MAX_SEED = 2 ** 32 - 1  # numpy.random.seed takes no larger
 
 
 @dataclass

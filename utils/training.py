@@ -35,7 +35,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from utils import distributed as dist_utils
-from utils.checkpoint import checkpoint_model_fields, save_checkpoint
 from utils.data import PAD_INDEX, PreparedSplit, ShardSampler
 from utils.divergence import (DivergenceWatch, TrainingDiverged, likely_cause,
                               weights_finite, what_was_kept)
@@ -46,10 +45,9 @@ from utils.optimizer import build_optimizer
 from utils.processor import EOS_ID
 from utils.rng_state import gather_rng_states, restore_rng_states, seed_new_run
 from utils.train_config import TrainConfig, check_precision
+from utils.weights import (BEST_CHECKPOINT, CHECKPOINT_FORMAT, LAST_CHECKPOINT,
+                           checkpoint_model_fields, save_checkpoint)
 
-CHECKPOINT_FORMAT = "gpt2-texar-train-1"
-LAST_CHECKPOINT = "model.ckpt"
-BEST_CHECKPOINT = "model_best.ckpt"
 METRICS_LOG = "metrics.jsonl"
 # Every file a training run writes into its output directory.
 TRAINING_OUTPUTS = (LAST_CHECKPOINT, BEST_CHECKPOINT, METRICS_LOG)
