@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from utils.device import add_device_arg, resolve_device
 from utils.errors import UserError, run_main
 from utils.flags import (GENERATION_MEMORY_FIX, MAX_SEED, SamplingSettings,
                          add_sampling_args, add_weight_args, check_batching,
@@ -42,6 +43,7 @@ def parse_args(argv=None):
                              "and float16 halve the memory and, as decoding is "
                              "bound by reading the weights, run faster; samples "
                              "differ slightly from float32's.")
+    add_device_arg(parser)
     add_weight_args(
         parser,
         config_model_help="Model config module or .py path (default: the "
@@ -142,12 +144,11 @@ def interactive_loop(writer: SampleWriter) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from utils.generation import out_of_memory_as_user_error
-    from utils.model import default_device
     from utils.processor import get_encoder
     from utils.weights import load_weights, resolve_model
 
     settings = check_args(args)  # before loading, and maybe downloading, a model
-    device = default_device()
+    device = resolve_device(args.device)
     if (args.dtype == "bfloat16" and device.type == "cuda"
             and not torch.cuda.is_bf16_supported()):
         raise UserError("this GPU has no bfloat16 support: use --dtype float16")
