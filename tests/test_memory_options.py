@@ -255,3 +255,44 @@ def test_device_cpu_trains_and_distributed_refuses_one_gpu_index(tmp_path, data_
     with pytest.raises(UserError, match="--device cuda:0 with --distributed: each rank"):
         gpt2_train_main.check_args(gpt2_train_main.parse_args(
             ["--do_train", "--distributed", "--device", "cuda:0"]))
+
+
+def test_tensorboard_scalars_mirror_metrics_jsonl(tmp_path, data_dir, monkeypatch):
+    """Our side of the TensorBoard log, with a stand-in SummaryWriter (the
+    package is optional): every number of metrics.jsonl as '<split>/<name>'
+    at its step, and a resumed run purges the events after its checkpoint."""
+    import utils.metrics_log as metrics_log
+    writers = []
+
+    class FakeWriter:
+        def __init__(self, log_dir, resume_step):
+            self.log_dir, self.resume_step, self.scalars = log_dir, resume_step, []
+            self.closed = False
+            writers.append(self)
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(metrics_log, "check_tensorboard_installed", lambda setting: None)
+    monkeypatch.setattr(metrics_log, "_summary_writer", FakeWriter)
+    import utils.train_config
+    monkeypatch.setattr(utils.train_config, "check_tensorboard_installed", lambda s: None)
+    cfg = train_config(tmp_path, data_dir, tensorboard_dir=str(tmp_path / "tb"))
+    out = tmp_path / "out"
+    common = ["--from_scratch", "--config_model", model_config(tmp_path), "--config_train", cfg]
+    train("--do_train", *common, "--output_dir", out, "--stop_after_steps", 4)
+    train("--do_train", "--checkpoint", out / "model.ckpt", "--config_train", cfg,
+          "--output_dir", out)
+    first, resumed = writers
+    assert (first.resume_step, resumed.resume_step) == (None, 4)
+    assert first.closed and resumed.closed and first.log_dir == str(tmp_path / "tb")
+    expected = [(f"{r['split']}/{k}", v, r["step"]) for r in read_metrics(out)
+                for k, v in r.items() if k not in ("split", "step")]
+    logged = [s for s in first.scalars + resumed.scalars if not s[0].endswith("tokens_per_s")]
+    assert logged == expected
