@@ -3,6 +3,9 @@
 Interactive:      python gpt2_generate_main.py --is_interactive --top_k 40
 From scratch:     python gpt2_generate_main.py --nsamples 4 --batch_size 2
 Fine-tuned model: python gpt2_generate_main.py --checkpoint output/model.ckpt
+Fine-tuned on source<TAB>target pairs:
+                  python gpt2_generate_main.py --is_interactive --conditional \
+                      --checkpoint output/model.ckpt
 
 Weights come from --checkpoint (written by gpt2_train_main.py) when given,
 otherwise from OpenAI's checkpoint in --pretrain_model_dir (downloaded there on
@@ -27,6 +30,10 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--is_interactive", action="store_true",
                         help="Prompt for contexts and continue each one.")
+    parser.add_argument("--conditional", action="store_true",
+                        help="For a model fine-tuned on source<TAB>target pairs: "
+                             "each prompt is a source, framed as <|endoftext|> "
+                             "source <|endoftext|>, and the sample is its target.")
     add_sampling_args(parser, max_decoding_length_default=128,
                       max_decoding_length_help="Most tokens in a sample, the context "
                       "included (at most the model's positions, 1024 for GPT-2).")
@@ -54,6 +61,9 @@ def parse_args(argv=None):
 def check_args(args) -> SamplingSettings:
     """Reject flag values that cannot work, before a model is loaded."""
     check_batching(args.nsamples, args.batch_size)
+    if args.conditional and not args.is_interactive:
+        raise UserError("--conditional continues sources you type: add "
+                        "--is_interactive (without prompts there is no source)")
     return SamplingSettings.from_flags(args, batch_size=args.batch_size,
                                        dtype=args.dtype)
 
@@ -109,7 +119,15 @@ def print_banner(number: int) -> None:
     print(f"{bar} SAMPLE {number} {bar}")
 
 
-def interactive_loop(writer: SampleWriter) -> None:
+def prompt_context(writer: SampleWriter, raw_text: str, conditional: bool):
+    """The token ids a prompt is continued from (see --conditional)."""
+    if conditional:
+        from utils.pairs import source_context
+        return source_context(raw_text.strip(), writer.encoder.encode, writer.end_token)
+    return writer.encoder.encode(raw_text)
+
+
+def interactive_loop(writer: SampleWriter, conditional: bool = False) -> None:
     """Read prompts until EOF or Ctrl-C; continue each one."""
     from utils.interactive import NotUTF8, read_prompt
     settings = writer.settings
@@ -128,7 +146,7 @@ def interactive_loop(writer: SampleWriter) -> None:
             print("Prompt should not be empty!")
             continue
         try:
-            context = writer.encoder.encode(raw_text)
+            context = prompt_context(writer, raw_text, conditional)
             check_context_room("the prompt is", len(context),
                                settings.max_decoding_length,
                                "shorten it or raise --max_decoding_length")
@@ -168,7 +186,7 @@ def main(argv=None) -> int:
 
     writer = SampleWriter(model, encoder, settings, args.nsamples, device)
     if args.is_interactive:
-        interactive_loop(writer)
+        interactive_loop(writer, args.conditional)
     else:
         writer.print_batches([writer.end_token], stream=False)
     return 0

@@ -121,6 +121,11 @@ def load_weights(args, cfg, ctx):
         print(f"note: {args.checkpoint} holds weights only: training starts at "
               f"step 0 from them", file=sys.stderr)
     torch.manual_seed(cfg.seed)  # the same initial weights for --from_scratch
+    if args.do_train and resolved.with_memory:
+        raise UserError("this model keeps cross-attention (memory mode), but "
+                        "gpt2_train_main.py feeds no memory, so it would train "
+                        "without it: train memory-mode models from Python (README, "
+                        "Other Use Cases)")
     loaded = build_and_fill(resolved)
     if ctx.is_main:
         dist_utils.barrier(ctx)

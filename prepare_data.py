@@ -4,7 +4,9 @@
         [--max_seq_length 128] [--output_dir data/toy]
         [--pretrain_model_dir gpt2_pretrained_models/model_117M]
 
---data_dir holds any of train.txt, dev.txt, test.txt, one example per line
+--data_dir holds any of train.txt, dev.txt, test.txt, one example per line,
+or, for conditional fine-tuning, train.tsv, dev.tsv, test.tsv with one
+source<TAB>target pair per line (see utils/pairs.py; not both kinds at once)
 (lines end at \n, \r\n or \r, and at the other breaks of Python's
 str.splitlines: \v \f \x1c-\x1e \x85 \u2028 \u2029).
 Each non-empty line becomes <|endoftext|> + BPE(line) + <|endoftext|>, cut to
@@ -95,21 +97,29 @@ def sigterm_raises_terminated():
 
 
 def split_files(data_dir):
-    """The splits whose text file is in `data_dir`, in SPLITS order."""
-    from utils.data import SPLITS, split_text_path
-    splits = []
+    """{split: its text file} for the splits in `data_dir`, in SPLITS order:
+    all .txt (one example per line) or all .tsv (source<TAB>target pairs)."""
+    from utils.data import SPLITS, split_pairs_path, split_text_path
+    found = {}
     for split in SPLITS:
-        path = split_text_path(data_dir, split)
-        if os.path.isfile(path):
-            splits.append(split)
-        elif os.path.lexists(path):  # a directory, a pipe, a device, a broken link
-            what = "a broken link" if not os.path.exists(path) else "not a regular file"
-            raise UserError(f"{path} is {what}: make it the {split} "
-                            f"examples, one per line, or move it away")
-    if not splits:
-        raise UserError(f"{data_dir} has none of train.txt, dev.txt, test.txt: "
-                        f"put the examples there, one per line")
-    return splits
+        for path in (split_text_path(data_dir, split), split_pairs_path(data_dir, split)):
+            if os.path.isfile(path):
+                found[split] = found.get(split, ()) + (path,)
+            elif os.path.lexists(path):  # a directory, a pipe, a device, a broken link
+                what = "a broken link" if not os.path.exists(path) else "not a regular file"
+                raise UserError(f"{path} is {what}: make it the {split} "
+                                f"examples, one per line, or move it away")
+    if not found:
+        raise UserError(f"{data_dir} has none of train.txt, dev.txt, test.txt (or "
+                        f"train.tsv, dev.tsv, test.tsv): put the examples there, "
+                        f"one per line")
+    kinds = {os.path.splitext(path)[1] for paths in found.values() for path in paths}
+    if len(kinds) > 1:
+        both = sorted(os.path.basename(p) for paths in found.values() for p in paths)
+        raise UserError(f"{data_dir} holds both .txt and .tsv splits ({', '.join(both)}): "
+                        f"a data dir is either plain text or source<TAB>target pairs; "
+                        f"move one kind to another directory")
+    return {split: paths[0] for split, paths in found.items()}
 
 
 def check_num_workers(num_workers):
@@ -133,16 +143,43 @@ def main(argv=None) -> int:
             return 128 + signal.SIGTERM
 
 
-def prepare(args) -> int:
-    from utils.data import check_max_seq_length, split_data_path, split_text_path
-    from utils.prepare import prepare_output_dir, prepare_split
+def check_input(path, progress):
+    """Check a split's text file in full; its (examples, empty lines)."""
+    from utils.pairs import check_pairs_file
     from utils.text_lines import check_text_file
+    return check_pairs_file(path) if path.endswith(".tsv") else \
+        check_text_file(path, progress)
+
+
+def describe_summary(s, max_seq_length):
+    """One line of the final summary for a prepared split."""
+    line = (f"{s.split}: {s.examples:,} examples, {s.tokens:,} tokens (longest "
+            f"{s.longest}), ")
+    if s.pair_cuts is None:
+        line += f"{s.truncated:,} truncated to {max_seq_length}, "
+    else:
+        cuts = s.pair_cuts
+        line += f"{cuts.sources:,} sources cut from the start to fit {max_seq_length}, "
+        if cuts.targets:
+            line += (f"{cuts.targets:,} targets too long to fit whole (first at line "
+                     f"{cuts.first_target_line}: kept their start, unclosed; raise "
+                     f"--max_seq_length or shorten them), ")
+    return line + f"{s.skipped:,} empty lines skipped -> {s.path}"
+
+
+def prepare(args) -> int:
+    from utils.data import check_max_seq_length, split_data_path
+    from utils.pairs import check_pair_seq_length
+    from utils.prepare import prepare_output_dir, prepare_split
 
     check_max_seq_length(args.max_seq_length)
     check_num_workers(args.num_workers)
     if not os.path.isdir(args.data_dir):
         raise UserError(f"--data_dir {args.data_dir} is not a directory")
-    splits = split_files(args.data_dir)
+    inputs = split_files(args.data_dir)
+    splits = list(inputs)
+    if any(path.endswith(".tsv") for path in inputs.values()):
+        check_pair_seq_length(args.max_seq_length)
     output_dir = args.data_dir if args.output_dir is None else args.output_dir
     prepare_output_dir(output_dir)  # before hours of encoding, not after
     for split in splits:
@@ -151,18 +188,18 @@ def prepare(args) -> int:
             raise UserError(f"{out_path} is a directory: move it away, or give "
                             f"another --output_dir")
     vocab_dir, vocab_label = vocab_dir_and_label(args.pretrain_model_dir)
-    print(f"Encoding {', '.join(s + '.txt' for s in splits)} from {args.data_dir} "
+    print(f"Encoding {', '.join(os.path.basename(p) for p in inputs.values())} from "
+          f"{args.data_dir} "
           f"with {vocab_label}; max_seq_length {args.max_seq_length}.", file=sys.stderr)
 
     start = time.time()
     summaries = []
     try:
         # Every split checked before any is written: a bad file changes nothing.
-        counts = {split: check_text_file(split_text_path(args.data_dir, split),
-                                         not args.quiet) for split in splits}
+        counts = {split: check_input(inputs[split], not args.quiet) for split in splits}
         for split in splits:
             summaries.append(prepare_split(
-                split_text_path(args.data_dir, split), split_data_path(output_dir, split),
+                inputs[split], split_data_path(output_dir, split),
                 max_seq_length=args.max_seq_length, vocab_dir=vocab_dir,
                 num_workers=args.num_workers, progress=not args.quiet,
                 counts=counts[split]))
@@ -174,9 +211,7 @@ def prepare(args) -> int:
               file=sys.stderr)
         raise
     for s in summaries:
-        print(f"{s.split}: {s.examples:,} examples, {s.tokens:,} tokens (longest "
-              f"{s.longest}), {s.truncated:,} truncated to {args.max_seq_length}, "
-              f"{s.skipped:,} empty lines skipped -> {s.path}")
+        print(describe_summary(s, args.max_seq_length))
     print(f"Done in {time.time() - start:.1f} s.")
     return 0
 
