@@ -188,7 +188,9 @@ def main(argv=None) -> int:
     from utils.processor import get_encoder
     from utils.weights import load_weights, resolve_model
 
+    from utils.prompts import read_prompts
     settings = check_args(args)  # before loading, and maybe downloading, a model
+    prompts = read_prompts(args.prompt, args.prompt_file)
     device = default_device()
     if (args.dtype == "bfloat16" and device.type == "cuda"
             and not torch.cuda.is_bf16_supported()):
@@ -214,14 +216,13 @@ def main(argv=None) -> int:
     if args.is_interactive:
         interactive_loop(writer)
         return 0
-    write_prompt_samples(writer, args)
+    write_prompt_samples(writer, prompts, args)
     return 0
 
 
-def write_prompt_samples(writer: SampleWriter, args) -> None:
+def write_prompt_samples(writer: SampleWriter, prompts, args) -> None:
     """The prompts' (or from-scratch) samples, to --output_file or the screen."""
-    from utils.prompts import Prompt, encode_prompts, read_prompts, write_samples
-    prompts = read_prompts(args.prompt, args.prompt_file)
+    from utils.prompts import Prompt, encode_prompts, write_samples
     if prompts:
         contexts = encode_prompts(prompts, writer.encoder,
                                   writer.settings.max_decoding_length)
