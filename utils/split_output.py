@@ -58,7 +58,10 @@ def write_records(out_path: str, records: np.ndarray,
     from utils.prepare import _create_records, _write_error
     if rows is None:
         rows = np.arange(len(records))
-    tmp_path = new_temp_path(out_path)
+    try:
+        tmp_path = new_temp_path(out_path)
+    except OSError as err:
+        raise _write_error(out_path, err) from None
     try:
         out = _create_records(tmp_path, out_path, records.dtype, len(rows))
         for start in range(0, len(rows), COPY_RECORDS):
