@@ -51,6 +51,17 @@ def parse_args(argv=None):
                              "directory is absent).")
     parser.add_argument("--num_workers", type=int, default=None,
                         help="Processes for BPE encoding (default: all cores).")
+    parser.add_argument("--pack", action="store_true",
+                        help="Treat each file as one text stream, newlines kept "
+                             "(<|endoftext|> in the text separates documents), "
+                             "cut into consecutive windows of --max_seq_length "
+                             "tokens: for books, articles and notes.")
+    parser.add_argument("--dev_fraction", type=float, default=None,
+                        help="Hold out this fraction of train.txt as the dev split "
+                             "when there is no dev.txt, e.g. 0.05: the last windows "
+                             "with --pack, a seeded sample of lines without.")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Seed of the --dev_fraction sample of lines (default 0).")
     parser.add_argument("--quiet", action="store_true",
                         help="No progress bars, only the summary (bars are also off "
                              "when stderr is not a terminal).")
@@ -143,6 +154,32 @@ def main(argv=None) -> int:
             return 128 + signal.SIGTERM
 
 
+def check_dev_source(args, splits) -> None:
+    from utils.split_output import check_dev_fraction
+    check_dev_fraction(args.dev_fraction)
+    if args.dev_fraction is None:
+        return
+    if "dev" in splits:
+        raise UserError(f"{args.data_dir} has a dev.txt and --dev_fraction is given: "
+                        f"leave the flag out to use dev.txt, or move dev.txt away")
+    if "train" not in splits:
+        raise UserError(f"--dev_fraction holds out part of train.txt, and "
+                        f"{args.data_dir} has none: add train.txt or leave the flag out")
+
+
+def check_pairs_flags(args, inputs) -> None:
+    """source<TAB>target splits: room for a pair; no flag made for plain text."""
+    from utils.pairs import check_pair_seq_length
+    if not any(path.endswith(".tsv") for path in inputs.values()):
+        return
+    check_pair_seq_length(args.max_seq_length)
+    for flag, given in (("--pack", args.pack), ("--dev_fraction", args.dev_fraction)):
+        if given not in (None, False):
+            raise UserError(f"{flag} applies to .txt splits, and {args.data_dir} holds "
+                            f"source<TAB>target pairs: leave it out (write a dev.tsv "
+                            f"for a dev split)")
+
+
 def check_input(path, progress):
     """Check a split's text file in full; its (examples, empty lines)."""
     from utils.pairs import check_pairs_file
@@ -151,26 +188,9 @@ def check_input(path, progress):
         check_text_file(path, progress)
 
 
-def describe_summary(s, max_seq_length):
-    """One line of the final summary for a prepared split."""
-    line = (f"{s.split}: {s.examples:,} examples, {s.tokens:,} tokens (longest "
-            f"{s.longest}), ")
-    if s.pair_cuts is None:
-        line += f"{s.truncated:,} truncated to {max_seq_length}, "
-    else:
-        cuts = s.pair_cuts
-        line += f"{cuts.sources:,} sources cut from the start to fit {max_seq_length}, "
-        if cuts.targets:
-            line += (f"{cuts.targets:,} targets too long to fit whole (first at line "
-                     f"{cuts.first_target_line}: kept their start, unclosed; raise "
-                     f"--max_seq_length or shorten them), ")
-    return line + f"{s.skipped:,} empty lines skipped -> {s.path}"
-
-
 def prepare(args) -> int:
     from utils.data import check_max_seq_length, split_data_path
-    from utils.pairs import check_pair_seq_length
-    from utils.prepare import prepare_output_dir, prepare_split
+    from utils.prepare import prepare_output_dir
 
     check_max_seq_length(args.max_seq_length)
     check_num_workers(args.num_workers)
@@ -178,19 +198,25 @@ def prepare(args) -> int:
         raise UserError(f"--data_dir {args.data_dir} is not a directory")
     inputs = split_files(args.data_dir)
     splits = list(inputs)
-    if any(path.endswith(".tsv") for path in inputs.values()):
-        check_pair_seq_length(args.max_seq_length)
+    check_pairs_flags(args, inputs)
+    check_dev_source(args, splits)
     output_dir = args.data_dir if args.output_dir is None else args.output_dir
     prepare_output_dir(output_dir)  # before hours of encoding, not after
-    for split in splits:
+    outputs = splits + (["dev"] if args.dev_fraction is not None else [])
+    for split in outputs:
         out_path = split_data_path(output_dir, split)
         if os.path.isdir(out_path):
             raise UserError(f"{out_path} is a directory: move it away, or give "
                             f"another --output_dir")
     vocab_dir, vocab_label = vocab_dir_and_label(args.pretrain_model_dir)
+    how = "packed into windows" if args.pack else "one example per line"
     print(f"Encoding {', '.join(os.path.basename(p) for p in inputs.values())} from "
-          f"{args.data_dir} "
-          f"with {vocab_label}; max_seq_length {args.max_seq_length}.", file=sys.stderr)
+          f"{args.data_dir} with {vocab_label}; {how}, max_seq_length "
+          f"{args.max_seq_length}.", file=sys.stderr)
+    if args.dev_fraction is not None:
+        held = "its last windows" if args.pack else f"a sample of its lines (seed {args.seed})"
+        print(f"No dev.txt: holding out {args.dev_fraction:g} of train.txt, {held}, "
+              f"as the dev split.", file=sys.stderr)
 
     start = time.time()
     summaries = []
@@ -198,22 +224,61 @@ def prepare(args) -> int:
         # Every split checked before any is written: a bad file changes nothing.
         counts = {split: check_input(inputs[split], not args.quiet) for split in splits}
         for split in splits:
-            summaries.append(prepare_split(
-                inputs[split], split_data_path(output_dir, split),
-                max_seq_length=args.max_seq_length, vocab_dir=vocab_dir,
-                num_workers=args.num_workers, progress=not args.quiet,
-                counts=counts[split]))
+            summaries += prepare_one(args, split, inputs[split], output_dir, vocab_dir,
+                                     counts[split])
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as Terminated
         # Splits are written in order, each atomically: name what is done.
-        done = ", ".join(f"{s}.npy" for s in splits[:len(summaries)])
-        left = ", ".join(f"{s}.npy" for s in splits[len(summaries):])
+        done_names = [s.split for s in summaries]
+        done = ", ".join(f"{s}.npy" for s in done_names)
+        left = ", ".join(f"{s}.npy" for s in outputs if s not in done_names)
         print(f"interrupted: {left} not written" + (f"; {done} complete" if done else ""),
               file=sys.stderr)
         raise
     for s in summaries:
-        print(describe_summary(s, args.max_seq_length))
+        print(describe_summary(s, args))
     print(f"Done in {time.time() - start:.1f} s.")
     return 0
+
+
+def prepare_one(args, split, text_path, output_dir, vocab_dir, counts):
+    """Encode one text file; the summaries of the files written (two when the
+    dev split is held out of it)."""
+    from utils.data import split_data_path
+    from utils.pack import pack_split
+    from utils.prepare import default_num_workers, prepare_split
+    out_path = split_data_path(output_dir, split)
+    dev_fraction = args.dev_fraction if split == "train" else None
+    dev_path = split_data_path(output_dir, "dev")
+    common = dict(max_seq_length=args.max_seq_length, vocab_dir=vocab_dir,
+                  progress=not args.quiet)
+    if args.pack:
+        return pack_split(text_path, out_path, dev_fraction=dev_fraction,
+                          dev_path=dev_path,
+                          num_workers=args.num_workers or default_num_workers(), **common)
+    if dev_fraction is None:
+        return [prepare_split(text_path, out_path, num_workers=args.num_workers,
+                              counts=counts, **common)]
+    from utils.split_output import hold_out_lines
+    return hold_out_lines(text_path, out_path, dev_path, dev_fraction, args.seed,
+                          num_workers=args.num_workers, counts=counts, **common)
+
+
+def describe_summary(s, args) -> str:
+    """One line of the final summary for a prepared split."""
+    if args.pack:
+        return (f"{s.split}: {s.examples:,} windows of up to {args.max_seq_length} "
+                f"tokens, {s.tokens:,} tokens -> {s.path}")
+    line = f"{s.split}: {s.examples:,} examples, {s.tokens:,} tokens (longest {s.longest}), "
+    cuts = getattr(s, "pair_cuts", None)
+    if cuts is None:
+        line += f"{s.truncated:,} truncated to {args.max_seq_length}, "
+    else:
+        line += f"{cuts.sources:,} sources cut from the start to fit {args.max_seq_length}, "
+        if cuts.targets:
+            line += (f"{cuts.targets:,} targets too long to fit whole (first at line "
+                     f"{cuts.first_target_line}: kept their start, unclosed; raise "
+                     f"--max_seq_length or shorten them), ")
+    return line + f"{s.skipped:,} empty lines skipped -> {s.path}"
 
 
 if __name__ == "__main__":

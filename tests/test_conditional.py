@@ -245,5 +245,5 @@ def test_generate_conditional_frames_each_prompt_as_a_source(monkeypatch):
     assert gpt2_generate_main.prompt_context(writer, " Who bakes bread? ", True) == \
         [EOS_ID] + encoder.encode("Who bakes bread?") + [EOS_ID]
     assert gpt2_generate_main.prompt_context(writer, "Hi", False) == encoder.encode("Hi")
-    with pytest.raises(UserError, match="--conditional continues sources you type"):
+    with pytest.raises(UserError, match="--conditional continues sources: give them"):
         gpt2_generate_main.main(["--conditional"])

@@ -260,6 +260,9 @@ def generate(model: nn.Module, contexts: Sequence[Sequence[int]],
              end_token: int = 50256,
              generator: Optional[torch.Generator] = None,
              on_tokens: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
+             repetition_penalty: float = 1.0,
+             stop_check: Optional[Callable[[torch.Tensor, torch.Tensor],
+                                           torch.Tensor]] = None,
              ) -> List[List[int]]:
     """Continue each context with the model; returns the new ids per context.
 
@@ -295,7 +298,14 @@ def generate(model: nn.Module, contexts: Sequence[Sequence[int]],
                      top_k, top_p, beam_width, length_penalty)
     if not contexts:
         return []
+    if repetition_penalty <= 0 or repetition_penalty != repetition_penalty:
+        raise UserError(f"repetition_penalty must be > 0 (got {repetition_penalty}); "
+                        f"1 is off")
     if strategy == "beam":
+        if repetition_penalty != 1.0 or stop_check is not None:
+            raise UserError("a repetition penalty and stop texts work with greedy "
+                            "decoding and sampling, not beam search: drop them or "
+                            "choose another --decoding_strategy")
         if on_tokens is not None:
             raise ValueError("on_tokens (streaming) is not supported with beam "
                              "search: the best beam is known only at the end")
@@ -304,13 +314,15 @@ def generate(model: nn.Module, contexts: Sequence[Sequence[int]],
                                 length_penalty, end_token)
     with torch.inference_mode():
         return _decode(net, contexts, max_decoding_length, strategy == "greedy",
-                       temperature, top_k, top_p, end_token, generator, on_tokens)
+                       temperature, top_k, top_p, end_token, generator, on_tokens,
+                       repetition_penalty, stop_check)
 
 
 def _decode(net: _GPT2, contexts: List[List[int]], max_decoding_length: int,
             greedy: bool, temperature: float, top_k: int, top_p: float,
             end_token: int, generator: Optional[torch.Generator],
-            on_tokens) -> List[List[int]]:
+            on_tokens, repetition_penalty: float = 1.0,
+            stop_check=None) -> List[List[int]]:
     """Greedy or sampled decoding of a batch of prompts."""
     device = net.device
     lengths = [len(c) for c in contexts]
@@ -327,7 +339,11 @@ def _decode(net: _GPT2, contexts: List[List[int]], max_decoding_length: int,
 
     hidden = net.hidden(batch.ids, batch.positions, cache, 0, batch.prefill_mask)
     logits = net.logits(hidden[:, -1])  # every prompt ends at the last slot
+    seen = _seen_tokens(contexts, net.n_vocab, device) if repetition_penalty != 1 else None
+    rows = torch.arange(len(contexts), device=device)
     for step in range(steps):
+        if seen is not None:
+            logits = penalize_repetition(logits, seen, repetition_penalty)
         if greedy:
             tokens = torch.argmax(logits, dim=-1)
         else:
@@ -339,6 +355,10 @@ def _decode(net: _GPT2, contexts: List[List[int]], max_decoding_length: int,
         shown = torch.where(done, end, tokens)
         out[:, step] = shown
         done |= (shown == end) | (room <= step + 1)
+        if stop_check is not None:
+            done |= stop_check(shown, done).to(device)
+        if seen is not None:
+            seen[rows, tokens] = True
         if on_tokens is not None:
             on_tokens(shown, done)
         if step + 1 == steps or bool(done.all()):
@@ -348,6 +368,24 @@ def _decode(net: _GPT2, contexts: List[List[int]], max_decoding_length: int,
                             slot, batch.step_mask(slot + 1))
         logits = net.logits(hidden[:, -1])
     return [_cut(row, end_token) for row in out.tolist()]
+
+
+def _seen_tokens(contexts: List[List[int]], n_vocab: int,
+                 device: torch.device) -> torch.Tensor:
+    """Bool [B, V]: True for the tokens of each row's context."""
+    seen = torch.zeros(len(contexts), n_vocab, dtype=torch.bool, device=device)
+    for row, context in enumerate(contexts):
+        seen[row, torch.tensor(context, device=device)] = True
+    return seen
+
+
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor,
+                        penalty: float) -> torch.Tensor:
+    """Hugging Face's repetition penalty: the logits of `seen` tokens divided
+    by `penalty` when positive, multiplied when negative (each token once)."""
+    logits = logits.float()
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
 
 
 def _cut(ids: List[int], end_token: int) -> List[int]:
@@ -379,20 +417,8 @@ def _beam_search(net: _GPT2, contexts: List[List[int]], max_decoding_length: int
     slots = width + steps - 1
     rows = torch.arange(B, device=device)[:, None]
 
-    # All W beams of a context start from the same prompt: run it once per
-    # context, then copy its keys and values to the W beams. Only beam 0 is
-    # live at first (the others start at log p = -inf, as in texar).
-    prompts = _Batch(net, contexts, 1, width)
-    prompt_cache = net.new_cache(B, width)
-    hidden = net.hidden(prompts.ids, prompts.positions, prompt_cache, 0,
-                        prompts.prefill_mask)
-    logits = net.logits(hidden[:, -1]).float().repeat_interleave(W, dim=0)
-    logits = logits.view(B, W, V)
-    batch = _Batch(net, contexts, W, slots)
-    cache = net.new_cache(B * W, slots)
-    for part, prompt_part in zip(cache, prompt_cache):
-        part[:, :, :, :width] = prompt_part.repeat_interleave(W, dim=1)
-    del prompt_cache
+    logits, batch, cache = _prefill_beams(net, contexts, W, slots)
+    # Only beam 0 is live at first (the others start at log p = -inf, as in texar).
     alive_logp = torch.full((B, W), float("-inf"), device=device)
     alive_logp[:, 0] = 0.0
     alive_seq = torch.zeros(B, W, 0, dtype=torch.long, device=device)
@@ -419,15 +445,8 @@ def _beam_search(net: _GPT2, contexts: List[List[int]], max_decoding_length: int
         new_tokens = token[rows, pick]
         beam_parent = parent[rows, pick]
 
-        # The W best of (finished so far, candidates that ended) are finished.
-        fin_seq = torch.cat([fin_seq, fin_seq.new_zeros(B, W, 1)], dim=2)
-        all_seq = torch.cat([fin_seq, top_seq], dim=1)
-        all_scores = torch.cat(
-            [fin_scores, top_scores + (~ended).float() * -_BEAM_INF], dim=1)
-        all_flags = torch.cat([fin_flags, ended], dim=1)
-        _, pick = torch.topk(all_scores, W)
-        fin_seq, fin_scores = all_seq[rows, pick], all_scores[rows, pick]
-        fin_flags = all_flags[rows, pick]
+        fin_seq, fin_scores, fin_flags = _keep_best_finished(
+            fin_seq, fin_scores, fin_flags, top_seq, top_scores, ended)
 
         # texar's stopping test, per context.
         max_penalty = ((5.0 + decode_len.float()) / 6.0) ** alpha
@@ -451,6 +470,38 @@ def _beam_search(net: _GPT2, contexts: List[List[int]], max_decoding_length: int
                             batch.step_mask(slot + 1))
         logits = net.logits(hidden[:, -1]).float().view(B, W, V)
     return results  # type: ignore[return-value]
+
+
+def _prefill_beams(net: _GPT2, contexts: List[List[int]], beam_width: int, slots: int):
+    """(first logits [B, W, V], batch, cache) for W beams per context.
+
+    All W beams of a context start from the same prompt: it runs once per
+    context, then its keys and values are copied to the W beams.
+    """
+    B, W, width = len(contexts), beam_width, max(len(c) for c in contexts)
+    prompts = _Batch(net, contexts, 1, width)
+    prompt_cache = net.new_cache(B, width)
+    hidden = net.hidden(prompts.ids, prompts.positions, prompt_cache, 0,
+                        prompts.prefill_mask)
+    logits = net.logits(hidden[:, -1]).float().repeat_interleave(W, dim=0)
+    batch = _Batch(net, contexts, W, slots)
+    cache = net.new_cache(B * W, slots)
+    for part, prompt_part in zip(cache, prompt_cache):
+        part[:, :, :, :width] = prompt_part.repeat_interleave(W, dim=1)
+    return logits.view(B, W, net.n_vocab), batch, cache
+
+
+def _keep_best_finished(fin_seq, fin_scores, fin_flags, top_seq, top_scores, ended):
+    """The W best of (finished so far, this step's candidates that ended)."""
+    B, W = fin_scores.shape
+    rows = torch.arange(B, device=fin_scores.device)[:, None]
+    fin_seq = torch.cat([fin_seq, fin_seq.new_zeros(B, W, 1)], dim=2)
+    all_seq = torch.cat([fin_seq, top_seq], dim=1)
+    all_scores = torch.cat(
+        [fin_scores, top_scores + (~ended).float() * -_BEAM_INF], dim=1)
+    all_flags = torch.cat([fin_flags, ended], dim=1)
+    _, pick = torch.topk(all_scores, W)
+    return all_seq[rows, pick], all_scores[rows, pick], all_flags[rows, pick]
 
 
 # ---------------------------------------------------------------------------

@@ -226,15 +226,22 @@ def _chunks(path: str, long_line: LongLineCut) -> Iterator[list]:
 
 def _encoded_chunks(path: str, long_line: LongLineCut, num_workers: int, *,
                     init_args: tuple) -> Iterator[Tuple[np.ndarray, int]]:
-    """Encoded chunks in file order, BPE spread over `num_workers` processes.
+    """Encoded chunks of lines in file order (see `ordered_pool_map`)."""
+    return ordered_pool_map(_encode_chunk, _chunks(path, long_line), num_workers,
+                            init_args=init_args)
 
-    At most two chunks per worker are in flight, so memory stays bounded
+
+def ordered_pool_map(func, items: Iterator, num_workers: int, *, init_args: tuple):
+    """func(item) for each item, in order, spread over `num_workers` processes
+    whose _WORKER holds the encoder (`_init_worker(*init_args)`).
+
+    At most two items per worker are in flight, so memory stays bounded
     whatever the file size (Pool.imap would read the whole file ahead).
     """
     if num_workers <= 1:
         _init_worker(*init_args)
-        for chunk in _chunks(path, long_line):
-            yield _encode_chunk(chunk)
+        for item in items:
+            yield func(item)
         return
     import multiprocessing
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
@@ -246,8 +253,8 @@ def _encoded_chunks(path: str, long_line: LongLineCut, num_workers: int, *,
             pool = context.Pool(num_workers, initializer=_init_pool_worker,
                                 initargs=(stop, *init_args))
         pending = deque()
-        for chunk in _chunks(path, long_line):
-            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+        for item in items:
+            pending.append(pool.apply_async(func, (item,)))
             if len(pending) >= 2 * num_workers:
                 yield pending.popleft().get()
         while pending:

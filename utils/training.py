@@ -43,15 +43,16 @@ from utils.lm import EvalResult, autocast, evaluate, lm_nll, lr_multiplier, perp
 from utils.metrics_log import MetricsLog
 from utils.model import has_memory
 from utils.optimizer import build_optimizer
-from utils.processor import EOS_ID
+from utils.processor import EOS_ID, get_encoder
 from utils.rng_state import gather_rng_states, restore_rng_states, seed_new_run
 from utils.train_config import TrainConfig, check_precision
+from utils.train_samples import SAMPLES_LOG, write_training_samples
 from utils.weights import (BEST_CHECKPOINT, CHECKPOINT_FORMAT, LAST_CHECKPOINT,
                            checkpoint_model_fields, save_checkpoint)
 
 METRICS_LOG = "metrics.jsonl"
 # Every file a training run writes into its output directory.
-TRAINING_OUTPUTS = (LAST_CHECKPOINT, BEST_CHECKPOINT, METRICS_LOG)
+TRAINING_OUTPUTS = (LAST_CHECKPOINT, BEST_CHECKPOINT, METRICS_LOG, SAMPLES_LOG)
 
 
 # ---------------------------------------------------------------------------
@@ -118,6 +119,7 @@ class Trainer:
         self.progress = progress and ctx.is_main
         self.device = ctx.device
         check_precision(cfg.precision, self.device)
+        self.encoder = get_encoder() if cfg.sample_steps > 0 else None
 
         self.plain_model = model
         model.train()
@@ -136,6 +138,7 @@ class Trainer:
         self.epoch = 0            # the epoch in progress
         self.examples_done = 0    # of this epoch's global order
         self.best_dev_ppl: Optional[float] = None
+        self.evals_since_best = 0  # for early_stopping_patience
         self.last_eval: Optional[EvalResult] = None
         self.last_eval_step: Optional[int] = None
         self.window = _Window(self.device)  # training loss since the last display
@@ -169,6 +172,7 @@ class Trainer:
             "examples_done_in_epoch": self.examples_done,
             "rng": rng,
             "best_dev_ppl": self.best_dev_ppl,
+            "evals_since_best": self.evals_since_best,
             "last_eval_step": self.last_eval_step,
             "last_eval": dataclasses.asdict(self.last_eval) if self.last_eval else None,
             "display_window": {"nll": window_nll, "tokens": self.window.tokens},
@@ -204,6 +208,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.examples_done = int(state["examples_done_in_epoch"])
         self.best_dev_ppl = state.get("best_dev_ppl")
+        self.evals_since_best = int(state.get("evals_since_best") or 0)
         self.last_eval_step = state.get("last_eval_step")
         if state.get("last_eval"):
             self.last_eval = EvalResult(**state["last_eval"])
@@ -304,7 +309,12 @@ class Trainer:
             self.ctx.print(f"Interrupted at step {self.step}: saved {last_path}. Continue "
                         f"with --do_train --checkpoint {last_path}.", file=sys.stderr)
             raise TrainingInterrupted
-        if stopped_by == "stop_after_steps":
+        if stopped_by == "early_stopping":
+            self.ctx.print(f"Stopped at step {self.step}: no better dev perplexity in "
+                        f"{cfg.early_stopping_patience} evaluations "
+                        f"(early_stopping_patience); the best model is "
+                        f"{os.path.join(self.output_dir, BEST_CHECKPOINT)}.")
+        elif stopped_by == "stop_after_steps":
             self.ctx.print(f"Stopped at step {self.step} (--stop_after_steps); saved "
                         f"{last_path}. Continue with --do_train --checkpoint {last_path}.")
         else:
@@ -410,6 +420,11 @@ class Trainer:
         paused = time.perf_counter()  # evaluation and saving do not count in tok/s
         if eval_due:
             self.evaluate_and_track(should_stop=stop)
+        if cfg.sample_steps > 0 and step % cfg.sample_steps == 0 and self.ctx.is_main:
+            write_training_samples(self.plain_model, self.encoder, cfg.sample_prompts,
+                                   step=step, seed=cfg.seed,
+                                   max_decoding_length=cfg.max_decoding_length,
+                                   output_dir=self.output_dir)
         if save_due:
             self.save(last_path)
         window.start += time.perf_counter() - paused
@@ -418,9 +433,20 @@ class Trainer:
         # exactly in save()).
         if self._stop_if_diverged(exact=False, interrupt=stop()):
             return "interrupt"
+        if eval_due and self._patience_exhausted():
+            return "early_stopping"
         if self.stop_after_steps is not None and step >= self.stop_after_steps:
             return "stop_after_steps"
         return None
+
+    def _patience_exhausted(self) -> bool:
+        """early_stopping_patience evaluations in a row without a better dev
+        perplexity (rank 0 knows; every rank gets its answer)."""
+        patience = self.cfg.early_stopping_patience
+        if patience <= 0:
+            return False
+        flag = torch.tensor([float(self.evals_since_best >= patience)], device=self.device)
+        return bool(dist_utils.all_reduce_sum(flag, self.ctx)[0] > 0)
 
     def _display(self, window: "_Window", bar) -> None:
         nll = dist_utils.all_reduce_sum(window.nll.reshape(1).double(), self.ctx)
@@ -459,6 +485,7 @@ class Trainer:
                     self.best_dev_ppl is None or result.perplexity < self.best_dev_ppl)
                 mark = " (best so far)" if improved else ""
                 self.ctx.print(f"step {self.step:>6} | {result.describe()}{mark}")
+                self.evals_since_best = 0 if improved else self.evals_since_best + 1
                 if improved:
                     self.best_dev_ppl = result.perplexity
                     save_checkpoint(os.path.join(self.output_dir, BEST_CHECKPOINT), {
