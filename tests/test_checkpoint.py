@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from utils.openai_weights import load_openai_weights
-from utils.weights import (checkpoint_model_fields, load_checkpoint, load_weights,
-                           resolve_model, save_checkpoint)
+from utils.weights import (_ensure_openai_files, checkpoint_model_fields, load_checkpoint,
+                           load_weights, resolve_model, save_checkpoint)
 from utils.errors import UserError
 from utils.model import build_model, gpt2_hparams, hparams_from_openai
 
@@ -274,3 +274,29 @@ def test_weights_only_checkpoint_has_no_training_state(tmp_path):
 def test_checkpoint_loading_reads_a_released_name_from_the_folder(folder, name):
     from utils.model_files import model_name_of_dir
     assert model_name_of_dir(folder, prefix_optional=True) == name
+
+
+def test_a_released_folder_fetches_again_what_fails_its_check(tmp_path, monkeypatch):
+    """An HTML page saved as hparams.json and a weights file cut short, left by
+    an earlier tool in gpt2_pretrained_models/model_117M, are downloaded again
+    (from a real local server), not trusted; the model then loads."""
+    from model_server import Server
+    from test_model_files import BIG, PORTAL, make_files, write_model
+    files = make_files()
+    server = Server(files)
+    try:
+        monkeypatch.setenv("GPT2_DOWNLOAD_BASE_URL", server.url)
+        monkeypatch.setenv("GPT2_DOWNLOAD_BACKOFF", "0")
+        model_dir = tmp_path / "model_117M"
+        write_model(model_dir, {**files, "hparams.json": PORTAL, BIG: files[BIG][:100]})
+        resolved = resolve_model(pretrain_model_dir=str(model_dir))
+        assert resolved.sizes == json.loads(files["hparams.json"])
+        assert [path for path, _ in server.requests] == ["/124M/hparams.json"]
+        _ensure_openai_files(resolved.path, download=True)
+        assert (model_dir / BIG).read_bytes() == files[BIG]
+        assert [path for path, _ in server.requests][1:] == [f"/124M/{BIG}"]
+        # Whole files are not fetched again.
+        _ensure_openai_files(resolved.path, download=True)
+        assert len(server.requests) == 2
+    finally:
+        server.close()

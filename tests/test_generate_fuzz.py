@@ -9,18 +9,14 @@ TF-written fixture model (32 positions), so it is quick; nothing is
 downloaded (every run names its model directory, and the download mirror
 points at a closed port).
 """
-import contextlib
-import io
 import os
-import sys
 
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import gpt2_generate_main
-from utils import errors
+from test_generate_cli import run_script
 from utils.weights import checkpoint_model_fields, save_checkpoint
 from utils.model import build_model, gpt2_hparams
 
@@ -163,23 +159,6 @@ def runs_too_long(values):
     return (nsamples is not None and batch_size is not None
             and nsamples >= 1 and batch_size >= 1 and nsamples % batch_size == 0
             and nsamples // batch_size > MAX_BATCHES)
-
-
-def run_script(argv, stdin):
-    """(exit code, stdout, stderr) of main(argv) run as the script runs it."""
-    saved = sys.stdin
-    sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
-    out, err = io.StringIO(), io.StringIO()
-    code = None
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                errors.run_main(gpt2_generate_main.main, argv)
-            except SystemExit as exit_:
-                code = exit_.code
-    finally:
-        sys.stdin = saved
-    return code, out.getvalue(), err.getvalue()
 
 
 @settings(max_examples=100, deadline=None, print_blob=True,

@@ -348,16 +348,24 @@ def test_kill_9_leaves_a_whole_checkpoint_and_training_goes_on(tmp_path, data_di
     assert steps == list(range(1, step + 4))  # no duplicates from the killed run
 
 
+def interrupt(proc) -> str:
+    """Ctrl-C a training subprocess and wait for it (killed if it hangs); its stderr."""
+    try:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        return proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
     out = tmp_path / "out"
     proc, cfg = _start_long_training(tmp_path, data_dir, out)
     try:
         _wait_for(lambda: _train_steps_logged(out) >= 3 or proc.poll() is not None)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stderr = interrupt(proc)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     state = load_ckpt(out / "model.ckpt")

@@ -12,7 +12,6 @@ Each case checks the exit code, the one-line message and the files left.
 import errno
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 
@@ -23,9 +22,9 @@ import torch
 import gpt2_train_main
 from test_train import (REPO_ROOT, SUBPROCESS_ENV, _start_long_training,  # noqa: F401
                         _train_steps_logged, _wait_for, _write_split, data_dir,
-                        load_ckpt, model_config, one_thread, read_metrics, train,
-                        train_config)
-from utils import atomic, training
+                        interrupt, load_ckpt, model_config, one_thread, read_metrics,
+                        train, train_config)
+from utils import training
 from utils.atomic import OutputDirLock, remove_stale_temp_files
 from utils.errors import UserError, run_main
 from utils.train_config import load_train_config
@@ -103,7 +102,7 @@ def test_only_the_files_that_exist_are_named(tmp_path, job, capsys):
     code, _, err = run_cli(capsys, "--do_train", *job["common"], "--output_dir", out)
     line = error_line(err)
     assert code == 2
-    assert f"already holds metrics.jsonl from an earlier run" in line
+    assert "already holds metrics.jsonl from an earlier run" in line
     assert "model.ckpt" not in line and "--checkpoint" not in line  # nothing to continue
     assert snapshot(out) == before
 
@@ -208,11 +207,8 @@ def test_a_second_trainer_on_the_same_directory_stops_at_once(tmp_path, data_dir
             f"(it holds {out / '.lock'}): wait for it to finish or stop it, or choose "
             f"another --output_dir")
         assert proc.poll() is None  # the first run goes on, its files untouched
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stderr = interrupt(proc)
     assert proc.returncode == 130, stderr
     state = load_ckpt(out / "model.ckpt")
     steps = [r["step"] for r in read_metrics(out) if r["split"] == "train"]

@@ -379,20 +379,8 @@ def _beam_search(net: _GPT2, contexts: List[List[int]], max_decoding_length: int
     slots = width + steps - 1
     rows = torch.arange(B, device=device)[:, None]
 
-    # All W beams of a context start from the same prompt: run it once per
-    # context, then copy its keys and values to the W beams. Only beam 0 is
-    # live at first (the others start at log p = -inf, as in texar).
-    prompts = _Batch(net, contexts, 1, width)
-    prompt_cache = net.new_cache(B, width)
-    hidden = net.hidden(prompts.ids, prompts.positions, prompt_cache, 0,
-                        prompts.prefill_mask)
-    logits = net.logits(hidden[:, -1]).float().repeat_interleave(W, dim=0)
-    logits = logits.view(B, W, V)
-    batch = _Batch(net, contexts, W, slots)
-    cache = net.new_cache(B * W, slots)
-    for part, prompt_part in zip(cache, prompt_cache):
-        part[:, :, :, :width] = prompt_part.repeat_interleave(W, dim=1)
-    del prompt_cache
+    logits, batch, cache = _prefill_beams(net, contexts, W, slots)
+    # Only beam 0 is live at first (the others start at log p = -inf, as in texar).
     alive_logp = torch.full((B, W), float("-inf"), device=device)
     alive_logp[:, 0] = 0.0
     alive_seq = torch.zeros(B, W, 0, dtype=torch.long, device=device)
@@ -419,15 +407,8 @@ def _beam_search(net: _GPT2, contexts: List[List[int]], max_decoding_length: int
         new_tokens = token[rows, pick]
         beam_parent = parent[rows, pick]
 
-        # The W best of (finished so far, candidates that ended) are finished.
-        fin_seq = torch.cat([fin_seq, fin_seq.new_zeros(B, W, 1)], dim=2)
-        all_seq = torch.cat([fin_seq, top_seq], dim=1)
-        all_scores = torch.cat(
-            [fin_scores, top_scores + (~ended).float() * -_BEAM_INF], dim=1)
-        all_flags = torch.cat([fin_flags, ended], dim=1)
-        _, pick = torch.topk(all_scores, W)
-        fin_seq, fin_scores = all_seq[rows, pick], all_scores[rows, pick]
-        fin_flags = all_flags[rows, pick]
+        fin_seq, fin_scores, fin_flags = _keep_best_finished(
+            fin_seq, fin_scores, fin_flags, top_seq, top_scores, ended)
 
         # texar's stopping test, per context.
         max_penalty = ((5.0 + decode_len.float()) / 6.0) ** alpha
@@ -451,6 +432,38 @@ def _beam_search(net: _GPT2, contexts: List[List[int]], max_decoding_length: int
                             batch.step_mask(slot + 1))
         logits = net.logits(hidden[:, -1]).float().view(B, W, V)
     return results  # type: ignore[return-value]
+
+
+def _prefill_beams(net: _GPT2, contexts: List[List[int]], beam_width: int, slots: int):
+    """(first logits [B, W, V], batch, cache) for W beams per context.
+
+    All W beams of a context start from the same prompt: it runs once per
+    context, then its keys and values are copied to the W beams.
+    """
+    B, W, width = len(contexts), beam_width, max(len(c) for c in contexts)
+    prompts = _Batch(net, contexts, 1, width)
+    prompt_cache = net.new_cache(B, width)
+    hidden = net.hidden(prompts.ids, prompts.positions, prompt_cache, 0,
+                        prompts.prefill_mask)
+    logits = net.logits(hidden[:, -1]).float().repeat_interleave(W, dim=0)
+    batch = _Batch(net, contexts, W, slots)
+    cache = net.new_cache(B * W, slots)
+    for part, prompt_part in zip(cache, prompt_cache):
+        part[:, :, :, :width] = prompt_part.repeat_interleave(W, dim=1)
+    return logits.view(B, W, net.n_vocab), batch, cache
+
+
+def _keep_best_finished(fin_seq, fin_scores, fin_flags, top_seq, top_scores, ended):
+    """The W best of (finished so far, this step's candidates that ended)."""
+    B, W = fin_scores.shape
+    rows = torch.arange(B, device=fin_scores.device)[:, None]
+    fin_seq = torch.cat([fin_seq, fin_seq.new_zeros(B, W, 1)], dim=2)
+    all_seq = torch.cat([fin_seq, top_seq], dim=1)
+    all_scores = torch.cat(
+        [fin_scores, top_scores + (~ended).float() * -_BEAM_INF], dim=1)
+    all_flags = torch.cat([fin_flags, ended], dim=1)
+    _, pick = torch.topk(all_scores, W)
+    return all_seq[rows, pick], all_scores[rows, pick], all_flags[rows, pick]
 
 
 # ---------------------------------------------------------------------------

@@ -178,6 +178,7 @@ def build_table(entries: List[Tuple[bytes, bytes]], block_size: int = _BLOCK_SIZ
 
     data = _BlockBuilder(_RESTART_INTERVAL)
     pending = None  # handle of the last data block, indexed once the next key is known
+    data_last_key = b""
     for key, value in entries:
         if pending is not None:
             index.add(_shortest_separator(data_last_key, key), pending)
