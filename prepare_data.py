@@ -45,8 +45,9 @@ def parse_args(argv=None):
                         help="Where <split>.npy go (default: --data_dir). "
                              "--tfrecord_output_dir is accepted as an alias.")
     parser.add_argument("--pretrain_model_dir", default=None,
-                        help="Model directory whose encoder.json and vocab.bpe are "
-                             f"used (default: {DEFAULT_PRETRAIN_MODEL_DIR}, or the "
+                        help="Model directory whose encoder.json and vocab.bpe "
+                             "(or a Hugging Face directory's vocab.json and "
+                             "merges.txt; or hf:NAME) are used (default: {DEFAULT_PRETRAIN_MODEL_DIR}, or the "
                              "vocabulary shipped in utils/gpt2_vocab/ when that "
                              "directory is absent).")
     parser.add_argument("--num_workers", type=int, default=None,
@@ -70,7 +71,8 @@ def parse_args(argv=None):
 
 def vocab_dir_and_label(pretrain_model_dir):
     """The directory to pass to get_encoder, and a description for the log."""
-    from utils.processor import ENCODER_FILE, SHIPPED_VOCAB_DIR
+    from utils.hf_hub import fetch_hub_model, is_hub_name
+    from utils.processor import ENCODER_FILE, SHIPPED_VOCAB_DIR, vocab_files
     if pretrain_model_dir is None:
         # The original's default, when it has been downloaded; else our copy
         # of the same vocabulary, so the toy pipeline runs offline.
@@ -78,15 +80,20 @@ def vocab_dir_and_label(pretrain_model_dir):
             pretrain_model_dir = DEFAULT_PRETRAIN_MODEL_DIR
         else:
             return None, f"the GPT-2 vocabulary shipped in {SHIPPED_VOCAB_DIR}"
+    if is_hub_name(pretrain_model_dir):  # its tokenizer files, not its weights
+        pretrain_model_dir = fetch_hub_model(pretrain_model_dir, weights=False)
     if os.path.exists(pretrain_model_dir) and not os.path.isdir(pretrain_model_dir):
         raise UserError(f"--pretrain_model_dir {pretrain_model_dir} is a file: give the "
-                        f"model directory that holds {ENCODER_FILE} and vocab.bpe")
+                        f"model directory that holds {ENCODER_FILE} and vocab.bpe "
+                        f"(or a Hugging Face one's vocab.json and merges.txt)")
     if not os.path.isdir(pretrain_model_dir):
         raise UserError(f"--pretrain_model_dir {pretrain_model_dir} does not exist: "
                         f"give a GPT-2 model directory, or leave the flag out to "
                         f"use the shipped vocabulary")
-    if os.path.isfile(os.path.join(pretrain_model_dir, ENCODER_FILE)):
-        return pretrain_model_dir, f"the vocabulary in {pretrain_model_dir}"
+    found = vocab_files(pretrain_model_dir)
+    if found:
+        names = "/".join(os.path.basename(path) for path in found)
+        return pretrain_model_dir, f"the vocabulary in {pretrain_model_dir} ({names})"
     return pretrain_model_dir, (f"the GPT-2 vocabulary shipped in {SHIPPED_VOCAB_DIR} "
                                 f"({pretrain_model_dir} has none)")
 

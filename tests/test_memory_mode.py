@@ -102,3 +102,29 @@ def test_memory_settings_that_cannot_work_are_one_line_errors(tmp_path, data_dir
                               "--config_model", config(tmp_path, True),
                               "--config_train", train_config(tmp_path, data_dir),
                               "--output_dir", str(tmp_path / "out")])
+
+
+def test_config_memory_on_a_hugging_face_directory_keeps_its_weights(tmp_path):
+    from utils.hf_dir import write_hf_dir
+    from utils.hf_format import texar_to_hf_tensors
+    from utils.model import model_size
+    torch.manual_seed(1)
+    source = build_model(HPARAMS)
+    write_hf_dir(str(tmp_path / "hf"), texar_to_hf_tensors(source.state_dict(), 2),
+                 model_size(HPARAMS))
+    mem = load_weights(resolve_model(pretrain_model_dir=str(tmp_path / "hf"),
+                                     config_model=config(tmp_path, True)))
+    assert mem.with_memory
+    state = mem.model.state_dict()
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+
+
+def test_a_memory_checkpoint_cannot_be_converted_to_gpt2_formats(tmp_path):
+    import convert_checkpoint
+    path = str(tmp_path / "memory.ckpt")
+    save_checkpoint(path, {"model": build_model(HPARAMS, with_memory=True).state_dict(),
+                           **checkpoint_model_fields(HPARAMS, True)})
+    with pytest.raises(UserError, match="keeps cross-attention"):
+        convert_checkpoint.main([path, str(tmp_path / "out"), "--format", "hf"])
+    assert not os.path.exists(tmp_path / "out")
