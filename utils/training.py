@@ -41,6 +41,7 @@ from utils.divergence import (DivergenceWatch, TrainingDiverged, likely_cause,
 from utils.errors import UserError
 from utils.lm import EvalResult, autocast, evaluate, lm_nll, lr_multiplier, perplexity
 from utils.metrics_log import MetricsLog
+from utils.model import has_memory
 from utils.optimizer import build_optimizer
 from utils.processor import EOS_ID, get_encoder
 from utils.rng_state import gather_rng_states, restore_rng_states, seed_new_run
@@ -111,7 +112,7 @@ class Trainer:
                  stop_after_steps: Optional[int] = None, progress: bool = True):
         self.cfg, self.ctx = cfg, ctx
         # Checkpoints store the model's sizes as plain numbers, never texar hparams.
-        self.model_fields = checkpoint_model_fields(model_hparams)
+        self.model_fields = checkpoint_model_fields(model_hparams, has_memory(model))
         self.train_split, self.dev_split = train_split, dev_split
         self.output_dir = output_dir
         self.stop_after_steps = stop_after_steps
@@ -323,7 +324,7 @@ class Trainer:
         """One optimizer step over `group` (micro-batches of example indices)."""
         ctx, cfg = self.ctx, self.cfg
         batches = [self._batch(ix) for ix in group]
-        local_tokens = sum(int((lengths - 1).sum()) for _, lengths in batches)
+        local_tokens = sum(int((lengths - starts).sum()) for _, lengths, starts in batches)
         tokens = dist_utils.all_reduce_sum(
             torch.tensor([local_tokens], dtype=torch.float64), ctx)
         scale = ctx.world_size / float(tokens[0])
@@ -335,12 +336,15 @@ class Trainer:
             group_["lr"] = base_lr * multiplier
 
         step_nll = torch.zeros((), device=self.device)
-        for i, (ids, lengths) in enumerate(batches):
+        for i, (ids, lengths, starts) in enumerate(batches):
             ids = ids.to(self.device, non_blocking=True)
             lengths = lengths.to(self.device, non_blocking=True)
+            # Plain text needs no starts: every token after the first counts.
+            starts = (starts.to(self.device, non_blocking=True)
+                      if self.train_split.conditional else None)
             with dist_utils.maybe_no_sync(self.model, sync=i == len(batches) - 1):
                 with autocast(cfg.precision, self.device):
-                    nll, _ = lm_nll(self.model, ids, lengths)
+                    nll, _ = lm_nll(self.model, ids, lengths, starts=starts)
                 loss = nll * scale
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
@@ -382,21 +386,24 @@ class Trainer:
         return interrupted
 
     def _batch(self, indices: List[int]):
-        """A padded batch; sampler padding slots become rows with no targets
-        (length 1), so a rank still runs its step without counting an example
-        twice."""
+        """(ids, lengths, target starts) of a padded batch; sampler padding
+        slots become rows with no targets (length 1), so a rank still runs its
+        step without counting an example twice."""
         real = [i for i in indices if i != PAD_INDEX]
         empty = len(indices) - len(real)
-        if not empty:
-            return self.train_split.batch(real, EOS_ID)
         if real:
             ids, lengths = self.train_split.batch(real, EOS_ID)
+            starts = self.train_split.starts(real)
         else:  # width 2: the model needs at least one input position
-            ids, lengths = (torch.empty(0, 2, dtype=torch.int64),
-                            torch.empty(0, dtype=torch.int64))
+            ids, lengths, starts = (torch.empty(0, 2, dtype=torch.int64),
+                                    torch.empty(0, dtype=torch.int64),
+                                    torch.empty(0, dtype=torch.int64))
+        if not empty:
+            return ids, lengths, starts
         ids = torch.cat([ids, torch.full((empty, ids.size(1)), EOS_ID, dtype=ids.dtype)])
         lengths = torch.cat([lengths, torch.ones(empty, dtype=lengths.dtype)])
-        return ids, lengths
+        starts = torch.cat([starts, torch.ones(empty, dtype=starts.dtype)])
+        return ids, lengths, starts
 
     def _after_step(self, window: "_Window", bar, stop: StopRequest,
                     last_path: str) -> Optional[str]:
