@@ -3,6 +3,11 @@
 Interactive:      python gpt2_generate_main.py --is_interactive --top_k 40
 From scratch:     python gpt2_generate_main.py --nsamples 4 --batch_size 2
 Fine-tuned model: python gpt2_generate_main.py --checkpoint output/model.ckpt
+Prompts to JSONL: python gpt2_generate_main.py --prompt_file prompts.txt \
+                      --nsamples 3 --batch_size 8 --output_file samples.jsonl
+Fine-tuned on source<TAB>target pairs:
+                  python gpt2_generate_main.py --is_interactive --conditional \
+                      --checkpoint output/model.ckpt
 
 Weights come from --checkpoint (written by gpt2_train_main.py) when given,
 otherwise from OpenAI's checkpoint in --pretrain_model_dir (downloaded there on
@@ -28,6 +33,10 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--is_interactive", action="store_true",
                         help="Prompt for contexts and continue each one.")
+    parser.add_argument("--conditional", action="store_true",
+                        help="For a model fine-tuned on source<TAB>target pairs: "
+                             "each prompt is a source, framed as <|endoftext|> "
+                             "source <|endoftext|>, and the sample is its target.")
     add_sampling_args(parser, max_decoding_length_default=128,
                       max_decoding_length_help="Most tokens in a sample, the context "
                       "included (at most the model's positions, 1024 for GPT-2).")
@@ -35,6 +44,23 @@ def parse_args(argv=None):
                         help="Samples per prompt (interactive) or in total.")
     parser.add_argument("--batch_size", type=int, default=1,
                         help="Samples generated together; must divide --nsamples.")
+    parser.add_argument("--prompt", action="append", default=[],
+                        help="A text to continue --nsamples times (repeatable).")
+    parser.add_argument("--prompt_file", default=None,
+                        help="A UTF-8 file of prompts, one a line (blank lines "
+                             "skipped); - reads standard input.")
+    parser.add_argument("--output_file", default=None,
+                        help="Write the samples here instead of the screen: .jsonl "
+                             "(one {prompt, sample, text} object a sample), .tsv "
+                             "(prompt<TAB>text), or any other name for the screen's "
+                             "format. Written atomically.")
+    parser.add_argument("--stop_text", action="append", default=[],
+                        help="End a sample at the first occurrence of this text, "
+                             "which is left out (repeatable).")
+    parser.add_argument("--repetition_penalty", type=float, default=1.0,
+                        help="Divide (multiply, when negative) the scores of tokens "
+                             "already in the text by this, as Hugging Face's "
+                             "repetition_penalty; 1 is off, 1.2 is common.")
     parser.add_argument("--seed", type=int, default=None,
                         help=f"Random seed, 0 to {MAX_SEED}: the same seed gives the "
                              f"same samples.")
@@ -55,7 +81,31 @@ def parse_args(argv=None):
 
 def check_args(args) -> SamplingSettings:
     """Reject flag values that cannot work, before a model is loaded."""
-    check_batching(args.nsamples, args.batch_size)
+    import math
+    from utils.sample_output import check_output_path
+    from utils.stop_text import check_stop_texts
+    prompted = bool(args.prompt) or args.prompt_file is not None
+    if args.is_interactive and (prompted or args.output_file or args.stop_text):
+        raise UserError("--prompt, --prompt_file, --output_file and --stop_text do "
+                        "not go with --is_interactive: leave out one or the other")
+    if not prompted:  # from scratch, in batches of one "prompt", as the original
+        check_batching(args.nsamples, args.batch_size)
+    else:
+        check_batching(args.nsamples, 1)
+        check_batching(args.batch_size, 1)
+    if not math.isfinite(args.repetition_penalty) or args.repetition_penalty <= 0:
+        raise UserError(f"--repetition_penalty must be > 0 (got "
+                        f"{args.repetition_penalty}): 1 is off, 1.2 is common")
+    if args.decoding_strategy == "beam" and (args.stop_text or
+                                             args.repetition_penalty != 1):
+        raise UserError("--stop_text and --repetition_penalty work with sampling and "
+                        "greedy decoding, not beam search: drop them or choose "
+                        "another --decoding_strategy")
+    check_stop_texts(args.stop_text)
+    check_output_path(args.output_file)
+    if args.conditional and not (args.is_interactive or prompted):
+        raise UserError("--conditional continues sources: give them with "
+                        "--is_interactive, --prompt or --prompt_file")
     return SamplingSettings.from_flags(args, batch_size=args.batch_size,
                                        dtype=args.dtype)
 
@@ -64,10 +114,11 @@ class SampleWriter:
     """Generates and prints samples for one session: model, encoder, settings."""
 
     def __init__(self, model, encoder, settings: SamplingSettings, nsamples: int,
-                 device):
+                 device, repetition_penalty: float = 1.0):
         from utils.processor import EOS_ID
         self.model, self.encoder, self.settings = model, encoder, settings
         self.nsamples = nsamples
+        self.repetition_penalty = repetition_penalty
         self.end_token = EOS_ID
         self.rng = torch.Generator(device=device)
         self.rng.manual_seed(settings.seed if settings.seed is not None
@@ -83,7 +134,8 @@ class SampleWriter:
             return generate(self.model, [context] * s.batch_size,
                             s.max_decoding_length, **s.generate_kwargs(),
                             end_token=self.end_token, generator=self.rng,
-                            on_tokens=on_tokens)
+                            on_tokens=on_tokens,
+                            repetition_penalty=self.repetition_penalty)
 
     def print_batches(self, context, stream: bool) -> None:
         """Print --nsamples samples for `context`, each under a SAMPLE banner."""
@@ -107,11 +159,19 @@ class SampleWriter:
 
 
 def print_banner(number: int) -> None:
-    bar = "=" * BANNER_WIDTH
-    print(f"{bar} SAMPLE {number} {bar}")
+    from utils.sample_output import banner
+    print(banner(number))
 
 
-def interactive_loop(writer: SampleWriter) -> None:
+def prompt_context(writer: SampleWriter, raw_text: str, conditional: bool):
+    """The token ids a prompt is continued from (see --conditional)."""
+    if conditional:
+        from utils.pairs import source_context
+        return source_context(raw_text.strip(), writer.encoder.encode, writer.end_token)
+    return writer.encoder.encode(raw_text)
+
+
+def interactive_loop(writer: SampleWriter, conditional: bool = False) -> None:
     """Read prompts until EOF or Ctrl-C; continue each one."""
     from utils.interactive import NotUTF8, read_prompt
     settings = writer.settings
@@ -130,7 +190,7 @@ def interactive_loop(writer: SampleWriter) -> None:
             print("Prompt should not be empty!")
             continue
         try:
-            context = writer.encoder.encode(raw_text)
+            context = prompt_context(writer, raw_text, conditional)
             check_context_room("the prompt is", len(context),
                                settings.max_decoding_length,
                                "shorten it or raise --max_decoding_length")
@@ -147,7 +207,9 @@ def main(argv=None) -> int:
     from utils.processor import get_encoder
     from utils.weights import load_weights, resolve_model
 
+    from utils.prompts import read_prompts
     settings = check_args(args)  # before loading, and maybe downloading, a model
+    prompts = read_prompts(args.prompt, args.prompt_file)
     device = resolve_device(args.device)
     if (args.dtype == "bfloat16" and device.type == "cuda"
             and not torch.cuda.is_bf16_supported()):
@@ -155,8 +217,9 @@ def main(argv=None) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     resolved = resolve_model(**weight_flags(args))
-    # An interactive prompt may fill all but one position.
-    longest = settings.max_decoding_length - 1 if args.is_interactive else 1
+    # A prompt may fill all but one position.
+    prompted = args.is_interactive or args.prompt or args.prompt_file is not None
+    longest = settings.max_decoding_length - 1 if prompted else 1
     # Before the weights are read or downloaded.
     settings.check(resolved.sizes["n_ctx"], longest, sizes=resolved.sizes,
                    device=device, model=resolved.describe())
@@ -167,12 +230,43 @@ def main(argv=None) -> int:
         model = loaded.model.to(device=device, dtype=getattr(torch, args.dtype))
     print(f"Loaded {loaded.source} on {device} ({args.dtype}).", file=sys.stderr)
 
-    writer = SampleWriter(model, encoder, settings, args.nsamples, device)
+    writer = SampleWriter(model, encoder, settings, args.nsamples, device,
+                          args.repetition_penalty)
     if args.is_interactive:
-        interactive_loop(writer)
-    else:
-        writer.print_batches([writer.end_token], stream=False)
+        interactive_loop(writer, args.conditional)
+        return 0
+    write_prompt_samples(writer, prompts, args)
     return 0
+
+
+def frame_sources(writer: SampleWriter, prompts, contexts):
+    """--conditional: each prompt's ids as <|endoftext|> source <|endoftext|>."""
+    framed = [[writer.end_token] + ids + [writer.end_token] for ids in contexts]
+    for prompt, ids in zip(prompts, framed):
+        check_context_room(f"the source on {prompt.where} is", len(ids),
+                           writer.settings.max_decoding_length,
+                           "shorten it or raise --max_decoding_length")
+    return framed
+
+
+def write_prompt_samples(writer: SampleWriter, prompts, args) -> None:
+    """The prompts' (or from-scratch) samples, to --output_file or the screen."""
+    from utils.prompts import Prompt, encode_prompts, write_samples
+    if prompts:
+        contexts = encode_prompts(prompts, writer.encoder,
+                                  writer.settings.max_decoding_length)
+        if args.conditional:
+            contexts = frame_sources(writer, prompts, contexts)
+    else:  # from scratch: every sample starts from <|endoftext|>
+        prompts, contexts = [Prompt("", "")], [[writer.end_token]]
+    count = write_samples(writer.model, writer.encoder, writer.settings, prompts,
+                          contexts, nsamples=args.nsamples,
+                          output_file=args.output_file, stop_texts=args.stop_text,
+                          repetition_penalty=args.repetition_penalty,
+                          generator=writer.rng, end_token=writer.end_token)
+    if args.output_file is not None:
+        print(f"Wrote {count} samples of {len(prompts)} prompt(s) to "
+              f"{args.output_file}.", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@
             stops training (exit 2) without saving the diverged model.
 --do_eval   prints the dev perplexity: exp(total NLL / total target tokens).
 --do_test   continues every line of test.npy (the whole line is the context) and
-            writes <output_dir>/test_samples.tsv: context<TAB>continuation.
+            writes <output_dir>/test_samples.tsv: context<TAB>continuation
+            (source<TAB>generated target[<TAB>reference] for .tsv pairs).
 
 One run at a time writes into an --output_dir (a lock file, <output_dir>/.lock).
 
@@ -141,6 +142,11 @@ def load_weights(args, cfg, ctx):
         print(f"note: {args.checkpoint} holds weights only: training starts at "
               f"step 0 from them", file=sys.stderr)
     torch.manual_seed(cfg.seed)  # the same initial weights for --from_scratch
+    if args.do_train and resolved.with_memory:
+        raise UserError("this model keeps cross-attention (memory mode), but "
+                        "gpt2_train_main.py feeds no memory, so it would train "
+                        "without it: train memory-mode models from Python (README, "
+                        "Other Use Cases)")
     loaded = build_and_fill(resolved)
     if ctx.is_main:
         dist_utils.barrier(ctx)
@@ -245,7 +251,9 @@ def run_test(args, cfg, split, ctx, model, vocab_dir, n_ctx: int):
         path = os.path.join(args.output_dir, TEST_SAMPLES)
         count = write_test_samples(model, split, get_encoder(vocab_dir), args, cfg,
                                    ctx.device, n_ctx, path, progress=not args.quiet)
-        written.append((TEST_SAMPLES, f"{count} test lines: context<TAB>continuation"))
+        layout = ("source<TAB>generated target[<TAB>reference]" if split.conditional
+                  else "context<TAB>continuation")
+        written.append((TEST_SAMPLES, f"{count} test lines: {layout}"))
     dist_utils.barrier(ctx)
     return written
 

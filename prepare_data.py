@@ -4,7 +4,9 @@
         [--max_seq_length 128] [--output_dir data/toy]
         [--pretrain_model_dir gpt2_pretrained_models/model_117M]
 
---data_dir holds any of train.txt, dev.txt, test.txt, one example per line
+--data_dir holds any of train.txt, dev.txt, test.txt, one example per line,
+or, for conditional fine-tuning, train.tsv, dev.tsv, test.tsv with one
+source<TAB>target pair per line (see utils/pairs.py; not both kinds at once)
 (lines end at \n, \r\n or \r, and at the other breaks of Python's
 str.splitlines: \v \f \x1c-\x1e \x85 \u2028 \u2029).
 Each non-empty line becomes <|endoftext|> + BPE(line) + <|endoftext|>, cut to
@@ -43,12 +45,24 @@ def parse_args(argv=None):
                         help="Where <split>.npy go (default: --data_dir). "
                              "--tfrecord_output_dir is accepted as an alias.")
     parser.add_argument("--pretrain_model_dir", default=None,
-                        help="Model directory whose encoder.json and vocab.bpe are "
-                             f"used (default: {DEFAULT_PRETRAIN_MODEL_DIR}, or the "
+                        help="Model directory whose encoder.json and vocab.bpe "
+                             "(or a Hugging Face directory's vocab.json and "
+                             "merges.txt; or hf:NAME) are used (default: {DEFAULT_PRETRAIN_MODEL_DIR}, or the "
                              "vocabulary shipped in utils/gpt2_vocab/ when that "
                              "directory is absent).")
     parser.add_argument("--num_workers", type=int, default=None,
                         help="Processes for BPE encoding (default: all cores).")
+    parser.add_argument("--pack", action="store_true",
+                        help="Treat each file as one text stream, newlines kept "
+                             "(<|endoftext|> in the text separates documents), "
+                             "cut into consecutive windows of --max_seq_length "
+                             "tokens: for books, articles and notes.")
+    parser.add_argument("--dev_fraction", type=float, default=None,
+                        help="Hold out this fraction of train.txt as the dev split "
+                             "when there is no dev.txt, e.g. 0.05: the last windows "
+                             "with --pack, a seeded sample of lines without.")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Seed of the --dev_fraction sample of lines (default 0).")
     parser.add_argument("--quiet", action="store_true",
                         help="No progress bars, only the summary (bars are also off "
                              "when stderr is not a terminal).")
@@ -57,7 +71,8 @@ def parse_args(argv=None):
 
 def vocab_dir_and_label(pretrain_model_dir):
     """The directory to pass to get_encoder, and a description for the log."""
-    from utils.processor import ENCODER_FILE, SHIPPED_VOCAB_DIR
+    from utils.hf_hub import fetch_hub_model, is_hub_name
+    from utils.processor import ENCODER_FILE, SHIPPED_VOCAB_DIR, vocab_files
     if pretrain_model_dir is None:
         # The original's default, when it has been downloaded; else our copy
         # of the same vocabulary, so the toy pipeline runs offline.
@@ -65,15 +80,20 @@ def vocab_dir_and_label(pretrain_model_dir):
             pretrain_model_dir = DEFAULT_PRETRAIN_MODEL_DIR
         else:
             return None, f"the GPT-2 vocabulary shipped in {SHIPPED_VOCAB_DIR}"
+    if is_hub_name(pretrain_model_dir):  # its tokenizer files, not its weights
+        pretrain_model_dir = fetch_hub_model(pretrain_model_dir, weights=False)
     if os.path.exists(pretrain_model_dir) and not os.path.isdir(pretrain_model_dir):
         raise UserError(f"--pretrain_model_dir {pretrain_model_dir} is a file: give the "
-                        f"model directory that holds {ENCODER_FILE} and vocab.bpe")
+                        f"model directory that holds {ENCODER_FILE} and vocab.bpe "
+                        f"(or a Hugging Face one's vocab.json and merges.txt)")
     if not os.path.isdir(pretrain_model_dir):
         raise UserError(f"--pretrain_model_dir {pretrain_model_dir} does not exist: "
                         f"give a GPT-2 model directory, or leave the flag out to "
                         f"use the shipped vocabulary")
-    if os.path.isfile(os.path.join(pretrain_model_dir, ENCODER_FILE)):
-        return pretrain_model_dir, f"the vocabulary in {pretrain_model_dir}"
+    found = vocab_files(pretrain_model_dir)
+    if found:
+        names = "/".join(os.path.basename(path) for path in found)
+        return pretrain_model_dir, f"the vocabulary in {pretrain_model_dir} ({names})"
     return pretrain_model_dir, (f"the GPT-2 vocabulary shipped in {SHIPPED_VOCAB_DIR} "
                                 f"({pretrain_model_dir} has none)")
 
@@ -95,21 +115,29 @@ def sigterm_raises_terminated():
 
 
 def split_files(data_dir):
-    """The splits whose text file is in `data_dir`, in SPLITS order."""
-    from utils.data import SPLITS, split_text_path
-    splits = []
+    """{split: its text file} for the splits in `data_dir`, in SPLITS order:
+    all .txt (one example per line) or all .tsv (source<TAB>target pairs)."""
+    from utils.data import SPLITS, split_pairs_path, split_text_path
+    found = {}
     for split in SPLITS:
-        path = split_text_path(data_dir, split)
-        if os.path.isfile(path):
-            splits.append(split)
-        elif os.path.lexists(path):  # a directory, a pipe, a device, a broken link
-            what = "a broken link" if not os.path.exists(path) else "not a regular file"
-            raise UserError(f"{path} is {what}: make it the {split} "
-                            f"examples, one per line, or move it away")
-    if not splits:
-        raise UserError(f"{data_dir} has none of train.txt, dev.txt, test.txt: "
-                        f"put the examples there, one per line")
-    return splits
+        for path in (split_text_path(data_dir, split), split_pairs_path(data_dir, split)):
+            if os.path.isfile(path):
+                found[split] = found.get(split, ()) + (path,)
+            elif os.path.lexists(path):  # a directory, a pipe, a device, a broken link
+                what = "a broken link" if not os.path.exists(path) else "not a regular file"
+                raise UserError(f"{path} is {what}: make it the {split} "
+                                f"examples, one per line, or move it away")
+    if not found:
+        raise UserError(f"{data_dir} has none of train.txt, dev.txt, test.txt (or "
+                        f"train.tsv, dev.tsv, test.tsv): put the examples there, "
+                        f"one per line")
+    kinds = {os.path.splitext(path)[1] for paths in found.values() for path in paths}
+    if len(kinds) > 1:
+        both = sorted(os.path.basename(p) for paths in found.values() for p in paths)
+        raise UserError(f"{data_dir} holds both .txt and .tsv splits ({', '.join(both)}): "
+                        f"a data dir is either plain text or source<TAB>target pairs; "
+                        f"move one kind to another directory")
+    return {split: paths[0] for split, paths in found.items()}
 
 
 def check_num_workers(num_workers):
@@ -133,52 +161,131 @@ def main(argv=None) -> int:
             return 128 + signal.SIGTERM
 
 
-def prepare(args) -> int:
-    from utils.data import check_max_seq_length, split_data_path, split_text_path
-    from utils.prepare import prepare_output_dir, prepare_split
+def check_dev_source(args, splits) -> None:
+    from utils.split_output import check_dev_fraction
+    check_dev_fraction(args.dev_fraction)
+    if args.dev_fraction is None:
+        return
+    if "dev" in splits:
+        raise UserError(f"{args.data_dir} has a dev.txt and --dev_fraction is given: "
+                        f"leave the flag out to use dev.txt, or move dev.txt away")
+    if "train" not in splits:
+        raise UserError(f"--dev_fraction holds out part of train.txt, and "
+                        f"{args.data_dir} has none: add train.txt or leave the flag out")
+
+
+def check_pairs_flags(args, inputs) -> None:
+    """source<TAB>target splits: room for a pair; no flag made for plain text."""
+    from utils.pairs import check_pair_seq_length
+    if not any(path.endswith(".tsv") for path in inputs.values()):
+        return
+    check_pair_seq_length(args.max_seq_length)
+    for flag, given in (("--pack", args.pack), ("--dev_fraction", args.dev_fraction)):
+        if given not in (None, False):
+            raise UserError(f"{flag} applies to .txt splits, and {args.data_dir} holds "
+                            f"source<TAB>target pairs: leave it out (write a dev.tsv "
+                            f"for a dev split)")
+
+
+def check_input(path, progress):
+    """Check a split's text file in full; its (examples, empty lines)."""
+    from utils.pairs import check_pairs_file
     from utils.text_lines import check_text_file
+    return check_pairs_file(path) if path.endswith(".tsv") else \
+        check_text_file(path, progress)
+
+
+def prepare(args) -> int:
+    from utils.data import check_max_seq_length, split_data_path
+    from utils.prepare import prepare_output_dir
 
     check_max_seq_length(args.max_seq_length)
     check_num_workers(args.num_workers)
     if not os.path.isdir(args.data_dir):
         raise UserError(f"--data_dir {args.data_dir} is not a directory")
-    splits = split_files(args.data_dir)
+    inputs = split_files(args.data_dir)
+    splits = list(inputs)
+    check_pairs_flags(args, inputs)
+    check_dev_source(args, splits)
     output_dir = args.data_dir if args.output_dir is None else args.output_dir
     prepare_output_dir(output_dir)  # before hours of encoding, not after
-    for split in splits:
+    outputs = splits + (["dev"] if args.dev_fraction is not None else [])
+    for split in outputs:
         out_path = split_data_path(output_dir, split)
         if os.path.isdir(out_path):
             raise UserError(f"{out_path} is a directory: move it away, or give "
                             f"another --output_dir")
     vocab_dir, vocab_label = vocab_dir_and_label(args.pretrain_model_dir)
-    print(f"Encoding {', '.join(s + '.txt' for s in splits)} from {args.data_dir} "
-          f"with {vocab_label}; max_seq_length {args.max_seq_length}.", file=sys.stderr)
+    how = "packed into windows" if args.pack else "one example per line"
+    print(f"Encoding {', '.join(os.path.basename(p) for p in inputs.values())} from "
+          f"{args.data_dir} with {vocab_label}; {how}, max_seq_length "
+          f"{args.max_seq_length}.", file=sys.stderr)
+    if args.dev_fraction is not None:
+        held = "its last windows" if args.pack else f"a sample of its lines (seed {args.seed})"
+        print(f"No dev.txt: holding out {args.dev_fraction:g} of train.txt, {held}, "
+              f"as the dev split.", file=sys.stderr)
 
     start = time.time()
     summaries = []
     try:
         # Every split checked before any is written: a bad file changes nothing.
-        counts = {split: check_text_file(split_text_path(args.data_dir, split),
-                                         not args.quiet) for split in splits}
+        counts = {split: check_input(inputs[split], not args.quiet) for split in splits}
         for split in splits:
-            summaries.append(prepare_split(
-                split_text_path(args.data_dir, split), split_data_path(output_dir, split),
-                max_seq_length=args.max_seq_length, vocab_dir=vocab_dir,
-                num_workers=args.num_workers, progress=not args.quiet,
-                counts=counts[split]))
+            summaries += prepare_one(args, split, inputs[split], output_dir, vocab_dir,
+                                     counts[split])
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as Terminated
         # Splits are written in order, each atomically: name what is done.
-        done = ", ".join(f"{s}.npy" for s in splits[:len(summaries)])
-        left = ", ".join(f"{s}.npy" for s in splits[len(summaries):])
+        done_names = [s.split for s in summaries]
+        done = ", ".join(f"{s}.npy" for s in done_names)
+        left = ", ".join(f"{s}.npy" for s in outputs if s not in done_names)
         print(f"interrupted: {left} not written" + (f"; {done} complete" if done else ""),
               file=sys.stderr)
         raise
     for s in summaries:
-        print(f"{s.split}: {s.examples:,} examples, {s.tokens:,} tokens (longest "
-              f"{s.longest}), {s.truncated:,} truncated to {args.max_seq_length}, "
-              f"{s.skipped:,} empty lines skipped -> {s.path}")
+        print(describe_summary(s, args))
     print(f"Done in {time.time() - start:.1f} s.")
     return 0
+
+
+def prepare_one(args, split, text_path, output_dir, vocab_dir, counts):
+    """Encode one text file; the summaries of the files written (two when the
+    dev split is held out of it)."""
+    from utils.data import split_data_path
+    from utils.pack import pack_split
+    from utils.prepare import default_num_workers, prepare_split
+    out_path = split_data_path(output_dir, split)
+    dev_fraction = args.dev_fraction if split == "train" else None
+    dev_path = split_data_path(output_dir, "dev")
+    common = dict(max_seq_length=args.max_seq_length, vocab_dir=vocab_dir,
+                  progress=not args.quiet)
+    if args.pack:
+        return pack_split(text_path, out_path, dev_fraction=dev_fraction,
+                          dev_path=dev_path,
+                          num_workers=args.num_workers or default_num_workers(), **common)
+    if dev_fraction is None:
+        return [prepare_split(text_path, out_path, num_workers=args.num_workers,
+                              counts=counts, **common)]
+    from utils.split_output import hold_out_lines
+    return hold_out_lines(text_path, out_path, dev_path, dev_fraction, args.seed,
+                          num_workers=args.num_workers, counts=counts, **common)
+
+
+def describe_summary(s, args) -> str:
+    """One line of the final summary for a prepared split."""
+    if args.pack:
+        return (f"{s.split}: {s.examples:,} windows of up to {args.max_seq_length} "
+                f"tokens, {s.tokens:,} tokens -> {s.path}")
+    line = f"{s.split}: {s.examples:,} examples, {s.tokens:,} tokens (longest {s.longest}), "
+    cuts = getattr(s, "pair_cuts", None)
+    if cuts is None:
+        line += f"{s.truncated:,} truncated to {args.max_seq_length}, "
+    else:
+        line += f"{cuts.sources:,} sources cut from the start to fit {args.max_seq_length}, "
+        if cuts.targets:
+            line += (f"{cuts.targets:,} targets too long to fit whole (first at line "
+                     f"{cuts.first_target_line}: kept their start, unclosed; raise "
+                     f"--max_seq_length or shorten them), ")
+    return line + f"{s.skipped:,} empty lines skipped -> {s.path}"
 
 
 if __name__ == "__main__":

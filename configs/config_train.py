@@ -40,6 +40,16 @@ eval_steps = 100
 # saved at the end of training and on Ctrl-C.
 checkpoint_steps = -1
 
+# Write samples from sample_prompts into <output_dir>/samples.jsonl every this
+# many steps (as gpt-2-simple's sample_every); -1 disables. Each prompt follows
+# an <|endoftext|>; "" samples from scratch. Top-k 40 sampling, up to
+# max_decoding_length tokens, seeded by seed and the step.
+sample_steps = -1
+sample_prompts = [""]
+# Stop training after this many dev evaluations (eval_steps) in a row without
+# a better dev perplexity; model_best.ckpt is then the result. -1 disables.
+early_stopping_patience = -1
+
 # ----------------------------------------------------------------- optimization
 # texar-pytorch optimization hparams (texar.torch.core.default_optimization_hparams):
 # "optimizer": any torch.optim class by name, and its keyword arguments; the

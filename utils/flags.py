@@ -112,9 +112,12 @@ def add_weight_args(group, *, checkpoint_help: str, config_model_help: str) -> N
     from utils.weights import DEFAULT_MODEL_NAME
     group.add_argument("--config_model", default=None, help=config_model_help)
     group.add_argument("--pretrain_model_dir", default=None,
-                       help=f"Directory of OpenAI's GPT-2 files (default "
+                       help=f"Directory of OpenAI's GPT-2 files, or a Hugging Face "
+                            f"GPT-2 directory (config.json + model.safetensors), "
+                            f"or hf:NAME to fetch one from the Hugging Face Hub "
+                            f"(needs huggingface_hub). Default "
                             f"{default_model_dir(DEFAULT_MODEL_NAME)}, or the size "
-                            f"--config_model names).")
+                            f"--config_model names.")
     group.add_argument("--pretrain_checkpoint", default=None,
                        help="OpenAI checkpoint prefix (default: "
                             "<pretrain_model_dir>/model.ckpt); ignored with "

@@ -260,6 +260,9 @@ def generate(model: nn.Module, contexts: Sequence[Sequence[int]],
              end_token: int = 50256,
              generator: Optional[torch.Generator] = None,
              on_tokens: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
+             repetition_penalty: float = 1.0,
+             stop_check: Optional[Callable[[torch.Tensor, torch.Tensor],
+                                           torch.Tensor]] = None,
              ) -> List[List[int]]:
     """Continue each context with the model; returns the new ids per context.
 
@@ -295,7 +298,14 @@ def generate(model: nn.Module, contexts: Sequence[Sequence[int]],
                      top_k, top_p, beam_width, length_penalty)
     if not contexts:
         return []
+    if repetition_penalty <= 0 or repetition_penalty != repetition_penalty:
+        raise UserError(f"repetition_penalty must be > 0 (got {repetition_penalty}); "
+                        f"1 is off")
     if strategy == "beam":
+        if repetition_penalty != 1.0 or stop_check is not None:
+            raise UserError("a repetition penalty and stop texts work with greedy "
+                            "decoding and sampling, not beam search: drop them or "
+                            "choose another --decoding_strategy")
         if on_tokens is not None:
             raise ValueError("on_tokens (streaming) is not supported with beam "
                              "search: the best beam is known only at the end")
@@ -304,13 +314,15 @@ def generate(model: nn.Module, contexts: Sequence[Sequence[int]],
                                 length_penalty, end_token)
     with torch.inference_mode():
         return _decode(net, contexts, max_decoding_length, strategy == "greedy",
-                       temperature, top_k, top_p, end_token, generator, on_tokens)
+                       temperature, top_k, top_p, end_token, generator, on_tokens,
+                       repetition_penalty, stop_check)
 
 
 def _decode(net: _GPT2, contexts: List[List[int]], max_decoding_length: int,
             greedy: bool, temperature: float, top_k: int, top_p: float,
             end_token: int, generator: Optional[torch.Generator],
-            on_tokens) -> List[List[int]]:
+            on_tokens, repetition_penalty: float = 1.0,
+            stop_check=None) -> List[List[int]]:
     """Greedy or sampled decoding of a batch of prompts."""
     device = net.device
     lengths = [len(c) for c in contexts]
@@ -327,7 +339,11 @@ def _decode(net: _GPT2, contexts: List[List[int]], max_decoding_length: int,
 
     hidden = net.hidden(batch.ids, batch.positions, cache, 0, batch.prefill_mask)
     logits = net.logits(hidden[:, -1])  # every prompt ends at the last slot
+    seen = _seen_tokens(contexts, net.n_vocab, device) if repetition_penalty != 1 else None
+    rows = torch.arange(len(contexts), device=device)
     for step in range(steps):
+        if seen is not None:
+            logits = penalize_repetition(logits, seen, repetition_penalty)
         if greedy:
             tokens = torch.argmax(logits, dim=-1)
         else:
@@ -339,6 +355,10 @@ def _decode(net: _GPT2, contexts: List[List[int]], max_decoding_length: int,
         shown = torch.where(done, end, tokens)
         out[:, step] = shown
         done |= (shown == end) | (room <= step + 1)
+        if stop_check is not None:
+            done |= stop_check(shown, done).to(device)
+        if seen is not None:
+            seen[rows, tokens] = True
         if on_tokens is not None:
             on_tokens(shown, done)
         if step + 1 == steps or bool(done.all()):
@@ -348,6 +368,24 @@ def _decode(net: _GPT2, contexts: List[List[int]], max_decoding_length: int,
                             slot, batch.step_mask(slot + 1))
         logits = net.logits(hidden[:, -1])
     return [_cut(row, end_token) for row in out.tolist()]
+
+
+def _seen_tokens(contexts: List[List[int]], n_vocab: int,
+                 device: torch.device) -> torch.Tensor:
+    """Bool [B, V]: True for the tokens of each row's context."""
+    seen = torch.zeros(len(contexts), n_vocab, dtype=torch.bool, device=device)
+    for row, context in enumerate(contexts):
+        seen[row, torch.tensor(context, device=device)] = True
+    return seen
+
+
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor,
+                        penalty: float) -> torch.Tensor:
+    """Hugging Face's repetition penalty: the logits of `seen` tokens divided
+    by `penalty` when positive, multiplied when negative (each token once)."""
+    logits = logits.float()
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
 
 
 def _cut(ids: List[int], end_token: int) -> List[int]:

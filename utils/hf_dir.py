@@ -27,7 +27,7 @@ import math
 import os
 import shutil
 import struct
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -35,8 +35,8 @@ from utils.atomic import atomic_write
 from utils.errors import UserError
 from utils.hf_format import hf_tensor_shapes, hf_to_texar_state_dict
 from utils.model import check_sizes
-from utils.processor import (ENCODER_FILE, EOS_TOKEN, MERGES_FILE, SHIPPED_VOCAB_DIR,
-                             Encoder, get_encoder)
+from utils.processor import (EOS_TOKEN, SHIPPED_VOCAB_FILES, Encoder, get_encoder,
+                             vocab_files)
 
 CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
@@ -204,7 +204,8 @@ def _check_shape(name: str, shape, expected: Dict[str, Tuple[int, ...]], path: s
                         f"need {list(want)}: the weights and config.json do not match")
 
 
-def _read_safetensors(path: str, expected, out: Dict[str, torch.Tensor]) -> None:
+def _safetensors_tensors(path: str, expected) -> Iterator[Tuple[str, torch.Tensor]]:
+    """A safetensors file's tensors one at a time, all shapes checked first."""
     from safetensors import SafetensorError, safe_open
     if not os.path.isfile(path):
         raise UserError(f"weight file {path} is missing; download the model again")
@@ -213,13 +214,13 @@ def _read_safetensors(path: str, expected, out: Dict[str, torch.Tensor]) -> None
             for key in f.keys():
                 _check_shape(_hf_name(key), f.get_slice(key).get_shape(), expected, path)
             for key in f.keys():
-                _add(out, _hf_name(key), f.get_tensor(key), path)
+                yield _hf_name(key), f.get_tensor(key)
     except SafetensorError as err:
         raise UserError(f"{path} is not a readable safetensors file ({err}); it may be "
                         "truncated: download it again") from None
 
 
-def _read_torch_bin(path: str, expected, out: Dict[str, torch.Tensor]) -> None:
+def _torch_bin_tensors(path: str, expected) -> Iterator[Tuple[str, torch.Tensor]]:
     if not os.path.isfile(path):
         raise UserError(f"weight file {path} is missing; download the model again")
     try:
@@ -234,26 +235,35 @@ def _read_torch_bin(path: str, expected, out: Dict[str, torch.Tensor]) -> None:
         raise UserError(f"{path} does not hold a state dict (tensor name -> tensor)")
     for key, tensor in state.items():
         _check_shape(_hf_name(key), tensor.shape, expected, path)
-        _add(out, _hf_name(key), tensor, path)
+    while state:  # handed on one by one, so that a streaming caller frees each
+        key, tensor = state.popitem()
+        yield _hf_name(key), tensor
 
 
-def _add(out: Dict[str, torch.Tensor], name: str, tensor: torch.Tensor, path: str) -> None:
-    if name in out:
-        raise UserError(f"{path}: tensor {name} is given twice; download the model again")
-    out[name] = tensor
+def iter_hf_tensors(directory: str, sizes: Mapping[str, int]
+                    ) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(GPT2LMHeadModel name, tensor) of every tensor in the directory's weight
+    files, as stored: one file at a time, each file's shapes checked against
+    `sizes` (from `read_hf_config`) before its tensors are read. safetensors
+    files are read one tensor at a time; a `.bin` file is loaded whole."""
+    expected = hf_tensor_shapes(sizes)
+    for path in _weight_files(directory):
+        if path.endswith(".safetensors"):
+            yield from _safetensors_tensors(path, expected)
+        else:
+            yield from _torch_bin_tensors(path, expected)
 
 
 def read_hf_weights(directory: str, sizes: Mapping[str, int]) -> Dict[str, torch.Tensor]:
     """texar GPT2Decoder state dict of the Hugging Face GPT-2 in `directory`
     (sizes from `read_hf_config`). Tensors keep their stored dtype; texar's
     `load_state_dict` casts them into the model's."""
-    expected = hf_tensor_shapes(sizes)
     hf_state: Dict[str, torch.Tensor] = {}
-    for path in _weight_files(directory):
-        if path.endswith(".safetensors"):
-            _read_safetensors(path, expected, hf_state)
-        else:
-            _read_torch_bin(path, expected, hf_state)
+    for name, tensor in iter_hf_tensors(directory, sizes):
+        if name in hf_state:
+            raise UserError(f"{directory}: tensor {name} is given twice; download the "
+                            "model again")
+        hf_state[name] = tensor
     return hf_to_texar_state_dict(hf_state, sizes["n_layer"])
 
 
@@ -373,20 +383,21 @@ def write_hf_dir(dst: str, hf_tensors: Iterable[Tuple[str, torch.Tensor]],
     """Write a Hugging Face GPT-2 directory into `dst` (created if needed;
     refusing a non-empty one is the caller's business). `hf_tensors` yields
     GPT2LMHeadModel (name, tensor) pairs, e.g. hf_format.texar_to_hf_tensors;
-    `vocab_dir` holds encoder.json + vocab.bpe (default: GPT-2's, shipped).
+    `vocab_dir` holds encoder.json + vocab.bpe, or vocab.json + merges.txt
+    (default, or when it holds neither: GPT-2's, shipped).
     Returns the names of the files written, in the order written."""
     sizes = check_sizes(sizes, "the model sizes", exact=True)
-    vocab_dir = vocab_dir or SHIPPED_VOCAB_DIR
-    encoder = Encoder.from_files(os.path.join(vocab_dir, ENCODER_FILE),
-                                 os.path.join(vocab_dir, MERGES_FILE))
+    encoder_file, merges_file = (vocab_files(vocab_dir) if vocab_dir else None) \
+        or SHIPPED_VOCAB_FILES
+    encoder = get_encoder(os.path.dirname(encoder_file))
     if encoder.vocab_size > sizes["n_vocab"]:
-        raise UserError(f"the vocabulary in {vocab_dir} has {encoder.vocab_size} tokens but "
-                        f"the model only {sizes['n_vocab']}")
+        raise UserError(f"the vocabulary in {os.path.dirname(encoder_file)} has "
+                        f"{encoder.vocab_size} tokens but the model only {sizes['n_vocab']}")
     os.makedirs(dst, exist_ok=True)
     write_safetensors(os.path.join(dst, SAFETENSORS), hf_tensors, hf_tensor_shapes(sizes),
                       dtype)
-    _copy(os.path.join(vocab_dir, ENCODER_FILE), os.path.join(dst, HF_VOCAB))
-    _copy(os.path.join(vocab_dir, MERGES_FILE), os.path.join(dst, HF_MERGES))
+    _copy(encoder_file, os.path.join(dst, HF_VOCAB))
+    _copy(merges_file, os.path.join(dst, HF_MERGES))
     jsons = {**_tokenizer_files(sizes),
              "generation_config.json": {"bos_token_id": encoder.eos_id,
                                         "eos_token_id": encoder.eos_id},

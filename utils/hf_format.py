@@ -12,6 +12,7 @@ The Hugging Face side is GPT2LMHeadModel's state dict:
 - `transformer.ln_f`, and `lm_head.weight`, tied to `transformer.wte.weight`
   (texar ties `decoder._output_layer.weight` to its word embedding likewise).
 """
+import functools
 from typing import Dict, Iterator, List, Mapping, Tuple
 
 import torch
@@ -128,6 +129,33 @@ def hf_to_texar_state_dict(hf_state: StateDict, n_layer: int) -> StateDict:
     return texar_state
 
 
+@functools.lru_cache(maxsize=8)
+def _texar_of_hf_names(n_layer: int) -> Dict[str, Tuple[Tuple[str, ...], bool]]:
+    """Hugging Face name -> (texar names it fills, transposed) for every weight."""
+    table = {hf: ((tx,), transposed) for hf, tx, transposed in _one_to_one(n_layer)}
+    for i in range(n_layer):
+        fused, parts = _fused_qkv(i)
+        table[fused + ".weight"] = tuple(p + ".weight" for p in parts), True
+        table[fused + ".bias"] = tuple(p + ".bias" for p in parts), False
+    return table
+
+
+def texar_of_hf_tensor(hf_name: str, tensor: torch.Tensor, n_layer: int
+                       ) -> List[Tuple[str, torch.Tensor]]:
+    """The texar (name, tensor) pairs one Hugging Face weight of a checked
+    shape becomes (c_attn: three), so that a state dict can be built from a
+    stream holding one copy; [] for the tied lm_head and old mask buffers."""
+    if hf_name == _HF_HEAD or hf_name.endswith(_HF_MASK_BUFFERS):
+        return []
+    entry = _texar_of_hf_names(n_layer).get(hf_name)
+    if entry is None:
+        raise UserError(f"{hf_name} is not a weight of a GPT-2 of {n_layer} layers")
+    names, transposed = entry
+    value = tensor.t() if transposed else tensor
+    pieces = value.chunk(3) if len(names) == 3 else [value]
+    return [(name, piece.contiguous()) for name, piece in zip(names, pieces)]
+
+
 def _check_nothing_left_over(hf_state: StateDict, n_layer: int) -> None:
     used = {hf for hf, _, _ in _one_to_one(n_layer)} | {_HF_HEAD}
     used |= {_fused_qkv(i)[0] + end for i in range(n_layer) for end in (".weight", ".bias")}
@@ -206,3 +234,9 @@ def openai_of_hf_tensors(hf_tensors) -> Iterator[Tuple[str, torch.Tensor]]:
     for name, tensor in hf_tensors:
         if name != _HF_HEAD:
             yield openai_of_hf(name, tensor)
+
+
+def tie_output_layer(texar_state: StateDict) -> StateDict:
+    """Add texar's output layer to a state dict: the word embedding, tied."""
+    texar_state[_TEXAR_HEAD] = texar_state["word_embedder._embedding"]
+    return texar_state

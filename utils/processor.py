@@ -15,8 +15,9 @@ GPT-2 tokenizes in three steps:
    rank first, until no listed pair is left. `encoder.json` names the ids.
 
 Step 3 is the slow part and natural text repeats its words, so the ids of each
-piece are cached. The vocabulary (`encoder.json` + `vocab.bpe`) is the one in a
-model directory when it has both files, else the copy in utils/gpt2_vocab/.
+piece are cached. The vocabulary (`encoder.json` + `vocab.bpe`, or Hugging
+Face's `vocab.json` + `merges.txt`, the same formats) is the one in a model
+directory when it has both files, else the copy in utils/gpt2_vocab/.
 
 Behaviour matches OpenAI's gpt-2 `encoder.py` id for id (checked against
 tiktoken and Hugging Face `tokenizers` in tests/test_processor.py), including:
@@ -52,8 +53,12 @@ EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 50256  # id of EOS_TOKEN in GPT-2's encoder.json; GPT-2's BOS/EOS/PAD
 ENCODER_FILE = "encoder.json"
 MERGES_FILE = "vocab.bpe"
+# The vocabulary files a model directory may hold: OpenAI's, then Hugging Face's.
+VOCAB_FILE_PAIRS = ((ENCODER_FILE, MERGES_FILE), ("vocab.json", "merges.txt"))
 SHIPPED_VOCAB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                  "gpt2_vocab")
+SHIPPED_VOCAB_FILES = (os.path.join(SHIPPED_VOCAB_DIR, ENCODER_FILE),
+                       os.path.join(SHIPPED_VOCAB_DIR, MERGES_FILE))
 
 # GPT-2's pre-tokenization pattern. It is case-sensitive ("'S" is not a
 # contraction) and `\s+(?!\S)` leaves the last space of a run to the next word.
@@ -352,31 +357,38 @@ class Encoder:
 _ENCODERS: Dict[tuple, Tuple[tuple, Encoder]] = {}  # real paths -> (file stamps, encoder)
 
 
-def get_encoder(model_dir: Optional[str] = None) -> Encoder:
-    """The GPT-2 tokenizer of `model_dir`, or the shipped one.
-
-    If `model_dir` holds `encoder.json` and `vocab.bpe` (as OpenAI's model
-    downloads do) they are used; if it holds neither, or `model_dir` is None,
-    the copy shipped in utils/gpt2_vocab/ is. Encoders are cached per file
-    (path, size and modification time), so repeated calls are cheap.
-    """
-    vocab_dir = SHIPPED_VOCAB_DIR
-    if model_dir is not None:
-        if not os.path.isdir(model_dir):
-            raise UserError(f"model directory {model_dir} does not exist or is "
-                            f"not a directory; check the path")
-        has = {name: os.path.exists(os.path.join(model_dir, name))
-               for name in (ENCODER_FILE, MERGES_FILE)}
+def vocab_files(model_dir: str) -> Optional[Tuple[str, str]]:
+    """(encoder.json path, vocab.bpe path) of the vocabulary in `model_dir`, or
+    None when it has none. Hugging Face directories hold the same two files
+    as `vocab.json` and `merges.txt`; OpenAI's names win when both are there.
+    A pair with one file missing is a UserError."""
+    if not os.path.isdir(model_dir):
+        raise UserError(f"model directory {model_dir} does not exist or is "
+                        f"not a directory; check the path")
+    for pair in VOCAB_FILE_PAIRS:
+        has = {name: os.path.exists(os.path.join(model_dir, name)) for name in pair}
         if all(has.values()):
-            vocab_dir = model_dir
-        elif any(has.values()):
+            return os.path.join(model_dir, pair[0]), os.path.join(model_dir, pair[1])
+        if any(has.values()):
             present, missing = sorted(has, key=has.get, reverse=True)
             raise UserError(
                 f"{model_dir} has {present} but not {missing}; the tokenizer needs "
                 f"both: copy {missing} from the same model download, or remove "
                 f"{present} to use the GPT-2 vocabulary shipped in utils/gpt2_vocab/")
-    encoder_path = os.path.join(vocab_dir, ENCODER_FILE)
-    merges_path = os.path.join(vocab_dir, MERGES_FILE)
+    return None
+
+
+def get_encoder(model_dir: Optional[str] = None) -> Encoder:
+    """The GPT-2 tokenizer of `model_dir`, or the shipped one.
+
+    If `model_dir` holds `encoder.json` and `vocab.bpe` (as OpenAI's model
+    downloads do), or `vocab.json` and `merges.txt` (Hugging Face's names for
+    them), they are used; if it holds neither, or `model_dir` is None, the
+    copy shipped in utils/gpt2_vocab/ is. Encoders are cached per file
+    (path, size and modification time), so repeated calls are cheap.
+    """
+    found = vocab_files(model_dir) if model_dir is not None else None
+    encoder_path, merges_path = found or SHIPPED_VOCAB_FILES
     key = (os.path.realpath(encoder_path), os.path.realpath(merges_path))
     stamp = (_file_stamp(encoder_path), _file_stamp(merges_path))
     cached = _ENCODERS.get(key)

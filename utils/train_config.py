@@ -8,7 +8,7 @@ precision the device cannot run.
 """
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -46,6 +46,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     trainable: str = "all"
     tensorboard_dir: Optional[str] = None
+    sample_steps: int = -1
+    sample_prompts: Tuple[str, ...] = ("",)
+    early_stopping_patience: int = -1
     name: str = field(default="", compare=False)
 
 
@@ -53,7 +56,8 @@ _REQUIRED = ("data_dir", "max_seq_length", "train_batch_size", "eval_batch_size"
              "test_batch_size", "max_train_epoch", "display_steps", "eval_steps", "opt")
 _OPTIONAL = ("max_decoding_length", "checkpoint_steps", "warmup_steps", "lr_decay",
              "min_lr_ratio", "gradient_accumulation_steps", "precision", "seed",
-             "gradient_checkpointing", "trainable", "tensorboard_dir")
+             "gradient_checkpointing", "trainable", "tensorboard_dir",
+             "sample_steps", "sample_prompts", "early_stopping_patience")
 # Names the original examples used for the data directory.
 _DATA_DIR_ALIASES = ("tfrecord_data_dir", "pickle_data_dir")
 
@@ -110,7 +114,8 @@ def check_train_config(cfg: TrainConfig) -> None:
                 "max_train_epoch", "gradient_accumulation_steps"):
         if not _is_int(getattr(cfg, key)) or getattr(cfg, key) < 1:
             bad(key, "must be a positive integer")
-    for key in ("display_steps", "eval_steps", "checkpoint_steps", "seed"):
+    for key in ("display_steps", "eval_steps", "checkpoint_steps", "seed",
+                "sample_steps", "early_stopping_patience"):
         if not _is_int(getattr(cfg, key)):
             bad(key, "must be an integer (-1 disables the step-based ones)")
     if not 0 <= cfg.seed <= MAX_SEED:
@@ -126,6 +131,12 @@ def check_train_config(cfg: TrainConfig) -> None:
         bad("lr_decay", f"must be one of {', '.join(LR_DECAYS)}")
     if not isinstance(cfg.min_lr_ratio, (int, float)) or not 0 <= cfg.min_lr_ratio <= 1:
         bad("min_lr_ratio", "must be a number between 0 and 1")
+    if (not isinstance(cfg.sample_prompts, (list, tuple)) or not cfg.sample_prompts
+            or not all(isinstance(p, str) for p in cfg.sample_prompts)):
+        bad("sample_prompts", "must be a list of texts, e.g. ['', 'Once upon a time']")
+    if cfg.early_stopping_patience > 0 and cfg.eval_steps <= 0:
+        bad("early_stopping_patience", "counts dev evaluations: set eval_steps "
+                                       "too, or -1 to disable it")
     if cfg.precision not in PRECISIONS:
         bad("precision", f"must be one of {', '.join(PRECISIONS)}")
     if not isinstance(cfg.gradient_checkpointing, bool):

@@ -43,16 +43,18 @@ from utils.errors import UserError
 from utils.lm import EvalResult, autocast, evaluate, lm_nll, lr_multiplier, perplexity
 from utils.memory_options import apply_memory_options
 from utils.metrics_log import MetricsLog
+from utils.model import has_memory
 from utils.optimizer import build_optimizer
-from utils.processor import EOS_ID
+from utils.processor import EOS_ID, get_encoder
 from utils.rng_state import gather_rng_states, restore_rng_states, seed_new_run
 from utils.train_config import TrainConfig, check_precision
+from utils.train_samples import SAMPLES_LOG, write_training_samples
 from utils.weights import (BEST_CHECKPOINT, CHECKPOINT_FORMAT, LAST_CHECKPOINT,
                            checkpoint_model_fields, save_checkpoint)
 
 METRICS_LOG = "metrics.jsonl"
 # Every file a training run writes into its output directory.
-TRAINING_OUTPUTS = (LAST_CHECKPOINT, BEST_CHECKPOINT, METRICS_LOG)
+TRAINING_OUTPUTS = (LAST_CHECKPOINT, BEST_CHECKPOINT, METRICS_LOG, SAMPLES_LOG)
 
 
 # ---------------------------------------------------------------------------
@@ -112,13 +114,14 @@ class Trainer:
                  stop_after_steps: Optional[int] = None, progress: bool = True):
         self.cfg, self.ctx = cfg, ctx
         # Checkpoints store the model's sizes as plain numbers, never texar hparams.
-        self.model_fields = checkpoint_model_fields(model_hparams)
+        self.model_fields = checkpoint_model_fields(model_hparams, has_memory(model))
         self.train_split, self.dev_split = train_split, dev_split
         self.output_dir = output_dir
         self.stop_after_steps = stop_after_steps
         self.progress = progress and ctx.is_main
         self.device = ctx.device
         check_precision(cfg.precision, self.device)
+        self.encoder = get_encoder() if cfg.sample_steps > 0 else None
 
         self.plain_model = model
         model.train()
@@ -139,6 +142,7 @@ class Trainer:
         self.epoch = 0            # the epoch in progress
         self.examples_done = 0    # of this epoch's global order
         self.best_dev_ppl: Optional[float] = None
+        self.evals_since_best = 0  # for early_stopping_patience
         self.last_eval: Optional[EvalResult] = None
         self.last_eval_step: Optional[int] = None
         self.window = _Window(self.device)  # training loss since the last display
@@ -172,6 +176,7 @@ class Trainer:
             "examples_done_in_epoch": self.examples_done,
             "rng": rng,
             "best_dev_ppl": self.best_dev_ppl,
+            "evals_since_best": self.evals_since_best,
             "last_eval_step": self.last_eval_step,
             "last_eval": dataclasses.asdict(self.last_eval) if self.last_eval else None,
             "display_window": {"nll": window_nll, "tokens": self.window.tokens},
@@ -207,6 +212,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.examples_done = int(state["examples_done_in_epoch"])
         self.best_dev_ppl = state.get("best_dev_ppl")
+        self.evals_since_best = int(state.get("evals_since_best") or 0)
         self.last_eval_step = state.get("last_eval_step")
         if state.get("last_eval"):
             self.last_eval = EvalResult(**state["last_eval"])
@@ -307,7 +313,12 @@ class Trainer:
             self.ctx.print(f"Interrupted at step {self.step}: saved {last_path}. Continue "
                         f"with --do_train --checkpoint {last_path}.", file=sys.stderr)
             raise TrainingInterrupted
-        if stopped_by == "stop_after_steps":
+        if stopped_by == "early_stopping":
+            self.ctx.print(f"Stopped at step {self.step}: no better dev perplexity in "
+                        f"{cfg.early_stopping_patience} evaluations "
+                        f"(early_stopping_patience); the best model is "
+                        f"{os.path.join(self.output_dir, BEST_CHECKPOINT)}.")
+        elif stopped_by == "stop_after_steps":
             self.ctx.print(f"Stopped at step {self.step} (--stop_after_steps); saved "
                         f"{last_path}. Continue with --do_train --checkpoint {last_path}.")
         else:
@@ -317,7 +328,7 @@ class Trainer:
         """One optimizer step over `group` (micro-batches of example indices)."""
         ctx, cfg = self.ctx, self.cfg
         batches = [self._batch(ix) for ix in group]
-        local_tokens = sum(int((lengths - 1).sum()) for _, lengths in batches)
+        local_tokens = sum(int((lengths - starts).sum()) for _, lengths, starts in batches)
         tokens = dist_utils.all_reduce_sum(
             torch.tensor([local_tokens], dtype=torch.float64), ctx)
         scale = ctx.world_size / float(tokens[0])
@@ -329,12 +340,15 @@ class Trainer:
             group_["lr"] = base_lr * multiplier
 
         step_nll = torch.zeros((), device=self.device)
-        for i, (ids, lengths) in enumerate(batches):
+        for i, (ids, lengths, starts) in enumerate(batches):
             ids = ids.to(self.device, non_blocking=True)
             lengths = lengths.to(self.device, non_blocking=True)
+            # Plain text needs no starts: every token after the first counts.
+            starts = (starts.to(self.device, non_blocking=True)
+                      if self.train_split.conditional else None)
             with dist_utils.maybe_no_sync(self.model, sync=i == len(batches) - 1):
                 with autocast(cfg.precision, self.device):
-                    nll, _ = lm_nll(self.model, ids, lengths)
+                    nll, _ = lm_nll(self.model, ids, lengths, starts=starts)
                 loss = nll * scale
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
@@ -376,21 +390,24 @@ class Trainer:
         return interrupted
 
     def _batch(self, indices: List[int]):
-        """A padded batch; sampler padding slots become rows with no targets
-        (length 1), so a rank still runs its step without counting an example
-        twice."""
+        """(ids, lengths, target starts) of a padded batch; sampler padding
+        slots become rows with no targets (length 1), so a rank still runs its
+        step without counting an example twice."""
         real = [i for i in indices if i != PAD_INDEX]
         empty = len(indices) - len(real)
-        if not empty:
-            return self.train_split.batch(real, EOS_ID)
         if real:
             ids, lengths = self.train_split.batch(real, EOS_ID)
+            starts = self.train_split.starts(real)
         else:  # width 2: the model needs at least one input position
-            ids, lengths = (torch.empty(0, 2, dtype=torch.int64),
-                            torch.empty(0, dtype=torch.int64))
+            ids, lengths, starts = (torch.empty(0, 2, dtype=torch.int64),
+                                    torch.empty(0, dtype=torch.int64),
+                                    torch.empty(0, dtype=torch.int64))
+        if not empty:
+            return ids, lengths, starts
         ids = torch.cat([ids, torch.full((empty, ids.size(1)), EOS_ID, dtype=ids.dtype)])
         lengths = torch.cat([lengths, torch.ones(empty, dtype=lengths.dtype)])
-        return ids, lengths
+        starts = torch.cat([starts, torch.ones(empty, dtype=starts.dtype)])
+        return ids, lengths, starts
 
     def _after_step(self, window: "_Window", bar, stop: StopRequest,
                     last_path: str) -> Optional[str]:
@@ -407,6 +424,11 @@ class Trainer:
         paused = time.perf_counter()  # evaluation and saving do not count in tok/s
         if eval_due:
             self.evaluate_and_track(should_stop=stop)
+        if cfg.sample_steps > 0 and step % cfg.sample_steps == 0 and self.ctx.is_main:
+            write_training_samples(self.plain_model, self.encoder, cfg.sample_prompts,
+                                   step=step, seed=cfg.seed,
+                                   max_decoding_length=cfg.max_decoding_length,
+                                   output_dir=self.output_dir)
         if save_due:
             self.save(last_path)
         window.start += time.perf_counter() - paused
@@ -415,9 +437,20 @@ class Trainer:
         # exactly in save()).
         if self._stop_if_diverged(exact=False, interrupt=stop()):
             return "interrupt"
+        if eval_due and self._patience_exhausted():
+            return "early_stopping"
         if self.stop_after_steps is not None and step >= self.stop_after_steps:
             return "stop_after_steps"
         return None
+
+    def _patience_exhausted(self) -> bool:
+        """early_stopping_patience evaluations in a row without a better dev
+        perplexity (rank 0 knows; every rank gets its answer)."""
+        patience = self.cfg.early_stopping_patience
+        if patience <= 0:
+            return False
+        flag = torch.tensor([float(self.evals_since_best >= patience)], device=self.device)
+        return bool(dist_utils.all_reduce_sum(flag, self.ctx)[0] > 0)
 
     def _display(self, window: "_Window", bar) -> None:
         nll = dist_utils.all_reduce_sum(window.nll.reshape(1).double(), self.ctx)
@@ -456,6 +489,7 @@ class Trainer:
                     self.best_dev_ppl is None or result.perplexity < self.best_dev_ppl)
                 mark = " (best so far)" if improved else ""
                 self.ctx.print(f"step {self.step:>6} | {result.describe()}{mark}")
+                self.evals_since_best = 0 if improved else self.evals_since_best + 1
                 if improved:
                     self.best_dev_ppl = result.perplexity
                     save_checkpoint(os.path.join(self.output_dir, BEST_CHECKPOINT), {

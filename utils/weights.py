@@ -3,18 +3,22 @@
 Two steps, so that a flag that cannot work fails before gigabytes are read or
 downloaded:
 1. `resolve_model(...)` applies the scripts' flag precedence (--checkpoint, then
-   --from_scratch, then OpenAI's checkpoint, downloaded when missing) and
-   returns a `ResolvedModel`: the model's checked sizes, where its weights come
-   from and the tokenizer's directory. Of OpenAI's files only hparams.json is
-   fetched; our own checkpoint is read here, once, keeping both its model state
-   and its training state.
+   --from_scratch, then the pretrained model of --pretrain_model_dir: OpenAI's
+   checkpoint, downloaded when missing, or a Hugging Face GPT-2 directory,
+   told apart by their files; `hf:NAME` fetches one from the Hub, see
+   utils/hf_hub.py) and returns a `ResolvedModel`: the model's checked sizes,
+   where its weights come from and the tokenizer's directory. Of OpenAI's
+   files only hparams.json is fetched, of a Hugging Face model config.json;
+   our own checkpoint is read here, once, keeping both its model state and its
+   training state.
 2. `load_weights(resolved)` builds the GPT2Decoder and fills it.
 
 Our checkpoints, written by gpt2_train_main.py (LAST_CHECKPOINT during training,
 BEST_CHECKPOINT at the best dev perplexity), are a `torch.save`d dict of data
 only: "model" (the state dict), "model_sizes" (GPT-2's five size numbers as
-ints), "model_dropout" (three floats), "format" (CHECKPOINT_FORMAT) and the
-training state (tensors, numbers, strings). They load with `weights_only=True`:
+ints), "model_dropout" (three floats), "with_memory" (a bool: the model keeps
+texar's cross-attention, utils/model.py's memory mode; absent means False),
+"format" (CHECKPOINT_FORMAT) and the training state (tensors, numbers, strings). They load with `weights_only=True`:
 nothing is unpickled.
 
 A checkpoint never chooses code. texar builds whatever class an hparams "type"
@@ -29,13 +33,14 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from utils import openai_weights
+from utils import hf_hub, openai_weights
 from utils.atomic import atomic_write
 from utils.errors import UserError
 from utils.memory import require_memory
 from utils.model import (build_model, build_peak_bytes, check_dropout, check_sizes,
-                         check_sizes_agree, hparams_from_openai, hparams_from_sizes,
-                         load_model_hparams, model_dropout, model_size)
+                         check_sizes_agree, config_with_memory, hparams_from_openai,
+                         hparams_from_sizes, is_memory_parameter, load_model_hparams,
+                         model_dropout, model_size)
 
 CHECKPOINT_FORMAT = "gpt2-texar-train-1"
 LAST_CHECKPOINT = "model.ckpt"        # the training state, to continue a run
@@ -53,6 +58,7 @@ RELEASED_SIZES = {
 }
 # Where a ResolvedModel's weights come from.
 FROM_CHECKPOINT, FROM_SCRATCH, FROM_OPENAI = "checkpoint", "scratch", "openai"
+FROM_HF = "huggingface"
 
 
 # ---------------------------------------------------------------------------
@@ -94,10 +100,21 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     return state
 
 
-def checkpoint_model_fields(hparams: Dict[str, Any]) -> Dict[str, Any]:
-    """What a checkpoint stores to rebuild its model: plain ints and floats."""
+def checkpoint_model_fields(hparams: Dict[str, Any],
+                            with_memory: bool = False) -> Dict[str, Any]:
+    """What a checkpoint stores to rebuild its model: plain ints, floats, a bool."""
     return {"model_sizes": model_size(hparams),
-            "model_dropout": model_dropout(hparams)}
+            "model_dropout": model_dropout(hparams),
+            "with_memory": bool(with_memory)}
+
+
+def checkpoint_with_memory(state: Dict[str, Any], path: str) -> bool:
+    """A checkpoint's "with_memory" (False when absent, as in older ones)."""
+    value = state.get("with_memory", False)
+    if not isinstance(value, bool):
+        raise UserError(f"checkpoint {path}: with_memory must be true or false, not "
+                        f"{type(value).__name__}: the file is damaged")
+    return value
 
 
 def hparams_from_checkpoint(state: Dict[str, Any], path: str) -> Dict[str, Any]:
@@ -131,16 +148,19 @@ class ResolvedModel:
     """What the weight flags chose, known before any weights are read."""
     sizes: Dict[str, int]      # the five checked sizes (utils.model.model_size)
     hparams: Dict[str, Any]    # texar hparams rebuilt from them
-    origin: str                # FROM_CHECKPOINT, FROM_SCRATCH or FROM_OPENAI
-    path: Optional[str]        # our checkpoint file or OpenAI's prefix; None from scratch
+    origin: str                # FROM_CHECKPOINT, FROM_SCRATCH, FROM_OPENAI or FROM_HF
+    # Our checkpoint file, OpenAI's prefix or the Hugging Face directory; None from scratch.
+    path: Optional[str]
     sizes_from: str            # the file or config the sizes were read from
     vocab_dir: Optional[str]   # pass to utils.processor.get_encoder
     source: str                # where the weights come from, for messages
     download: bool = False     # fetch OpenAI's missing files into a default-named folder
+    hub_name: Optional[str] = None  # hf:NAME whose weights are still to fetch
     # From our checkpoint: its weights (handed to the model by load_weights,
     # then dropped), and its training state, None when it holds weights only.
     model_state: Optional[Dict[str, torch.Tensor]] = None
     training_state: Optional[Dict[str, Any]] = None
+    with_memory: bool = False  # keep texar's cross-attention (utils/model.py)
 
     def describe(self) -> str:
         """Where the sizes come from, and the ones memory grows with: for messages."""
@@ -158,6 +178,7 @@ class LoadedModel:
     hparams: Dict[str, Any]    # the texar hparams it was built from
     vocab_dir: Optional[str]   # pass to utils.processor.get_encoder
     source: str                # where the weights came from, for messages
+    with_memory: bool = False  # has cross-attention (utils/model.py's memory mode)
 
 
 def default_pretrain_model_dir(config_sizes: Optional[Dict[str, int]]) -> str:
@@ -183,6 +204,9 @@ def resolve_model(*, config_model: Optional[str] = None,
     --config_model must agree with the checkpoint's sizes. Nothing large is
     read or downloaded yet, except our own checkpoint (read once, here).
     """
+    hub_name = pretrain_model_dir if hf_hub.is_hub_name(pretrain_model_dir) else None
+    if hub_name:  # its small files now, its weights in load_weights
+        pretrain_model_dir = hf_hub.fetch_hub_model(hub_name, weights=False)
     _check_weight_paths(pretrain_model_dir, pretrain_checkpoint)
     config = load_model_hparams(config_model) if config_model else None
     if pretrain_model_dir is None:
@@ -198,13 +222,29 @@ def resolve_model(*, config_model: Optional[str] = None,
         return ResolvedModel(sizes=model_size(hparams), hparams=hparams,
                              origin=FROM_SCRATCH, path=None, sizes_from=name,
                              vocab_dir=vocab_dir,
-                             source=f"random initialisation ({name})")
+                             source=f"random initialisation ({name})",
+                             with_memory=config_with_memory(name))
+    elif not pretrain_checkpoint and _holds_hf_model(pretrain_model_dir):
+        resolved = _resolve_hf(pretrain_model_dir, hub_name)
     else:
         prefix = pretrain_checkpoint or os.path.join(pretrain_model_dir, OPENAI_PREFIX)
         resolved = _resolve_openai(prefix, download)
     if config:
         check_sizes_agree(config, resolved.sizes, config_model, resolved.sizes_from)
+        _apply_config_memory(resolved, config_with_memory(config_model), config_model)
     return resolved
+
+
+def _apply_config_memory(resolved: ResolvedModel, wanted: bool, config_name: str) -> None:
+    """A config's memory = True: fresh cross-attention on OpenAI's weights; a
+    checkpoint keeps what it was trained with and must agree."""
+    if not wanted:
+        return  # not asked for: OpenAI's weights alone, or the checkpoint's own
+    if resolved.origin == FROM_CHECKPOINT and not resolved.with_memory:
+        raise UserError(f"{config_name} sets memory = True but {resolved.path} has no "
+                        f"cross-attention: leave out --config_model, or start from "
+                        f"OpenAI's weights with that config")
+    resolved.with_memory = True
 
 
 def _resolve_checkpoint(path: str, vocab_dir: Optional[str]) -> ResolvedModel:
@@ -215,7 +255,34 @@ def _resolve_checkpoint(path: str, vocab_dir: Optional[str]) -> ResolvedModel:
                          origin=FROM_CHECKPOINT, path=path, sizes_from=path,
                          vocab_dir=vocab_dir, source=f"fine-tuned checkpoint {path}",
                          model_state=model_state,
-                         training_state=state if "optimizer" in state else None)
+                         training_state=state if "optimizer" in state else None,
+                         with_memory=checkpoint_with_memory(state, path))
+
+
+def _holds_hf_model(model_dir: str) -> bool:
+    """Whether --pretrain_model_dir is a Hugging Face GPT-2 directory, told by
+    its files. A missing directory, or a released model's folder without
+    config.json, is OpenAI's (its files are downloaded); any other directory
+    holding neither format is refused, naming what it holds."""
+    from utils.hf_dir import CONFIG, detect_format
+    from utils.model_files import model_name_of_dir
+    if not os.path.isdir(model_dir):
+        return False
+    if not os.path.exists(os.path.join(model_dir, CONFIG)) and \
+            model_name_of_dir(model_dir, prefix_optional=True) is not None:
+        return False
+    return detect_format(model_dir) == "hf"
+
+
+def _resolve_hf(model_dir: str, hub_name: Optional[str]) -> ResolvedModel:
+    """Only config.json is read to learn the sizes."""
+    from utils.hf_dir import CONFIG, read_hf_config
+    config_path = os.path.join(model_dir, CONFIG)
+    sizes = read_hf_config(config_path)
+    return ResolvedModel(sizes=sizes, hparams=hparams_from_sizes(sizes), origin=FROM_HF,
+                         path=model_dir, sizes_from=config_path, vocab_dir=model_dir,
+                         source=f"Hugging Face model {hub_name or model_dir}",
+                         hub_name=hub_name)
 
 
 def _resolve_openai(prefix: str, download: bool) -> ResolvedModel:
@@ -291,17 +358,26 @@ def load_weights(resolved: ResolvedModel) -> LoadedModel:
     _require_build_memory(sizes, source)
     if resolved.origin == FROM_OPENAI:
         _ensure_openai_files(resolved.path, resolved.download)
+    elif resolved.origin == FROM_HF and resolved.hub_name:
+        hf_hub.fetch_hub_model(resolved.hub_name, weights=True,
+                               revision=hf_hub.snapshot_revision(resolved.path))
     _check_vocabulary(sizes["n_vocab"], resolved.vocab_dir, source)
-    model = build_model(resolved.hparams)
+    model = build_model(resolved.hparams, resolved.with_memory)
     if resolved.origin == FROM_OPENAI:
         openai_weights.load_openai_weights(model, resolved.path)
     elif resolved.origin == FROM_CHECKPOINT:
         _load_state_dict(model, resolved.model_state, resolved.path)
         resolved.model_state = None  # the model holds the weights now, once
+    elif resolved.origin == FROM_HF:
+        from utils.hf_dir import read_hf_weights
+        # Memory mode's cross-attention is not in GPT-2's files: it stays fresh.
+        _load_state_dict(model, read_hf_weights(resolved.path, resolved.sizes),
+                         resolved.path, fresh_memory=resolved.with_memory)
     _refuse_non_finite(model, source)
     model.eval()
     return LoadedModel(model=model, hparams=resolved.hparams,
-                       vocab_dir=resolved.vocab_dir, source=source)
+                       vocab_dir=resolved.vocab_dir, source=source,
+                       with_memory=resolved.with_memory)
 
 
 def _check_vocabulary(n_vocab: int, vocab_dir: Optional[str], source: str) -> None:
@@ -331,9 +407,12 @@ def _refuse_non_finite(model: nn.Module, source: str) -> None:
 
 
 def _load_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
-                     path: str) -> None:
-    """load_state_dict with one readable error instead of torch's traceback."""
-    own = model.state_dict()
+                     path: str, fresh_memory: bool = False) -> None:
+    """load_state_dict with one readable error instead of torch's traceback;
+    `fresh_memory`: the cross-attention is not in `state_dict` (it keeps its
+    initialisation)."""
+    own = {name: tensor for name, tensor in model.state_dict().items()
+           if not (fresh_memory and is_memory_parameter(name))}
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     misshaped = sorted(k for k in set(own) & set(state_dict)
@@ -342,6 +421,6 @@ def _load_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
         parts = openai_weights.name_lists((("missing", missing),
                                            ("unexpected", unexpected),
                                            ("mis-shaped", misshaped)))
-        raise UserError(f"{path} does not fit its own model_sizes: "
+        raise UserError(f"{path} does not fit the model sizes it declares: "
                         + "; ".join(parts))
-    model.load_state_dict(state_dict)
+    model.load_state_dict(state_dict, strict=not fresh_memory)
