@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from utils.device import add_device_arg, resolve_device
 from utils.errors import UserError, run_main
 from utils.flags import (GENERATION_MEMORY_FIX, MAX_SEED, SamplingSettings,
                          add_sampling_args, add_weight_args, check_batching,
@@ -68,6 +69,7 @@ def parse_args(argv=None):
                              "and float16 halve the memory and, as decoding is "
                              "bound by reading the weights, run faster; samples "
                              "differ slightly from float32's.")
+    add_device_arg(parser)
     add_weight_args(
         parser,
         config_model_help="Model config module or .py path (default: the "
@@ -202,14 +204,13 @@ def interactive_loop(writer: SampleWriter, conditional: bool = False) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from utils.generation import out_of_memory_as_user_error
-    from utils.model import default_device
     from utils.processor import get_encoder
     from utils.weights import load_weights, resolve_model
 
     from utils.prompts import read_prompts
     settings = check_args(args)  # before loading, and maybe downloading, a model
     prompts = read_prompts(args.prompt, args.prompt_file)
-    device = default_device()
+    device = resolve_device(args.device)
     if (args.dtype == "bfloat16" and device.type == "cuda"
             and not torch.cuda.is_bf16_supported()):
         raise UserError("this GPU has no bfloat16 support: use --dtype float16")

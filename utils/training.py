@@ -20,7 +20,8 @@ display and evaluation to `output_dir/metrics.jsonl`.
 A loss that is not finite (or weights that are not) stops training with
 TrainingDiverged before anything of it is logged or saved: checkpoints on disk
 keep their last finite versions (utils/divergence.py watches without a sync per
-step). The optimizer comes from utils/optimizer.py, the random-number states
+step). The optimizer comes from utils/optimizer.py, the memory options
+(gradient checkpointing, frozen embeddings) from utils/memory_options.py, the random-number states
 from utils/rng_state.py, the metrics file from utils/metrics_log.py.
 """
 import dataclasses
@@ -40,6 +41,7 @@ from utils.divergence import (DivergenceWatch, TrainingDiverged, likely_cause,
                               weights_finite, what_was_kept)
 from utils.errors import UserError
 from utils.lm import EvalResult, autocast, evaluate, lm_nll, lr_multiplier, perplexity
+from utils.memory_options import apply_memory_options
 from utils.metrics_log import MetricsLog
 from utils.model import has_memory
 from utils.optimizer import build_optimizer
@@ -123,6 +125,8 @@ class Trainer:
 
         self.plain_model = model
         model.train()
+        # Before DDP and the optimizer: both see only the trainable parameters.
+        apply_memory_options(model, cfg.gradient_checkpointing, cfg.trainable)
         self.model = dist_utils.wrap_model(model, ctx)
         self.optimizer, self.clip_grad, self.scaler = build_optimizer(
             model, cfg.opt, cfg.precision, self.device)
@@ -150,7 +154,7 @@ class Trainer:
             seed_new_run(cfg.seed, ctx.rank)
         self.log = MetricsLog(os.path.join(output_dir, METRICS_LOG),
                               self.step if resume is not None else None,
-                              enabled=ctx.is_main)
+                              enabled=ctx.is_main, tensorboard_dir=cfg.tensorboard_dir)
 
     # -- state -----------------------------------------------------------
 
