@@ -347,20 +347,9 @@ def prepare_split(text_path: str, out_path: str, *, max_seq_length: int,
                              init_args=(vocab_dir, max_seq_length, dtype))
     # prepare_data.py checked the directory once (prepare_output_dir); a
     # direct caller's unwritable one fails here, as one line.
-    try:
-        tmp_path = new_temp_path(out_path)
-    except OSError as err:
-        raise _write_error(out_path, err) from None
-    try:
+    with records_file(out_path) as tmp_path:
         totals = _write_records(tmp_path, out_path, text_path, dtype, examples,
                                 chunks, desc=f"encode {split}", progress=progress)
-        try:
-            os.replace(tmp_path, out_path)
-        except OSError as err:
-            raise _write_error(out_path, err) from None
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
     return SplitSummary(split=split, path=out_path, examples=examples,
                         tokens=totals.tokens, truncated=totals.truncated,
                         skipped=skipped, longest=totals.longest,
@@ -444,6 +433,26 @@ def _create_records(tmp_path: str, out_path: str, dtype: np.dtype,
     except OSError as err:
         raise _write_error(out_path, err, examples * dtype.itemsize) from None
     return records
+
+
+@contextmanager
+def records_file(out_path: str):
+    """A new temporary path beside `out_path` for a split being written; renamed
+    onto `out_path` when the block completes, removed when it fails. Disk
+    problems are one line naming `out_path`."""
+    try:
+        tmp_path = new_temp_path(out_path)
+    except OSError as err:
+        raise _write_error(out_path, err) from None
+    try:
+        yield tmp_path
+        try:
+            os.replace(tmp_path, out_path)
+        except OSError as err:
+            raise _write_error(out_path, err) from None
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
 
 
 def _write_error(out_path: str, err: OSError, size: Optional[int] = None) -> UserError:
