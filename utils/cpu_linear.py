@@ -1,15 +1,23 @@
-"""Which matrix-product kernels the generation engine uses on this device.
+"""Which matrix-product kernels the generation engine uses on this device,
+and the layers' weights prepared once for them.
 
-utils/generation.py runs every linear layer through one of the functions here:
+utils/gpt2_net.py runs every linear layer through a `PreparedLinear`:
 - On x86 CPUs PyTorch's nn.Linear goes to MKL, whose matrix-vector product for
   torch's [out, in] weight layout streams weights well below memory bandwidth
   (measured ~12 GB/s of ~30 on the dev machine); oneDNN's linear (the op
-  torch.compile uses on CPU) reads the same tensors 15-40% faster. It is a
-  private op, so it is used only after a check that it exists and agrees with
-  F.linear; anything else falls back to F.linear.
+  torch.compile uses on CPU) reads the same tensors 15-40% faster, and faster
+  still from a weight reordered once into oneDNN's blocked layout (what
+  torch.compile's freezing does). It is a private op, so it is used only after
+  a check that it exists and agrees with F.linear; anything else falls back to
+  F.linear.
+- Q, K and V are one product over their weights concatenated (one kernel call
+  instead of three). Each output is the same dot product as before; the check
+  below confirms the results are bit-identical.
 - CPU products in bfloat16/float16 over many rows are widened to float32
-  (`upcast_linear`, see UPCAST_MIN_ROWS).
+  (see UPCAST_MIN_ROWS).
 """
+from typing import Callable, Optional, Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +28,12 @@ import torch.nn.functional as F
 # one matrix at a time, not a second model).
 UPCAST_MIN_ROWS = 8
 
+# Decoding steps (one row per sequence) use the reordered weight; long prompt
+# passes use the plain one, which oneDNN blocks for many rows itself.
+PACKED_MAX_ROWS = 16
+
 _ONEDNN_OK = {}  # (device type, dtype) -> whether oneDNN's linear passed its check
+_REORDER_OK = {}  # dtype -> whether a reordered weight gives identical results
 
 
 def onednn_linear(x, weight, bias=None):
@@ -66,13 +79,65 @@ def _onednn_agrees(dtype: torch.dtype) -> bool:
         return False
 
 
-def linear_functions(device: torch.device, dtype: torch.dtype):
-    """(linear, linear_then_gelu) for a model's weights on `device` in `dtype`."""
-    if uses_onednn(device, dtype):
-        return onednn_linear, onednn_linear_gelu
-    return F.linear, linear_gelu
+def _reorder(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """`weight` in oneDNN's blocked layout for one-row products, or None when
+    this build lacks the op or its results differ from the plain layout's."""
+    if weight.dtype not in _REORDER_OK:
+        _REORDER_OK[weight.dtype] = _reorder_is_exact(weight.dtype)
+    if not _REORDER_OK[weight.dtype]:
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
 
 
-def upcasts(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether products over UPCAST_MIN_ROWS rows or more go through upcast_linear."""
-    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+def _reorder_is_exact(dtype: torch.dtype) -> bool:
+    try:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(96, 64, generator=g).to(dtype)
+        b = torch.randn(96, generator=g).to(dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        return all(torch.equal(onednn_linear(x, packed, b), onednn_linear(x, w, b))
+                   for x in (torch.randn(1, 64, generator=g).to(dtype),
+                             torch.randn(5, 64, generator=g).to(dtype),
+                             torch.randn(PACKED_MAX_ROWS, 64, generator=g).to(dtype)))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+class PreparedLinear:
+    """y = act(x W^T + b) for one layer, or several fused along the outputs
+    (Q, K, V), with the weight in the layout its kernel reads fastest.
+
+    Fused or reordered weights are copies made once (the model's parameters
+    are left as they are); a single plain weight is the model's own tensor.
+    """
+
+    def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+                 gelu: bool = False, activation: Optional[Callable] = None):
+        weight = weights[0] if len(weights) == 1 else torch.cat(list(weights))
+        bias = biases[0] if len(biases) == 1 else torch.cat(list(biases))
+        device, dtype = weight.device, weight.dtype
+        self.weight, self.bias = weight, bias
+        self.onednn = uses_onednn(device, dtype)
+        self.packed = _reorder(weight) if self.onednn and dtype == torch.float32 else None
+        self.upcast = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+        self.gelu = gelu
+        self.activation = activation
+        self.extra_bytes = ((weight.numel() * weight.element_size() if len(weights) > 1 else 0)
+                            + (self.packed.numel() * self.packed.element_size()
+                               if self.packed is not None else 0))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.size(-1)
+        if self.upcast and rows >= UPCAST_MIN_ROWS:
+            y = upcast_linear(x, self.weight, self.bias)
+        elif self.onednn:
+            weight = (self.packed if self.packed is not None and rows <= PACKED_MAX_ROWS
+                      else self.weight)
+            if self.gelu:
+                return onednn_linear_gelu(x, weight, self.bias)
+            y = onednn_linear(x, weight, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        if self.gelu:
+            return F.gelu(y, approximate="tanh")
+        return self.activation(y) if self.activation is not None else y
