@@ -32,6 +32,12 @@ UPCAST_MIN_ROWS = 8
 # passes use the plain one, which oneDNN blocks for many rows itself.
 PACKED_MAX_ROWS = 16
 
+# The output layer's [vocabulary, D] weight (154 MB in GPT-2 124M float32)
+# is too big for any cache; oneDNN and MKL stream it at ~10 GB/s in torch's
+# [out, in] layout, while MKL's x @ W over an [in, out] copy streams it about
+# twice as fast. The copy costs the weight's size once more.
+OUTPUT_TRANSPOSED = True
+
 _ONEDNN_OK = {}  # (device type, dtype) -> whether oneDNN's linear passed its check
 _REORDER_OK = {}  # dtype -> whether a reordered weight gives identical results
 
@@ -112,7 +118,8 @@ class PreparedLinear:
     """
 
     def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
-                 gelu: bool = False, activation: Optional[Callable] = None):
+                 gelu: bool = False, activation: Optional[Callable] = None,
+                 transposed: bool = False):
         weight = weights[0] if len(weights) == 1 else torch.cat(list(weights))
         bias = biases[0] if len(biases) == 1 else torch.cat(list(biases))
         device, dtype = weight.device, weight.dtype
@@ -122,14 +129,23 @@ class PreparedLinear:
         self.upcast = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
         self.gelu = gelu
         self.activation = activation
+        # [in, out] copy for MKL's x @ W product (see OUTPUT_TRANSPOSED)
+        self.transposed = (weight.t().contiguous()
+                           if transposed and device.type == "cpu"
+                           and dtype == torch.float32 else None)
         self.extra_bytes = ((weight.numel() * weight.element_size() if len(weights) > 1 else 0)
                             + (self.packed.numel() * self.packed.element_size()
-                               if self.packed is not None else 0))
+                               if self.packed is not None else 0)
+                            + (self.transposed.numel() * self.transposed.element_size()
+                               if self.transposed is not None else 0))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.size(-1)
         if self.upcast and rows >= UPCAST_MIN_ROWS:
             y = upcast_linear(x, self.weight, self.bias)
+        elif self.transposed is not None:
+            y = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.transposed)
+            y = y.view(*x.shape[:-1], y.size(-1))
         elif self.onednn:
             weight = (self.packed if self.packed is not None and rows <= PACKED_MAX_ROWS
                       else self.weight)

@@ -72,9 +72,13 @@ class GPT2Net:
         layers = int8_linear.decoding_layers(model)
         make_linear = layers.linear if layers is not None else cpu_linear.PreparedLinear
         out = dec._output_layer  # nn.Linear tied to the word embedding
-        self.out = make_linear([out.weight], [out.bias] if out.bias is not None
-                               else [torch.zeros(out.weight.size(0), dtype=self.dtype,
-                                                 device=self.device)])
+        bias = out.bias if out.bias is not None else torch.zeros(
+            out.weight.size(0), dtype=self.dtype, device=self.device)
+        if layers is not None:
+            self.out = make_linear([out.weight], [bias])
+        else:
+            self.out = make_linear([out.weight], [bias],
+                                   transposed=cpu_linear.OUTPUT_TRANSPOSED)
         self.final_ln = (dec.final_layer_norm.normalized_shape,
                          dec.final_layer_norm.weight, dec.final_layer_norm.bias,
                          dec.final_layer_norm.eps)
