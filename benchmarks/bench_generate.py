@@ -6,6 +6,10 @@ Engines, all on the same random GPT-2 124M weights (configs.config_model_117M):
           with the texar weights copied in (skipped if transformers is absent)
   texar - texar's built-in decoding, model(decoding_strategy='infer_greedy',
           context=...), what the original example used
+  ours_int8 - ours with 8-bit linear layers (utils/int8_linear.py, --dtype int8)
+  ct2, ct2_int8 - CTranslate2 (pip install ctranslate2) float32 and int8, the
+          same weights through its own Hugging Face converter
+          (benchmarks/ct2_engine.py; skipped if ctranslate2 is absent)
 
 Every case decodes greedily with an end token that cannot occur, so every
 engine produces exactly --new_tokens tokens per row. Each (engine, case) runs
@@ -21,6 +25,11 @@ The bandwidth is measured in the same run (sum over a 1 GiB tensor, same
 thread count); "%ceil" is the decode rate (after the first token) against
 that ceiling.
 
+--cli also times the path users run (benchmarks/cli_timing.py): the whole
+process of `gpt2_generate_main.py --is_interactive` (streaming printer
+included) for 1 and for N+1 new tokens, N / (difference) as tok/s, against the
+same on CTranslate2 float32.
+
 Run (the whole table takes minutes, mostly texar's built-in decoding):
     python benchmarks/bench_generate.py
     python benchmarks/bench_generate.py --quick           # batch 1, prompts 8 and 200
@@ -31,9 +40,11 @@ taken in the same run, and re-run on a quiet machine for absolute numbers.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -98,18 +109,21 @@ def _peak(device: str) -> int:
 
 
 def run_case(engine: str, batch: int, length: int, new_tokens: int, device: str,
-             threads: int, repeats: int, dtype: str) -> dict:
+             threads: int, repeats: int, dtype: str, ct2_dir: str = None) -> dict:
     """Time one engine on one case (runs inside the child process)."""
     import torch
     warnings.simplefilter("ignore")
     torch.set_num_threads(threads)
-    model = build_texar(device, dtype)
     ids = prompts(batch, length).to(device)
     total = length + new_tokens
+    model = None if engine.startswith("ct2") else build_texar(device, dtype)
 
-    if engine == "ours":
+    if engine in ("ours", "ours_int8"):
         from utils.generation import generate
         contexts = ids.tolist()
+        if engine == "ours_int8":
+            from utils.int8_linear import quantize_for_decoding
+            quantize_for_decoding(model)
 
         def decode(n):
             return generate(model, contexts, length + n, strategy="greedy",
@@ -126,6 +140,13 @@ def run_case(engine: str, batch: int, length: int, new_tokens: int, device: str,
                 out = hf.generate(ids, attention_mask=mask, max_new_tokens=n,
                                   do_sample=False, use_cache=True)
             return out[:, length:].tolist()
+    elif engine.startswith("ct2"):
+        from benchmarks import ct2_engine
+        generator = ct2_engine.load_generator(ct2_dir, engine, threads)
+        tokens = ct2_engine.id_tokens(ids.tolist())
+
+        def decode(n):
+            return ct2_engine.greedy(generator, tokens, n)
     elif engine == "texar":
         lengths = torch.full((batch,), length, dtype=torch.long, device=device)
 
@@ -215,7 +236,7 @@ def main() -> None:
     parser.add_argument("--batch_sizes", default="1,16")
     parser.add_argument("--prompt_lengths", default="8,200,512")
     parser.add_argument("--new_tokens", type=int, default=128)
-    parser.add_argument("--engines", default="ours,hf,texar")
+    parser.add_argument("--engines", default="ours,ours_int8,ct2,ct2_int8,hf,texar")
     parser.add_argument("--texar_max_prompt", type=int, default=None,
                         help="run texar's built-in decoding only on prompts up to this length")
     parser.add_argument("--skip_texar_long", action="store_true",
@@ -231,6 +252,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="weights and activations of every engine (default float32)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--cli", action="store_true",
+                        help="also time gpt2_generate_main.py against CTranslate2's "
+                             "streaming generator, whole process (CPU, float32)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -253,6 +277,19 @@ def main() -> None:
             print("transformers is not installed: skipping the hf engine "
                   "(pip install -r requirements-bench.txt)")
             engines.remove("hf")
+    from benchmarks import ct2_engine
+    ct2_dir = hf_dir = None
+    if any(e.startswith("ct2") for e in engines) or args.cli:
+        if not ct2_engine.available() or device != "cpu":
+            print("ctranslate2 (or transformers) is not installed, or not on CPU: "
+                  "skipping the ct2 engines (pip install -r requirements-bench.txt)")
+            engines = [e for e in engines if not e.startswith("ct2")]
+            args.cli = False
+        else:
+            workdir = tempfile.mkdtemp(prefix="bench_generate_")
+            hf_dir, ct2_dir = ct2_engine.write_model_dirs(build_texar("cpu"), workdir)
+    if device != "cpu" and "ours_int8" in engines:
+        engines.remove("ours_int8")  # a CPU path
 
     bandwidth = measure_bandwidth(args.threads, device)
     print(f"device {device}, torch {torch.__version__}, {args.threads} threads, "
@@ -270,20 +307,27 @@ def main() -> None:
                 r = run_in_child(engine=engine, batch=batch, length=length,
                                  new_tokens=args.new_tokens, device=device,
                                  threads=args.threads, repeats=args.repeats,
-                                 dtype=args.dtype)
+                                 dtype=args.dtype, ct2_dir=ct2_dir)
                 results.append(r)
                 if "error" in r:
                     print(f"  {engine} batch {batch} prompt {length}: FAILED {r['error']}")
                 else:
-                    print(f"  {engine:5s} batch {batch:2d} prompt {length:3d}: "
+                    print(f"  {engine:9s} batch {batch:2d} prompt {length:3d}: "
                           f"{r['tok_s']:7.1f} tok/s, TTFT {r['ttft'] * 1000:7.1f} ms",
                           flush=True)
     print_table(results, bandwidth, args.new_tokens, getattr(torch, args.dtype).itemsize)
+    cli_results = []
+    if args.cli:
+        from benchmarks.cli_timing import time_cli_paths
+        cli_results = time_cli_paths(hf_dir, ct2_dir, lengths, args.new_tokens,
+                                     args.repeats)
+    if ct2_dir is not None:
+        shutil.rmtree(os.path.dirname(ct2_dir), ignore_errors=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"bandwidth": bandwidth, "threads": args.threads, "device": device,
                        "dtype": args.dtype,
-                       "results": results}, f, indent=1)
+                       "results": results, "cli": cli_results}, f, indent=1)
 
 
 def print_table(results, bandwidth: float, new_tokens: int, itemsize: int) -> None:
@@ -291,25 +335,32 @@ def print_table(results, bandwidth: float, new_tokens: int, itemsize: int) -> No
     by_case = {}
     for r in ok:
         by_case.setdefault((r["batch"], r["prompt"]), {})[r["engine"]] = r
-    header = (f"{'batch':>5} {'prompt':>6} {'engine':>6} {'tok/s':>8} {'TTFT ms':>8} "
-              f"{'peak MiB':>8} {'%ceil':>6} {'x texar':>8} {'x hf':>6} {'same ids':>8}")
+    header = (f"{'batch':>5} {'prompt':>6} {'engine':>9} {'tok/s':>8} {'TTFT ms':>8} "
+              f"{'peak MiB':>8} {'%ceil':>6} {'x texar':>8} {'x hf':>6} {'x ct2':>6} "
+              f"{'x ct2i8':>7} {'same ids':>8}")
     print()
     print(header)
     print("-" * len(header))
     for (batch, prompt), engines in sorted(by_case.items()):
         ceiling = batch * bandwidth / bytes_per_token(batch, prompt, new_tokens, itemsize)
-        ref_ids = engines.get("hf", engines.get("texar", {})).get("first_row")
-        for name in ("ours", "hf", "texar"):
+        ref_ids = engines.get("hf", engines.get("texar", engines.get("ct2", {}))).get(
+            "first_row")
+        for name in ("ours", "ours_int8", "ct2", "ct2_int8", "hf", "texar"):
             r = engines.get(name)
             if r is None:
                 continue
             vs = {k: (f"{r['tok_s'] / engines[k]['tok_s']:.2f}" if k in engines else "-")
-                  for k in ("texar", "hf")}
+                  for k in ("texar", "hf", "ct2", "ct2_int8")}
             same = "-" if ref_ids is None else ("yes" if r["first_row"] == ref_ids else "NO")
-            print(f"{batch:>5} {prompt:>6} {name:>6} {r['tok_s']:8.1f} "
+            if name.endswith("int8") and same == "NO":
+                same = "no (8-bit)"  # int8 is not expected to match exactly
+            # The ceiling counts float32 weight bytes: not the int8 engines'.
+            ceil = ("     -" if name.endswith("int8")
+                    else f"{100 * r['decode_tok_s'] / ceiling:5.0f}%")
+            print(f"{batch:>5} {prompt:>6} {name:>9} {r['tok_s']:8.1f} "
                   f"{r['ttft'] * 1000:8.1f} {r['peak_bytes'] / 2**20:8.0f} "
-                  f"{100 * r['decode_tok_s'] / ceiling:5.0f}% {vs['texar']:>8} "
-                  f"{vs['hf']:>6} {same:>8}")
+                  f"{ceil} {vs['texar']:>8} "
+                  f"{vs['hf']:>6} {vs['ct2']:>6} {vs['ct2_int8']:>7} {same:>8}")
     print("\n%ceil: decode tok/s (after the first token) / (bandwidth / bytes read per "
           "step); batch 16 on CPU is compute-bound, so its %ceil is low by nature.")
 
