@@ -91,8 +91,8 @@ def _rss_kib(field: str) -> int:
 
 def _reset_peak(device: str) -> int:
     """Start measuring peak memory now; returns the baseline in bytes."""
-    import torch
     if device.startswith("cuda"):
+        import torch
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
@@ -102,21 +102,27 @@ def _reset_peak(device: str) -> int:
 
 
 def _peak(device: str) -> int:
-    import torch
     if device.startswith("cuda"):
+        import torch
         return torch.cuda.max_memory_allocated()
     return _rss_kib("VmHWM") * 1024
 
 
 def run_case(engine: str, batch: int, length: int, new_tokens: int, device: str,
-             threads: int, repeats: int, dtype: str, ct2_dir: str = None) -> dict:
+             threads: int, repeats: int, dtype: str, ct2_dir: str = None,
+             prompt_ids: list = None) -> dict:
     """Time one engine on one case (runs inside the child process)."""
-    import torch
     warnings.simplefilter("ignore")
+    if engine.startswith("ct2"):  # torch-free: see benchmarks/ct2_engine.py
+        from benchmarks import ct2_engine
+        generator = ct2_engine.load_generator(ct2_dir, engine, threads)
+        tokens = ct2_engine.id_tokens(prompt_ids)
+        return time_decoding(engine, batch, length, new_tokens, device, repeats,
+                             lambda n: ct2_engine.greedy(generator, tokens, n))
+    import torch
     torch.set_num_threads(threads)
-    ids = prompts(batch, length).to(device)
-    total = length + new_tokens
-    model = None if engine.startswith("ct2") else build_texar(device, dtype)
+    ids = torch.tensor(prompt_ids, device=device)
+    model = build_texar(device, dtype)
 
     if engine in ("ours", "ours_int8"):
         from utils.generation import generate
@@ -124,6 +130,8 @@ def run_case(engine: str, batch: int, length: int, new_tokens: int, device: str,
         if engine == "ours_int8":
             from utils.int8_linear import quantize_for_decoding
             quantize_for_decoding(model)
+        from utils.gpt2_net import engine_for
+        prepared = engine_for(model).extra_bytes()  # built now, outside the peak
 
         def decode(n):
             return generate(model, contexts, length + n, strategy="greedy",
@@ -140,13 +148,6 @@ def run_case(engine: str, batch: int, length: int, new_tokens: int, device: str,
                 out = hf.generate(ids, attention_mask=mask, max_new_tokens=n,
                                   do_sample=False, use_cache=True)
             return out[:, length:].tolist()
-    elif engine.startswith("ct2"):
-        from benchmarks import ct2_engine
-        generator = ct2_engine.load_generator(ct2_dir, engine, threads)
-        tokens = ct2_engine.id_tokens(ids.tolist())
-
-        def decode(n):
-            return ct2_engine.greedy(generator, tokens, n)
     elif engine == "texar":
         lengths = torch.full((batch,), length, dtype=torch.long, device=device)
 
@@ -159,14 +160,25 @@ def run_case(engine: str, batch: int, length: int, new_tokens: int, device: str,
             return out.sample_id[:, length:].tolist()
     else:
         raise ValueError(engine)
+    result = time_decoding(engine, batch, length, new_tokens, device, repeats, decode)
+    if engine.startswith("ours"):
+        result["prepared_bytes"] = prepared
+    return result
+
+
+def time_decoding(engine: str, batch: int, length: int, new_tokens: int, device: str,
+                  repeats: int, decode) -> dict:
+    """Warm up, then time decode(1) (TTFT) and decode(new_tokens)."""
+    def sync():
+        if device.startswith("cuda"):
+            import torch
+            torch.cuda.synchronize()
 
     def timed(n):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         result = decode(n)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - start, result
 
     # Peak memory counts from before the warm-up, so one-time allocations
@@ -181,7 +193,7 @@ def run_case(engine: str, batch: int, length: int, new_tokens: int, device: str,
     peak = _peak(device) - base
     assert all(len(row) == new_tokens for row in tokens), "early stop"
     ttft, seconds = statistics.median(ttfts), statistics.median(totals)
-    return {"engine": engine, "batch": batch, "prompt": length, "total": total,
+    return {"engine": engine, "batch": batch, "prompt": length, "total": length + new_tokens,
             "ttft": ttft, "seconds": seconds,
             "tok_s": batch * new_tokens / seconds,
             "decode_tok_s": batch * (new_tokens - 1) / max(seconds - ttft, 1e-9),
@@ -307,7 +319,8 @@ def main() -> None:
                 r = run_in_child(engine=engine, batch=batch, length=length,
                                  new_tokens=args.new_tokens, device=device,
                                  threads=args.threads, repeats=args.repeats,
-                                 dtype=args.dtype, ct2_dir=ct2_dir)
+                                 dtype=args.dtype, ct2_dir=ct2_dir,
+                                 prompt_ids=prompts(batch, length).tolist())
                 results.append(r)
                 if "error" in r:
                     print(f"  {engine} batch {batch} prompt {length}: FAILED {r['error']}")
@@ -337,7 +350,7 @@ def print_table(results, bandwidth: float, new_tokens: int, itemsize: int) -> No
         by_case.setdefault((r["batch"], r["prompt"]), {})[r["engine"]] = r
     header = (f"{'batch':>5} {'prompt':>6} {'engine':>9} {'tok/s':>8} {'TTFT ms':>8} "
               f"{'peak MiB':>8} {'%ceil':>6} {'x texar':>8} {'x hf':>6} {'x ct2':>6} "
-              f"{'x ct2i8':>7} {'same ids':>8}")
+              f"{'x ct2i8':>7} {'same ids':>8} {'prep MiB':>8}")
     print()
     print(header)
     print("-" * len(header))
@@ -360,8 +373,12 @@ def print_table(results, bandwidth: float, new_tokens: int, itemsize: int) -> No
             print(f"{batch:>5} {prompt:>6} {name:>9} {r['tok_s']:8.1f} "
                   f"{r['ttft'] * 1000:8.1f} {r['peak_bytes'] / 2**20:8.0f} "
                   f"{ceil} {vs['texar']:>8} "
-                  f"{vs['hf']:>6} {vs['ct2']:>6} {vs['ct2_int8']:>7} {same:>8}")
-    print("\n%ceil: decode tok/s (after the first token) / (bandwidth / bytes read per "
+                  f"{vs['hf']:>6} {vs['ct2']:>6} {vs['ct2_int8']:>7} {same:>8} "
+                  f"{r.get('prepared_bytes', 0) / 2**20:8.0f}")
+    print("\nprep MiB: weight copies our engine prepares once (fused Q/K/V, packed or "
+          "transposed layouts, int8 copies), held beside the model's own parameters; "
+          "peak MiB is what generating itself adds.")
+    print("%ceil: decode tok/s (after the first token) / (bandwidth / bytes read per "
           "step); batch 16 on CPU is compute-bound, so its %ceil is low by nature.")
 
 

@@ -10,6 +10,10 @@ Also `python benchmarks/ct2_engine.py --stream MODEL_DIR MAX_LENGTH`: a small
 interactive generator on CTranslate2 that reads one prompt line, streams its
 greedy continuation the way gpt2_generate_main.py does (our tokenizer, whole
 characters printed as they settle), the CTranslate2 side of the CLI timing.
+
+Nothing here imports torch: with torch loaded in the same process (its
+OpenMP runtime beside CTranslate2's), CTranslate2 float32 ran 10-20x slower
+on the 2-core dev machine, so its benchmark processes stay torch-free.
 """
 import os
 import sys
@@ -70,7 +74,6 @@ def stream_main(model_dir: str, max_length: int) -> None:
     import ctranslate2
     from utils.interactive import StreamPrinter
     from utils.processor import EOS_ID, get_encoder
-    import torch
     encoder = get_encoder()
     generator = ctranslate2.Generator(model_dir, device="cpu", compute_type="float32",
                                       intra_threads=os.cpu_count())
@@ -81,7 +84,7 @@ def stream_main(model_dir: str, max_length: int) -> None:
     tokens = [encoder.decoder[i] for i in ids]
     for step in generator.generate_tokens(tokens, max_length=max_length - len(ids),
                                           sampling_topk=1):
-        printer(torch.tensor([step.token_id]), torch.tensor([False]))
+        printer([step.token_id], [False])
     printer.close()
     print()
 

@@ -5,14 +5,18 @@ utils/gpt2_net.py runs every linear layer through a `PreparedLinear`:
 - On x86 CPUs PyTorch's nn.Linear goes to MKL, whose matrix-vector product for
   torch's [out, in] weight layout streams weights well below memory bandwidth
   (measured ~12 GB/s of ~30 on the dev machine); oneDNN's linear (the op
-  torch.compile uses on CPU) reads the same tensors 15-40% faster, and faster
-  still from a weight reordered once into oneDNN's blocked layout (what
-  torch.compile's freezing does). It is a private op, so it is used only after
+  torch.compile uses on CPU) reads the same tensors 15-40% faster. It is a
+  private op, so it is used only after
   a check that it exists and agrees with F.linear; anything else falls back to
   F.linear.
 - Q, K and V are one product over their weights concatenated (one kernel call
-  instead of three). Each output is the same dot product as before; the check
-  below confirms the results are bit-identical.
+  instead of three; +5-10% at batch 1). Each output is the same dot product,
+  and greedy ids are unchanged (tests/test_generation.py).
+- Tried and dropped (benchmarks/bench_generate.py, quiet 2-core machine):
+  weights reordered once into oneDNN's blocked layout (what torch.compile's
+  freezing does) gained nothing measurable (+-2%) for a second copy of every
+  block weight; an [in, out] copy of the output layer for MKL's x @ W was 8%
+  slower.
 - CPU products in bfloat16/float16 over many rows are widened to float32
   (see UPCAST_MIN_ROWS).
 """
@@ -28,18 +32,7 @@ import torch.nn.functional as F
 # one matrix at a time, not a second model).
 UPCAST_MIN_ROWS = 8
 
-# Decoding steps (one row per sequence) use the reordered weight; long prompt
-# passes use the plain one, which oneDNN blocks for many rows itself.
-PACKED_MAX_ROWS = 16
-
-# The output layer's [vocabulary, D] weight (154 MB in GPT-2 124M float32)
-# is too big for any cache; oneDNN and MKL stream it at ~10 GB/s in torch's
-# [out, in] layout, while MKL's x @ W over an [in, out] copy streams it about
-# twice as fast. The copy costs the weight's size once more.
-OUTPUT_TRANSPOSED = True
-
 _ONEDNN_OK = {}  # (device type, dtype) -> whether oneDNN's linear passed its check
-_REORDER_OK = {}  # dtype -> whether a reordered weight gives identical results
 
 
 def onednn_linear(x, weight, bias=None):
@@ -85,73 +78,31 @@ def _onednn_agrees(dtype: torch.dtype) -> bool:
         return False
 
 
-def _reorder(weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """`weight` in oneDNN's blocked layout for one-row products, or None when
-    this build lacks the op or its results differ from the plain layout's."""
-    if weight.dtype not in _REORDER_OK:
-        _REORDER_OK[weight.dtype] = _reorder_is_exact(weight.dtype)
-    if not _REORDER_OK[weight.dtype]:
-        return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-
-
-def _reorder_is_exact(dtype: torch.dtype) -> bool:
-    try:
-        g = torch.Generator().manual_seed(0)
-        w = torch.randn(96, 64, generator=g).to(dtype)
-        b = torch.randn(96, generator=g).to(dtype)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-        return all(torch.equal(onednn_linear(x, packed, b), onednn_linear(x, w, b))
-                   for x in (torch.randn(1, 64, generator=g).to(dtype),
-                             torch.randn(5, 64, generator=g).to(dtype),
-                             torch.randn(PACKED_MAX_ROWS, 64, generator=g).to(dtype)))
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-
-
 class PreparedLinear:
     """y = act(x W^T + b) for one layer, or several fused along the outputs
-    (Q, K, V), with the weight in the layout its kernel reads fastest.
-
-    Fused or reordered weights are copies made once (the model's parameters
-    are left as they are); a single plain weight is the model's own tensor.
-    """
+    (Q, K, V). A fused weight is a copy made once (the model's parameters are
+    left as they are); a single weight is the model's own tensor."""
 
     def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
-                 gelu: bool = False, activation: Optional[Callable] = None,
-                 transposed: bool = False):
+                 gelu: bool = False, activation: Optional[Callable] = None):
         weight = weights[0] if len(weights) == 1 else torch.cat(list(weights))
         bias = biases[0] if len(biases) == 1 else torch.cat(list(biases))
         device, dtype = weight.device, weight.dtype
         self.weight, self.bias = weight, bias
         self.onednn = uses_onednn(device, dtype)
-        self.packed = _reorder(weight) if self.onednn and dtype == torch.float32 else None
         self.upcast = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
         self.gelu = gelu
         self.activation = activation
-        # [in, out] copy for MKL's x @ W product (see OUTPUT_TRANSPOSED)
-        self.transposed = (weight.t().contiguous()
-                           if transposed and device.type == "cpu"
-                           and dtype == torch.float32 else None)
-        self.extra_bytes = ((weight.numel() * weight.element_size() if len(weights) > 1 else 0)
-                            + (self.packed.numel() * self.packed.element_size()
-                               if self.packed is not None else 0)
-                            + (self.transposed.numel() * self.transposed.element_size()
-                               if self.transposed is not None else 0))
+        self.extra_bytes = weight.numel() * weight.element_size() if len(weights) > 1 else 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.size(-1)
         if self.upcast and rows >= UPCAST_MIN_ROWS:
             y = upcast_linear(x, self.weight, self.bias)
-        elif self.transposed is not None:
-            y = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.transposed)
-            y = y.view(*x.shape[:-1], y.size(-1))
         elif self.onednn:
-            weight = (self.packed if self.packed is not None and rows <= PACKED_MAX_ROWS
-                      else self.weight)
             if self.gelu:
-                return onednn_linear_gelu(x, weight, self.bias)
-            y = onednn_linear(x, weight, self.bias)
+                return onednn_linear_gelu(x, self.weight, self.bias)
+            y = onednn_linear(x, self.weight, self.bias)
         else:
             y = F.linear(x, self.weight, self.bias)
         if self.gelu:

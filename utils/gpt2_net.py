@@ -6,9 +6,7 @@ every weight a kernel can use as it is). What it prepares, once per model
 and parameter state (`engine_for` caches it and rebuilds it when a
 parameter is replaced or changed in place):
 - Q, K and V fused into one [3D, D] matrix: one product instead of three
-  (a copy: 3 * D * D floats per layer, 7M for GPT-2 124M);
-- float32 weights reordered for oneDNN's one-row product (utils/cpu_linear.py,
-  a copy of each block weight when the build supports it);
+  (a copy: 3 * D * D floats per layer, 7M floats, 27 MiB, for GPT-2 124M);
 - with `--dtype int8`, 8-bit packed copies of every linear layer
   (utils/int8_linear.py), the output layer included.
 """
@@ -72,13 +70,7 @@ class GPT2Net:
         layers = int8_linear.decoding_layers(model)
         make_linear = layers.linear if layers is not None else cpu_linear.PreparedLinear
         out = dec._output_layer  # nn.Linear tied to the word embedding
-        bias = out.bias if out.bias is not None else torch.zeros(
-            out.weight.size(0), dtype=self.dtype, device=self.device)
-        if layers is not None:
-            self.out = make_linear([out.weight], [bias])
-        else:
-            self.out = make_linear([out.weight], [bias],
-                                   transposed=cpu_linear.OUTPUT_TRANSPOSED)
+        self.out = make_linear([out.weight], [out.bias])
         self.final_ln = (dec.final_layer_norm.normalized_shape,
                          dec.final_layer_norm.weight, dec.final_layer_norm.bias,
                          dec.final_layer_norm.eps)

@@ -42,7 +42,8 @@ class Int8Linear:
     def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
                  gelu: bool = False, activation=None):
         weight = torch.cat([w.detach().float() for w in weights])
-        bias = torch.cat([b.detach().float() for b in biases])
+        bias = torch.cat([b.detach().float() if b is not None
+                          else torch.zeros(w.size(0)) for w, b in zip(weights, biases)])
         scale = (weight.abs().amax(dim=1) / 127.0).clamp_(min=1e-12).double()
         with warnings.catch_warnings():  # quantized tensors are deprecated, still work
             warnings.simplefilter("ignore")

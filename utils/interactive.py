@@ -1,8 +1,6 @@
 """gpt2_generate_main.py's terminal side: reading prompts, printing samples as they come."""
 import sys
 
-import torch
-
 PROMPT = "Model input >>> "
 
 
@@ -21,7 +19,9 @@ class StreamPrinter:
         self.out = out or sys.stdout
         self.pending, self.finished = [], False
 
-    def __call__(self, new_ids: torch.Tensor, done: torch.Tensor) -> None:
+    def __call__(self, new_ids, done) -> None:
+        """new_ids, done: generate's on_tokens arguments (tensors or lists);
+        row 0 is printed."""
         if self.finished:
             return
         token = int(new_ids[0])
