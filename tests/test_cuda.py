@@ -12,27 +12,16 @@ import pytest
 import torch
 
 from utils.generation import generate
-from utils.model import build_model, hparams_from_openai
-from utils.openai_weights import load_openai_weights
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(REPO, "tests", "fixtures", "tf_gpt2")
 NEVER = -1
 
 
-def tf_fixture(name):
-    with open(os.path.join(FIXTURES, "reference", name + ".json")) as f:
-        meta = json.load(f)
-    model = build_model(hparams_from_openai(meta["hparams"])).eval()
-    load_openai_weights(model, os.path.join(FIXTURES, "models", name, "model.ckpt"))
-    return model, meta
-
-
 @pytest.mark.parametrize("name", ["tiny_a", "tiny_b"])
-def test_greedy_on_cuda_equals_the_transformers_reference(name):
-    model, meta = tf_fixture(name)
+def test_greedy_on_cuda_equals_the_transformers_reference(name, tf_gpt2_model):
+    model, meta = tf_gpt2_model(name)
     model = model.cuda()
     cases = meta["greedy"]
     prompts = [c["prompt_ids"] for c in cases]
@@ -43,10 +32,10 @@ def test_greedy_on_cuda_equals_the_transformers_reference(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_generation_on_cuda(dtype):
+def test_half_precision_generation_on_cuda(dtype, tf_gpt2_model):
     if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bfloat16")
-    model, meta = tf_fixture("tiny_a")
+    model, meta = tf_gpt2_model("tiny_a")
     model = model.to(device="cuda", dtype=dtype)
     prompts = [c["prompt_ids"] for c in meta["greedy"]]
     out = generate(model, prompts, 20, strategy="sample", top_k=40, end_token=NEVER,

@@ -1,6 +1,5 @@
 """--dtype int8: 8-bit linear layers for decoding (utils/int8_linear.py), and
 the engine cache that holds prepared weights (utils/gpt2_net.py)."""
-import json
 import os
 
 import pytest
@@ -10,21 +9,12 @@ import torch.nn.functional as F
 from utils.errors import UserError
 from utils.generation import forward_logits, generate
 from utils.int8_linear import Int8Linear, int8_available, quantize_for_decoding, require_int8
-from utils.model import build_model, gpt2_hparams, hparams_from_openai
-from utils.openai_weights import load_openai_weights
+from utils.model import build_model, gpt2_hparams
 
 pytestmark = pytest.mark.skipif(not int8_available(),
                                 reason="this PyTorch build has no fbgemm int8 kernels")
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "tf_gpt2")
 NEVER = -1
-
-
-def tf_fixture(name):
-    with open(os.path.join(FIXTURES, "reference", name + ".json")) as f:
-        meta = json.load(f)
-    model = build_model(hparams_from_openai(meta["hparams"])).eval()
-    load_openai_weights(model, os.path.join(FIXTURES, "models", name, "model.ckpt"))
-    return model, meta
 
 
 def small_model(seed=7):
@@ -47,8 +37,8 @@ def test_int8_linear_is_close_to_the_float_product():
 
 
 @pytest.mark.parametrize("name", ["tiny_a", "tiny_b"])
-def test_int8_logits_follow_float32_on_tf_checkpoints(name):
-    model, meta = tf_fixture(name)
+def test_int8_logits_follow_float32_on_tf_checkpoints(name, tf_gpt2_model):
+    model, meta = tf_gpt2_model(name)
     ids = torch.tensor([c["output_ids"] for c in meta["greedy"]])
     exact = forward_logits(model, ids)
     quantize_for_decoding(model)
