@@ -5,6 +5,9 @@ From scratch:     python gpt2_generate_main.py --nsamples 4 --batch_size 2
 Fine-tuned model: python gpt2_generate_main.py --checkpoint output/model.ckpt
 Prompts to JSONL: python gpt2_generate_main.py --prompt_file prompts.txt \
                       --nsamples 3 --batch_size 8 --output_file samples.jsonl
+Fine-tuned on source<TAB>target pairs:
+                  python gpt2_generate_main.py --is_interactive --conditional \
+                      --checkpoint output/model.ckpt
 
 Weights come from --checkpoint (written by gpt2_train_main.py) when given,
 otherwise from OpenAI's checkpoint in --pretrain_model_dir (downloaded there on
@@ -15,6 +18,7 @@ import sys
 
 import torch
 
+from utils.device import add_device_arg, resolve_device
 from utils.errors import UserError, run_main
 from utils.flags import (GENERATION_MEMORY_FIX, MAX_SEED, SamplingSettings,
                          add_sampling_args, add_weight_args, check_batching,
@@ -29,6 +33,10 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--is_interactive", action="store_true",
                         help="Prompt for contexts and continue each one.")
+    parser.add_argument("--conditional", action="store_true",
+                        help="For a model fine-tuned on source<TAB>target pairs: "
+                             "each prompt is a source, framed as <|endoftext|> "
+                             "source <|endoftext|>, and the sample is its target.")
     add_sampling_args(parser, max_decoding_length_default=128,
                       max_decoding_length_help="Most tokens in a sample, the context "
                       "included (at most the model's positions, 1024 for GPT-2).")
@@ -64,6 +72,7 @@ def parse_args(argv=None):
                              "the linear layers in 8 bits, quantized at load time "
                              "from float32 weights: fastest on a CPU, at a small "
                              "quality cost (see README).")
+    add_device_arg(parser)
     add_weight_args(
         parser,
         config_model_help="Model config module or .py path (default: the "
@@ -97,6 +106,9 @@ def check_args(args) -> SamplingSettings:
                         "another --decoding_strategy")
     check_stop_texts(args.stop_text)
     check_output_path(args.output_file)
+    if args.conditional and not (args.is_interactive or prompted):
+        raise UserError("--conditional continues sources: give them with "
+                        "--is_interactive, --prompt or --prompt_file")
     # int8 keeps the float32 weights (and adds 8-bit copies): estimate memory
     # as float32.
     return SamplingSettings.from_flags(
@@ -157,7 +169,15 @@ def print_banner(number: int) -> None:
     print(banner(number))
 
 
-def interactive_loop(writer: SampleWriter) -> None:
+def prompt_context(writer: SampleWriter, raw_text: str, conditional: bool):
+    """The token ids a prompt is continued from (see --conditional)."""
+    if conditional:
+        from utils.pairs import source_context
+        return source_context(raw_text.strip(), writer.encoder.encode, writer.end_token)
+    return writer.encoder.encode(raw_text)
+
+
+def interactive_loop(writer: SampleWriter, conditional: bool = False) -> None:
     """Read prompts until EOF or Ctrl-C; continue each one."""
     from utils.interactive import NotUTF8, read_prompt
     settings = writer.settings
@@ -176,7 +196,7 @@ def interactive_loop(writer: SampleWriter) -> None:
             print("Prompt should not be empty!")
             continue
         try:
-            context = writer.encoder.encode(raw_text)
+            context = prompt_context(writer, raw_text, conditional)
             check_context_room("the prompt is", len(context),
                                settings.max_decoding_length,
                                "shorten it or raise --max_decoding_length")
@@ -190,15 +210,17 @@ def interactive_loop(writer: SampleWriter) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from utils.generation import out_of_memory_as_user_error
-    from utils.model import default_device
     from utils.processor import get_encoder
     from utils.weights import load_weights, resolve_model
 
     from utils.prompts import read_prompts
     settings = check_args(args)  # before loading, and maybe downloading, a model
     prompts = read_prompts(args.prompt, args.prompt_file)
-    device = torch.device("cpu") if args.dtype == "int8" else default_device()
-    if args.dtype == "int8":
+    # int8 is a CPU path: --device auto means the CPU for it.
+    int8 = args.dtype == "int8"
+    device = (torch.device("cpu") if int8 and args.device == "auto"
+              else resolve_device(args.device))
+    if int8:
         from utils.int8_linear import require_int8
         require_int8(device)
     if (args.dtype == "bfloat16" and device.type == "cuda"
@@ -227,10 +249,20 @@ def main(argv=None) -> int:
     writer = SampleWriter(model, encoder, settings, args.nsamples, device,
                           args.repetition_penalty)
     if args.is_interactive:
-        interactive_loop(writer)
+        interactive_loop(writer, args.conditional)
         return 0
     write_prompt_samples(writer, prompts, args)
     return 0
+
+
+def frame_sources(writer: SampleWriter, prompts, contexts):
+    """--conditional: each prompt's ids as <|endoftext|> source <|endoftext|>."""
+    framed = [[writer.end_token] + ids + [writer.end_token] for ids in contexts]
+    for prompt, ids in zip(prompts, framed):
+        check_context_room(f"the source on {prompt.where} is", len(ids),
+                           writer.settings.max_decoding_length,
+                           "shorten it or raise --max_decoding_length")
+    return framed
 
 
 def write_prompt_samples(writer: SampleWriter, prompts, args) -> None:
@@ -239,6 +271,8 @@ def write_prompt_samples(writer: SampleWriter, prompts, args) -> None:
     if prompts:
         contexts = encode_prompts(prompts, writer.encoder,
                                   writer.settings.max_decoding_length)
+        if args.conditional:
+            contexts = frame_sources(writer, prompts, contexts)
     else:  # from scratch: every sample starts from <|endoftext|>
         prompts, contexts = [Prompt("", "")], [[writer.end_token]]
     count = write_samples(writer.model, writer.encoder, writer.settings, prompts,

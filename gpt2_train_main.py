@@ -15,15 +15,16 @@
             stops training (exit 2) without saving the diverged model.
 --do_eval   prints the dev perplexity: exp(total NLL / total target tokens).
 --do_test   continues every line of test.npy (the whole line is the context) and
-            writes <output_dir>/test_samples.tsv: context<TAB>continuation.
+            writes <output_dir>/test_samples.tsv: context<TAB>continuation
+            (source<TAB>generated target[<TAB>reference] for .tsv pairs).
 
 One run at a time writes into an --output_dir (a lock file, <output_dir>/.lock).
 
 Weights come from --checkpoint (a file written here) when given, else from a
 random initialisation with --from_scratch, else from OpenAI's checkpoint
 (--pretrain_checkpoint, default <pretrain_model_dir>/model.ckpt, downloaded on
-first use). Runs on CUDA when present, CPU otherwise; --distributed trains on
-several processes started by torchrun or mpirun.
+first use). Runs on --device (default: CUDA when present, CPU otherwise);
+--distributed trains on several processes started by torchrun or mpirun.
 """
 import argparse
 import os
@@ -33,6 +34,7 @@ import torch
 
 from utils.flags import (MAX_SEED, SamplingSettings, add_sampling_args, add_weight_args,
                          weight_flags)
+from utils.device import add_device_arg, resolve_device
 from utils.errors import UserError, run_main
 
 
@@ -75,6 +77,7 @@ def parse_args(argv=None):
     run.add_argument("--distributed", action="store_true",
                      help="Data-parallel training in processes started by torchrun "
                           "or mpirun; evaluation and test run on rank 0.")
+    add_device_arg(run)
     run.add_argument("--master_addr", default=None,
                      help="With mpirun across machines: the rank-0 host.")
     run.add_argument("--master_port", type=int, default=None,
@@ -103,6 +106,24 @@ def check_args(args) -> None:
                         f"(got {args.stop_after_steps})")
     if args.overwrite_output_dir and not args.do_train:
         raise UserError("--overwrite_output_dir only applies to --do_train: drop it")
+    args.device_choice = device_choice(args.device, args.distributed)
+
+
+def device_choice(name: str, distributed: bool):
+    """init_distributed's keyword arguments for --device: the device of a
+    single process, or the backend of a --distributed job (its ranks each
+    use the GPU of their local rank, or the CPU)."""
+    if not distributed:
+        return {"device": resolve_device(name)}
+    if name == "auto":
+        return {}
+    if name == "cpu":
+        return {"backend": "gloo"}
+    if name == "cuda":
+        resolve_device(name)  # present?
+        return {"backend": "nccl"}
+    raise UserError(f"--device {name} with --distributed: each rank uses the GPU of "
+                    f"its local rank, so use --device auto, cuda or cpu")
 
 
 
@@ -121,6 +142,11 @@ def load_weights(args, cfg, ctx):
         print(f"note: {args.checkpoint} holds weights only: training starts at "
               f"step 0 from them", file=sys.stderr)
     torch.manual_seed(cfg.seed)  # the same initial weights for --from_scratch
+    if args.do_train and resolved.with_memory:
+        raise UserError("this model keeps cross-attention (memory mode), but "
+                        "gpt2_train_main.py feeds no memory, so it would train "
+                        "without it: train memory-mode models from Python (README, "
+                        "Other Use Cases)")
     loaded = build_and_fill(resolved)
     if ctx.is_main:
         dist_utils.barrier(ctx)
@@ -141,7 +167,8 @@ def main(argv=None) -> int:
     if writes_outputs:
         check_output_dir(args)
     ctx = dist_utils.init_distributed(args.distributed, master_addr=args.master_addr,
-                                      master_port=args.master_port)
+                                      master_port=args.master_port,
+                                      **args.device_choice)
     try:
         # Rank 0 alone writes, so it alone holds the directory's lock.
         with output_dir_claimed(args, enabled=writes_outputs and ctx.is_main):
@@ -191,6 +218,8 @@ def run(args, cfg, splits, ctx) -> int:
         ctx.print(f"Outputs in {args.output_dir}/:")
         for name, what in written:
             ctx.print(f"  {os.path.join(args.output_dir, name)}: {what}")
+    if trainer is not None:
+        trainer.log.close()
     return 0
 
 
@@ -222,7 +251,9 @@ def run_test(args, cfg, split, ctx, model, vocab_dir, n_ctx: int):
         path = os.path.join(args.output_dir, TEST_SAMPLES)
         count = write_test_samples(model, split, get_encoder(vocab_dir), args, cfg,
                                    ctx.device, n_ctx, path, progress=not args.quiet)
-        written.append((TEST_SAMPLES, f"{count} test lines: context<TAB>continuation"))
+        layout = ("source<TAB>generated target[<TAB>reference]" if split.conditional
+                  else "context<TAB>continuation")
+        written.append((TEST_SAMPLES, f"{count} test lines: {layout}"))
     dist_utils.barrier(ctx)
     return written
 

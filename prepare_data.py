@@ -4,7 +4,9 @@
         [--max_seq_length 128] [--output_dir data/toy]
         [--pretrain_model_dir gpt2_pretrained_models/model_117M]
 
---data_dir holds any of train.txt, dev.txt, test.txt, one example per line
+--data_dir holds any of train.txt, dev.txt, test.txt, one example per line,
+or, for conditional fine-tuning, train.tsv, dev.tsv, test.tsv with one
+source<TAB>target pair per line (see utils/pairs.py; not both kinds at once)
 (lines end at \n, \r\n or \r, and at the other breaks of Python's
 str.splitlines: \v \f \x1c-\x1e \x85 \u2028 \u2029).
 Each non-empty line becomes <|endoftext|> + BPE(line) + <|endoftext|>, cut to
@@ -113,21 +115,29 @@ def sigterm_raises_terminated():
 
 
 def split_files(data_dir):
-    """The splits whose text file is in `data_dir`, in SPLITS order."""
-    from utils.data import SPLITS, split_text_path
-    splits = []
+    """{split: its text file} for the splits in `data_dir`, in SPLITS order:
+    all .txt (one example per line) or all .tsv (source<TAB>target pairs)."""
+    from utils.data import SPLITS, split_pairs_path, split_text_path
+    found = {}
     for split in SPLITS:
-        path = split_text_path(data_dir, split)
-        if os.path.isfile(path):
-            splits.append(split)
-        elif os.path.lexists(path):  # a directory, a pipe, a device, a broken link
-            what = "a broken link" if not os.path.exists(path) else "not a regular file"
-            raise UserError(f"{path} is {what}: make it the {split} "
-                            f"examples, one per line, or move it away")
-    if not splits:
-        raise UserError(f"{data_dir} has none of train.txt, dev.txt, test.txt: "
-                        f"put the examples there, one per line")
-    return splits
+        for path in (split_text_path(data_dir, split), split_pairs_path(data_dir, split)):
+            if os.path.isfile(path):
+                found[split] = found.get(split, ()) + (path,)
+            elif os.path.lexists(path):  # a directory, a pipe, a device, a broken link
+                what = "a broken link" if not os.path.exists(path) else "not a regular file"
+                raise UserError(f"{path} is {what}: make it the {split} "
+                                f"examples, one per line, or move it away")
+    if not found:
+        raise UserError(f"{data_dir} has none of train.txt, dev.txt, test.txt (or "
+                        f"train.tsv, dev.tsv, test.tsv): put the examples there, "
+                        f"one per line")
+    kinds = {os.path.splitext(path)[1] for paths in found.values() for path in paths}
+    if len(kinds) > 1:
+        both = sorted(os.path.basename(p) for paths in found.values() for p in paths)
+        raise UserError(f"{data_dir} holds both .txt and .tsv splits ({', '.join(both)}): "
+                        f"a data dir is either plain text or source<TAB>target pairs; "
+                        f"move one kind to another directory")
+    return {split: paths[0] for split, paths in found.items()}
 
 
 def check_num_workers(num_workers):
@@ -164,16 +174,38 @@ def check_dev_source(args, splits) -> None:
                         f"{args.data_dir} has none: add train.txt or leave the flag out")
 
 
-def prepare(args) -> int:
-    from utils.data import check_max_seq_length, split_data_path, split_text_path
-    from utils.prepare import prepare_output_dir
+def check_pairs_flags(args, inputs) -> None:
+    """source<TAB>target splits: room for a pair; no flag made for plain text."""
+    from utils.pairs import check_pair_seq_length
+    if not any(path.endswith(".tsv") for path in inputs.values()):
+        return
+    check_pair_seq_length(args.max_seq_length)
+    for flag, given in (("--pack", args.pack), ("--dev_fraction", args.dev_fraction)):
+        if given not in (None, False):
+            raise UserError(f"{flag} applies to .txt splits, and {args.data_dir} holds "
+                            f"source<TAB>target pairs: leave it out (write a dev.tsv "
+                            f"for a dev split)")
+
+
+def check_input(path, progress):
+    """Check a split's text file in full; its (examples, empty lines)."""
+    from utils.pairs import check_pairs_file
     from utils.text_lines import check_text_file
+    return check_pairs_file(path) if path.endswith(".tsv") else \
+        check_text_file(path, progress)
+
+
+def prepare(args) -> int:
+    from utils.data import check_max_seq_length, split_data_path
+    from utils.prepare import prepare_output_dir
 
     check_max_seq_length(args.max_seq_length)
     check_num_workers(args.num_workers)
     if not os.path.isdir(args.data_dir):
         raise UserError(f"--data_dir {args.data_dir} is not a directory")
-    splits = split_files(args.data_dir)
+    inputs = split_files(args.data_dir)
+    splits = list(inputs)
+    check_pairs_flags(args, inputs)
     check_dev_source(args, splits)
     output_dir = args.data_dir if args.output_dir is None else args.output_dir
     prepare_output_dir(output_dir)  # before hours of encoding, not after
@@ -185,9 +217,9 @@ def prepare(args) -> int:
                             f"another --output_dir")
     vocab_dir, vocab_label = vocab_dir_and_label(args.pretrain_model_dir)
     how = "packed into windows" if args.pack else "one example per line"
-    print(f"Encoding {', '.join(s + '.txt' for s in splits)} from {args.data_dir} "
-          f"with {vocab_label}; {how}, max_seq_length {args.max_seq_length}.",
-          file=sys.stderr)
+    print(f"Encoding {', '.join(os.path.basename(p) for p in inputs.values())} from "
+          f"{args.data_dir} with {vocab_label}; {how}, max_seq_length "
+          f"{args.max_seq_length}.", file=sys.stderr)
     if args.dev_fraction is not None:
         held = "its last windows" if args.pack else f"a sample of its lines (seed {args.seed})"
         print(f"No dev.txt: holding out {args.dev_fraction:g} of train.txt, {held}, "
@@ -197,11 +229,10 @@ def prepare(args) -> int:
     summaries = []
     try:
         # Every split checked before any is written: a bad file changes nothing.
-        counts = {split: check_text_file(split_text_path(args.data_dir, split),
-                                         not args.quiet) for split in splits}
+        counts = {split: check_input(inputs[split], not args.quiet) for split in splits}
         for split in splits:
-            summaries += prepare_one(args, split, split_text_path(args.data_dir, split),
-                                     output_dir, vocab_dir, counts[split])
+            summaries += prepare_one(args, split, inputs[split], output_dir, vocab_dir,
+                                     counts[split])
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as Terminated
         # Splits are written in order, each atomically: name what is done.
         done_names = [s.split for s in summaries]
@@ -240,12 +271,21 @@ def prepare_one(args, split, text_path, output_dir, vocab_dir, counts):
 
 
 def describe_summary(s, args) -> str:
+    """One line of the final summary for a prepared split."""
     if args.pack:
         return (f"{s.split}: {s.examples:,} windows of up to {args.max_seq_length} "
                 f"tokens, {s.tokens:,} tokens -> {s.path}")
-    return (f"{s.split}: {s.examples:,} examples, {s.tokens:,} tokens (longest "
-            f"{s.longest}), {s.truncated:,} truncated to {args.max_seq_length}, "
-            f"{s.skipped:,} empty lines skipped -> {s.path}")
+    line = f"{s.split}: {s.examples:,} examples, {s.tokens:,} tokens (longest {s.longest}), "
+    cuts = getattr(s, "pair_cuts", None)
+    if cuts is None:
+        line += f"{s.truncated:,} truncated to {args.max_seq_length}, "
+    else:
+        line += f"{cuts.sources:,} sources cut from the start to fit {args.max_seq_length}, "
+        if cuts.targets:
+            line += (f"{cuts.targets:,} targets too long to fit whole (first at line "
+                     f"{cuts.first_target_line}: kept their start, unclosed; raise "
+                     f"--max_seq_length or shorten them), ")
+    return line + f"{s.skipped:,} empty lines skipped -> {s.path}"
 
 
 if __name__ == "__main__":

@@ -57,6 +57,10 @@ early_stopping_patience = -1
 #     decay applies to weight matrices and embeddings, not to biases and
 #     LayerNorm parameters. Adam and AdamW use torch's fused implementation
 #     where available unless "fused" or "foreach" is given here.
+#     For big models on small machines: "Adafactor" (torch >= 2.5; factored
+#     second moments, so nearly no optimizer state: kwargs such as
+#     {"lr": 1e-3}) or "SGD" with {"lr": ..., "momentum": 0.9} (one
+#     buffer per weight) instead of AdamW's two. See the README's memory section.
 # "gradient_clip": a function of torch.nn.utils applied before each step, and
 #     its keyword arguments; {"type": ""} disables clipping.
 # (The original example used Adam with lr 0.001; AdamW with a smaller rate is
@@ -85,9 +89,27 @@ min_lr_ratio = 0.0
 
 # ----------------------------------------------------------------- numerics
 # "fp32"; "bf16" (autocast to bfloat16, CPU or a recent GPU); "fp16" (autocast
-# to float16 with loss scaling, CUDA only). Weights and optimizer states stay
-# in float32 in every case.
+# to float16 with loss scaling, CUDA only). Weights, gradients and optimizer
+# states stay in float32 in every case (the weights are their own fp32 master
+# copy); what shrinks is the activations kept for backward, the matrix products
+# being computed and stored in 16 bits. On CUDA that saves memory and time; on
+# a CPU without bfloat16 instructions it is mostly slower (bench_memory.py).
 precision = "fp32"
+
+# ----------------------------------------------------------------- memory
+# Recompute each transformer block's activations in backward instead of
+# keeping them: activation memory falls to about one block's, a step costs
+# about a third more; gradients are identical.
+gradient_checkpointing = False
+# "all", or "transformer": freeze the token and position embeddings (and so
+# the output layer, which is the token embedding); frozen weights get no
+# gradient or optimizer state.
+trainable = "all"
+
+# ----------------------------------------------------------------- logging
+# A directory for TensorBoard event files (the metrics of metrics.jsonl as
+# scalars), e.g. "output/tensorboard"; None: none. Needs `pip install tensorboard`.
+tensorboard_dir = None
 # Seeds the data order (a new shuffle every epoch), dropout, the initial
 # weights of --from_scratch, and --do_test sampling unless --seed is given.
 seed = 42

@@ -15,27 +15,10 @@ echo "== 1/4 Prepare data/toy (BPE, <|endoftext|> around each line)"
 python prepare_data.py --data_dir data/toy --max_seq_length 128
 
 echo "== 2/4 Train configs.config_model_tiny from scratch; dev perplexity; test continuations"
-# The trainer refuses an output directory that holds an earlier run. Running the
-# demo again replaces the previous demo's results, and nothing else: only when
-# model.ckpt is still the one the demo wrote (its checksum is kept beside it).
-DEMO_MARK="$OUTPUT_DIR/.demo_model_ckpt.cksum"
-ckpt_sum() { if [ -f "$OUTPUT_DIR/model.ckpt" ]; then cksum < "$OUTPUT_DIR/model.ckpt"; fi; }
-before="$(ckpt_sum)"
-OVERWRITE=""
-if [ -n "$before" ] && [ -f "$DEMO_MARK" ] && [ "$before" = "$(cat "$DEMO_MARK")" ]; then
-    echo "(replacing the previous demo run in $OUTPUT_DIR)"
-    OVERWRITE="--overwrite_output_dir"
-fi
-status=0
-python gpt2_train_main.py --do_train --do_eval --do_test --from_scratch \
+. scripts/demo_output.sh
+run_demo_training python gpt2_train_main.py --do_train --do_eval --do_test --from_scratch \
     --config_model configs.config_model_tiny \
-    --config_train configs.config_train_demo \
-    --output_dir "$OUTPUT_DIR" $OVERWRITE || status=$?
-after="$(ckpt_sum)"
-if [ -n "$after" ] && [ "$after" != "$before" ]; then  # written by this run (Ctrl-C too)
-    echo "$after" > "$DEMO_MARK"
-fi
-[ "$status" -eq 0 ] || exit "$status"
+    --config_train configs.config_train_demo
 
 echo "== 3/4 First test continuations (context<TAB>continuation)"
 head -n 4 "$OUTPUT_DIR/test_samples.tsv"

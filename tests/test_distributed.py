@@ -532,6 +532,38 @@ def test_two_ranks_train_resume_and_evaluate_like_one_process(toy_job):
                     "is untested here")
 
 
+def test_two_ranks_with_memory_options_train_like_one_process(toy_job):
+    """gradient_checkpointing and trainable="transformer" under DDP: the same
+    losses as one process with the same options, embeddings untouched."""
+    job = toy_job
+    options = 'gradient_checkpointing = True\ntrainable = "transformer"\n'
+    for name in ("single_cfg.py", "dist_cfg.py"):
+        (job / f"mem_{name}").write_text((job / name).read_text() + options)
+    single = start([sys.executable] + trainer_args(job, "mem_single_cfg.py", "mem_A",
+                                                   "--stop_after_steps", "2"), worker_env())
+    try:
+        run_ok([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2"]
+               + trainer_args(job, "mem_dist_cfg.py", "mem_B", "--stop_after_steps", "2",
+                              "--distributed"), worker_env())
+        finished_ok(single)
+    finally:
+        if single.poll() is None:
+            single.kill()
+            single.communicate()
+    a_train, _ = metrics(job, "mem_A")
+    b_train, _ = metrics(job, "mem_B")
+    assert sorted(a_train) == sorted(b_train) == [1, 2]
+    for step, loss in b_train.items():
+        assert loss == pytest.approx(a_train[step], rel=1e-6), step
+    a_state = torch.load(job / "mem_A" / "model.ckpt", weights_only=True)
+    b_state = torch.load(job / "mem_B" / "model.ckpt", weights_only=True)
+    for name in ("word_embedder._embedding", "position_embedder._embedding"):
+        assert torch.equal(a_state["model"][name], b_state["model"][name]), name
+    for name, value in a_state["model"].items():
+        assert (value - b_state["model"][name]).abs().max() <= 1e-5, name
+
+
 if __name__ == "__main__":
     # worker: python tests/test_distributed.py <mode> <out_dir> [timeout_s]
     run_main(worker_main, sys.argv[1], sys.argv[2],

@@ -100,3 +100,18 @@ def test_cli_dtype_int8_generates_from_a_tf_checkpoint():
         capture_output=True, text=True, cwd=repo, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "(int8)" in result.stderr and "SAMPLE" in result.stdout
+
+
+def test_cli_int8_on_a_gpu_is_one_line():
+    # int8 refuses CUDA; without a GPU here, --device cuda is refused first:
+    # one line either way.
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model_dir = os.path.join(FIXTURES, "models", "tiny_a")
+    result = subprocess.run(
+        [sys.executable, "gpt2_generate_main.py", "--pretrain_model_dir", model_dir,
+         "--dtype", "int8", "--device", "cuda", "--prompt", "Hi"],
+        capture_output=True, text=True, cwd=repo, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")

@@ -276,8 +276,8 @@ def _nan_at_call(monkeypatch, bad_call):
     real = training.lm_nll
     calls = {"n": 0}
 
-    def lm_nll(model, ids, lengths, per_token=False):
-        nll, count = real(model, ids, lengths, per_token)
+    def lm_nll(model, ids, lengths, per_token=False, starts=None):
+        nll, count = real(model, ids, lengths, per_token, starts)
         if not per_token:
             calls["n"] += 1
             if calls["n"] == bad_call:

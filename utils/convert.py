@@ -96,9 +96,13 @@ def open_source(src: str, vocab_dir: Optional[str] = None) -> Source:
 
 def _ckpt_source(path: str, vocab_dir: Optional[str]) -> Source:
     from utils.model import model_size
-    from utils.weights import hparams_from_checkpoint, load_checkpoint
+    from utils.weights import checkpoint_with_memory, hparams_from_checkpoint, load_checkpoint
     state = load_checkpoint(path)
     sizes = model_size(hparams_from_checkpoint(state, path), path)
+    if checkpoint_with_memory(state, path):
+        raise UserError(f"{path} keeps cross-attention (memory mode), which GPT-2's "
+                        f"OpenAI and Hugging Face formats cannot hold: it can only "
+                        f"be used as it is")
     model_state = state.pop("model")
     del state  # the optimizer state, if any, is not converted
     if vocab_dir is not None:

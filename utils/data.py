@@ -17,6 +17,20 @@ example:
     text_ids  uint16[max_seq_length]       token ids, padded (int32 for vocabularies
                                            larger than 65,536)
 
+Conditional data (`<split>.tsv`, `source<TAB>target` per line, see
+utils/pairs.py) is framed as
+
+    <|endoftext|> + BPE(source) + <|endoftext|> + BPE(target) + <|endoftext|>
+
+and its records carry one more field:
+
+    context_length  int32    tokens before the target: BPE(source) + 2
+
+The loss counts only the tokens from `context_length` on (the target and its
+closing <|endoftext|>). A file without the field (every file written before
+conditional data existed, and every `.txt` split) is all target, as if
+context_length were 1: only the opening <|endoftext|> is never predicted.
+
 It loads with `allow_pickle=False` and memory-maps (`mmap_mode="r"`), so a
 corpus larger than RAM trains without being read in whole. Files are written
 to a temporary name in the output directory and renamed into place once
@@ -38,6 +52,7 @@ from utils.errors import UserError
 SPLITS = ("train", "dev", "test")
 LENGTH_FIELD = "length"
 IDS_FIELD = "text_ids"
+CONTEXT_FIELD = "context_length"   # conditional records only
 # GPT-2's n_ctx is 1024; allow bigger-context configs, but not sizes whose
 # records (2 bytes a token) could not be allocated.
 MAX_SEQ_LENGTH = 65536
@@ -47,15 +62,23 @@ def split_text_path(data_dir: str, split: str) -> str:
     return os.path.join(data_dir, f"{split}.txt")
 
 
+def split_pairs_path(data_dir: str, split: str) -> str:
+    """A conditional split's text: `source<TAB>target` per line."""
+    return os.path.join(data_dir, f"{split}.tsv")
+
+
 def split_data_path(data_dir: str, split: str) -> str:
     return os.path.join(data_dir, f"{split}.npy")
 
 
-def record_dtype(max_seq_length: int, vocab_size: int) -> np.dtype:
+def record_dtype(max_seq_length: int, vocab_size: int,
+                 conditional: bool = False) -> np.dtype:
     """The record layout of a prepared file; ids as uint16 when they fit."""
     id_type = "<u2" if vocab_size <= 2 ** 16 else "<i4"
-    return np.dtype([(LENGTH_FIELD, "<i4"),
-                     (IDS_FIELD, id_type, (max_seq_length,))])
+    fields = [(LENGTH_FIELD, "<i4"), (IDS_FIELD, id_type, (max_seq_length,))]
+    if conditional:
+        fields.append((CONTEXT_FIELD, "<i4"))
+    return np.dtype(fields)
 
 
 def check_max_seq_length(max_seq_length: int) -> None:
@@ -91,7 +114,8 @@ class PreparedSplit:
             raise UserError(f"{path} is not a prepared data file ({err}); run "
                             f"prepare_data.py again") from None
         names = data.dtype.names or ()
-        if (data.ndim != 1 or names != (LENGTH_FIELD, IDS_FIELD)
+        if (data.ndim != 1 or names not in ((LENGTH_FIELD, IDS_FIELD),
+                                            (LENGTH_FIELD, IDS_FIELD, CONTEXT_FIELD))
                 or data.dtype[IDS_FIELD].ndim != 1 or len(data) == 0):
             raise UserError(f"{path} is not a prepared data file (expected records "
                             f"of '{LENGTH_FIELD}' and '{IDS_FIELD}'); run "
@@ -102,14 +126,38 @@ class PreparedSplit:
         if self.lengths.min() < 2 or self.lengths.max() > self.max_seq_length:
             raise UserError(f"{path} holds example lengths outside 2..{self.max_seq_length}: "
                             f"it is damaged; run prepare_data.py again")
+        # Where each example's target starts: the context_length field of
+        # conditional records; 1 for plain text (all but <|endoftext|> counts).
+        self.conditional = CONTEXT_FIELD in names
+        if self.conditional:
+            self.target_starts = np.asarray(data[CONTEXT_FIELD], dtype=np.int64)
+            if (self.target_starts.min() < 2
+                    or (self.target_starts > self.lengths).any()):
+                raise UserError(f"{path} holds context lengths outside 2..length: "
+                                f"it is damaged; run prepare_data.py again")
+        else:
+            self.target_starts = np.ones_like(self.lengths)
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     @property
     def num_targets(self) -> int:
-        """Tokens the LM predicts: every token but each example's first."""
-        return int((self.lengths - 1).sum())
+        """Tokens the loss counts: every token from each example's target start
+        (for plain text every token but the first)."""
+        return int((self.lengths - self.target_starts).sum())
+
+    @property
+    def context_lengths(self) -> np.ndarray:
+        """Tokens --do_test continues from, per example: for plain text the
+        whole line without its closing <|endoftext|>, for conditional data
+        <|endoftext|> source <|endoftext|>."""
+        return self.target_starts if self.conditional else self.lengths - 1
+
+    def starts(self, indices: Sequence[int]):
+        """int64 [B]: where each example's loss begins (see lm.target_mask)."""
+        import torch
+        return torch.from_numpy(self.target_starts[np.asarray(indices, dtype=np.int64)])
 
     def example(self, index: int) -> List[int]:
         """The token ids of one example, padding removed."""

@@ -201,17 +201,20 @@ def init_distributed(enabled: bool, *, master_addr: Optional[str] = None,
                      master_port: Optional[int] = None,
                      timeout_s: float = DEFAULT_TIMEOUT_S,
                      wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
-                     backend: Optional[str] = None) -> DistContext:
+                     backend: Optional[str] = None,
+                     device: Optional[torch.device] = None) -> DistContext:
     """Join the job's process group (enabled) or describe a single process.
 
     `timeout_s` bounds every training collective and the initial rendezvous;
     `wait_timeout_s` bounds `barrier` (ranks waiting for rank 0's evaluation
     or checkpoint). `backend` forces "gloo" or "nccl"; by default NCCL when
-    CUDA is available, Gloo otherwise.
+    CUDA is available, Gloo otherwise. `device` is the single process's
+    device (default: CUDA when available, else CPU); ranks use their local GPU.
     """
     if not enabled:
         _check_not_launched()
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device is None:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return DistContext(False, 0, 1, 0, device, True)
 
     if not dist.is_available():

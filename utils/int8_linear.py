@@ -30,7 +30,7 @@ def int8_available() -> bool:
 def require_int8(device: torch.device) -> None:
     if device.type != "cpu":
         raise UserError(f"--dtype int8 runs on the CPU only (this run is on "
-                        f"{device.type}): move the model to the CPU or {INT8_FIX}")
+                        f"{device.type}): use --device cpu or {INT8_FIX}")
     if not int8_available():
         raise UserError(f"this PyTorch build has no int8 CPU kernels (fbgemm): "
                         f"{INT8_FIX}")

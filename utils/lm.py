@@ -1,8 +1,10 @@
 """The language-model arithmetic of training and evaluation.
 
 The loss of an example of `length` tokens is the cross-entropy of
-text_ids[1:length] given text_ids[:length-1] (teacher forcing); padding is
-never a target. Also here: corpus-level dev evaluation (`evaluate`,
+text_ids[start:length] given the tokens before each (teacher forcing), where
+`start` is 1 for plain text and the context length (<|endoftext|> source
+<|endoftext|>) for conditional data (utils/data.py): a source token is never
+a target, and neither is padding. Also here: corpus-level dev evaluation (`evaluate`,
 `EvalResult`), the learning-rate schedule (`lr_multiplier`) and mixed
 precision (`autocast`).
 """
@@ -20,21 +22,31 @@ from utils.processor import EOS_ID
 IGNORE_INDEX = -100
 
 
-def target_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, width] True where position t predicts a real token (t < length - 1)."""
+def target_mask(lengths: torch.Tensor, width: int,
+                starts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, width] True where position t predicts a target token.
+
+    Position t predicts token t + 1, a target when starts <= t + 1 < length
+    (starts: the first target token per row; 1, every token, when None).
+    """
     positions = torch.arange(width, device=lengths.device)
-    return positions[None, :] < (lengths[:, None] - 1)
+    mask = positions[None, :] < (lengths[:, None] - 1)
+    if starts is not None:
+        mask &= positions[None, :] >= (starts.to(lengths.device)[:, None] - 1)
+    return mask
 
 
-def lm_nll(model, ids: torch.Tensor, lengths: torch.Tensor, per_token: bool = False):
+def lm_nll(model, ids: torch.Tensor, lengths: torch.Tensor, per_token: bool = False,
+           starts: Optional[torch.Tensor] = None):
     """Summed next-token NLL of a padded batch, and the number of targets.
 
-    ids [B, T] (T = the longest example), lengths [B]. Targets are
-    ids[b, 1:lengths[b]]. With per_token=True the sum is taken in float64
-    (for evaluation); otherwise it is a differentiable float32 scalar.
+    ids [B, T] (T = the longest example), lengths [B], starts [B] or None.
+    Targets are ids[b, starts[b]:lengths[b]] (starts 1 when None). With
+    per_token=True the sum is taken in float64 (for evaluation); otherwise
+    it is a differentiable float32 scalar.
     """
     inputs, targets = ids[:, :-1], ids[:, 1:]
-    mask = target_mask(lengths, targets.size(1))
+    mask = target_mask(lengths, targets.size(1), starts)
     targets = targets.masked_fill(~mask, IGNORE_INDEX)
     logits = model(inputs=inputs, decoding_strategy="train_greedy").logits
     flat_logits = logits.reshape(-1, logits.size(-1))
@@ -75,6 +87,9 @@ def evaluate(model, split: PreparedSplit, batch_size: int, device: torch.device,
              should_stop: Optional[Callable[[], bool]] = None) -> Optional[EvalResult]:
     """Corpus-level loss: exp(total NLL / total target tokens), not a batch mean.
 
+    For conditional data the target tokens are the targets' (each with its
+    closing <|endoftext|>), never the sources'.
+
     Batches group examples of similar length, so little is spent on padding.
     Returns None when `should_stop()` turns true before the end.
     """
@@ -91,8 +106,10 @@ def evaluate(model, split: PreparedSplit, batch_size: int, device: torch.device,
                     return None
                 ids, lengths = split.batch(indices, EOS_ID)
                 ids, lengths = ids.to(device), lengths.to(device)
+                starts = split.starts(indices).to(device) if split.conditional else None
                 with autocast(precision, device):
-                    nll, count = lm_nll(model, ids, lengths, per_token=True)
+                    nll, count = lm_nll(model, ids, lengths, per_token=True,
+                                        starts=starts)
                 total_nll += float(nll)
                 total_tokens += int(count)
     finally:

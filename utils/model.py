@@ -13,6 +13,15 @@ per layer, which GPT-2 never uses (there is no encoder memory). `build_model`
 drops those modules so the model holds exactly OpenAI's parameters: 124,439,808
 for the 117M/124M model instead of 152,770,560. They are never called when no
 `memory` is passed, and removing them saves the memory and optimizer state.
+
+Memory mode (`build_model(hparams, with_memory=True)`, or `memory = True` in a
+model config) keeps them, so that `model(memory=..., memory_sequence_length=...)`
+attends to a source's hidden states (summarization, dialogue: the original's
+"Other Use Cases" Ex. 3). OpenAI's checkpoints have no such weights: they
+start as texar initialises them (the config's variance-scaling initializer,
+layer norms at 1 and 0) and are trained from there; our checkpoints save them,
+with `with_memory` recorded as a plain bool. A model without them refuses a
+`memory` with one UserError instead of texar's IndexError.
 """
 import copy
 import warnings
@@ -264,6 +273,23 @@ def load_model_hparams(config_name: str) -> Dict[str, Any]:
     return copy.deepcopy(hparams)
 
 
+# The parameters of the cross-attention blocks that memory mode keeps.
+MEMORY_PARAMETER_PREFIXES = ("decoder.enc_dec_attns.", "decoder.end_dec_attn_layer_norm.")
+
+
+def is_memory_parameter(name: str) -> bool:
+    return name.startswith(MEMORY_PARAMETER_PREFIXES)
+
+
+def config_with_memory(config_name: str) -> bool:
+    """A model config's `memory` setting: True keeps texar's cross-attention."""
+    memory = getattr(load_config_module(config_name), "memory", False)
+    if not isinstance(memory, bool):
+        raise UserError(f"model config {config_name}: memory = {_short_repr(memory)} "
+                        f"must be True or False")
+    return memory
+
+
 def import_texar():
     """`texar.torch`, imported without its import-time deprecation warnings.
 
@@ -276,16 +302,33 @@ def import_texar():
     return tx
 
 
-def build_model(hparams: Dict[str, Any]) -> nn.Module:
-    """A randomly initialised texar GPT2Decoder holding only GPT-2's parameters."""
+def build_model(hparams: Dict[str, Any], with_memory: bool = False) -> nn.Module:
+    """A randomly initialised texar GPT2Decoder holding only GPT-2's parameters,
+    plus, `with_memory`, texar's cross-attention blocks (see the docstring)."""
     GPT2Decoder = import_texar().modules.GPT2Decoder
     hparams = copy.deepcopy(hparams)
     hparams["pretrained_model_name"] = None
     model = GPT2Decoder(hparams=hparams)
-    # GPT-2 has no encoder: drop the cross-attention texar builds regardless.
-    model.decoder.enc_dec_attns = nn.ModuleList()
-    model.decoder.end_dec_attn_layer_norm = nn.ModuleList()
+    if not with_memory:
+        # GPT-2 has no encoder: drop the cross-attention texar builds regardless.
+        model.decoder.enc_dec_attns = nn.ModuleList()
+        model.decoder.end_dec_attn_layer_norm = nn.ModuleList()
+        model.register_forward_pre_hook(_refuse_memory, with_kwargs=True)
     return model
+
+
+def has_memory(model: nn.Module) -> bool:
+    """Whether `model` (built by build_model) keeps the cross-attention blocks."""
+    return len(model.decoder.enc_dec_attns) > 0
+
+
+def _refuse_memory(model: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> None:
+    """Forward pre-hook of a model without cross-attention: texar would index
+    the missing blocks and fail with an IndexError."""
+    if kwargs.get("memory") is not None or len(args) > 2 and args[2] is not None:
+        raise UserError("this model has no cross-attention, so it cannot attend to a "
+                        "memory: build it with build_model(hparams, with_memory=True) "
+                        "or a model config that sets memory = True")
 
 
 def count_parameters(model: nn.Module) -> int:

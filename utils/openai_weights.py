@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
+from utils.model import is_memory_parameter
 
 # Bookkeeping a TF training run may leave beside the weights; never model parameters.
 _IGNORED_TF_SUFFIXES = ("/Adam", "/Adam_1")
@@ -93,7 +94,8 @@ def _is_ignorable_tf_variable(name: str) -> bool:
 
 
 def load_openai_weights(model: nn.Module, ckpt_prefix: str) -> None:
-    """Fill every parameter of `model` from an OpenAI GPT-2 TF checkpoint.
+    """Fill every parameter of `model` from an OpenAI GPT-2 TF checkpoint
+    (all but memory mode's cross-attention, which OpenAI's models lack).
 
     Every OpenAI variable is used exactly once and every parameter assigned;
     otherwise one UserError lists the missing, unexpected and mis-shaped
@@ -102,7 +104,9 @@ def load_openai_weights(model: nn.Module, ckpt_prefix: str) -> None:
     from utils.tf_checkpoint import TFCheckpointReader, resolve_checkpoint_prefix
 
     prefix = resolve_checkpoint_prefix(ckpt_prefix)
-    params = dict(model.named_parameters())
+    # Memory mode's cross-attention has no OpenAI weights: it keeps its own start.
+    params = {name: param for name, param in model.named_parameters()
+              if not is_memory_parameter(name)}
     n_layer = len(model.decoder.self_attns)
     plan = openai_to_texar_plan(n_layer)
     with TFCheckpointReader(prefix) as reader:

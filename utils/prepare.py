@@ -1,7 +1,8 @@
 """Preparing data: a split's text file -> `<split>.npy` records (utils/data.py's format).
 
 Each non-empty line becomes <|endoftext|> + BPE(line) + <|endoftext|>, as in
-the original Texar example (see utils/data.py). The text is read with
+the original Texar example (see utils/data.py); a `.tsv` split of
+source<TAB>target pairs becomes conditional records (utils/pairs.py). The text is read with
 utils/text_lines.py; a long line is read only as far as its first tokens need
 (see `LongLineCut`). The BPE runs in a pool of processes, a few chunks of
 lines at a time, so memory stays bounded whatever the file size.
@@ -19,15 +20,17 @@ import threading
 import time
 from collections import deque
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from utils.atomic import ensure_writable_dir, new_temp_path, remove_stale_temp_files
-from utils.data import (IDS_FIELD, LENGTH_FIELD, SPLITS, check_max_seq_length,
-                        record_dtype, split_data_path)
+from utils.data import (CONTEXT_FIELD, IDS_FIELD, LENGTH_FIELD, SPLITS,
+                        check_max_seq_length, record_dtype, split_data_path)
 from utils.errors import UserError
+from utils.pairs import (PairCuts, check_pair_seq_length, check_pairs_file,
+                         encode_pairs, iter_pairs, pack_pair_records)
 from utils.text_lines import check_text_file, iter_lines
 
 # Lines handed to a worker at a time: large enough to amortise the IPC,
@@ -91,8 +94,13 @@ def _init_pool_worker(stop, *init_args) -> None:
     _WORKER["stop"] = stop
 
 
-def _encode_chunk(lines: List[str]) -> Optional[Tuple[np.ndarray, int]]:
+def _encode_chunk(lines: list) -> Optional[Tuple[np.ndarray, object]]:
     w = _WORKER
+    if CONTEXT_FIELD in w["dtype"].names:  # (line number, source, target) triples
+        if w["stop"] is not None and w["stop"].is_set():
+            return None
+        return pack_pair_records(encode_pairs(lines, w["encoder"].encode),
+                                 w["max_seq_length"], w["dtype"], w["eos_id"])
     token_lists = []
     for line in lines:
         if w["stop"] is not None and w["stop"].is_set():
@@ -181,8 +189,25 @@ def _gpt2_regexes():
     return _GPT2_REGEXES
 
 
-def _chunks(path: str, long_line: LongLineCut) -> Iterator[List[str]]:
+def _pair_chunks(path: str) -> Iterator[List[Tuple[int, str, str]]]:
+    """The (line number, source, target) of a .tsv split, in lists of bounded size."""
+    chunk: List[Tuple[int, str, str]] = []
+    chars = 0
+    for pair in iter_pairs(path):
+        chunk.append(pair)
+        chars += len(pair[1]) + len(pair[2])
+        if len(chunk) == CHUNK_LINES or chars >= CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+def _chunks(path: str, long_line: LongLineCut) -> Iterator[list]:
     """The non-empty lines of `path`, long ones cut, in lists of bounded size."""
+    if path.endswith(".tsv"):
+        yield from _pair_chunks(path)
+        return
     chunk: List[str] = []
     chars = 0
     for _, text, complete in iter_lines(path, long_line.keep_chars):
@@ -278,10 +303,12 @@ class SplitSummary:
     path: str            # the .npy written
     examples: int
     tokens: int          # in all examples, both <|endoftext|> included
-    truncated: int       # lines cut to max_seq_length
+    truncated: int       # lines (pairs) cut to max_seq_length
     skipped: int         # empty lines
     longest: int         # tokens in the longest example
     seconds: float
+    # Conditional (.tsv) splits only: how the pairs were cut (utils/pairs.py).
+    pair_cuts: Optional[PairCuts] = None
 
 
 def default_num_workers() -> int:
@@ -302,12 +329,16 @@ def prepare_split(text_path: str, out_path: str, *, max_seq_length: int,
     from utils.processor import get_encoder
 
     check_max_seq_length(max_seq_length)
+    conditional = text_path.endswith(".tsv")
+    if conditional:
+        check_pair_seq_length(max_seq_length)
     start = time.time()
     split = os.path.splitext(os.path.basename(text_path))[0]
     encoder = get_encoder(vocab_dir)  # loaded here first: a bad vocabulary fails early
-    dtype = record_dtype(max_seq_length, len(encoder))
+    dtype = record_dtype(max_seq_length, len(encoder), conditional)
     long_line = LongLineCut.for_examples(max_seq_length, encoder)
-    examples, skipped = counts or check_text_file(text_path, progress)
+    examples, skipped = counts or (check_pairs_file(text_path) if conditional
+                                   else check_text_file(text_path, progress))
     if num_workers is None:
         num_workers = default_num_workers()
     if examples < MIN_LINES_FOR_POOL:
@@ -316,24 +347,14 @@ def prepare_split(text_path: str, out_path: str, *, max_seq_length: int,
                              init_args=(vocab_dir, max_seq_length, dtype))
     # prepare_data.py checked the directory once (prepare_output_dir); a
     # direct caller's unwritable one fails here, as one line.
-    try:
-        tmp_path = new_temp_path(out_path)
-    except OSError as err:
-        raise _write_error(out_path, err) from None
-    try:
+    with records_file(out_path) as tmp_path:
         totals = _write_records(tmp_path, out_path, text_path, dtype, examples,
                                 chunks, desc=f"encode {split}", progress=progress)
-        try:
-            os.replace(tmp_path, out_path)
-        except OSError as err:
-            raise _write_error(out_path, err) from None
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
     return SplitSummary(split=split, path=out_path, examples=examples,
                         tokens=totals.tokens, truncated=totals.truncated,
                         skipped=skipped, longest=totals.longest,
-                        seconds=time.time() - start)
+                        seconds=time.time() - start,
+                        pair_cuts=totals.pair_cuts if conditional else None)
 
 
 @dataclass
@@ -343,17 +364,22 @@ class _Totals:
     tokens: int = 0
     truncated: int = 0
     longest: int = 0
+    pair_cuts: PairCuts = field(default_factory=PairCuts)
 
-    def add(self, chunk: np.ndarray, cut: int) -> None:
+    def add(self, chunk: np.ndarray, cut) -> None:
+        """`cut`: lines cut (an int), or a PairCuts for pairs."""
         lengths = chunk[LENGTH_FIELD]
         self.written += len(chunk)
         self.tokens += int(lengths.sum())
         self.longest = max(self.longest, int(lengths.max()))
+        if isinstance(cut, PairCuts):
+            self.pair_cuts.add(cut)
+            cut = cut.sources + cut.targets
         self.truncated += cut
 
 
 def _write_records(tmp_path: str, out_path: str, text_path: str, dtype: np.dtype,
-                   examples: int, chunks: Iterator[Tuple[np.ndarray, int]], *,
+                   examples: int, chunks: Iterator[Tuple[np.ndarray, object]], *,
                    desc: str, progress: bool) -> _Totals:
     """Write the encoded `chunks` (`examples` records in all) into `tmp_path`,
     and flush them to disk."""
@@ -407,6 +433,26 @@ def _create_records(tmp_path: str, out_path: str, dtype: np.dtype,
     except OSError as err:
         raise _write_error(out_path, err, examples * dtype.itemsize) from None
     return records
+
+
+@contextmanager
+def records_file(out_path: str):
+    """A new temporary path beside `out_path` for a split being written; renamed
+    onto `out_path` when the block completes, removed when it fails. Disk
+    problems are one line naming `out_path`."""
+    try:
+        tmp_path = new_temp_path(out_path)
+    except OSError as err:
+        raise _write_error(out_path, err) from None
+    try:
+        yield tmp_path
+        try:
+            os.replace(tmp_path, out_path)
+        except OSError as err:
+            raise _write_error(out_path, err) from None
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
 
 
 def _write_error(out_path: str, err: OSError, size: Optional[int] = None) -> UserError:

@@ -55,14 +55,10 @@ def write_records(out_path: str, records: np.ndarray,
                   rows: Optional[np.ndarray] = None) -> None:
     """`records` (those at `rows`, an index array, when given) as a prepared
     `.npy` at `out_path`, replacing it only once complete."""
-    from utils.prepare import _create_records, _write_error
+    from utils.prepare import _create_records, _write_error, records_file
     if rows is None:
         rows = np.arange(len(records))
-    try:
-        tmp_path = new_temp_path(out_path)
-    except OSError as err:
-        raise _write_error(out_path, err) from None
-    try:
+    with records_file(out_path) as tmp_path:
         out = _create_records(tmp_path, out_path, records.dtype, len(rows))
         for start in range(0, len(rows), COPY_RECORDS):
             out[start:start + COPY_RECORDS] = records[rows[start:start + COPY_RECORDS]]
@@ -71,12 +67,8 @@ def write_records(out_path: str, records: np.ndarray,
             del out  # unmapped before the file is synced
             with open(tmp_path, "rb+") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp_path, out_path)
         except OSError as err:
             raise _write_error(out_path, err) from None
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
 
 
 def check_dev_fraction(fraction: Optional[float]) -> None:

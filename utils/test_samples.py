@@ -1,8 +1,11 @@
 """--do_test: continue every test line and write <output_dir>/test_samples.tsv.
 
 Each line of the file is context<TAB>continuation, in the test split's order;
-the context is the whole test line. Line breaks and tabs inside either field
-become spaces, so every reader sees one line per example and exactly one tab.
+the context is the whole test line. For conditional data (test.tsv, see
+utils/pairs.py) the model continues <|endoftext|> source <|endoftext|> and the
+line is source<TAB>generated target, with the reference target as a third
+column when the test line has one. Line breaks and tabs inside a field become
+spaces, so every reader sees one line per example and one tab between fields.
 """
 import re
 
@@ -31,8 +34,7 @@ def check_test_lengths(split, args, cfg, n_ctx: int) -> SamplingSettings:
         seed=args.seed if args.seed is not None else cfg.seed,
         batch_size=cfg.test_batch_size,
         length_setting=f"--max_decoding_length (or max_decoding_length in {cfg.name})")
-    # A context is a line's tokens without the closing <|endoftext|>.
-    settings.check(n_ctx, int(split.lengths.max()) - 1)
+    settings.check(n_ctx, int(split.context_lengths.max()))
     return settings
 
 
@@ -44,9 +46,10 @@ def write_test_samples(model, split, encoder, args, cfg, device, n_ctx: int,
     from utils.processor import EOS_ID
 
     settings = check_test_lengths(split, args, cfg, n_ctx)
-    # The context is the whole line: <|endoftext|> + BPE(line), without the
-    # closing <|endoftext|> that prepare_data.py added.
-    contexts = [split.example(i)[:-1] for i in range(len(split))]
+    # Plain text: the whole line, <|endoftext|> + BPE(line), without the
+    # closing <|endoftext|>; pairs: <|endoftext|> source <|endoftext|>.
+    examples = [split.example(i) for i in range(len(split))]
+    contexts = [ids[:n] for ids, n in zip(examples, split.context_lengths.tolist())]
     generator = torch.Generator(device=device)
     generator.manual_seed(settings.seed)
     model.eval()
@@ -58,8 +61,25 @@ def write_test_samples(model, split, encoder, args, cfg, device, n_ctx: int,
                            end_token=EOS_ID, generator=generator)
         for i, ids in zip(indices, outputs):
             continuations[i] = ids
-    lines = [f"{tsv_field(encoder.decode(context[1:]))}\t{tsv_field(encoder.decode(ids))}\n"
-             for context, ids in zip(contexts, continuations)]
+    if split.conditional:
+        lines = [pair_line(encoder, example, len(context), ids) for example, context, ids
+                 in zip(examples, contexts, continuations)]
+    else:
+        lines = [f"{tsv_field(encoder.decode(context[1:]))}\t"
+                 f"{tsv_field(encoder.decode(ids))}\n"
+                 for context, ids in zip(contexts, continuations)]
     with atomic_write(path, "w", encoding="utf-8", newline="\n") as f:
         f.writelines(lines)
     return len(lines)
+
+
+def pair_line(encoder, example, context_length: int, generated) -> str:
+    """source<TAB>generated target[<TAB>reference target] of one test pair."""
+    from utils.processor import EOS_ID
+    fields = [example[1:context_length - 1], generated]
+    reference = example[context_length:]
+    if reference and reference[-1] == EOS_ID:
+        reference = reference[:-1]  # the closing <|endoftext|>
+    if reference:
+        fields.append(reference)
+    return "\t".join(tsv_field(encoder.decode(ids)) for ids in fields) + "\n"

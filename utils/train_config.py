@@ -14,6 +14,8 @@ import torch
 
 from utils.flags import MAX_SEED, load_config_module, misspelt_settings, settings_of
 from utils.errors import UserError
+from utils.memory_options import TRAINABLE
+from utils.metrics_log import check_tensorboard_installed
 from utils.model import import_texar
 from utils.optimizer import opt_hparams
 
@@ -41,6 +43,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     precision: str = "fp32"
     seed: int = 0
+    gradient_checkpointing: bool = False
+    trainable: str = "all"
+    tensorboard_dir: Optional[str] = None
     sample_steps: int = -1
     sample_prompts: Tuple[str, ...] = ("",)
     early_stopping_patience: int = -1
@@ -51,6 +56,7 @@ _REQUIRED = ("data_dir", "max_seq_length", "train_batch_size", "eval_batch_size"
              "test_batch_size", "max_train_epoch", "display_steps", "eval_steps", "opt")
 _OPTIONAL = ("max_decoding_length", "checkpoint_steps", "warmup_steps", "lr_decay",
              "min_lr_ratio", "gradient_accumulation_steps", "precision", "seed",
+             "gradient_checkpointing", "trainable", "tensorboard_dir",
              "sample_steps", "sample_prompts", "early_stopping_patience")
 # Names the original examples used for the data directory.
 _DATA_DIR_ALIASES = ("tfrecord_data_dir", "pickle_data_dir")
@@ -133,6 +139,15 @@ def check_train_config(cfg: TrainConfig) -> None:
                                        "too, or -1 to disable it")
     if cfg.precision not in PRECISIONS:
         bad("precision", f"must be one of {', '.join(PRECISIONS)}")
+    if not isinstance(cfg.gradient_checkpointing, bool):
+        bad("gradient_checkpointing", "must be True or False")
+    if cfg.trainable not in TRAINABLE:
+        bad("trainable", f"must be one of {', '.join(map(repr, TRAINABLE))} "
+                         f"('transformer' freezes the embeddings)")
+    if cfg.tensorboard_dir is not None:
+        if not isinstance(cfg.tensorboard_dir, str) or not cfg.tensorboard_dir:
+            bad("tensorboard_dir", "must be a directory path, or None for no TensorBoard log")
+        check_tensorboard_installed(f"tensorboard_dir in training config {cfg.name}")
     _check_opt(cfg)
 
 
@@ -151,6 +166,10 @@ def _check_opt(cfg: TrainConfig) -> None:
     if hparams.gradient_noise_scale is not None:
         raise UserError(f"{where} sets gradient_noise_scale, which is not supported: "
                         f"remove it")
+    if (hparams.optimizer.type in ("Adafactor", "torch.optim.Adafactor")
+            and not hasattr(torch.optim, "Adafactor")):
+        raise UserError(f"{where}: Adafactor needs torch >= 2.5 (this is "
+                        f"{torch.__version__}): upgrade torch, or use SGD with momentum")
     kwargs = hparams.optimizer.kwargs.todict()
     lr = kwargs.get("lr")
     if not _is_number(lr) or not math.isfinite(lr) or lr <= 0:

@@ -35,8 +35,20 @@ def open_splits(args, cfg):
                             f"{cfg.max_seq_length}: set max_seq_length = "
                             f"{split.max_seq_length} in the config, or run "
                             f"prepare_data.py --max_seq_length {cfg.max_seq_length}")
+        if name != "test" and split.conditional:
+            check_pairs_have_targets(name, split)
         splits[name] = split
     return splits
+
+
+def check_pairs_have_targets(name: str, split) -> None:
+    """Training and dev pairs need a target (only test.tsv may leave it out)."""
+    empty = np.flatnonzero(split.lengths <= split.target_starts)
+    if len(empty):
+        raise UserError(f"the {name} split {split.path} holds sources without a "
+                        f"target (example {int(empty[0])} counting from 0): "
+                        f"{name} pairs need source<TAB>target; prepare a "
+                        f"{name}.tsv with both")
 
 
 def check_splits_fit_model(splits, n_ctx: int, n_vocab: int) -> None:

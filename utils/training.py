@@ -20,7 +20,8 @@ display and evaluation to `output_dir/metrics.jsonl`.
 A loss that is not finite (or weights that are not) stops training with
 TrainingDiverged before anything of it is logged or saved: checkpoints on disk
 keep their last finite versions (utils/divergence.py watches without a sync per
-step). The optimizer comes from utils/optimizer.py, the random-number states
+step). The optimizer comes from utils/optimizer.py, the memory options
+(gradient checkpointing, frozen embeddings) from utils/memory_options.py, the random-number states
 from utils/rng_state.py, the metrics file from utils/metrics_log.py.
 """
 import dataclasses
@@ -40,7 +41,9 @@ from utils.divergence import (DivergenceWatch, TrainingDiverged, likely_cause,
                               weights_finite, what_was_kept)
 from utils.errors import UserError
 from utils.lm import EvalResult, autocast, evaluate, lm_nll, lr_multiplier, perplexity
+from utils.memory_options import apply_memory_options
 from utils.metrics_log import MetricsLog
+from utils.model import has_memory
 from utils.optimizer import build_optimizer
 from utils.processor import EOS_ID, get_encoder
 from utils.rng_state import gather_rng_states, restore_rng_states, seed_new_run
@@ -111,7 +114,7 @@ class Trainer:
                  stop_after_steps: Optional[int] = None, progress: bool = True):
         self.cfg, self.ctx = cfg, ctx
         # Checkpoints store the model's sizes as plain numbers, never texar hparams.
-        self.model_fields = checkpoint_model_fields(model_hparams)
+        self.model_fields = checkpoint_model_fields(model_hparams, has_memory(model))
         self.train_split, self.dev_split = train_split, dev_split
         self.output_dir = output_dir
         self.stop_after_steps = stop_after_steps
@@ -122,6 +125,8 @@ class Trainer:
 
         self.plain_model = model
         model.train()
+        # Before DDP and the optimizer: both see only the trainable parameters.
+        apply_memory_options(model, cfg.gradient_checkpointing, cfg.trainable)
         self.model = dist_utils.wrap_model(model, ctx)
         self.optimizer, self.clip_grad, self.scaler = build_optimizer(
             model, cfg.opt, cfg.precision, self.device)
@@ -149,7 +154,7 @@ class Trainer:
             seed_new_run(cfg.seed, ctx.rank)
         self.log = MetricsLog(os.path.join(output_dir, METRICS_LOG),
                               self.step if resume is not None else None,
-                              enabled=ctx.is_main)
+                              enabled=ctx.is_main, tensorboard_dir=cfg.tensorboard_dir)
 
     # -- state -----------------------------------------------------------
 
@@ -323,7 +328,7 @@ class Trainer:
         """One optimizer step over `group` (micro-batches of example indices)."""
         ctx, cfg = self.ctx, self.cfg
         batches = [self._batch(ix) for ix in group]
-        local_tokens = sum(int((lengths - 1).sum()) for _, lengths in batches)
+        local_tokens = sum(int((lengths - starts).sum()) for _, lengths, starts in batches)
         tokens = dist_utils.all_reduce_sum(
             torch.tensor([local_tokens], dtype=torch.float64), ctx)
         scale = ctx.world_size / float(tokens[0])
@@ -335,12 +340,15 @@ class Trainer:
             group_["lr"] = base_lr * multiplier
 
         step_nll = torch.zeros((), device=self.device)
-        for i, (ids, lengths) in enumerate(batches):
+        for i, (ids, lengths, starts) in enumerate(batches):
             ids = ids.to(self.device, non_blocking=True)
             lengths = lengths.to(self.device, non_blocking=True)
+            # Plain text needs no starts: every token after the first counts.
+            starts = (starts.to(self.device, non_blocking=True)
+                      if self.train_split.conditional else None)
             with dist_utils.maybe_no_sync(self.model, sync=i == len(batches) - 1):
                 with autocast(cfg.precision, self.device):
-                    nll, _ = lm_nll(self.model, ids, lengths)
+                    nll, _ = lm_nll(self.model, ids, lengths, starts=starts)
                 loss = nll * scale
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
@@ -382,21 +390,24 @@ class Trainer:
         return interrupted
 
     def _batch(self, indices: List[int]):
-        """A padded batch; sampler padding slots become rows with no targets
-        (length 1), so a rank still runs its step without counting an example
-        twice."""
+        """(ids, lengths, target starts) of a padded batch; sampler padding
+        slots become rows with no targets (length 1), so a rank still runs its
+        step without counting an example twice."""
         real = [i for i in indices if i != PAD_INDEX]
         empty = len(indices) - len(real)
-        if not empty:
-            return self.train_split.batch(real, EOS_ID)
         if real:
             ids, lengths = self.train_split.batch(real, EOS_ID)
+            starts = self.train_split.starts(real)
         else:  # width 2: the model needs at least one input position
-            ids, lengths = (torch.empty(0, 2, dtype=torch.int64),
-                            torch.empty(0, dtype=torch.int64))
+            ids, lengths, starts = (torch.empty(0, 2, dtype=torch.int64),
+                                    torch.empty(0, dtype=torch.int64),
+                                    torch.empty(0, dtype=torch.int64))
+        if not empty:
+            return ids, lengths, starts
         ids = torch.cat([ids, torch.full((empty, ids.size(1)), EOS_ID, dtype=ids.dtype)])
         lengths = torch.cat([lengths, torch.ones(empty, dtype=lengths.dtype)])
-        return ids, lengths
+        starts = torch.cat([starts, torch.ones(empty, dtype=starts.dtype)])
+        return ids, lengths, starts
 
     def _after_step(self, window: "_Window", bar, stop: StopRequest,
                     last_path: str) -> Optional[str]:

@@ -16,8 +16,9 @@ downloaded:
 Our checkpoints, written by gpt2_train_main.py (LAST_CHECKPOINT during training,
 BEST_CHECKPOINT at the best dev perplexity), are a `torch.save`d dict of data
 only: "model" (the state dict), "model_sizes" (GPT-2's five size numbers as
-ints), "model_dropout" (three floats), "format" (CHECKPOINT_FORMAT) and the
-training state (tensors, numbers, strings). They load with `weights_only=True`:
+ints), "model_dropout" (three floats), "with_memory" (a bool: the model keeps
+texar's cross-attention, utils/model.py's memory mode; absent means False),
+"format" (CHECKPOINT_FORMAT) and the training state (tensors, numbers, strings). They load with `weights_only=True`:
 nothing is unpickled.
 
 A checkpoint never chooses code. texar builds whatever class an hparams "type"
@@ -37,8 +38,9 @@ from utils.atomic import atomic_write
 from utils.errors import UserError
 from utils.memory import require_memory
 from utils.model import (build_model, build_peak_bytes, check_dropout, check_sizes,
-                         check_sizes_agree, hparams_from_openai, hparams_from_sizes,
-                         load_model_hparams, model_dropout, model_size)
+                         check_sizes_agree, config_with_memory, hparams_from_openai,
+                         hparams_from_sizes, is_memory_parameter, load_model_hparams,
+                         model_dropout, model_size)
 
 CHECKPOINT_FORMAT = "gpt2-texar-train-1"
 LAST_CHECKPOINT = "model.ckpt"        # the training state, to continue a run
@@ -98,10 +100,21 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     return state
 
 
-def checkpoint_model_fields(hparams: Dict[str, Any]) -> Dict[str, Any]:
-    """What a checkpoint stores to rebuild its model: plain ints and floats."""
+def checkpoint_model_fields(hparams: Dict[str, Any],
+                            with_memory: bool = False) -> Dict[str, Any]:
+    """What a checkpoint stores to rebuild its model: plain ints, floats, a bool."""
     return {"model_sizes": model_size(hparams),
-            "model_dropout": model_dropout(hparams)}
+            "model_dropout": model_dropout(hparams),
+            "with_memory": bool(with_memory)}
+
+
+def checkpoint_with_memory(state: Dict[str, Any], path: str) -> bool:
+    """A checkpoint's "with_memory" (False when absent, as in older ones)."""
+    value = state.get("with_memory", False)
+    if not isinstance(value, bool):
+        raise UserError(f"checkpoint {path}: with_memory must be true or false, not "
+                        f"{type(value).__name__}: the file is damaged")
+    return value
 
 
 def hparams_from_checkpoint(state: Dict[str, Any], path: str) -> Dict[str, Any]:
@@ -147,6 +160,7 @@ class ResolvedModel:
     # then dropped), and its training state, None when it holds weights only.
     model_state: Optional[Dict[str, torch.Tensor]] = None
     training_state: Optional[Dict[str, Any]] = None
+    with_memory: bool = False  # keep texar's cross-attention (utils/model.py)
 
     def describe(self) -> str:
         """Where the sizes come from, and the ones memory grows with: for messages."""
@@ -164,6 +178,7 @@ class LoadedModel:
     hparams: Dict[str, Any]    # the texar hparams it was built from
     vocab_dir: Optional[str]   # pass to utils.processor.get_encoder
     source: str                # where the weights came from, for messages
+    with_memory: bool = False  # has cross-attention (utils/model.py's memory mode)
 
 
 def default_pretrain_model_dir(config_sizes: Optional[Dict[str, int]]) -> str:
@@ -207,7 +222,8 @@ def resolve_model(*, config_model: Optional[str] = None,
         return ResolvedModel(sizes=model_size(hparams), hparams=hparams,
                              origin=FROM_SCRATCH, path=None, sizes_from=name,
                              vocab_dir=vocab_dir,
-                             source=f"random initialisation ({name})")
+                             source=f"random initialisation ({name})",
+                             with_memory=config_with_memory(name))
     elif not pretrain_checkpoint and _holds_hf_model(pretrain_model_dir):
         resolved = _resolve_hf(pretrain_model_dir, hub_name)
     else:
@@ -215,7 +231,20 @@ def resolve_model(*, config_model: Optional[str] = None,
         resolved = _resolve_openai(prefix, download)
     if config:
         check_sizes_agree(config, resolved.sizes, config_model, resolved.sizes_from)
+        _apply_config_memory(resolved, config_with_memory(config_model), config_model)
     return resolved
+
+
+def _apply_config_memory(resolved: ResolvedModel, wanted: bool, config_name: str) -> None:
+    """A config's memory = True: fresh cross-attention on OpenAI's weights; a
+    checkpoint keeps what it was trained with and must agree."""
+    if not wanted:
+        return  # not asked for: OpenAI's weights alone, or the checkpoint's own
+    if resolved.origin == FROM_CHECKPOINT and not resolved.with_memory:
+        raise UserError(f"{config_name} sets memory = True but {resolved.path} has no "
+                        f"cross-attention: leave out --config_model, or start from "
+                        f"OpenAI's weights with that config")
+    resolved.with_memory = True
 
 
 def _resolve_checkpoint(path: str, vocab_dir: Optional[str]) -> ResolvedModel:
@@ -226,7 +255,8 @@ def _resolve_checkpoint(path: str, vocab_dir: Optional[str]) -> ResolvedModel:
                          origin=FROM_CHECKPOINT, path=path, sizes_from=path,
                          vocab_dir=vocab_dir, source=f"fine-tuned checkpoint {path}",
                          model_state=model_state,
-                         training_state=state if "optimizer" in state else None)
+                         training_state=state if "optimizer" in state else None,
+                         with_memory=checkpoint_with_memory(state, path))
 
 
 def _holds_hf_model(model_dir: str) -> bool:
@@ -332,7 +362,7 @@ def load_weights(resolved: ResolvedModel) -> LoadedModel:
         hf_hub.fetch_hub_model(resolved.hub_name, weights=True,
                                revision=hf_hub.snapshot_revision(resolved.path))
     _check_vocabulary(sizes["n_vocab"], resolved.vocab_dir, source)
-    model = build_model(resolved.hparams)
+    model = build_model(resolved.hparams, resolved.with_memory)
     if resolved.origin == FROM_OPENAI:
         openai_weights.load_openai_weights(model, resolved.path)
     elif resolved.origin == FROM_CHECKPOINT:
@@ -340,12 +370,14 @@ def load_weights(resolved: ResolvedModel) -> LoadedModel:
         resolved.model_state = None  # the model holds the weights now, once
     elif resolved.origin == FROM_HF:
         from utils.hf_dir import read_hf_weights
+        # Memory mode's cross-attention is not in GPT-2's files: it stays fresh.
         _load_state_dict(model, read_hf_weights(resolved.path, resolved.sizes),
-                         resolved.path)
+                         resolved.path, fresh_memory=resolved.with_memory)
     _refuse_non_finite(model, source)
     model.eval()
     return LoadedModel(model=model, hparams=resolved.hparams,
-                       vocab_dir=resolved.vocab_dir, source=source)
+                       vocab_dir=resolved.vocab_dir, source=source,
+                       with_memory=resolved.with_memory)
 
 
 def _check_vocabulary(n_vocab: int, vocab_dir: Optional[str], source: str) -> None:
@@ -375,9 +407,12 @@ def _refuse_non_finite(model: nn.Module, source: str) -> None:
 
 
 def _load_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
-                     path: str) -> None:
-    """load_state_dict with one readable error instead of torch's traceback."""
-    own = model.state_dict()
+                     path: str, fresh_memory: bool = False) -> None:
+    """load_state_dict with one readable error instead of torch's traceback;
+    `fresh_memory`: the cross-attention is not in `state_dict` (it keeps its
+    initialisation)."""
+    own = {name: tensor for name, tensor in model.state_dict().items()
+           if not (fresh_memory and is_memory_parameter(name))}
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     misshaped = sorted(k for k in set(own) & set(state_dict)
@@ -388,4 +423,4 @@ def _load_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
                                            ("mis-shaped", misshaped)))
         raise UserError(f"{path} does not fit the model sizes it declares: "
                         + "; ".join(parts))
-    model.load_state_dict(state_dict)
+    model.load_state_dict(state_dict, strict=not fresh_memory)

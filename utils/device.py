@@ -1,0 +1,54 @@
+"""--device for gpt2_generate_main.py and gpt2_train_main.py.
+
+auto (CUDA when present, else Apple's MPS, else CPU), cpu, cuda (the current
+GPU), cuda:N or mps. A device this machine lacks is a one-line error before
+any model loads. prepare_data.py has no --device: it only tokenizes text,
+which runs on the CPU.
+"""
+import re
+
+import torch
+
+from utils.errors import UserError
+
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
+_CUDA_INDEXED = re.compile(r"cuda:(\d+)")
+
+
+def add_device_arg(group) -> None:
+    group.add_argument("--device", default="auto",
+                       help=f"Where the model runs: {DEVICE_CHOICES} (default auto: "
+                            f"CUDA when present, then MPS, else CPU).")
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch.device `name` stands for, or a one-line UserError when it is
+    not a device name or this machine has no such device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not _mps_available():
+            raise UserError("--device mps: this machine has no Apple MPS device (or "
+                            "this PyTorch lacks MPS support): use --device cpu or auto")
+        return torch.device("mps")
+    match = _CUDA_INDEXED.fullmatch(name)
+    if name == "cuda" or match:
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is available (or this "
+                            f"PyTorch was built without CUDA): use --device cpu or auto")
+        index = int(match.group(1)) if match else torch.cuda.current_device()
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise UserError(f"--device {name}: this machine has {count} GPU(s), "
+                            f"numbered 0 to {count - 1}: pick one of those")
+        return torch.device("cuda", index)
+    raise UserError(f"--device {name!r} is not a device: use one of {DEVICE_CHOICES}")
