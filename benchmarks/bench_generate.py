@@ -375,8 +375,8 @@ def print_table(results, bandwidth: float, new_tokens: int, itemsize: int) -> No
                   f"{ceil} {vs['texar']:>8} "
                   f"{vs['hf']:>6} {vs['ct2']:>6} {vs['ct2_int8']:>7} {same:>8} "
                   f"{r.get('prepared_bytes', 0) / 2**20:8.0f}")
-    print("\nprep MiB: weight copies our engine prepares once (fused Q/K/V, packed or "
-          "transposed layouts, int8 copies), held beside the model's own parameters; "
+    print("\nprep MiB: weight copies our engine prepares once (fused Q/K/V, int8 "
+          "layers), held beside the model's own parameters; "
           "peak MiB is what generating itself adds.")
     print("%ceil: decode tok/s (after the first token) / (bandwidth / bytes read per "
           "step); batch 16 on CPU is compute-bound, so its %ceil is low by nature.")
