@@ -6,6 +6,10 @@ Engines, all on the same random GPT-2 124M weights (configs.config_model_117M):
           with the texar weights copied in (skipped if transformers is absent)
   texar - texar's built-in decoding, model(decoding_strategy='infer_greedy',
           context=...), what the original example used
+  ours_int8 - ours with 8-bit linear layers (utils/int8_linear.py, --dtype int8)
+  ct2, ct2_int8 - CTranslate2 (pip install ctranslate2) float32 and int8, the
+          same weights through its own Hugging Face converter
+          (benchmarks/ct2_engine.py; skipped if ctranslate2 is absent)
 
 Every case decodes greedily with an end token that cannot occur, so every
 engine produces exactly --new_tokens tokens per row. Each (engine, case) runs
@@ -21,6 +25,11 @@ The bandwidth is measured in the same run (sum over a 1 GiB tensor, same
 thread count); "%ceil" is the decode rate (after the first token) against
 that ceiling.
 
+--cli also times the path users run (benchmarks/cli_timing.py): the whole
+process of `gpt2_generate_main.py --is_interactive` (streaming printer
+included) for 1 and for N+1 new tokens, N / (difference) as tok/s, against the
+same on CTranslate2 float32.
+
 Run (the whole table takes minutes, mostly texar's built-in decoding):
     python benchmarks/bench_generate.py
     python benchmarks/bench_generate.py --quick           # batch 1, prompts 8 and 200
@@ -31,9 +40,11 @@ taken in the same run, and re-run on a quiet machine for absolute numbers.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -80,8 +91,8 @@ def _rss_kib(field: str) -> int:
 
 def _reset_peak(device: str) -> int:
     """Start measuring peak memory now; returns the baseline in bytes."""
-    import torch
     if device.startswith("cuda"):
+        import torch
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
@@ -91,25 +102,36 @@ def _reset_peak(device: str) -> int:
 
 
 def _peak(device: str) -> int:
-    import torch
     if device.startswith("cuda"):
+        import torch
         return torch.cuda.max_memory_allocated()
     return _rss_kib("VmHWM") * 1024
 
 
 def run_case(engine: str, batch: int, length: int, new_tokens: int, device: str,
-             threads: int, repeats: int, dtype: str) -> dict:
+             threads: int, repeats: int, dtype: str, ct2_dir: str = None,
+             prompt_ids: list = None) -> dict:
     """Time one engine on one case (runs inside the child process)."""
-    import torch
     warnings.simplefilter("ignore")
+    if engine.startswith("ct2"):  # torch-free: see benchmarks/ct2_engine.py
+        from benchmarks import ct2_engine
+        generator = ct2_engine.load_generator(ct2_dir, engine, threads)
+        tokens = ct2_engine.id_tokens(prompt_ids)
+        return time_decoding(engine, batch, length, new_tokens, device, repeats,
+                             lambda n: ct2_engine.greedy(generator, tokens, n))
+    import torch
     torch.set_num_threads(threads)
+    ids = torch.tensor(prompt_ids, device=device)
     model = build_texar(device, dtype)
-    ids = prompts(batch, length).to(device)
-    total = length + new_tokens
 
-    if engine == "ours":
+    if engine in ("ours", "ours_int8"):
         from utils.generation import generate
         contexts = ids.tolist()
+        if engine == "ours_int8":
+            from utils.int8_linear import quantize_for_decoding
+            quantize_for_decoding(model)
+        from utils.gpt2_net import engine_for
+        prepared = engine_for(model).extra_bytes()  # built now, outside the peak
 
         def decode(n):
             return generate(model, contexts, length + n, strategy="greedy",
@@ -138,14 +160,25 @@ def run_case(engine: str, batch: int, length: int, new_tokens: int, device: str,
             return out.sample_id[:, length:].tolist()
     else:
         raise ValueError(engine)
+    result = time_decoding(engine, batch, length, new_tokens, device, repeats, decode)
+    if engine.startswith("ours"):
+        result["prepared_bytes"] = prepared
+    return result
+
+
+def time_decoding(engine: str, batch: int, length: int, new_tokens: int, device: str,
+                  repeats: int, decode) -> dict:
+    """Warm up, then time decode(1) (TTFT) and decode(new_tokens)."""
+    def sync():
+        if device.startswith("cuda"):
+            import torch
+            torch.cuda.synchronize()
 
     def timed(n):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         result = decode(n)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - start, result
 
     # Peak memory counts from before the warm-up, so one-time allocations
@@ -160,7 +193,7 @@ def run_case(engine: str, batch: int, length: int, new_tokens: int, device: str,
     peak = _peak(device) - base
     assert all(len(row) == new_tokens for row in tokens), "early stop"
     ttft, seconds = statistics.median(ttfts), statistics.median(totals)
-    return {"engine": engine, "batch": batch, "prompt": length, "total": total,
+    return {"engine": engine, "batch": batch, "prompt": length, "total": length + new_tokens,
             "ttft": ttft, "seconds": seconds,
             "tok_s": batch * new_tokens / seconds,
             "decode_tok_s": batch * (new_tokens - 1) / max(seconds - ttft, 1e-9),
@@ -215,7 +248,7 @@ def main() -> None:
     parser.add_argument("--batch_sizes", default="1,16")
     parser.add_argument("--prompt_lengths", default="8,200,512")
     parser.add_argument("--new_tokens", type=int, default=128)
-    parser.add_argument("--engines", default="ours,hf,texar")
+    parser.add_argument("--engines", default="ours,ours_int8,ct2,ct2_int8,hf,texar")
     parser.add_argument("--texar_max_prompt", type=int, default=None,
                         help="run texar's built-in decoding only on prompts up to this length")
     parser.add_argument("--skip_texar_long", action="store_true",
@@ -231,6 +264,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="weights and activations of every engine (default float32)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--cli", action="store_true",
+                        help="also time gpt2_generate_main.py against CTranslate2's "
+                             "streaming generator, whole process (CPU, float32)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -253,6 +289,19 @@ def main() -> None:
             print("transformers is not installed: skipping the hf engine "
                   "(pip install -r requirements-bench.txt)")
             engines.remove("hf")
+    from benchmarks import ct2_engine
+    ct2_dir = hf_dir = None
+    if any(e.startswith("ct2") for e in engines) or args.cli:
+        if not ct2_engine.available() or device != "cpu":
+            print("ctranslate2 (or transformers) is not installed, or not on CPU: "
+                  "skipping the ct2 engines (pip install -r requirements-bench.txt)")
+            engines = [e for e in engines if not e.startswith("ct2")]
+            args.cli = False
+        else:
+            workdir = tempfile.mkdtemp(prefix="bench_generate_")
+            hf_dir, ct2_dir = ct2_engine.write_model_dirs(build_texar("cpu"), workdir)
+    if device != "cpu" and "ours_int8" in engines:
+        engines.remove("ours_int8")  # a CPU path
 
     bandwidth = measure_bandwidth(args.threads, device)
     print(f"device {device}, torch {torch.__version__}, {args.threads} threads, "
@@ -270,20 +319,28 @@ def main() -> None:
                 r = run_in_child(engine=engine, batch=batch, length=length,
                                  new_tokens=args.new_tokens, device=device,
                                  threads=args.threads, repeats=args.repeats,
-                                 dtype=args.dtype)
+                                 dtype=args.dtype, ct2_dir=ct2_dir,
+                                 prompt_ids=prompts(batch, length).tolist())
                 results.append(r)
                 if "error" in r:
                     print(f"  {engine} batch {batch} prompt {length}: FAILED {r['error']}")
                 else:
-                    print(f"  {engine:5s} batch {batch:2d} prompt {length:3d}: "
+                    print(f"  {engine:9s} batch {batch:2d} prompt {length:3d}: "
                           f"{r['tok_s']:7.1f} tok/s, TTFT {r['ttft'] * 1000:7.1f} ms",
                           flush=True)
     print_table(results, bandwidth, args.new_tokens, getattr(torch, args.dtype).itemsize)
+    cli_results = []
+    if args.cli:
+        from benchmarks.cli_timing import time_cli_paths
+        cli_results = time_cli_paths(hf_dir, ct2_dir, lengths, args.new_tokens,
+                                     args.repeats)
+    if ct2_dir is not None:
+        shutil.rmtree(os.path.dirname(ct2_dir), ignore_errors=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"bandwidth": bandwidth, "threads": args.threads, "device": device,
                        "dtype": args.dtype,
-                       "results": results}, f, indent=1)
+                       "results": results, "cli": cli_results}, f, indent=1)
 
 
 def print_table(results, bandwidth: float, new_tokens: int, itemsize: int) -> None:
@@ -291,26 +348,37 @@ def print_table(results, bandwidth: float, new_tokens: int, itemsize: int) -> No
     by_case = {}
     for r in ok:
         by_case.setdefault((r["batch"], r["prompt"]), {})[r["engine"]] = r
-    header = (f"{'batch':>5} {'prompt':>6} {'engine':>6} {'tok/s':>8} {'TTFT ms':>8} "
-              f"{'peak MiB':>8} {'%ceil':>6} {'x texar':>8} {'x hf':>6} {'same ids':>8}")
+    header = (f"{'batch':>5} {'prompt':>6} {'engine':>9} {'tok/s':>8} {'TTFT ms':>8} "
+              f"{'peak MiB':>8} {'%ceil':>6} {'x texar':>8} {'x hf':>6} {'x ct2':>6} "
+              f"{'x ct2i8':>7} {'same ids':>8} {'prep MiB':>8}")
     print()
     print(header)
     print("-" * len(header))
     for (batch, prompt), engines in sorted(by_case.items()):
         ceiling = batch * bandwidth / bytes_per_token(batch, prompt, new_tokens, itemsize)
-        ref_ids = engines.get("hf", engines.get("texar", {})).get("first_row")
-        for name in ("ours", "hf", "texar"):
+        ref_ids = engines.get("hf", engines.get("texar", engines.get("ct2", {}))).get(
+            "first_row")
+        for name in ("ours", "ours_int8", "ct2", "ct2_int8", "hf", "texar"):
             r = engines.get(name)
             if r is None:
                 continue
             vs = {k: (f"{r['tok_s'] / engines[k]['tok_s']:.2f}" if k in engines else "-")
-                  for k in ("texar", "hf")}
+                  for k in ("texar", "hf", "ct2", "ct2_int8")}
             same = "-" if ref_ids is None else ("yes" if r["first_row"] == ref_ids else "NO")
-            print(f"{batch:>5} {prompt:>6} {name:>6} {r['tok_s']:8.1f} "
+            if name.endswith("int8") and same == "NO":
+                same = "no (8-bit)"  # int8 is not expected to match exactly
+            # The ceiling counts float32 weight bytes: not the int8 engines'.
+            ceil = ("     -" if name.endswith("int8")
+                    else f"{100 * r['decode_tok_s'] / ceiling:5.0f}%")
+            print(f"{batch:>5} {prompt:>6} {name:>9} {r['tok_s']:8.1f} "
                   f"{r['ttft'] * 1000:8.1f} {r['peak_bytes'] / 2**20:8.0f} "
-                  f"{100 * r['decode_tok_s'] / ceiling:5.0f}% {vs['texar']:>8} "
-                  f"{vs['hf']:>6} {same:>8}")
-    print("\n%ceil: decode tok/s (after the first token) / (bandwidth / bytes read per "
+                  f"{ceil} {vs['texar']:>8} "
+                  f"{vs['hf']:>6} {vs['ct2']:>6} {vs['ct2_int8']:>7} {same:>8} "
+                  f"{r.get('prepared_bytes', 0) / 2**20:8.0f}")
+    print("\nprep MiB: weight copies our engine prepares once (fused Q/K/V, int8 "
+          "layers), held beside the model's own parameters; "
+          "peak MiB is what generating itself adds.")
+    print("%ceil: decode tok/s (after the first token) / (bandwidth / bytes read per "
           "step); batch 16 on CPU is compute-bound, so its %ceil is low by nature.")
 
 

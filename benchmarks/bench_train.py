@@ -58,6 +58,7 @@ def parse_args():
     p.add_argument("--hf_optimizer", default="same", choices=("same", "default"),
                    help="HF's AdamW: our implementation (same) or torch's default.")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present).")
+    p.add_argument("--json", default=None, help="Also write the rows here.")
     return p.parse_args()
 
 
@@ -215,6 +216,7 @@ def main():
           f"{args.hf_optimizer}; median of {args.rounds} interleaved steps")
     print(f"{'scenario':<22} {'engine':<6} {'step s':>8} {'tokens/s':>10} {'vs hf':>7}   "
           f"first loss   all step times (s)")
+    results = []
     for scenario in args.scenarios.split(","):
         rows, first_loss = run_scenario(scenario, args, device, have_hf)
         label = {"full": "full (4 x 128)", "short": "short (4 toy lines)"}[scenario]
@@ -223,7 +225,14 @@ def main():
             ratio = f"{rate / hf_rate:.2f}x" if hf_rate else "-"
             print(f"{label:<22} {name:<6} {median:>8.3f} {rate:>10,.0f} {ratio:>7}   "
                   f"{first_loss[name]:.5f}    {' '.join(f'{t:.2f}' for t in all_times)}")
+            results.append({"scenario": scenario, "engine": name, "step_s": median,
+                            "tok_s": rate, "first_loss": first_loss[name],
+                            "precision": args.precision, "device": str(device)})
         sys.stdout.flush()
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

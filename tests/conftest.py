@@ -5,3 +5,24 @@ import sys
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+TF_FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures", "tf_gpt2")
+
+
+@pytest.fixture
+def tf_gpt2_model():
+    """load(name) -> (GPT2Decoder with the TF-written fixture's weights, its
+    reference metadata: hparams, greedy continuations)."""
+    def load(name):
+        from utils.model import build_model, hparams_from_openai
+        from utils.openai_weights import load_openai_weights
+        with open(os.path.join(TF_FIXTURES, "reference", name + ".json")) as f:
+            meta = json.load(f)
+        model = build_model(hparams_from_openai(meta["hparams"])).eval()
+        load_openai_weights(model, os.path.join(TF_FIXTURES, "models", name, "model.ckpt"))
+        return model, meta
+    return load

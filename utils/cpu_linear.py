@@ -1,15 +1,27 @@
-"""Which matrix-product kernels the generation engine uses on this device.
+"""Which matrix-product kernels the generation engine uses on this device,
+and the layers' weights prepared once for them.
 
-utils/generation.py runs every linear layer through one of the functions here:
+utils/gpt2_net.py runs every linear layer through a `PreparedLinear`:
 - On x86 CPUs PyTorch's nn.Linear goes to MKL, whose matrix-vector product for
   torch's [out, in] weight layout streams weights well below memory bandwidth
   (measured ~12 GB/s of ~30 on the dev machine); oneDNN's linear (the op
   torch.compile uses on CPU) reads the same tensors 15-40% faster. It is a
-  private op, so it is used only after a check that it exists and agrees with
-  F.linear; anything else falls back to F.linear.
+  private op, so it is used only after
+  a check that it exists and agrees with F.linear; anything else falls back to
+  F.linear.
+- Q, K and V are one product over their weights concatenated (one kernel call
+  instead of three; +5-10% at batch 1). Each output is the same dot product,
+  and greedy ids are unchanged (tests/test_generation.py).
+- Tried and dropped (benchmarks/bench_generate.py, quiet 2-core machine):
+  weights reordered once into oneDNN's blocked layout (what torch.compile's
+  freezing does) gained nothing measurable (+-2%) for a second copy of every
+  block weight; an [in, out] copy of the output layer for MKL's x @ W was 8%
+  slower.
 - CPU products in bfloat16/float16 over many rows are widened to float32
-  (`upcast_linear`, see UPCAST_MIN_ROWS).
+  (see UPCAST_MIN_ROWS).
 """
+from typing import Callable, Optional, Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -66,13 +78,33 @@ def _onednn_agrees(dtype: torch.dtype) -> bool:
         return False
 
 
-def linear_functions(device: torch.device, dtype: torch.dtype):
-    """(linear, linear_then_gelu) for a model's weights on `device` in `dtype`."""
-    if uses_onednn(device, dtype):
-        return onednn_linear, onednn_linear_gelu
-    return F.linear, linear_gelu
+class PreparedLinear:
+    """y = act(x W^T + b) for one layer, or several fused along the outputs
+    (Q, K, V). A fused weight is a copy made once (the model's parameters are
+    left as they are); a single weight is the model's own tensor."""
 
+    def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+                 gelu: bool = False, activation: Optional[Callable] = None):
+        weight = weights[0] if len(weights) == 1 else torch.cat(list(weights))
+        bias = biases[0] if len(biases) == 1 else torch.cat(list(biases))
+        device, dtype = weight.device, weight.dtype
+        self.weight, self.bias = weight, bias
+        self.onednn = uses_onednn(device, dtype)
+        self.upcast = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+        self.gelu = gelu
+        self.activation = activation
+        self.extra_bytes = weight.numel() * weight.element_size() if len(weights) > 1 else 0
 
-def upcasts(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether products over UPCAST_MIN_ROWS rows or more go through upcast_linear."""
-    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.size(-1)
+        if self.upcast and rows >= UPCAST_MIN_ROWS:
+            y = upcast_linear(x, self.weight, self.bias)
+        elif self.onednn:
+            if self.gelu:
+                return onednn_linear_gelu(x, self.weight, self.bias)
+            y = onednn_linear(x, self.weight, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        if self.gelu:
+            return F.gelu(y, approximate="tanh")
+        return self.activation(y) if self.activation is not None else y

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import cpu_linear
 from utils.errors import UserError
+from utils.gpt2_net import GPT2Net as _GPT2, engine_for
 from utils.flags import check_context_room, check_decoding_values, check_length_fits
 from utils.memory import format_bytes, require_memory
 from utils.sampling import filter_logits, sample_from_logits
@@ -47,112 +47,13 @@ __all__ = ["generate", "forward_logits", "next_token_logits", "filter_logits",
 _BEAM_INF = 1.0e7
 
 
-class _Layer:
-    """One transformer block's parameters (references to the model's tensors)."""
-
-    def __init__(self, decoder: nn.Module, i: int, linear, linear_gelu):
-        attn = decoder.self_attns[i]
-        ln1, ln2 = decoder.self_attn_layer_norm[i], decoder.poswise_layer_norm[i]
-        fc1, act, fc2 = decoder.poswise_networks[i]._layers
-        self.ln1 = (ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)
-        self.ln2 = (ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
-        self.q = (attn.Q_dense.weight, attn.Q_dense.bias)
-        self.k = (attn.K_dense.weight, attn.K_dense.bias)
-        self.v = (attn.V_dense.weight, attn.V_dense.bias)
-        self.o = (attn.O_dense.weight, attn.O_dense.bias)
-        self.fc1 = (fc1.weight, fc1.bias)
-        self.fc2 = (fc2.weight, fc2.bias)
-        # GPT-2's tanh GELU is fused into the first feed-forward layer; any
-        # other activation is called as the model's own module.
-        if type(act).__name__ == "GPTGELU":
-            self.fc1_act = linear_gelu
-            self.act = lambda y: F.gelu(y, approximate="tanh")
-        else:
-            self.fc1_act = lambda x, w, b: act(linear(x, w, b))
-            self.act = act
-
-
-class _GPT2:
-    """The forward pass of a texar GPT2Decoder, with a preallocated KV cache."""
-
-    def __init__(self, model: nn.Module):
-        dec = model.decoder
-        self.wte = model.word_embedder.embedding
-        self.wpe = model.position_embedder.embedding
-        out = dec._output_layer  # nn.Linear tied to the word embedding
-        self.out_weight, self.out_bias = out.weight, out.bias
-        self.final_ln = (dec.final_layer_norm.normalized_shape,
-                         dec.final_layer_norm.weight, dec.final_layer_norm.bias,
-                         dec.final_layer_norm.eps)
-        self.device, self.dtype = self.wte.device, self.wte.dtype
-        self.linear, linear_gelu = cpu_linear.linear_functions(self.device, self.dtype)
-        self.upcast = cpu_linear.upcasts(self.device, self.dtype)
-        self.layers = [_Layer(dec, i, self.linear, linear_gelu)
-                       for i in range(len(dec.self_attns))]
-        self.n_head = int(dec.self_attns[0]._hparams.num_heads)
-        self.n_vocab, self.n_embd = self.wte.shape
-        self.n_ctx = self.wpe.shape[0]
-        self.head_dim = self.n_embd // self.n_head
-
-    def new_cache(self, rows: int, slots: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        shape = (len(self.layers), rows, self.n_head, slots, self.head_dim)
-        return (torch.empty(shape, device=self.device, dtype=self.dtype),
-                torch.empty(shape, device=self.device, dtype=self.dtype))
-
-    def hidden(self, ids: torch.Tensor, positions: torch.Tensor,
-               cache: Optional[Tuple[torch.Tensor, torch.Tensor]], start: int,
-               mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Final hidden states [B, T, D] of tokens `ids` [B, T] at cache slots
-        start..start+T-1 (written into `cache` when given).
-
-        `mask` (bool, True = may attend) is [B, 1, T, start+T] or None for
-        plain causal attention over every slot.
-        """
-        B, T = ids.shape
-        H, hd = self.n_head, self.head_dim
-        linear = self._linear_for(B * T)
-        upcast = linear is cpu_linear.upcast_linear
-        x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
-        end = start + T
-        for i, layer in enumerate(self.layers):
-            h = F.layer_norm(x, *layer.ln1)
-            q = linear(h, *layer.q).view(B, T, H, hd).transpose(1, 2)
-            k = linear(h, *layer.k).view(B, T, H, hd).transpose(1, 2)
-            v = linear(h, *layer.v).view(B, T, H, hd).transpose(1, 2)
-            if cache is not None:
-                cache[0][i, :, :, start:end] = k
-                cache[1][i, :, :, start:end] = v
-            if start:  # attend over the cached slots too
-                k, v = cache[0][i, :, :, :end], cache[1][i, :, :, :end]
-            if mask is None and T > 1:
-                a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:
-                a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            a = a.transpose(1, 2).reshape(B, T, self.n_embd)
-            x = x + linear(a, *layer.o)
-            h = F.layer_norm(x, *layer.ln2)
-            ff = layer.act(linear(h, *layer.fc1)) if upcast else layer.fc1_act(h, *layer.fc1)
-            x = x + linear(ff, *layer.fc2)
-        return F.layer_norm(x, *self.final_ln)
-
-    def _linear_for(self, rows: int):
-        """The linear function for a product over `rows` rows."""
-        if self.upcast and rows >= cpu_linear.UPCAST_MIN_ROWS:
-            return cpu_linear.upcast_linear
-        return self.linear
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        linear = self._linear_for(hidden.numel() // hidden.size(-1))
-        return linear(hidden, self.out_weight, self.out_bias)
-
-
 def forward_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Teacher-forced logits [B, T, V] of token ids [B, T] (the prefill pass).
 
     Equals texar's `model(inputs=ids, decoding_strategy='train_greedy').logits`
     up to float rounding.
     """
-    net = _GPT2(model)
+    net = engine_for(model)
     with torch.inference_mode():
         ids = ids.to(net.device)
         positions = torch.arange(ids.size(1), device=net.device).expand_as(ids)
@@ -166,7 +67,7 @@ def next_token_logits(model: nn.Module, contexts: Sequence[Sequence[int]]) -> to
     with. Each row equals running its context alone, up to float rounding.
     """
     contexts = [[int(t) for t in context] for context in contexts]
-    net = _GPT2(model)
+    net = engine_for(model)
     _check_token_ids(net, contexts)
     for i, context in enumerate(contexts):
         if len(context) > net.n_ctx:
@@ -293,7 +194,7 @@ def generate(model: nn.Module, contexts: Sequence[Sequence[int]],
     Raises UserError (one line) for arguments a user can fix.
     """
     contexts = [[int(t) for t in context] for context in contexts]
-    net = _GPT2(model)
+    net = engine_for(model)
     _check_arguments(net, contexts, max_decoding_length, strategy, temperature,
                      top_k, top_p, beam_width, length_penalty)
     if not contexts:

@@ -1,43 +1,47 @@
 """gpt2_generate_main.py's terminal side: reading prompts, printing samples as they come."""
 import sys
 
-import torch
-
 PROMPT = "Model input >>> "
 
 
 class StreamPrinter:
     """Prints one row's tokens as they are made, whole characters at a time.
 
-    A BPE token can end in the middle of a UTF-8 character, so the text is
-    re-decoded from all ids so far and only the settled part is printed.
+    A BPE token can end in the middle of a UTF-8 character, so the ids since
+    the last whole character are kept and decoded together; once they end in
+    a whole character their text is printed and they are dropped. Each step
+    decodes only those few ids (re-decoding the whole sample at every step
+    made printing cost grow with the sample's length).
     """
 
     def __init__(self, encoder, end_token: int, out=None):
         self.encoder, self.end_token = encoder, end_token
         self.out = out or sys.stdout
-        self.ids, self.printed, self.finished = [], "", False
+        self.pending, self.finished = [], False
 
-    def __call__(self, new_ids: torch.Tensor, done: torch.Tensor) -> None:
+    def __call__(self, new_ids, done) -> None:
+        """new_ids, done: generate's on_tokens arguments (tensors or lists);
+        row 0 is printed."""
         if self.finished:
             return
         token = int(new_ids[0])
         if token == self.end_token:
             self.finished = True
             return
-        self.ids.append(token)
-        text = self.encoder.decode(self.ids)
+        self.pending.append(token)
+        text = self.encoder.decode(self.pending)
         if not text.endswith("\ufffd"):
             self._emit(text)
         self.finished = bool(done[0])
 
     def close(self) -> None:
-        self._emit(self.encoder.decode(self.ids))
+        if self.pending:
+            self._emit(self.encoder.decode(self.pending))
 
     def _emit(self, text: str) -> None:
-        self.out.write(text[len(self.printed):])
+        self.out.write(text)
         self.out.flush()
-        self.printed = text
+        self.pending = []
 
 
 class NotUTF8(ValueError):

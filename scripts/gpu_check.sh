@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# On a CUDA machine: the tests that need CUDA (generation on the GPU, fp16/bf16
+# autocast training, NCCL under torchrun with one GPU: pytest -m cuda), then
+# generation and training benchmarks on the GPU against Hugging Face, summed up
+# in one table. About 5 minutes on one GPU (each step has its own time limit,
+# 8 minutes in all). Needs the test and benchmark packages:
+#   bash scripts/setup.sh --test && .venv/bin/pip install -r requirements-bench.txt
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-.venv/bin/python}"
+if ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+  echo "error: torch sees no CUDA GPU here: run this on a GPU machine (CPU tests: scripts/test.sh)" >&2
+  exit 2
+fi
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+status=0
+
+echo "== 1/3 CUDA tests (pytest -m cuda)"
+timeout 200 "$PY" -m pytest -q -m cuda tests/test_cuda.py | tee "$out/tests.txt" || status=1
+
+echo "== 2/3 Generation on the GPU: ours vs Hugging Face (float32 and float16)"
+for dtype in float32 float16; do
+  timeout 100 "$PY" benchmarks/bench_generate.py --device cuda --engines ours,hf \
+      --batch_sizes 1,16 --prompt_lengths 8,512 --new_tokens 64 --dtype "$dtype" \
+      --json "$out/generate_$dtype.json" >/dev/null || status=1
+done
+
+echo "== 3/3 Training step on the GPU: ours vs Hugging Face (fp32 and bf16 autocast)"
+for precision in fp32 bf16; do
+  timeout 80 "$PY" benchmarks/bench_train.py --device cuda --scenarios full --rounds 5 \
+      --precision "$precision" --json "$out/train_$precision.json" >/dev/null || status=1
+done
+
+"$PY" - "$out" <<'PYEOF'
+import glob, json, os, sys
+import torch
+out = sys.argv[1]
+print(f"\nGPU check on {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+tests = open(os.path.join(out, "tests.txt")).read().strip().splitlines()
+print("CUDA tests:", tests[-1] if tests else "did not run")
+print(f"{'what':<34} {'ours':>12} {'hf':>12} {'ours/hf':>8}")
+for path in sorted(glob.glob(os.path.join(out, "generate_*.json"))):
+    data = json.load(open(path))
+    cases = {}
+    for r in data["results"]:
+        if "error" not in r:
+            cases.setdefault((r["batch"], r["prompt"]), {})[r["engine"]] = r["tok_s"]
+    for (batch, prompt), rate in sorted(cases.items()):
+        ours, hf = rate.get("ours"), rate.get("hf")
+        label = f"generate {data['dtype']} b{batch} p{prompt} tok/s"
+        print(f"{label:<34} {ours or 0:12.1f} {hf or 0:12.1f} "
+              f"{(ours / hf if ours and hf else 0):8.2f}")
+for path in sorted(glob.glob(os.path.join(out, "train_*.json"))):
+    rows = {r["engine"]: r for r in json.load(open(path))}
+    ours, hf = rows.get("ours", {}).get("tok_s"), rows.get("hf", {}).get("tok_s")
+    label = f"train {next(iter(rows.values()))['precision']} 4x128 tok/s"
+    print(f"{label:<34} {ours or 0:12.0f} {hf or 0:12.0f} "
+          f"{(ours / hf if ours and hf else 0):8.2f}")
+PYEOF
+exit "$status"
