@@ -27,7 +27,6 @@ import copy
 import warnings
 from typing import Any, Dict, Mapping, Optional
 
-import torch
 from torch import nn
 
 from utils.flags import load_config_module
@@ -334,8 +333,3 @@ def _refuse_memory(model: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Non
 def count_parameters(model: nn.Module) -> int:
     """Parameters counted once each (the output layer shares the embedding)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def default_device() -> torch.device:
-    """CUDA when present, CPU otherwise."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

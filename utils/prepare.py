@@ -398,14 +398,19 @@ def _write_records(tmp_path: str, out_path: str, text_path: str, dtype: np.dtype
             bar.update(len(chunk))
     if totals.written != examples:
         raise _changed_while_reading(text_path)
+    _sync_records(records, tmp_path, out_path)
+    return totals
+
+
+def _sync_records(records: np.memmap, tmp_path: str, out_path: str) -> None:
+    """Write a memory-mapped split's pages out and fsync its file, so the
+    rename that follows publishes complete data. Disk errors: one line."""
     try:
         records.flush()
-        del records  # unmapped before the file is synced
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
     except OSError as err:
         raise _write_error(out_path, err) from None
-    return totals
 
 
 def _changed_while_reading(path: str) -> UserError:

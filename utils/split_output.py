@@ -55,20 +55,15 @@ def write_records(out_path: str, records: np.ndarray,
                   rows: Optional[np.ndarray] = None) -> None:
     """`records` (those at `rows`, an index array, when given) as a prepared
     `.npy` at `out_path`, replacing it only once complete."""
-    from utils.prepare import _create_records, _write_error, records_file
+    from utils.prepare import _create_records, _sync_records, records_file
     if rows is None:
         rows = np.arange(len(records))
     with records_file(out_path) as tmp_path:
         out = _create_records(tmp_path, out_path, records.dtype, len(rows))
         for start in range(0, len(rows), COPY_RECORDS):
             out[start:start + COPY_RECORDS] = records[rows[start:start + COPY_RECORDS]]
-        try:
-            out.flush()
-            del out  # unmapped before the file is synced
-            with open(tmp_path, "rb+") as f:
-                os.fsync(f.fileno())
-        except OSError as err:
-            raise _write_error(out_path, err) from None
+        _sync_records(out, tmp_path, out_path)
+        del out  # unmapped before the rename
 
 
 def check_dev_fraction(fraction: Optional[float]) -> None:
