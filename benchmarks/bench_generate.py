@@ -1,7 +1,10 @@
 """Benchmark GPT-2 generation: this project's engine against the alternatives.
 
 Engines, all on the same random GPT-2 124M weights (configs.config_model_117M):
-  ours  - utils.generation.generate (prefill + preallocated KV cache)
+  ours  - utils.generation.generate (prefill + preallocated KV cache); at
+          batch 1 on the CPU in float32 with the compiled decoding step on
+          (utils/compiled_step.py), as gpt2_generate_main.py runs it
+  ours_eager - the same without the compiled step (utils/gpt2_net.py only)
   hf    - Hugging Face transformers' GPT2LMHeadModel.generate(use_cache=True),
           with the texar weights copied in (skipped if transformers is absent)
   texar - texar's built-in decoding, model(decoding_strategy='infer_greedy',
@@ -12,12 +15,18 @@ Engines, all on the same random GPT-2 124M weights (configs.config_model_117M):
           (benchmarks/ct2_engine.py; skipped if ctranslate2 is absent)
 
 Every case decodes greedily with an end token that cannot occur, so every
-engine produces exactly --new_tokens tokens per row. Each (engine, case) runs
-in its own subprocess so its peak memory is its own: peak = the process's
+engine produces exactly --new_tokens tokens per row. Each (engine, case) has
+its own worker process, so its peak memory is its own: peak = the process's
 resident-set high-water mark while generating (warm-up included; reset through
 /proc/self/clear_refs once the model is built) minus the resident set at that
-point; on CUDA, torch.cuda.max_memory_allocated minus memory_allocated. Time to first token (TTFT) is a separate
-run with one new token; tok/s counts all rows' new tokens over the whole run.
+point; on CUDA, torch.cuda.max_memory_allocated minus memory_allocated. The
+workers of a case are timed interleaved: --repeats rounds, each running every
+engine once in a rotating order (a pause between runs lets idle threads stop
+spinning), so load from elsewhere on a shared machine falls on all of them
+alike. tok/s and TTFT are medians over the rounds; "x ct2" and the other
+ratios are medians of the per-round ratios. Time to first token (TTFT) is a
+separate run with one new token; tok/s counts all rows' new tokens over the
+whole run.
 
 Ceiling: batch-1 decoding reads every weight once per token, so tokens/s can
 be at most (memory bandwidth) / (bytes of weights + KV cache read per token).
@@ -61,7 +70,8 @@ def build_texar(device: str, dtype: str = "float32"):
     from utils.model import build_model, load_model_hparams
     torch.manual_seed(SEED)  # every subprocess builds the same weights
     model = build_model(load_model_hparams("configs.config_model_117M"))
-    return model.to(device=device, dtype=getattr(torch, dtype)).eval()
+    model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
+    return model.requires_grad_(False)  # inference only, as gpt2_generate_main.py
 
 
 def hf_from_texar(model):
@@ -108,23 +118,21 @@ def _peak(device: str) -> int:
     return _rss_kib("VmHWM") * 1024
 
 
-def run_case(engine: str, batch: int, length: int, new_tokens: int, device: str,
-             threads: int, repeats: int, dtype: str, ct2_dir: str = None,
-             prompt_ids: list = None) -> dict:
-    """Time one engine on one case (runs inside the child process)."""
-    warnings.simplefilter("ignore")
+def make_decoder(engine: str, batch: int, length: int, device: str, threads: int,
+                 dtype: str, ct2_dir: str = None, prompt_ids: list = None):
+    """(decode(n) -> n new ids per row, bytes of prepared weight copies) for
+    one engine; runs inside that engine's worker process."""
     if engine.startswith("ct2"):  # torch-free: see benchmarks/ct2_engine.py
         from benchmarks import ct2_engine
         generator = ct2_engine.load_generator(ct2_dir, engine, threads)
         tokens = ct2_engine.id_tokens(prompt_ids)
-        return time_decoding(engine, batch, length, new_tokens, device, repeats,
-                             lambda n: ct2_engine.greedy(generator, tokens, n))
+        return (lambda n: ct2_engine.greedy(generator, tokens, n)), 0
     import torch
     torch.set_num_threads(threads)
     ids = torch.tensor(prompt_ids, device=device)
     model = build_texar(device, dtype)
 
-    if engine in ("ours", "ours_int8"):
+    if engine in ("ours", "ours_eager", "ours_int8"):
         from utils.generation import generate
         contexts = ids.tolist()
         if engine == "ours_int8":
@@ -132,11 +140,17 @@ def run_case(engine: str, batch: int, length: int, new_tokens: int, device: str,
             quantize_for_decoding(model)
         from utils.gpt2_net import engine_for
         prepared = engine_for(model).extra_bytes()  # built now, outside the peak
+        if engine == "ours" and batch == 1 and device == "cpu" and dtype == "float32":
+            from utils import compiled_step  # as gpt2_generate_main.py --compile on
+            reason, seconds = compiled_step.timed_enable(model)
+            print(f"NOTE compiled step: {reason or f'on ({seconds:.1f} s to compile)'}",
+                  flush=True)
 
         def decode(n):
             return generate(model, contexts, length + n, strategy="greedy",
                             end_token=NEVER)
-    elif engine == "hf":
+        return decode, prepared
+    if engine == "hf":
         hf = hf_from_texar(model.float()).to(device=device, dtype=getattr(torch, dtype))
         del model
         hf.generation_config.eos_token_id = None  # never stop early
@@ -148,7 +162,8 @@ def run_case(engine: str, batch: int, length: int, new_tokens: int, device: str,
                 out = hf.generate(ids, attention_mask=mask, max_new_tokens=n,
                                   do_sample=False, use_cache=True)
             return out[:, length:].tolist()
-    elif engine == "texar":
+        return decode, 0
+    if engine == "texar":
         lengths = torch.full((batch,), length, dtype=torch.long, device=device)
 
         def decode(n):
@@ -158,46 +173,157 @@ def run_case(engine: str, batch: int, length: int, new_tokens: int, device: str,
                                context_sequence_length=lengths,
                                max_decoding_length=length + n - 1, end_token=NEVER)
             return out.sample_id[:, length:].tolist()
-    else:
-        raise ValueError(engine)
-    result = time_decoding(engine, batch, length, new_tokens, device, repeats, decode)
-    if engine.startswith("ours"):
-        result["prepared_bytes"] = prepared
-    return result
+        return decode, 0
+    raise ValueError(engine)
 
 
-def time_decoding(engine: str, batch: int, length: int, new_tokens: int, device: str,
-                  repeats: int, decode) -> dict:
-    """Warm up, then time decode(1) (TTFT) and decode(new_tokens)."""
-    def sync():
-        if device.startswith("cuda"):
-            import torch
-            torch.cuda.synchronize()
+def worker_main(spec: str) -> None:
+    """One engine on one case, timed on request: builds the engine, warms it
+    up, prints READY, then answers each `run` line on stdin with one timed
+    pass (decode(1) for TTFT, then decode(new_tokens)) and `stop` with its
+    peak memory."""
+    args = json.loads(spec)
+    warnings.simplefilter("ignore")
+    device, new_tokens = args["device"], args["new_tokens"]
+    decode, prepared = make_decoder(args["engine"], args["batch"], args["length"], device,
+                                    args["threads"], args["dtype"], args["ct2_dir"],
+                                    args["prompt_ids"])
 
     def timed(n):
-        sync()
+        _sync(device)
         start = time.perf_counter()
         result = decode(n)
-        sync()
+        _sync(device)
         return time.perf_counter() - start, result
 
     # Peak memory counts from before the warm-up, so one-time allocations
     # (allocator growth, library workspaces) are included for every engine.
     base = _reset_peak(device)
     decode(2)  # warm-up: first-call allocations and kernel selection
-    ttfts, totals = [], []
-    for _ in range(repeats):
-        ttfts.append(timed(1)[0])
-        seconds, tokens = timed(new_tokens)
-        totals.append(seconds)
-    peak = _peak(device) - base
-    assert all(len(row) == new_tokens for row in tokens), "early stop"
-    ttft, seconds = statistics.median(ttfts), statistics.median(totals)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "run":
+            ttft = timed(1)[0]
+            seconds, tokens = timed(new_tokens)
+            assert all(len(row) == new_tokens for row in tokens), "early stop"
+            print("RESULT " + json.dumps({"ttft": ttft, "seconds": seconds,
+                                          "first_row": tokens[0]}), flush=True)
+        elif line.strip() == "stop":
+            print("RESULT " + json.dumps({"peak_bytes": _peak(device) - base,
+                                          "prepared_bytes": prepared}), flush=True)
+            return
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+
+
+class WorkerFailed(Exception):
+    pass
+
+
+class Worker:
+    """An engine's worker process (worker_main), driven line by line."""
+
+    def __init__(self, **spec):
+        self.engine = spec["engine"]
+        self.errors = tempfile.TemporaryFile(mode="w+")
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.errors, text=True, cwd=REPO_ROOT)
+
+    def _read(self, tag: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(tag):
+                return line[len(tag):]
+            if line.startswith("NOTE "):
+                print(f"  {self.engine}: {line[5:].strip()}", flush=True)
+        self.proc.wait()
+        self.errors.seek(0)
+        tail = self.errors.read().strip().splitlines()[-3:]
+        raise WorkerFailed(" | ".join(tail) or f"exit {self.proc.returncode}")
+
+    def ready(self) -> None:
+        self._read("READY")  # NOTE lines before it are printed by _read
+
+    def ask(self, request: str) -> dict:
+        self.proc.stdin.write(request + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self._read("RESULT "))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.errors.close()
+
+
+# Between two timed runs: long enough for the last engine's idle OpenMP
+# threads to stop spinning, so they take no core from the next one.
+PAUSE_S = 0.3
+
+
+def measure_case(engines, batch: int, length: int, new_tokens: int, device: str,
+                 threads: int, repeats: int, dtype: str, ct2_dir: str = None) -> list:
+    """Time every engine on one case, interleaved: each round runs every
+    engine once (in a rotating order), so other load on a shared machine
+    falls on all engines alike and the per-round ratios are paired."""
+    spec = dict(batch=batch, length=length, new_tokens=new_tokens, device=device,
+                threads=threads, dtype=dtype, ct2_dir=ct2_dir,
+                prompt_ids=prompts(batch, length).tolist())
+    workers, failed = {}, {}
+    try:
+        for engine in engines:  # built one after another: no timing overlaps a build
+            worker = Worker(engine=engine, **spec)
+            try:
+                worker.ready()
+                workers[engine] = worker
+            except WorkerFailed as err:
+                failed[engine] = str(err)
+                worker.close()
+        runs = {engine: [] for engine in workers}
+        names = list(workers)
+        for round_ in range(repeats if names else 0):
+            for engine in names[round_ % len(names):] + names[:round_ % len(names)]:
+                if engine in failed:
+                    continue
+                time.sleep(PAUSE_S)
+                try:
+                    runs[engine].append(workers[engine].ask("run"))
+                except WorkerFailed as err:
+                    failed[engine] = str(err)
+        results = []
+        for engine in engines:
+            if engine in failed:
+                results.append({"engine": engine, "batch": batch, "prompt": length,
+                                "error": failed[engine]})
+                continue
+            memory = workers[engine].ask("stop")
+            results.append(_summary(engine, batch, length, new_tokens, runs[engine], memory))
+        return results
+    finally:
+        for worker in workers.values():
+            worker.close()
+
+
+def _summary(engine: str, batch: int, length: int, new_tokens: int, runs: list,
+             memory: dict) -> dict:
+    ttft = statistics.median(r["ttft"] for r in runs)
+    seconds = statistics.median(r["seconds"] for r in runs)
     return {"engine": engine, "batch": batch, "prompt": length, "total": length + new_tokens,
             "ttft": ttft, "seconds": seconds,
             "tok_s": batch * new_tokens / seconds,
             "decode_tok_s": batch * (new_tokens - 1) / max(seconds - ttft, 1e-9),
-            "peak_bytes": peak, "first_row": tokens[0]}
+            "round_tok_s": [batch * new_tokens / r["seconds"] for r in runs],
+            "first_row": runs[-1]["first_row"], **memory}
+
+
+def paired_ratio(a: dict, b: dict) -> float:
+    """Median over rounds of a's tok/s / b's in the same round."""
+    pairs = list(zip(a["round_tok_s"], b["round_tok_s"]))
+    return statistics.median(x / y for x, y in pairs)
 
 
 def measure_bandwidth(threads: int, device: str) -> float:
@@ -228,27 +354,13 @@ def bytes_per_token(batch: int, prompt: int, new_tokens: int, itemsize: int = 4)
     return float(itemsize) * (weights + kv)
 
 
-def child_main(spec: str) -> None:
-    args = json.loads(spec)
-    print("RESULT " + json.dumps(run_case(**args)), flush=True)
-
-
-def run_in_child(**kwargs) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(kwargs)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"error": " | ".join(tail) or f"exit {proc.returncode}", **kwargs}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch_sizes", default="1,16")
     parser.add_argument("--prompt_lengths", default="8,200,512")
     parser.add_argument("--new_tokens", type=int, default=128)
-    parser.add_argument("--engines", default="ours,ours_int8,ct2,ct2_int8,hf,texar")
+    parser.add_argument("--engines",
+                        default="ours,ours_eager,ours_int8,ct2,ct2_int8,hf,texar")
     parser.add_argument("--texar_max_prompt", type=int, default=None,
                         help="run texar's built-in decoding only on prompts up to this length")
     parser.add_argument("--skip_texar_long", action="store_true",
@@ -258,8 +370,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="batch 1, prompts 8 and 200, texar on the 8-token prompt only")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="timed runs per case (the median is reported)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds per case: every engine runs once per round, "
+                             "interleaved; medians and paired ratios are reported")
     parser.add_argument("--device", default=None, help="default: cuda if available")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="weights and activations of every engine (default float32)")
@@ -267,10 +380,10 @@ def main() -> None:
     parser.add_argument("--cli", action="store_true",
                         help="also time gpt2_generate_main.py against CTranslate2's "
                              "streaming generator, whole process (CPU, float32)")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        return child_main(args.child)
+    if args.worker:
+        return worker_main(args.worker)
 
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -307,25 +420,20 @@ def main() -> None:
     print(f"device {device}, torch {torch.__version__}, {args.threads} threads, "
           f"{args.dtype}, measured bandwidth {bandwidth / 1e9:.1f} GB/s, "
           f"{args.new_tokens} new tokens, "
-          f"greedy, median of {args.repeats}")
+          f"greedy, {args.repeats} interleaved rounds")
     results = []
     for batch in batches:
         for length in lengths:
-            for engine in engines:
-                if engine == "texar" and (
-                        (texar_max_prompt is not None and length > texar_max_prompt)
-                        or (texar_max_batch is not None and batch > texar_max_batch)):
-                    continue
-                r = run_in_child(engine=engine, batch=batch, length=length,
-                                 new_tokens=args.new_tokens, device=device,
-                                 threads=args.threads, repeats=args.repeats,
-                                 dtype=args.dtype, ct2_dir=ct2_dir,
-                                 prompt_ids=prompts(batch, length).tolist())
+            case_engines = [e for e in engines if not (e == "texar" and (
+                (texar_max_prompt is not None and length > texar_max_prompt)
+                or (texar_max_batch is not None and batch > texar_max_batch)))]
+            for r in measure_case(case_engines, batch, length, args.new_tokens, device,
+                                  args.threads, args.repeats, args.dtype, ct2_dir):
                 results.append(r)
                 if "error" in r:
-                    print(f"  {engine} batch {batch} prompt {length}: FAILED {r['error']}")
+                    print(f"  {r['engine']} batch {batch} prompt {length}: FAILED {r['error']}")
                 else:
-                    print(f"  {engine:9s} batch {batch:2d} prompt {length:3d}: "
+                    print(f"  {r['engine']:9s} batch {batch:2d} prompt {length:3d}: "
                           f"{r['tok_s']:7.1f} tok/s, TTFT {r['ttft'] * 1000:7.1f} ms",
                           flush=True)
     print_table(results, bandwidth, args.new_tokens, getattr(torch, args.dtype).itemsize)
@@ -358,11 +466,11 @@ def print_table(results, bandwidth: float, new_tokens: int, itemsize: int) -> No
         ceiling = batch * bandwidth / bytes_per_token(batch, prompt, new_tokens, itemsize)
         ref_ids = engines.get("hf", engines.get("texar", engines.get("ct2", {}))).get(
             "first_row")
-        for name in ("ours", "ours_int8", "ct2", "ct2_int8", "hf", "texar"):
+        for name in ("ours", "ours_eager", "ours_int8", "ct2", "ct2_int8", "hf", "texar"):
             r = engines.get(name)
             if r is None:
                 continue
-            vs = {k: (f"{r['tok_s'] / engines[k]['tok_s']:.2f}" if k in engines else "-")
+            vs = {k: (f"{paired_ratio(r, engines[k]):.2f}" if k in engines else "-")
                   for k in ("texar", "hf", "ct2", "ct2_int8")}
             same = "-" if ref_ids is None else ("yes" if r["first_row"] == ref_ids else "NO")
             if name.endswith("int8") and same == "NO":

@@ -25,6 +25,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from utils import weight_arena
+
 # CPU matrix products in bfloat16/float16 (without native 16-bit arithmetic, as
 # on AVX2) cost about as much per row as a matrix-vector product: fine for one
 # decoding row, ~6x slower than float32 for a long prompt. From this many rows
@@ -78,22 +80,35 @@ def _onednn_agrees(dtype: torch.dtype) -> bool:
         return False
 
 
+def _fused(parts: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """Tensors concatenated along their first dimension: a view when they
+    lie back to back in memory (utils/weight_arena.py), else a copy."""
+    if len(parts) == 1:
+        return parts[0]
+    flat = weight_arena.joined(parts)
+    if flat is None:
+        return torch.cat(list(parts))
+    return flat.view(-1, *parts[0].shape[1:])
+
+
 class PreparedLinear:
     """y = act(x W^T + b) for one layer, or several fused along the outputs
-    (Q, K, V). A fused weight is a copy made once (the model's parameters are
-    left as they are); a single weight is the model's own tensor."""
+    (Q, K, V). A fused weight is a view of the model's parameters when they
+    lie back to back (a packed model), else a copy made once; a single weight
+    is the model's own tensor."""
 
     def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
                  gelu: bool = False, activation: Optional[Callable] = None):
-        weight = weights[0] if len(weights) == 1 else torch.cat(list(weights))
-        bias = biases[0] if len(biases) == 1 else torch.cat(list(biases))
+        weight, bias = _fused(weights), _fused(biases)
         device, dtype = weight.device, weight.dtype
         self.weight, self.bias = weight, bias
         self.onednn = uses_onednn(device, dtype)
         self.upcast = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
         self.gelu = gelu
         self.activation = activation
-        self.extra_bytes = weight.numel() * weight.element_size() if len(weights) > 1 else 0
+        # A fused weight is a copy unless its parts lay back to back already.
+        self.extra_bytes = (0 if len(weights) == 1 or weight_arena.joined(weights) is not None
+                            else weight.numel() * weight.element_size())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.size(-1)

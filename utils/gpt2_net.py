@@ -9,15 +9,21 @@ parameter is replaced or changed in place):
   (a copy: 3 * D * D floats per layer, 21M floats or 81 MiB for GPT-2 124M);
 - with `--dtype int8`, 8-bit packed copies of every linear layer
   (utils/int8_linear.py), the output layer included.
+
+A frozen float model on the CPU (no parameter requires grad, as in
+gpt2_generate_main.py) first has its parameters moved into one huge-page
+block in the order a step reads them (utils/weight_arena.py): the stream of
+weights is faster to read, and Q, K and V lie back to back, so their fused
+matrix is a view instead of a copy.
 """
 import weakref
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import cpu_linear, int8_linear
+from utils import compiled_step, cpu_linear, int8_linear, weight_arena
 
 _ENGINES = weakref.WeakKeyDictionary()  # model -> (parameter state, engine)
 
@@ -29,7 +35,12 @@ def engine_for(model: nn.Module) -> "GPT2Net":
     cached = _ENGINES.get(model)
     if cached is not None and cached[0] == state:
         return cached[1]
+    _ENGINES.pop(model, None)  # its prepared tensors go before new ones are made
     net = GPT2Net(model)
+    net.compiled = (compiled_step.is_enabled(model)
+                    and compiled_step.unsupported_reason(net) is None)
+    state = tuple((p.data_ptr(), p._version, p.dtype, p.device)
+                  for p in model.parameters())  # packing moves the storage
     _ENGINES[model] = (state, net)
     return net
 
@@ -59,6 +70,36 @@ class _Layer:
         return (self.qkv, self.o, self.fc1, self.fc2)
 
 
+def decoding_order(model: nn.Module) -> List[List[nn.Parameter]]:
+    """The model's parameters in the order a decoding step reads them, in
+    groups to be placed back to back (Q, K and V weights; their biases);
+    parameters decoding does not read (memory mode's) come last."""
+    dec = model.decoder
+    groups = [[model.position_embedder.embedding]]
+    for i, attn in enumerate(dec.self_attns):
+        ln1, ln2 = dec.self_attn_layer_norm[i], dec.poswise_layer_norm[i]
+        fc1, _, fc2 = dec.poswise_networks[i]._layers
+        dense = (attn.Q_dense, attn.K_dense, attn.V_dense)
+        groups += [[ln1.weight, ln1.bias], [d.weight for d in dense],
+                   [d.bias for d in dense], [attn.O_dense.weight], [attn.O_dense.bias],
+                   [ln2.weight, ln2.bias], [fc1.weight], [fc1.bias],
+                   [fc2.weight], [fc2.bias]]
+    final = dec.final_layer_norm
+    groups += [[final.weight, final.bias], [model.word_embedder.embedding]]
+    listed = {id(p) for g in groups for p in g}
+    groups += [[p] for p in model.parameters() if id(p) not in listed]
+    return [g for g in groups if all(p is not None for p in g)]
+
+
+def pack_for_decoding(model: nn.Module) -> bool:
+    """Move a frozen CPU model's parameters into one huge-page block in
+    decoding order (utils/weight_arena.py); whether they are there now."""
+    params = list(model.parameters())
+    if any(p.requires_grad or p.device.type != "cpu" for p in params):
+        return False
+    return weight_arena.pack_parameters(decoding_order(model)) is not None
+
+
 class GPT2Net:
     """The forward pass of a texar GPT2Decoder, with a preallocated KV cache."""
 
@@ -68,6 +109,8 @@ class GPT2Net:
         self.wpe = model.position_embedder.embedding
         self.device, self.dtype = self.wte.device, self.wte.dtype
         layers = int8_linear.decoding_layers(model)
+        if layers is None:
+            pack_for_decoding(model)
         make_linear = layers.linear if layers is not None else cpu_linear.PreparedLinear
         out = dec._output_layer  # nn.Linear tied to the word embedding
         self.out = make_linear([out.weight], [out.bias])
@@ -79,6 +122,7 @@ class GPT2Net:
         self.n_vocab, self.n_embd = self.wte.shape
         self.n_ctx = self.wpe.shape[0]
         self.head_dim = self.n_embd // self.n_head
+        self.compiled = False  # batch-1 steps through utils/compiled_step.py
 
     def extra_bytes(self) -> int:
         """Memory the prepared copies take beside the model's parameters."""
@@ -87,6 +131,9 @@ class GPT2Net:
 
     def new_cache(self, rows: int, slots: int) -> Tuple[torch.Tensor, torch.Tensor]:
         shape = (len(self.layers), rows, self.n_head, slots, self.head_dim)
+        if self.device.type == "cpu":  # read whole at every step, like the weights
+            return (weight_arena.empty(shape, self.dtype),
+                    weight_arena.empty(shape, self.dtype))
         return (torch.empty(shape, device=self.device, dtype=self.dtype),
                 torch.empty(shape, device=self.device, dtype=self.dtype))
 
@@ -100,6 +147,8 @@ class GPT2Net:
         plain causal attention over every slot.
         """
         B, T = ids.shape
+        if self.compiled and B == 1 and T == 1 and cache is not None and mask is None:
+            return compiled_step.hidden(self, ids, positions, cache, start)
         H, hd, D = self.n_head, self.head_dim, self.n_embd
         x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
         end = start + T
@@ -119,4 +168,6 @@ class GPT2Net:
         return F.layer_norm(x, *self.final_ln)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.compiled and hidden.dim() == 2 and hidden.shape[0] == 1:
+            return compiled_step.logits(self, hidden)
         return self.out(hidden)

@@ -27,6 +27,7 @@ import copy
 import warnings
 from typing import Any, Dict, Mapping, Optional
 
+import torch
 from torch import nn
 
 from utils.flags import load_config_module
@@ -301,18 +302,33 @@ def import_texar():
     return tx
 
 
-def build_model(hparams: Dict[str, Any], with_memory: bool = False) -> nn.Module:
+def build_model(hparams: Dict[str, Any], with_memory: bool = False,
+                initialize: bool = True) -> nn.Module:
     """A randomly initialised texar GPT2Decoder holding only GPT-2's parameters,
-    plus, `with_memory`, texar's cross-attention blocks (see the docstring)."""
+    plus, `with_memory`, texar's cross-attention blocks (see the docstring).
+
+    `initialize=False` leaves the weights as allocated, unset, for a caller
+    that fills every one of them (a strict load): texar's random start costs
+    more than a second for GPT-2 124M and is thrown away by the load.
+    """
     GPT2Decoder = import_texar().modules.GPT2Decoder
     hparams = copy.deepcopy(hparams)
     hparams["pretrained_model_name"] = None
-    model = GPT2Decoder(hparams=hparams)
+    if initialize:
+        model = GPT2Decoder(hparams=hparams)
+    else:
+        with torch.device("meta"):  # shapes only: nothing allocated, nothing drawn
+            model = GPT2Decoder(hparams=hparams)
     if not with_memory:
         # GPT-2 has no encoder: drop the cross-attention texar builds regardless.
         model.decoder.enc_dec_attns = nn.ModuleList()
         model.decoder.end_dec_attn_layer_norm = nn.ModuleList()
         model.register_forward_pre_hook(_refuse_memory, with_kwargs=True)
+    if not initialize:
+        model.to_empty(device="cpu")
+        # to_empty gives each module its own new tensor: tie the output layer
+        # to the token embedding again, as texar built it.
+        model.decoder._output_layer.weight = model.word_embedder._embedding
     return model
 
 

@@ -362,7 +362,10 @@ def load_weights(resolved: ResolvedModel) -> LoadedModel:
         hf_hub.fetch_hub_model(resolved.hub_name, weights=True,
                                revision=hf_hub.snapshot_revision(resolved.path))
     _check_vocabulary(sizes["n_vocab"], resolved.vocab_dir, source)
-    model = build_model(resolved.hparams, resolved.with_memory)
+    # Every weight comes from the files (strict loads below), so texar's
+    # random start is skipped; memory mode's fresh cross-attention needs it.
+    model = build_model(resolved.hparams, resolved.with_memory,
+                        initialize=resolved.with_memory)
     if resolved.origin == FROM_OPENAI:
         openai_weights.load_openai_weights(model, resolved.path)
     elif resolved.origin == FROM_CHECKPOINT:

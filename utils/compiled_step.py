@@ -1,0 +1,168 @@
+"""The batch-1 decoding step on the CPU as compiled kernels (torch.compile).
+
+At batch 1 a decoding step is a chain of matrix-vector products, each
+streaming its weights from memory, with small ops in between. Here each
+layer's step is two compiled kernels plus the attention over the cache:
+  1. layer norm + the fused Q/K/V product;
+  2. output projection + residual + layer norm + first feed-forward layer
+     with GELU + second feed-forward layer + residual;
+and the output layer is a third. Each product is written as a row-wise
+reduction, (W * x).sum(-1), which inductor turns into a loop where each
+thread streams its own rows of W front to back; on the 2-core dev machine
+that read the weights at ~28 GB/s where oneDNN's product reached ~25, and
+fusing the small ops cut ~25 dispatched ops per layer to ~6 (every op after
+a 10 MB weight stream starts with cold caches). Measured together: 1.16-1.39x
+the eager step (benchmarks/bench_generate.py, engines ours and ours_eager).
+
+Costs: inductor needs a C++ compiler and Python's headers. The first compile
+takes ~15 s on a 2-core machine; later processes find the kernels in
+inductor's on-disk cache and spend ~3 s loading torch's compiler stack.
+Hence gpt2_generate_main.py --compile auto compiles only for sessions long
+enough to repay it.
+
+Only batch-1 steps of a float32 model on the CPU run here; prompts, batches,
+beams, other dtypes, int8 and CUDA keep the eager path of utils/gpt2_net.py.
+The sums run in another order than oneDNN's, so logits differ in the last
+bits; the warm-up checks them against the eager path before enabling.
+"""
+import time
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+_ENABLED = weakref.WeakSet()  # models whose batch-1 steps run compiled
+_KERNELS = {}  # layer-norm epsilon -> {name: compiled function}
+
+
+def _gemv(x, w, b):
+    """W x + b for one row x [K], W [N, K]: a row-wise reduction."""
+    y = (w * x).sum(-1)
+    return y if b is None else y + b
+
+
+def _make_kernels(eps: float):
+    """The compiled kernels for layer norms with this epsilon (a constant in
+    the kernels, not an input)."""
+    def attention_input(x, ln_w, ln_b, w_qkv, b_qkv):
+        h = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+        return _gemv(h, w_qkv, b_qkv)
+
+    def attention_output_and_mlp(x, a, w_o, b_o, ln_w, ln_b, w1, b1, w2, b2):
+        x = x + _gemv(a, w_o, b_o)
+        h = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+        h = F.gelu(_gemv(h, w1, b1), approximate="tanh")
+        return x + _gemv(h, w2, b2)
+
+    return {name: torch.compile(fn, dynamic=False, fullgraph=True)
+            for name, fn in (("attention_input", attention_input),
+                             ("attention_output_and_mlp", attention_output_and_mlp),
+                             ("output", _gemv))}
+
+
+def _kernels(eps: float):
+    if eps not in _KERNELS:
+        _KERNELS[eps] = _make_kernels(eps)
+    return _KERNELS[eps]
+
+
+def is_enabled(model) -> bool:
+    return model in _ENABLED
+
+
+def unsupported_reason(net) -> Optional[str]:
+    """Why the compiled step cannot serve this engine, or None."""
+    if net.device.type != "cpu":
+        return "it is a CPU path"
+    if net.dtype != torch.float32:
+        return "it is a float32 path"
+    for layer in net.layers:
+        linears = (layer.qkv, layer.o, layer.fc1, layer.fc2)
+        if not all(isinstance(getattr(lin, "weight", None), torch.Tensor)
+                   and lin.bias is not None for lin in linears):
+            return "it needs float weights with biases (not --dtype int8)"
+        if not getattr(layer.fc1, "gelu", False):
+            return "it needs GPT-2's GELU feed-forward layer"
+        if len({layer.ln1[3], layer.ln2[3], net.final_ln[3]}) != 1:
+            return "it needs one layer-norm epsilon throughout"
+    return None
+
+
+def enable(model) -> Optional[str]:
+    """Compile the batch-1 step for `model` and turn it on: returns None when
+    on, or a one-line reason it is not (the eager path stays in use)."""
+    from utils.generation import generate
+    from utils.gpt2_net import engine_for
+    reason = unsupported_reason(engine_for(model))
+    if reason is not None:
+        return reason
+    context = [0, 1]
+    eager = generate_logits(model, context)
+    _ENABLED.add(model)
+    engine_for(model).compiled = True
+    try:
+        _kernels(engine_for(model).final_ln[3])
+        generate(model, [context], len(context) + 2, strategy="greedy", end_token=-1)
+        compiled = generate_logits(model, context)
+    except Exception as err:  # a missing compiler, headers, or an inductor bug
+        disable(model)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return f"torch.compile failed: {first[:200]}"
+    if not torch.allclose(compiled, eager, rtol=1e-3, atol=1e-3):
+        disable(model)
+        return "the compiled kernels disagreed with the eager step"
+    return None
+
+
+def disable(model) -> None:
+    from utils.gpt2_net import engine_for
+    _ENABLED.discard(model)
+    engine_for(model).compiled = False
+
+
+def generate_logits(model, context) -> torch.Tensor:
+    """Logits of one decoding step after `context` (a batch-1 step with a
+    cache, so the compiled path runs when enabled)."""
+    from utils.gpt2_net import engine_for
+    net = engine_for(model)
+    with torch.inference_mode():
+        cache = net.new_cache(1, len(context) + 1)
+        ids = torch.tensor([context], device=net.device)
+        positions = torch.arange(len(context), device=net.device)[None]
+        net.hidden(ids[:, :-1], positions[:, :-1], cache, 0, None)
+        last = net.hidden(ids[:, -1:], positions[:, -1:], cache, len(context) - 1, None)
+        return net.logits(last[:, -1]).clone()
+
+
+def hidden(net, ids: torch.Tensor, positions: torch.Tensor, cache, start: int) -> torch.Tensor:
+    """GPT2Net.hidden for one token of one row ([1, 1] ids) with a cache."""
+    kernels = _KERNELS[net.final_ln[3]]
+    H, hd, D = net.n_head, net.head_dim, net.n_embd
+    x = (net.wte[ids.view(-1)] + net.wpe[positions.view(-1)]).view(D)
+    end = start + 1
+    for i, layer in enumerate(net.layers):
+        qkv = kernels["attention_input"](x, layer.ln1[1], layer.ln1[2],
+                                         layer.qkv.weight, layer.qkv.bias)
+        q, k, v = qkv.view(3, 1, H, 1, hd).unbind(0)
+        cache[0][i, :, :, start:end] = k
+        cache[1][i, :, :, start:end] = v
+        a = F.scaled_dot_product_attention(q, cache[0][i, :, :, :end],
+                                           cache[1][i, :, :, :end])
+        x = kernels["attention_output_and_mlp"](
+            x, a.view(D), layer.o.weight, layer.o.bias, layer.ln2[1], layer.ln2[2],
+            layer.fc1.weight, layer.fc1.bias, layer.fc2.weight, layer.fc2.bias)
+    return F.layer_norm(x, *net.final_ln).view(1, 1, D)
+
+
+def logits(net, hidden: torch.Tensor) -> torch.Tensor:
+    """GPT2Net.logits for one row ([1, D])."""
+    output = _KERNELS[net.final_ln[3]]["output"]
+    return output(hidden.view(-1), net.out.weight, net.out.bias).view(1, -1)
+
+
+def timed_enable(model):
+    """enable() and the seconds it took."""
+    start = time.perf_counter()
+    reason = enable(model)
+    return reason, time.perf_counter() - start
