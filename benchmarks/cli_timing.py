@@ -7,7 +7,9 @@ against CTranslate2 float32 doing the same (benchmarks/ct2_engine.py
 --stream). Each is timed as a whole process for 1 and for N+1 new tokens:
 N / (difference) is the decoding rate through the CLI, start-up, loading and
 the prompt pass cancelling out; the 1-token time is the CLI's time to first
-token, start-up included.
+token, start-up included (for ours, with --compile auto an interactive session
+compiles its decoding step at start-up, from inductor's cache after the first
+run: utils/compiled_step.py).
 """
 import os
 import statistics
@@ -56,29 +58,33 @@ def _continuation(stdout: str) -> str:
 
 
 def time_cli_paths(hf_dir: str, ct2_dir: str, lengths, new_tokens: int, repeats: int):
-    """Print and return one row per (prompt length, engine)."""
+    """Print and return one row per (prompt length, engine). The two CLIs
+    are timed interleaved, round by round, and "x ct2" is the median of the
+    per-round ratios, so other load on the machine falls on both alike."""
     print(f"\nCLI path (whole process, interactive, streaming; float32, greedy): "
-          f"{new_tokens} tokens as the difference of {new_tokens + 1} and 1 new token")
+          f"{new_tokens} tokens as the difference of {new_tokens + 1} and 1 new token; "
+          f"{repeats} interleaved rounds")
     rows = []
     for length in lengths:
         text, n_prompt = prompt_text(length)
-        texts, measured = {}, {}
-        for engine in ("ours", "ct2"):
-            short = _commands(hf_dir, ct2_dir, n_prompt + 1)[engine]
-            long = _commands(hf_dir, ct2_dir, n_prompt + new_tokens + 1)[engine]
-            ones, fulls = [], []
-            for _ in range(repeats):
-                ones.append(_run(short, text)[0])
-                seconds, out = _run(long, text)
-                fulls.append(seconds)
-            one, full = statistics.median(ones), statistics.median(fulls)
-            texts[engine] = _continuation(out)
-            measured[engine] = {"engine": engine, "prompt": n_prompt, "first_s": one,
-                                "full_s": full, "tok_s": new_tokens / max(full - one, 1e-9)}
+        texts, runs = {}, {"ours": [], "ct2": []}
+        for round_ in range(repeats):
+            for engine in (("ours", "ct2") if round_ % 2 == 0 else ("ct2", "ours")):
+                short = _commands(hf_dir, ct2_dir, n_prompt + 1)[engine]
+                long = _commands(hf_dir, ct2_dir, n_prompt + new_tokens + 1)[engine]
+                one = _run(short, text)[0]
+                full, out = _run(long, text)
+                texts[engine] = _continuation(out)
+                runs[engine].append((one, full, new_tokens / max(full - one, 1e-9)))
         same = texts["ours"] == texts["ct2"]
         for engine in ("ours", "ct2"):
-            r = dict(measured[engine], same_text=same)
-            ratio = r["tok_s"] / measured["ct2"]["tok_s"]
+            ratio = statistics.median(a[2] / b[2] for a, b in zip(runs[engine], runs["ct2"]))
+            r = {"engine": engine, "prompt": n_prompt,
+                 "first_s": statistics.median(one for one, _, _ in runs[engine]),
+                 "full_s": statistics.median(full for _, full, _ in runs[engine]),
+                 "tok_s": statistics.median(rate for _, _, rate in runs[engine]),
+                 "round_tok_s": [rate for _, _, rate in runs[engine]],
+                 "x_ct2": ratio, "same_text": same}
             print(f"  prompt {n_prompt:3d} {engine:5s}: {r['tok_s']:6.1f} tok/s through "
                   f"the CLI, 1-token process {r['first_s']:5.2f} s, x ct2 {ratio:.2f}, "
                   f"same text {'yes' if same else 'NO'}", flush=True)

@@ -98,10 +98,10 @@ def enable(model) -> Optional[str]:
     if reason is not None:
         return reason
     context = [0, 1]
-    eager = generate_logits(model, context)
-    _ENABLED.add(model)
-    engine_for(model).compiled = True
     try:
+        eager = generate_logits(model, context)
+        _ENABLED.add(model)
+        engine_for(model).compiled = True
         _kernels(engine_for(model).final_ln[3])
         generate(model, [context], len(context) + 2, strategy="greedy", end_token=-1)
         compiled = generate_logits(model, context)

@@ -362,10 +362,12 @@ def load_weights(resolved: ResolvedModel) -> LoadedModel:
         hf_hub.fetch_hub_model(resolved.hub_name, weights=True,
                                revision=hf_hub.snapshot_revision(resolved.path))
     _check_vocabulary(sizes["n_vocab"], resolved.vocab_dir, source)
-    # Every weight comes from the files (strict loads below), so texar's
-    # random start is skipped; memory mode's fresh cross-attention needs it.
+    # Where every weight comes from files (strict loads below), texar's random
+    # start is skipped; a random model and memory mode's fresh cross-attention
+    # need it.
+    from_files = resolved.origin in (FROM_OPENAI, FROM_CHECKPOINT, FROM_HF)
     model = build_model(resolved.hparams, resolved.with_memory,
-                        initialize=resolved.with_memory)
+                        initialize=resolved.with_memory or not from_files)
     if resolved.origin == FROM_OPENAI:
         openai_weights.load_openai_weights(model, resolved.path)
     elif resolved.origin == FROM_CHECKPOINT:
