@@ -1,18 +1,20 @@
 """The batch-1 decoding step on the CPU as compiled kernels (torch.compile).
 
 At batch 1 a decoding step is a chain of matrix-vector products, each
-streaming its weights from memory, with small ops in between. Here each
-layer's step is two compiled kernels plus the attention over the cache:
-  1. layer norm + the fused Q/K/V product;
-  2. output projection + residual + layer norm + first feed-forward layer
-     with GELU + second feed-forward layer + residual;
-and the output layer is a third. Each product is written as a row-wise
-reduction, (W * x).sum(-1), which inductor turns into a loop where each
-thread streams its own rows of W front to back; on the 2-core dev machine
-that read the weights at ~28 GB/s where oneDNN's product reached ~25, and
-fusing the small ops cut ~25 dispatched ops per layer to ~6 (every op after
-a 10 MB weight stream starts with cold caches). Measured together: 1.16-1.39x
-the eager step (benchmarks/bench_generate.py, engines ours and ours_eager).
+streaming its weights from memory, with small ops in between. Here a step is
+one compiled kernel per layer plus the attention over the cache (eager):
+  - first: layer 0's layer norm + fused Q/K/V product;
+  - then, per layer i: output projection + residual + layer norm + the
+    feed-forward layers with GELU + residual, followed by layer i+1's layer
+    norm + Q/K/V product; for the last layer, the final layer norm and the
+    output layer instead, so the kernel returns the logits.
+Each product is written as a row-wise reduction, (W * x).sum(-1), which
+inductor turns into a loop where each thread streams its own rows of W front
+to back; on the 2-core dev machine that read the weights at ~28 GB/s where
+oneDNN's product reached ~25. Fusing the small ops around the products cut
+~25 dispatched ops per layer to ~8, and each op after a 10 MB weight stream
+starts with cold caches. Measured together: 1.2-1.4x the eager step
+(benchmarks/bench_generate.py, engines ours and ours_eager).
 
 Costs: inductor needs a C++ compiler and Python's headers. The first compile
 takes ~15 s on a 2-core machine; later processes find the kernels in
@@ -45,20 +47,31 @@ def _gemv(x, w, b):
 def _make_kernels(eps: float):
     """The compiled kernels for layer norms with this epsilon (a constant in
     the kernels, not an input)."""
-    def attention_input(x, ln_w, ln_b, w_qkv, b_qkv):
-        h = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
-        return _gemv(h, w_qkv, b_qkv)
+    def norm(x, w, b):
+        return F.layer_norm(x, (x.shape[-1],), w, b, eps)
 
-    def attention_output_and_mlp(x, a, w_o, b_o, ln_w, ln_b, w1, b1, w2, b2):
+    def mlp(x, a, w_o, b_o, ln_w, ln_b, w1, b1, w2, b2):
         x = x + _gemv(a, w_o, b_o)
-        h = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
-        h = F.gelu(_gemv(h, w1, b1), approximate="tanh")
+        h = F.gelu(_gemv(norm(x, ln_w, ln_b), w1, b1), approximate="tanh")
         return x + _gemv(h, w2, b2)
 
+    def first_input(x, ln_w, ln_b, w_qkv, b_qkv):
+        return _gemv(norm(x, ln_w, ln_b), w_qkv, b_qkv)
+
+    def mlp_then_next_input(x, a, w_o, b_o, ln_w, ln_b, w1, b1, w2, b2,
+                            next_ln_w, next_ln_b, next_w_qkv, next_b_qkv):
+        x = mlp(x, a, w_o, b_o, ln_w, ln_b, w1, b1, w2, b2)
+        return x, _gemv(norm(x, next_ln_w, next_ln_b), next_w_qkv, next_b_qkv)
+
+    def mlp_then_logits(x, a, w_o, b_o, ln_w, ln_b, w1, b1, w2, b2,
+                        final_ln_w, final_ln_b, w_out, b_out):
+        x = mlp(x, a, w_o, b_o, ln_w, ln_b, w1, b1, w2, b2)
+        return _gemv(norm(x, final_ln_w, final_ln_b), w_out, b_out)
+
     return {name: torch.compile(fn, dynamic=False, fullgraph=True)
-            for name, fn in (("attention_input", attention_input),
-                             ("attention_output_and_mlp", attention_output_and_mlp),
-                             ("output", _gemv))}
+            for name, fn in (("first_input", first_input),
+                             ("mlp_then_next_input", mlp_then_next_input),
+                             ("mlp_then_logits", mlp_then_logits))}
 
 
 def _kernels(eps: float):
@@ -130,35 +143,40 @@ def generate_logits(model, context) -> torch.Tensor:
         cache = net.new_cache(1, len(context) + 1)
         ids = torch.tensor([context], device=net.device)
         positions = torch.arange(len(context), device=net.device)[None]
-        net.hidden(ids[:, :-1], positions[:, :-1], cache, 0, None)
-        last = net.hidden(ids[:, -1:], positions[:, -1:], cache, len(context) - 1, None)
-        return net.logits(last[:, -1]).clone()
+        net.hidden(ids[:, :-1], positions[:, :-1], cache, 0, None)  # fills the cache
+        return net.next_logits(ids[:, -1:], positions[:, -1:], cache,
+                               len(context) - 1, None).clone()
 
 
-def hidden(net, ids: torch.Tensor, positions: torch.Tensor, cache, start: int) -> torch.Tensor:
-    """GPT2Net.hidden for one token of one row ([1, 1] ids) with a cache."""
+def next_logits(net, ids: torch.Tensor, positions: torch.Tensor, cache,
+                start: int) -> torch.Tensor:
+    """GPT2Net.next_logits for one token of one row ([1, 1] ids) with a cache:
+    logits [1, V]."""
     kernels = _KERNELS[net.final_ln[3]]
     H, hd, D = net.n_head, net.head_dim, net.n_embd
     x = (net.wte[ids.view(-1)] + net.wpe[positions.view(-1)]).view(D)
+    layers = net.layers
+    first = layers[0]
+    qkv = kernels["first_input"](x, first.ln1[1], first.ln1[2],
+                                 first.qkv.weight, first.qkv.bias)
     end = start + 1
-    for i, layer in enumerate(net.layers):
-        qkv = kernels["attention_input"](x, layer.ln1[1], layer.ln1[2],
-                                         layer.qkv.weight, layer.qkv.bias)
+    for i, layer in enumerate(layers):
         q, k, v = qkv.view(3, 1, H, 1, hd).unbind(0)
         cache[0][i, :, :, start:end] = k
         cache[1][i, :, :, start:end] = v
         a = F.scaled_dot_product_attention(q, cache[0][i, :, :, :end],
-                                           cache[1][i, :, :, :end])
-        x = kernels["attention_output_and_mlp"](
-            x, a.view(D), layer.o.weight, layer.o.bias, layer.ln2[1], layer.ln2[2],
-            layer.fc1.weight, layer.fc1.bias, layer.fc2.weight, layer.fc2.bias)
-    return F.layer_norm(x, *net.final_ln).view(1, 1, D)
-
-
-def logits(net, hidden: torch.Tensor) -> torch.Tensor:
-    """GPT2Net.logits for one row ([1, D])."""
-    output = _KERNELS[net.final_ln[3]]["output"]
-    return output(hidden.view(-1), net.out.weight, net.out.bias).view(1, -1)
+                                           cache[1][i, :, :, :end]).view(D)
+        block = (x, a, layer.o.weight, layer.o.bias, layer.ln2[1], layer.ln2[2],
+                 layer.fc1.weight, layer.fc1.bias, layer.fc2.weight, layer.fc2.bias)
+        if i + 1 < len(layers):
+            following = layers[i + 1]
+            x, qkv = kernels["mlp_then_next_input"](
+                *block, following.ln1[1], following.ln1[2],
+                following.qkv.weight, following.qkv.bias)
+        else:
+            return kernels["mlp_then_logits"](
+                *block, net.final_ln[1], net.final_ln[2],
+                net.out.weight, net.out.bias).view(1, -1)
 
 
 def timed_enable(model):

@@ -238,8 +238,8 @@ def _decode(net: _GPT2, contexts: List[List[int]], max_decoding_length: int,
     done = torch.zeros(len(contexts), dtype=torch.bool, device=device)
     end = torch.tensor(end_token, device=device)
 
-    hidden = net.hidden(batch.ids, batch.positions, cache, 0, batch.prefill_mask)
-    logits = net.logits(hidden[:, -1])  # every prompt ends at the last slot
+    # every prompt ends at the last slot
+    logits = net.next_logits(batch.ids, batch.positions, cache, 0, batch.prefill_mask)
     seen = _seen_tokens(contexts, net.n_vocab, device) if repetition_penalty != 1 else None
     rows = torch.arange(len(contexts), device=device)
     for step in range(steps):
@@ -265,9 +265,8 @@ def _decode(net: _GPT2, contexts: List[List[int]], max_decoding_length: int,
         if step + 1 == steps or bool(done.all()):
             break
         slot = width + step
-        hidden = net.hidden(tokens[:, None], batch.step_positions(step), cache,
-                            slot, batch.step_mask(slot + 1))
-        logits = net.logits(hidden[:, -1])
+        logits = net.next_logits(tokens[:, None], batch.step_positions(step), cache,
+                                 slot, batch.step_mask(slot + 1))
     return [_cut(row, end_token) for row in out.tolist()]
 
 

@@ -147,8 +147,6 @@ class GPT2Net:
         plain causal attention over every slot.
         """
         B, T = ids.shape
-        if self.compiled and B == 1 and T == 1 and cache is not None and mask is None:
-            return compiled_step.hidden(self, ids, positions, cache, start)
         H, hd, D = self.n_head, self.head_dim, self.n_embd
         x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
         end = start + T
@@ -168,6 +166,15 @@ class GPT2Net:
         return F.layer_norm(x, *self.final_ln)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.compiled and hidden.dim() == 2 and hidden.shape[0] == 1:
-            return compiled_step.logits(self, hidden)
         return self.out(hidden)
+
+    def next_logits(self, ids: torch.Tensor, positions: torch.Tensor,
+                    cache: Optional[Tuple[torch.Tensor, torch.Tensor]], start: int,
+                    mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Logits [B, V] after the last of tokens `ids` [B, T] (arguments as
+        for hidden). A batch-1 step of one token runs compiled when enabled
+        (utils/compiled_step.py)."""
+        B, T = ids.shape
+        if self.compiled and B == 1 and T == 1 and cache is not None and mask is None:
+            return compiled_step.next_logits(self, ids, positions, cache, start)
+        return self.logits(self.hidden(ids, positions, cache, start, mask)[:, -1])
