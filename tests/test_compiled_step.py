@@ -53,8 +53,8 @@ def test_compiled_step_equals_the_eager_step():
     fast = compiled(copy.deepcopy(eager))
     assert engine_for(fast).compiled and not engine_for(eager).compiled
     for context in ([1, 2, 3], [7], list(range(20, 45))):
-        a = compiled_step.generate_logits(eager, context)
-        b = compiled_step.generate_logits(fast, context)
+        a = compiled_step.step_logits(eager, context)
+        b = compiled_step.step_logits(fast, context)
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
         assert (generate(fast, [context], 47, strategy="greedy", end_token=NEVER)
                 == generate(eager, [context], 47, strategy="greedy", end_token=NEVER))
@@ -85,8 +85,8 @@ def test_the_compiled_step_follows_changed_weights():
             model.decoder.poswise_networks[1]._layers[0].bias.add_(0.5)
     assert engine_for(fast).compiled  # the rebuilt engine keeps it
     context = [3, 1, 4, 1, 5]
-    assert torch.allclose(compiled_step.generate_logits(fast, context),
-                          compiled_step.generate_logits(eager, context),
+    assert torch.allclose(compiled_step.step_logits(fast, context),
+                          compiled_step.step_logits(eager, context),
                           rtol=1e-4, atol=1e-5)
 
 

@@ -113,12 +113,12 @@ def enable(model) -> Optional[str]:
         return reason
     context = [0, 1]
     try:
-        eager = generate_logits(model, context)
+        eager = step_logits(model, context)
         _ENABLED.add(model)
         engine_for(model).compiled = True
         _kernels(engine_for(model).final_ln[3])
         generate(model, [context], len(context) + 2, strategy="greedy", end_token=-1)
-        compiled = generate_logits(model, context)
+        compiled = step_logits(model, context)
     except Exception as err:  # a missing compiler, headers, or an inductor bug
         disable(model)
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
@@ -140,7 +140,7 @@ def disable(model) -> None:
     engine_for(model).compiled = False
 
 
-def generate_logits(model, context) -> torch.Tensor:
+def step_logits(model, context) -> torch.Tensor:
     """Logits of one decoding step after `context` (a batch-1 step with a
     cache, so the compiled path runs when enabled)."""
     from utils.gpt2_net import engine_for

@@ -106,9 +106,9 @@ class PreparedLinear:
         self.upcast = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
         self.gelu = gelu
         self.activation = activation
-        # A fused weight is a copy unless its parts lay back to back already.
-        self.extra_bytes = (0 if len(weights) == 1 or weight_arena.joined(weights) is not None
-                            else weight.numel() * weight.element_size())
+        # Beside the model's parameters only when fusing had to copy.
+        copied = weight.untyped_storage().data_ptr() != weights[0].untyped_storage().data_ptr()
+        self.extra_bytes = weight.numel() * weight.element_size() if copied else 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.size(-1)

@@ -77,8 +77,7 @@ def next_token_logits(model: nn.Module, contexts: Sequence[Sequence[int]]) -> to
         return torch.empty(0, net.n_vocab, device=net.device, dtype=net.dtype)
     with torch.inference_mode():
         batch = _Batch(net, contexts, 1, max(len(c) for c in contexts))
-        hidden = net.hidden(batch.ids, batch.positions, None, 0, batch.prefill_mask)
-        return net.logits(hidden[:, -1])
+        return net.next_logits(batch.ids, batch.positions, None, 0, batch.prefill_mask)
 
 
 class _Batch:
@@ -366,9 +365,8 @@ def _beam_search(net: _GPT2, contexts: List[List[int]], max_decoding_length: int
         cache[0][:, :, :, :slot] = cache[0][:, src, :, :slot]
         cache[1][:, :, :, :slot] = cache[1][:, src, :, :slot]
         positions = (batch.lengths + step).clamp_(max=net.n_ctx - 1)[:, None]
-        hidden = net.hidden(new_tokens.reshape(B * W, 1), positions, cache, slot,
-                            batch.step_mask(slot + 1))
-        logits = net.logits(hidden[:, -1]).float().view(B, W, V)
+        logits = net.next_logits(new_tokens.reshape(B * W, 1), positions, cache, slot,
+                                 batch.step_mask(slot + 1)).float().view(B, W, V)
     return results  # type: ignore[return-value]
 
 
@@ -381,9 +379,8 @@ def _prefill_beams(net: _GPT2, contexts: List[List[int]], beam_width: int, slots
     B, W, width = len(contexts), beam_width, max(len(c) for c in contexts)
     prompts = _Batch(net, contexts, 1, width)
     prompt_cache = net.new_cache(B, width)
-    hidden = net.hidden(prompts.ids, prompts.positions, prompt_cache, 0,
-                        prompts.prefill_mask)
-    logits = net.logits(hidden[:, -1]).float().repeat_interleave(W, dim=0)
+    logits = net.next_logits(prompts.ids, prompts.positions, prompt_cache, 0,
+                             prompts.prefill_mask).float().repeat_interleave(W, dim=0)
     batch = _Batch(net, contexts, W, slots)
     cache = net.new_cache(B * W, slots)
     for part, prompt_part in zip(cache, prompt_cache):

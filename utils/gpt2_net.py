@@ -6,7 +6,8 @@ every weight a kernel can use as it is). What it prepares, once per model
 and parameter state (`engine_for` caches it and rebuilds it when a
 parameter is replaced or changed in place):
 - Q, K and V fused into one [3D, D] matrix: one product instead of three
-  (a copy: 3 * D * D floats per layer, 21M floats or 81 MiB for GPT-2 124M);
+  (a view of a packed model's weights, see below; otherwise a copy: 3 * D * D
+  floats per layer, 21M floats or 81 MiB for GPT-2 124M);
 - with `--dtype int8`, 8-bit packed copies of every linear layer
   (utils/int8_linear.py), the output layer included.
 

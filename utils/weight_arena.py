@@ -19,6 +19,7 @@ Tensors given as one group are placed back to back, so the concatenation of
 Q, K and V is a view of the block, not a copy.
 """
 import functools
+import math
 import mmap
 from typing import List, Optional, Sequence
 
@@ -58,11 +59,7 @@ def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     read whole at every step like the weights)."""
     if not huge_pages_available():
         return torch.empty(shape, dtype=dtype)
-    numel = 1
-    for n in shape:
-        numel *= n
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    return _huge_block(numel * itemsize).view(dtype).view(tuple(shape))
+    return _huge_block(math.prod(shape) * dtype.itemsize).view(dtype).view(tuple(shape))
 
 
 def joined(group: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
