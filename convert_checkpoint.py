@@ -22,7 +22,7 @@ The vocabulary goes along: SRC's own when it has one, else (and for a .ckpt,
 unless --vocab_dir names the one it was trained with) GPT-2's. The weights
 are written as float32. A new or empty DST is written; --force writes into a
 non-empty one, replacing only the files of the same names (see
-utils/convert.py). Nothing is half-written: a failure leaves DST as it was.
+utils/checkpoints/convert.py). Nothing is half-written: a failure leaves DST as it was.
 """
 import argparse
 import os
@@ -30,6 +30,11 @@ import sys
 import time
 
 from utils.errors import run_main
+from utils.memory import format_bytes
+from utils.checkpoints.convert import check_destination
+from utils.checkpoints.convert import open_source
+from utils.checkpoints.convert import write_destination
+from utils.model import parameter_count
 
 
 def parse_args(argv=None):
@@ -54,7 +59,6 @@ def parse_args(argv=None):
 
 
 def _summary(paths, seconds: float) -> str:
-    from utils.memory import format_bytes
     lines = [f"  {os.path.basename(p):34s} {format_bytes(os.path.getsize(p)):>12s}"
              for p in paths]
     total = sum(os.path.getsize(p) for p in paths)
@@ -64,8 +68,6 @@ def _summary(paths, seconds: float) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from utils.convert import check_destination, open_source, write_destination
-    from utils.model import parameter_count
 
     start = time.time()
     check_destination(args.dst, args.format, args.force, args.src)

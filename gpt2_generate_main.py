@@ -20,9 +20,30 @@ import torch
 
 from utils.device import add_device_arg, resolve_device
 from utils.errors import UserError, run_main
-from utils.flags import (GENERATION_MEMORY_FIX, MAX_SEED, SamplingSettings,
-                         add_sampling_args, add_weight_args, check_batching,
-                         check_context_room, weight_flags)
+from utils.decoding.limits import GENERATION_MEMORY_FIX, MAX_SEED
+from utils.decoding.limits import check_context_room
+from utils.decoding.settings import SamplingSettings
+from utils.flags import add_sampling_args, add_weight_args, check_batching, weight_flags
+from utils.samples.output import check_output_path
+from utils.decoding.stop_text import check_stop_texts
+from utils.processor import EOS_ID
+from utils.decoding.generation import generate
+from utils.decoding.limits import out_of_memory_as_user_error
+from utils.samples.interactive import StreamPrinter
+from utils.samples.output import banner
+from utils.data.pairs import source_context
+from utils.samples.interactive import NotUTF8
+from utils.samples.interactive import read_prompt
+from utils.processor import get_encoder
+from utils.checkpoints.weights import load_weights
+from utils.checkpoints.weights import resolve_model
+from utils.samples.prompts import read_prompts
+from utils.decoding.int8_linear import require_int8
+from utils.decoding.engine import prepare_for_decoding
+from utils.decoding.compiling import freeze_garbage_collector, timed_compile_step
+from utils.samples.prompts import Prompt
+from utils.samples.prompts import encode_prompts
+from utils.samples.prompts import write_samples
 
 BANNER_WIDTH = 40
 DTYPES = ("float32", "bfloat16", "float16", "int8")
@@ -98,8 +119,6 @@ def parse_args(argv=None):
 def check_args(args) -> SamplingSettings:
     """Reject flag values that cannot work, before a model is loaded."""
     import math
-    from utils.sample_output import check_output_path
-    from utils.stop_text import check_stop_texts
     prompted = bool(args.prompt) or args.prompt_file is not None
     if args.is_interactive and (prompted or args.output_file or args.stop_text):
         raise UserError("--prompt, --prompt_file, --output_file and --stop_text do "
@@ -134,7 +153,6 @@ class SampleWriter:
 
     def __init__(self, model, encoder, settings: SamplingSettings, nsamples: int,
                  device, repetition_penalty: float = 1.0):
-        from utils.processor import EOS_ID
         self.model, self.encoder, self.settings = model, encoder, settings
         self.nsamples = nsamples
         self.repetition_penalty = repetition_penalty
@@ -145,7 +163,6 @@ class SampleWriter:
 
     def samples(self, context, on_tokens=None):
         """Continuation ids for `batch_size` copies of one context."""
-        from utils.generation import generate, out_of_memory_as_user_error
         s = self.settings
         with out_of_memory_as_user_error(
                 f"generating {s.batch_size} sample(s) of up to "
@@ -158,7 +175,6 @@ class SampleWriter:
 
     def print_batches(self, context, stream: bool) -> None:
         """Print --nsamples samples for `context`, each under a SAMPLE banner."""
-        from utils.interactive import StreamPrinter
         count = 0
         for _ in range(self.nsamples // self.settings.batch_size):
             if stream:
@@ -178,21 +194,18 @@ class SampleWriter:
 
 
 def print_banner(number: int) -> None:
-    from utils.sample_output import banner
     print(banner(number))
 
 
 def prompt_context(writer: SampleWriter, raw_text: str, conditional: bool):
     """The token ids a prompt is continued from (see --conditional)."""
     if conditional:
-        from utils.pairs import source_context
         return source_context(raw_text.strip(), writer.encoder.encode, writer.end_token)
     return writer.encoder.encode(raw_text)
 
 
 def interactive_loop(writer: SampleWriter, conditional: bool = False) -> None:
     """Read prompts until EOF or Ctrl-C; continue each one."""
-    from utils.interactive import NotUTF8, read_prompt
     settings = writer.settings
     stream = settings.batch_size == 1 and settings.strategy != "beam"
     while True:
@@ -222,11 +235,7 @@ def interactive_loop(writer: SampleWriter, conditional: bool = False) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from utils.generation import out_of_memory_as_user_error
-    from utils.processor import get_encoder
-    from utils.weights import load_weights, resolve_model
 
-    from utils.prompts import read_prompts
     settings = check_args(args)  # before loading, and maybe downloading, a model
     prompts = read_prompts(args.prompt, args.prompt_file)
     # int8 is a CPU path: --device auto means the CPU for it.
@@ -234,7 +243,6 @@ def main(argv=None) -> int:
     device = (torch.device("cpu") if int8 and args.device == "auto"
               else resolve_device(args.device))
     if int8:
-        from utils.int8_linear import require_int8
         require_int8(device)
     if (args.dtype == "bfloat16" and device.type == "cuda"
             and not torch.cuda.is_bf16_supported()):
@@ -254,12 +262,10 @@ def main(argv=None) -> int:
                                      "use --dtype bfloat16 or a smaller model"):
         float_dtype = "float32" if args.dtype == "int8" else args.dtype
         model = loaded.model.to(device=device, dtype=getattr(torch, float_dtype))
-        # Generation only: frozen, the engine may move the weights into
-        # huge pages in reading order (utils/weight_arena.py).
+        # Generation only: frozen, so its weights may move into huge pages in
+        # reading order (utils/decoding/weight_arena.py).
         model.requires_grad_(False)
-        if args.dtype == "int8":
-            from utils.int8_linear import quantize_for_decoding
-            quantize_for_decoding(model)
+        prepare_for_decoding(model, int8=args.dtype == "int8")
     print(f"Loaded {loaded.source} on {device} ({args.dtype}).", file=sys.stderr)
     prepare_compiled_step(model, args, device, len(prompts))
 
@@ -274,7 +280,7 @@ def main(argv=None) -> int:
 
 def prepare_compiled_step(model, args, device: torch.device, n_prompts: int) -> None:
     """--compile: the batch-1 CPU step through torch.compile
-    (utils/compiled_step.py) when asked for, or (auto) when the session is
+    (utils/decoding/compiled_step.py) when asked for, or (auto) when the session is
     long enough to repay compiling."""
     if args.compile == "off":
         return
@@ -290,11 +296,11 @@ def prepare_compiled_step(model, args, device: torch.device, n_prompts: int) -> 
     if (args.compile == "auto" and not args.is_interactive
             and tokens < AUTO_COMPILE_MIN_TOKENS):
         return
-    from utils import compiled_step
     print("Compiling the decoding step (torch.compile: ~15 s the first time, "
           "a few seconds from its cache later)...", file=sys.stderr, flush=True)
-    reason, seconds = compiled_step.timed_enable(model)
+    reason, seconds = timed_compile_step(model)
     if reason is None:
+        freeze_garbage_collector()
         print(f"Compiled in {seconds:.1f} s.", file=sys.stderr)
     elif args.compile == "on":
         raise UserError(f"--compile on: {reason}; use --compile off")
@@ -315,7 +321,6 @@ def frame_sources(writer: SampleWriter, prompts, contexts):
 
 def write_prompt_samples(writer: SampleWriter, prompts, args) -> None:
     """The prompts' (or from-scratch) samples, to --output_file or the screen."""
-    from utils.prompts import Prompt, encode_prompts, write_samples
     if prompts:
         contexts = encode_prompts(prompts, writer.encoder,
                                   writer.settings.max_decoding_length)

@@ -32,10 +32,30 @@ import sys
 
 import torch
 
-from utils.flags import (MAX_SEED, SamplingSettings, add_sampling_args, add_weight_args,
-                         weight_flags)
+from utils.decoding.limits import MAX_SEED
+from utils.decoding.settings import SamplingSettings
+from utils.flags import add_sampling_args, add_weight_args, weight_flags
 from utils.device import add_device_arg, resolve_device
 from utils.errors import UserError, run_main
+from utils.training import distributed as dist_utils
+from utils.checkpoints.weights import load_weights as build_and_fill
+from utils.checkpoints.weights import resolve_model
+from utils.training.output_dir import check_output_dir
+from utils.training.output_dir import output_dir_claimed
+from utils.training.config import load_train_config
+from utils.training.train_data import open_splits
+from utils.training.lm import evaluate
+from utils.model import count_parameters
+from utils.model import model_size
+from utils.training.output_dir import check_earlier_run
+from utils.samples.test_split import check_test_lengths
+from utils.training.config import check_precision
+from utils.training.train_data import check_splits_fit_model
+from utils.training.output_dir import remove_earlier_run
+from utils.training.trainer import Trainer
+from utils.processor import get_encoder
+from utils.samples.test_split import TEST_SAMPLES
+from utils.samples.test_split import write_test_samples
 
 
 def parse_args(argv=None):
@@ -131,8 +151,6 @@ def load_weights(args, cfg, ctx):
     """(LoadedModel, training state to resume or None), following the flags.
 
     A --checkpoint is read once: its weights and its training state."""
-    from utils import distributed as dist_utils
-    from utils.weights import load_weights as build_and_fill, resolve_model
     # Rank 0 first: it may download OpenAI's files, which the others then read.
     if not ctx.is_main:
         dist_utils.barrier(ctx)
@@ -156,10 +174,6 @@ def load_weights(args, cfg, ctx):
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
-    from utils import distributed as dist_utils
-    from utils.output_dir import check_output_dir, output_dir_claimed
-    from utils.train_config import load_train_config
-    from utils.train_data import open_splits
 
     cfg = load_train_config(args.config_train)
     splits = open_splits(args, cfg)
@@ -178,13 +192,6 @@ def main(argv=None) -> int:
 
 
 def run(args, cfg, splits, ctx) -> int:
-    from utils import distributed as dist_utils
-    from utils.lm import evaluate
-    from utils.model import count_parameters, model_size
-    from utils.output_dir import check_earlier_run
-    from utils.test_samples import check_test_lengths
-    from utils.train_config import check_precision
-    from utils.train_data import check_splits_fit_model
 
     check_precision(cfg.precision, ctx.device)
     loaded, resume = load_weights(args, cfg, ctx)
@@ -225,8 +232,6 @@ def run(args, cfg, splits, ctx) -> int:
 
 def run_training(args, cfg, splits, ctx, model, model_hparams, resume):
     """--do_train: the Trainer, once it has trained."""
-    from utils.output_dir import remove_earlier_run
-    from utils.training import Trainer
 
     if args.overwrite_output_dir and ctx.is_main:
         removed = remove_earlier_run(args.output_dir)
@@ -242,9 +247,6 @@ def run_training(args, cfg, splits, ctx, model, model_hparams, resume):
 
 def run_test(args, cfg, split, ctx, model, vocab_dir, n_ctx: int):
     """--do_test on rank 0 (the others wait); the file it wrote, described."""
-    from utils import distributed as dist_utils
-    from utils.processor import get_encoder
-    from utils.test_samples import TEST_SAMPLES, write_test_samples
 
     written = []
     if ctx.is_main:

@@ -6,13 +6,13 @@
 
 --data_dir holds any of train.txt, dev.txt, test.txt, one example per line,
 or, for conditional fine-tuning, train.tsv, dev.tsv, test.tsv with one
-source<TAB>target pair per line (see utils/pairs.py; not both kinds at once)
+source<TAB>target pair per line (see utils/data/pairs.py; not both kinds at once)
 (lines end at \n, \r\n or \r, and at the other breaks of Python's
 str.splitlines: \v \f \x1c-\x1e \x85 \u2028 \u2029).
 Each non-empty line becomes <|endoftext|> + BPE(line) + <|endoftext|>, cut to
 --max_seq_length tokens (the two special tokens included) and padded. Each
-split is written to <output_dir>/<split>.npy (see utils/data.py for the
-format, utils/prepare.py for the writing), replacing any earlier one only
+split is written to <output_dir>/<split>.npy (see utils/data/records.py for the
+format, utils/data/prepare.py for the writing), replacing any earlier one only
 once complete. All the text files are checked first, so a bad one changes
 nothing; Ctrl-C or SIGTERM keeps the splits already written and leaves no
 temporary file. A line too long to hold in memory is read only as far as its
@@ -27,7 +27,26 @@ import time
 from contextlib import contextmanager
 
 from utils.errors import UserError, run_main
-from utils.model_files import DEFAULT_MODEL, default_model_dir
+from utils.checkpoints.openai_files import DEFAULT_MODEL, default_model_dir
+from utils.checkpoints.hf_hub import fetch_hub_model
+from utils.checkpoints.hf_hub import is_hub_name
+from utils.processor import ENCODER_FILE
+from utils.processor import SHIPPED_VOCAB_DIR
+from utils.processor import vocab_files
+from utils.data.records import SPLITS
+from utils.data.records import split_pairs_path
+from utils.data.records import split_text_path
+from utils.data.prepare import default_num_workers
+from utils.data.split_output import check_dev_fraction
+from utils.data.pairs import check_pair_seq_length
+from utils.data.pairs import check_pairs_file
+from utils.data.text_lines import check_text_file
+from utils.data.records import check_max_seq_length
+from utils.data.records import split_data_path
+from utils.data.prepare import prepare_output_dir
+from utils.data.pack import pack_split
+from utils.data.prepare import prepare_split
+from utils.data.split_output import hold_out_lines
 
 DEFAULT_PRETRAIN_MODEL_DIR = default_model_dir(DEFAULT_MODEL)
 
@@ -71,8 +90,6 @@ def parse_args(argv=None):
 
 def vocab_dir_and_label(pretrain_model_dir):
     """The directory to pass to get_encoder, and a description for the log."""
-    from utils.hf_hub import fetch_hub_model, is_hub_name
-    from utils.processor import ENCODER_FILE, SHIPPED_VOCAB_DIR, vocab_files
     if pretrain_model_dir is None:
         # The original's default, when it has been downloaded; else our copy
         # of the same vocabulary, so the toy pipeline runs offline.
@@ -117,7 +134,6 @@ def sigterm_raises_terminated():
 def split_files(data_dir):
     """{split: its text file} for the splits in `data_dir`, in SPLITS order:
     all .txt (one example per line) or all .tsv (source<TAB>target pairs)."""
-    from utils.data import SPLITS, split_pairs_path, split_text_path
     found = {}
     for split in SPLITS:
         for path in (split_text_path(data_dir, split), split_pairs_path(data_dir, split)):
@@ -141,7 +157,6 @@ def split_files(data_dir):
 
 
 def check_num_workers(num_workers):
-    from utils.prepare import default_num_workers
     most = max(default_num_workers(), os.cpu_count() or 1)
     if num_workers is not None and not 1 <= num_workers <= most:
         raise UserError(f"--num_workers must be 1 to {most}, this machine's cores "
@@ -162,7 +177,6 @@ def main(argv=None) -> int:
 
 
 def check_dev_source(args, splits) -> None:
-    from utils.split_output import check_dev_fraction
     check_dev_fraction(args.dev_fraction)
     if args.dev_fraction is None:
         return
@@ -176,7 +190,6 @@ def check_dev_source(args, splits) -> None:
 
 def check_pairs_flags(args, inputs) -> None:
     """source<TAB>target splits: room for a pair; no flag made for plain text."""
-    from utils.pairs import check_pair_seq_length
     if not any(path.endswith(".tsv") for path in inputs.values()):
         return
     check_pair_seq_length(args.max_seq_length)
@@ -189,15 +202,11 @@ def check_pairs_flags(args, inputs) -> None:
 
 def check_input(path, progress):
     """Check a split's text file in full; its (examples, empty lines)."""
-    from utils.pairs import check_pairs_file
-    from utils.text_lines import check_text_file
     return check_pairs_file(path) if path.endswith(".tsv") else \
         check_text_file(path, progress)
 
 
 def prepare(args) -> int:
-    from utils.data import check_max_seq_length, split_data_path
-    from utils.prepare import prepare_output_dir
 
     check_max_seq_length(args.max_seq_length)
     check_num_workers(args.num_workers)
@@ -250,9 +259,6 @@ def prepare(args) -> int:
 def prepare_one(args, split, text_path, output_dir, vocab_dir, counts):
     """Encode one text file; the summaries of the files written (two when the
     dev split is held out of it)."""
-    from utils.data import split_data_path
-    from utils.pack import pack_split
-    from utils.prepare import default_num_workers, prepare_split
     out_path = split_data_path(output_dir, split)
     dev_fraction = args.dev_fraction if split == "train" else None
     dev_path = split_data_path(output_dir, "dev")
@@ -265,7 +271,6 @@ def prepare_one(args, split, text_path, output_dir, vocab_dir, counts):
     if dev_fraction is None:
         return [prepare_split(text_path, out_path, num_workers=args.num_workers,
                               counts=counts, **common)]
-    from utils.split_output import hold_out_lines
     return hold_out_lines(text_path, out_path, dev_path, dev_fraction, args.seed,
                           num_workers=args.num_workers, counts=counts, **common)
 

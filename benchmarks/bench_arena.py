@@ -1,4 +1,4 @@
-"""What moving the weights into huge pages (utils/weight_arena.py) gains.
+"""What moving the weights into huge pages (utils/decoding/weight_arena.py) gains.
 
 Two copies of the same random GPT-2 124M weights in one process: one frozen,
 so the engine packs it into a huge-page block in reading order, one that
@@ -33,14 +33,14 @@ def main() -> None:
     warnings.simplefilter("ignore")
     import torch
     from benchmarks.bench_generate import NEVER, build_texar, prompts
-    from utils import weight_arena
-    from utils.generation import generate
-    from utils.gpt2_net import engine_for
+    from utils.decoding import weight_arena
+    from utils.decoding.generation import generate
+    from utils.decoding.engine import engine_for, prepare_for_decoding
 
     torch.set_num_threads(args.threads)
     packed = build_texar("cpu")  # frozen
     plain = copy.deepcopy(packed).requires_grad_(True)
-    engine_for(packed), engine_for(plain)
+    prepare_for_decoding(packed), engine_for(plain)
     print(f"huge pages available: {weight_arena.huge_pages_available()}; "
           f"{args.threads} threads, {args.new_tokens} new tokens, greedy, batch 1, "
           f"{args.rounds} alternating rounds")

@@ -69,8 +69,8 @@ def child(mode: str, args) -> None:
     anon = AnonPeak()
     if mode == "build":
         from utils.model import build_model, hparams_from_sizes
-        from utils.weights import (CHECKPOINT_FORMAT, RELEASED_SIZES,
-                                   checkpoint_model_fields, save_checkpoint)
+        from utils.checkpoints.weights import (CHECKPOINT_FORMAT, RELEASED_SIZES,
+                                               checkpoint_model_fields, save_checkpoint)
         hparams = hparams_from_sizes(RELEASED_SIZES[args[1]])
         save_checkpoint(args[0], {"model": build_model(hparams).state_dict(),
                                   "format": CHECKPOINT_FORMAT,
@@ -80,7 +80,7 @@ def child(mode: str, args) -> None:
         assert convert_checkpoint.main(args) == 0
     elif mode == "whole_dicts":
         from safetensors.torch import save_file
-        from utils.hf_format import texar_to_hf_state_dict
+        from utils.checkpoints.hf_names import texar_to_hf_state_dict
         state = torch.load(args[0], map_location="cpu", weights_only=True)
         hf = texar_to_hf_state_dict(state["model"], state["model_sizes"]["n_layer"])
         del hf["lm_head.weight"]  # tied: save_file refuses shared tensors
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="scratch space (default: a temp dir)")
     args = parser.parse_args()
     from utils.model import parameter_count
-    from utils.weights import RELEASED_SIZES
+    from utils.checkpoints.weights import RELEASED_SIZES
     model_bytes = 4 * parameter_count(RELEASED_SIZES[args.model])
     work = tempfile.mkdtemp(dir=args.dir)
     try:

@@ -76,8 +76,8 @@ def free_port() -> int:
 
 def prepared_data(args, work: str) -> str:
     """A directory holding train.npy for --max_seq_length."""
-    from utils.data import PreparedSplit, split_data_path
-    from utils.prepare import prepare_split
+    from utils.data.records import PreparedSplit, split_data_path
+    from utils.data.prepare import prepare_split
     existing = split_data_path(args.data_dir, "train")
     if os.path.isfile(existing) and PreparedSplit(existing).max_seq_length == args.max_seq_length:
         return args.data_dir

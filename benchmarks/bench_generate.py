@@ -1,15 +1,15 @@
 """Benchmark GPT-2 generation: this project's engine against the alternatives.
 
 Engines, all on the same random GPT-2 124M weights (configs.config_model_117M):
-  ours  - utils.generation.generate (prefill + preallocated KV cache); at
+  ours  - utils.decoding.generation.generate (prefill + preallocated KV cache); at
           batch 1 on the CPU in float32 with the compiled decoding step on
-          (utils/compiled_step.py), as gpt2_generate_main.py runs it
-  ours_eager - the same without the compiled step (utils/gpt2_net.py only)
+          (utils/decoding/compiled_step.py), as gpt2_generate_main.py runs it
+  ours_eager - the same without the compiled step (utils/decoding/engine.py only)
   hf    - Hugging Face transformers' GPT2LMHeadModel.generate(use_cache=True),
           with the texar weights copied in (skipped if transformers is absent)
   texar - texar's built-in decoding, model(decoding_strategy='infer_greedy',
           context=...), what the original example used
-  ours_int8 - ours with 8-bit linear layers (utils/int8_linear.py, --dtype int8)
+  ours_int8 - ours with 8-bit linear layers (utils/decoding/int8_linear.py, --dtype int8)
   ct2, ct2_int8 - CTranslate2 (pip install ctranslate2) float32 and int8, the
           same weights through its own Hugging Face converter
           (benchmarks/ct2_engine.py; skipped if ctranslate2 is absent)
@@ -77,7 +77,7 @@ def build_texar(device: str, dtype: str = "float32"):
 def hf_from_texar(model):
     """GPT2LMHeadModel holding a copy of a texar GPT2Decoder's weights."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    from utils.hf_format import hf_gpt2_config, texar_to_hf_state_dict
+    from utils.checkpoints.hf_names import hf_gpt2_config, texar_to_hf_state_dict
     from utils.model import model_size
     sizes = model_size(model.hparams.todict())
     hf = GPT2LMHeadModel(GPT2Config(**hf_gpt2_config(sizes)))
@@ -133,16 +133,16 @@ def make_decoder(engine: str, batch: int, length: int, device: str, threads: int
     model = build_texar(device, dtype)
 
     if engine in ("ours", "ours_eager", "ours_int8"):
-        from utils.generation import generate
+        from utils.decoding.generation import generate
         contexts = ids.tolist()
-        if engine == "ours_int8":
-            from utils.int8_linear import quantize_for_decoding
-            quantize_for_decoding(model)
-        from utils.gpt2_net import engine_for
-        prepared = engine_for(model).extra_bytes()  # built now, outside the peak
+        from utils.decoding.engine import prepare_for_decoding
+        # built now, outside the peak, as gpt2_generate_main.py does
+        prepared = prepare_for_decoding(model, int8=engine == "ours_int8").extra_bytes()
         if engine == "ours" and batch == 1 and device == "cpu" and dtype == "float32":
-            from utils import compiled_step  # as gpt2_generate_main.py --compile on
-            reason, seconds = compiled_step.timed_enable(model)
+            from utils.decoding import compiling  # as gpt2_generate_main.py --compile on
+            reason, seconds = compiling.timed_compile_step(model)
+            if reason is None:
+                compiling.freeze_garbage_collector()
             print(f"NOTE compiled step: {reason or f'on ({seconds:.1f} s to compile)'}",
                   flush=True)
 

@@ -1,6 +1,6 @@
 """What --dtype int8 (and bfloat16) costs in quality, against float32.
 
-For each model: perplexity of float32, bfloat16 and int8 (utils/int8_linear.py)
+For each model: perplexity of float32, bfloat16 and int8 (utils/decoding/int8_linear.py)
 on data/toy (dev.txt + test.txt: never trained on by the demo) and on a
 held-out text (this repository's README prose: no model here saw it), and
 the share of positions where each precision's greedy choice (teacher-forced
@@ -41,7 +41,7 @@ def texts():
 
 def fixture_model(name: str):
     from utils.model import build_model, hparams_from_openai
-    from utils.openai_weights import load_openai_weights
+    from utils.checkpoints.openai_weights import load_openai_weights
     with open(os.path.join(FIXTURES, "reference", name + ".json")) as f:
         meta = json.load(f)
     model = build_model(hparams_from_openai(meta["hparams"])).eval()
@@ -50,13 +50,13 @@ def fixture_model(name: str):
 
 
 def checkpoint_model(path: str):
-    from utils.weights import load_weights, resolve_model
+    from utils.checkpoints.weights import load_weights, resolve_model
     return load_weights(resolve_model(checkpoint=path)).model.eval()
 
 
 def in_precision(model, precision: str):
     import torch
-    from utils.int8_linear import quantize_for_decoding
+    from utils.decoding.int8_linear import quantize_for_decoding
     copied = copy.deepcopy(model)
     if precision == "int8":
         return quantize_for_decoding(copied)
@@ -72,7 +72,7 @@ def score(model, ids, n_ctx: int):
     """(mean negative log-likelihood per predicted token, argmax ids) of `ids`."""
     import torch
     import torch.nn.functional as F
-    from utils.generation import forward_logits
+    from utils.decoding.generation import forward_logits
     nll, count, choices = 0.0, 0, []
     for window in windows(ids, n_ctx):
         if len(window) < 2:

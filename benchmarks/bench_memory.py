@@ -3,7 +3,7 @@
 Each row trains a randomly initialised GPT-2 of a released size (the real
 shapes) for a few optimizer steps on one repeated batch (batch 1 x TOKENS
 tokens), in its own subprocess, with the code `gpt2_train_main.py --do_train`
-runs: build_model, utils.memory_options, utils.optimizer, utils.lm.lm_nll
+runs: build_model, utils.training.memory_options, utils.training.optimizer, utils.training.lm.lm_nll
 under the config's autocast, clip_grad_norm_ 1.0. It reports
 
   peak   CPU: the subprocess's peak resident memory (ru_maxrss: the model
@@ -96,10 +96,10 @@ def run_row(size: str, tokens: int, setting: str, steps: int, device_name: str) 
     """Train `steps` steps and measure; runs inside the row's own process."""
     import torch
     from utils.device import resolve_device
-    from utils.lm import autocast, lm_nll
-    from utils.memory_options import apply_memory_options, trainable_parameter_count
+    from utils.training.lm import autocast, lm_nll
+    from utils.training.memory_options import apply_memory_options, trainable_parameter_count
     from utils.model import build_model, gpt2_hparams
-    from utils.optimizer import build_optimizer
+    from utils.training.optimizer import build_optimizer
 
     device = resolve_device(device_name)
     optimizer_type, kwargs, checkpointing, trainable, precision = SETTINGS[setting]

@@ -6,7 +6,7 @@ lr 1e-4, weight decay 0.01 on matrices only, gradient clipping at 1.0, and
 the same AdamW implementation (our trainer's default: fused where torch has
 it; --hf_optimizer default gives HF torch's own default instead).
 
-  ours  utils.training.Trainer._train_step: texar's GPT2Decoder, exactly the
+  ours  utils.training.trainer.Trainer._train_step: texar's GPT2Decoder, exactly the
         code `gpt2_train_main.py --do_train` runs
   hf    transformers' GPT2LMHeadModel(input_ids, attention_mask, labels).loss
         .backward(), clip_grad_norm_, step, zero_grad (skipped when
@@ -64,11 +64,11 @@ def parse_args():
 
 def build_ours(args, device, data_dir, out_dir):
     import torch
-    from utils import distributed as dist_utils
-    from utils.data import PreparedSplit
+    from utils.training import distributed as dist_utils
+    from utils.data.records import PreparedSplit
     from utils.model import build_model, load_model_hparams
-    from utils.train_config import TrainConfig
-    from utils.training import Trainer
+    from utils.training.config import TrainConfig
+    from utils.training.trainer import Trainer
 
     torch.manual_seed(SEED)
     hparams = load_model_hparams("configs.config_model_117M")
@@ -127,8 +127,8 @@ def _null():
 def make_data(scenario, data_dir):
     """Write train.npy for the scenario; returns the list of index batches."""
     import numpy as np
-    from utils.data import record_dtype
-    from utils.prepare import prepare_split
+    from utils.data.records import record_dtype
+    from utils.data.prepare import prepare_split
     from utils.processor import EOS_ID
     if scenario == "full":
         gen = np.random.default_rng(SEED)
@@ -140,7 +140,7 @@ def make_data(scenario, data_dir):
         prepare_split(os.path.join(REPO_ROOT, "data", "toy", "train.txt"),
                       os.path.join(data_dir, "train.npy"), max_seq_length=LENGTH,
                       vocab_dir=None, num_workers=1, progress=False)
-    from utils.data import PreparedSplit
+    from utils.data.records import PreparedSplit
     n = len(PreparedSplit(os.path.join(data_dir, "train.npy")))
     order = np.random.default_rng(SEED).permutation(n)
     return [order[i:i + BATCH].tolist() for i in range(0, n - BATCH + 1, BATCH)]
@@ -155,7 +155,7 @@ def sync(device):
 def run_scenario(scenario, args, device, have_hf):
     import torch
     from utils.processor import EOS_ID
-    from utils.training import _Window
+    from utils.training.trainer import _Window
     with tempfile.TemporaryDirectory() as data_dir, tempfile.TemporaryDirectory() as out:
         batches = make_data(scenario, data_dir)
         trainer = build_ours(args, device, data_dir, out)

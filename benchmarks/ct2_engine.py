@@ -37,8 +37,8 @@ def available() -> bool:
 def write_model_dirs(model, root: str):
     """(Hugging Face dir, CTranslate2 dir) of texar `model`'s weights under root."""
     import ctranslate2
-    from utils.hf_dir import write_hf_dir
-    from utils.hf_format import texar_to_hf_tensors
+    from utils.checkpoints.hf_dir import write_hf_dir
+    from utils.checkpoints.hf_names import texar_to_hf_tensors
     from utils.model import model_size
     sizes = model_size(model.hparams.todict())
     hf_dir, ct2_dir = os.path.join(root, "hf"), os.path.join(root, "ct2")
@@ -72,7 +72,7 @@ def id_tokens(ids_rows):
 def stream_main(model_dir: str, max_length: int) -> None:
     """Read one prompt line from stdin, stream its greedy continuation."""
     import ctranslate2
-    from utils.interactive import StreamPrinter
+    from utils.samples.interactive import StreamPrinter
     from utils.processor import EOS_ID, get_encoder
     encoder = get_encoder()
     generator = ctranslate2.Generator(model_dir, device="cpu", compute_type="float32",

@@ -150,7 +150,7 @@ def memory_step(model, src, src_len, tgt, tgt_len):
 
 def main(argv=None):
     from utils.processor import get_encoder
-    from utils.weights import load_weights, resolve_model
+    from utils.checkpoints.weights import load_weights, resolve_model
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None)

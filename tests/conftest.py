@@ -19,7 +19,7 @@ def tf_gpt2_model():
     reference metadata: hparams, greedy continuations)."""
     def load(name):
         from utils.model import build_model, hparams_from_openai
-        from utils.openai_weights import load_openai_weights
+        from utils.checkpoints.openai_weights import load_openai_weights
         with open(os.path.join(TF_FIXTURES, "reference", name + ".json")) as f:
             meta = json.load(f)
         model = build_model(hparams_from_openai(meta["hparams"])).eval()

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from utils.openai_weights import load_openai_weights
-from utils.weights import (_ensure_openai_files, checkpoint_model_fields, load_checkpoint,
-                           load_weights, resolve_model, save_checkpoint)
+from utils.checkpoints.openai_weights import load_openai_weights
+from utils.checkpoints.weights import (ensure_openai_files, checkpoint_model_fields,
+                                       load_checkpoint, load_weights, resolve_model,
+                                       save_checkpoint)
 from utils.errors import UserError
 from utils.model import build_model, gpt2_hparams, hparams_from_openai
 
@@ -272,7 +273,7 @@ def test_weights_only_checkpoint_has_no_training_state(tmp_path):
     ("gpt2_pretrained_models/model_124M", "117M"), ("model_gpt2-medium", "345M"),
     ("models/774M/", "774M"), ("model_2B", None), ("my_model", None)])
 def test_checkpoint_loading_reads_a_released_name_from_the_folder(folder, name):
-    from utils.model_files import model_name_of_dir
+    from utils.checkpoints.openai_files import model_name_of_dir
     assert model_name_of_dir(folder, prefix_optional=True) == name
 
 
@@ -292,11 +293,11 @@ def test_a_released_folder_fetches_again_what_fails_its_check(tmp_path, monkeypa
         resolved = resolve_model(pretrain_model_dir=str(model_dir))
         assert resolved.sizes == json.loads(files["hparams.json"])
         assert [path for path, _ in server.requests] == ["/124M/hparams.json"]
-        _ensure_openai_files(resolved.path, download=True)
+        ensure_openai_files(resolved.path, download=True)
         assert (model_dir / BIG).read_bytes() == files[BIG]
         assert [path for path, _ in server.requests][1:] == [f"/124M/{BIG}"]
         # Whole files are not fetched again.
-        _ensure_openai_files(resolved.path, download=True)
+        ensure_openai_files(resolved.path, download=True)
         assert len(server.requests) == 2
     finally:
         server.close()

@@ -20,7 +20,7 @@ import torch
 import gpt2_generate_main
 import gpt2_train_main
 import prepare_data
-from utils.weights import checkpoint_model_fields, load_weights, resolve_model, save_checkpoint
+from utils.checkpoints.weights import checkpoint_model_fields, load_weights, resolve_model, save_checkpoint
 from utils.errors import UserError, run_main
 from utils.model import (build_model, build_peak_bytes, count_parameters,
                          gpt2_hparams, hparams_from_sizes, parameter_count)

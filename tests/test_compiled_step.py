@@ -1,7 +1,7 @@
-"""The batch-1 CPU decoding step through torch.compile (utils/compiled_step.py)
-and gpt2_generate_main.py --compile.
+"""The batch-1 CPU decoding step through torch.compile (utils/decoding/compiled_step.py,
+turned on by utils/decoding/compiling.py) and gpt2_generate_main.py --compile.
 
-The references are the eager engine (utils/gpt2_net.py) and, on the
+The references are the eager engine (utils/decoding/engine.py) and, on the
 TF-written fixtures, the greedy continuations Hugging Face transformers
 computed from the same TensorFlow files."""
 import copy
@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-from utils import compiled_step
-from utils.generation import generate
-from utils.gpt2_net import engine_for
+from utils.decoding import compiled_step, compiling
+from utils.decoding.generation import generate
+from utils.decoding.engine import engine_for
 from utils.model import build_model, gpt2_hparams
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +30,7 @@ def small_model(seed=5, n_embd=32):
 
 
 def compiled(model):
-    reason = compiled_step.enable(model)
+    reason = compiling.compile_step(model)
     if reason is not None and "torch.compile failed" in reason:
         pytest.skip(f"no working torch.compile here: {reason}")
     assert reason is None, reason
@@ -53,8 +53,8 @@ def test_compiled_step_equals_the_eager_step():
     fast = compiled(copy.deepcopy(eager))
     assert engine_for(fast).compiled and not engine_for(eager).compiled
     for context in ([1, 2, 3], [7], list(range(20, 45))):
-        a = compiled_step.step_logits(eager, context)
-        b = compiled_step.step_logits(fast, context)
+        a = compiling.step_logits(eager, context)
+        b = compiling.step_logits(fast, context)
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
         assert (generate(fast, [context], 47, strategy="greedy", end_token=NEVER)
                 == generate(eager, [context], 47, strategy="greedy", end_token=NEVER))
@@ -85,19 +85,19 @@ def test_the_compiled_step_follows_changed_weights():
             model.decoder.poswise_networks[1]._layers[0].bias.add_(0.5)
     assert engine_for(fast).compiled  # the rebuilt engine keeps it
     context = [3, 1, 4, 1, 5]
-    assert torch.allclose(compiled_step.step_logits(fast, context),
-                          compiled_step.step_logits(eager, context),
+    assert torch.allclose(compiling.step_logits(fast, context),
+                          compiling.step_logits(eager, context),
                           rtol=1e-4, atol=1e-5)
 
 
 def test_unsupported_models_get_a_reason_and_stay_eager():
     model = small_model().to(torch.bfloat16)
-    assert "float32" in compiled_step.enable(model)
+    assert "float32" in compiling.compile_step(model)
     assert not engine_for(model).compiled
     if "fbgemm" in torch.backends.quantized.supported_engines:
-        from utils.int8_linear import quantize_for_decoding
+        from utils.decoding.int8_linear import quantize_for_decoding
         model = quantize_for_decoding(small_model())
-        assert "int8" in compiled_step.enable(model)
+        assert "int8" in compiling.compile_step(model)
 
 
 def test_a_failing_compile_falls_back_to_the_eager_step(monkeypatch):
@@ -105,7 +105,7 @@ def test_a_failing_compile_falls_back_to_the_eager_step(monkeypatch):
         raise RuntimeError("no C++ compiler\nlong details")
     monkeypatch.setattr(compiled_step, "_kernels", broken)
     model = small_model(seed=9)
-    reason = compiled_step.enable(model)
+    reason = compiling.compile_step(model)
     assert reason == "torch.compile failed: no C++ compiler"
     assert not compiled_step.is_enabled(model) and not engine_for(model).compiled
     assert len(generate(model, [[1, 2]], 10, strategy="greedy", end_token=NEVER)[0]) == 8

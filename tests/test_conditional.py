@@ -16,13 +16,13 @@ import gpt2_train_main
 import prepare_data
 from test_hf_format import hf_name_of_tf
 from test_train import model_config, train_config
-from utils.data import CONTEXT_FIELD, PreparedSplit
+from utils.data.records import CONTEXT_FIELD, PreparedSplit
 from utils.errors import UserError
-from utils.lm import evaluate, lm_nll
+from utils.training.lm import evaluate, lm_nll
 from utils.model import build_model, gpt2_hparams
-from utils.pairs import fit_pair
+from utils.data.pairs import fit_pair
 from utils.processor import EOS_ID, get_encoder
-from utils.tf_checkpoint import TFCheckpointReader
+from utils.checkpoints.tf_reader import TFCheckpointReader
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tf_gpt2")
 TRAIN = ["Where do fish live?\tFish live in water.",
@@ -163,7 +163,7 @@ def test_conditional_nll_equals_a_direct_computation_masking_the_source(pairs_di
 
 def test_conditional_nll_equals_transformers_gpt2_on_the_tf_fixture():
     import transformers
-    from utils.weights import load_weights, resolve_model
+    from utils.checkpoints.weights import load_weights, resolve_model
     prefix = os.path.join(FIXTURES, "models", "tiny_a", "model.ckpt")
     ours = load_weights(resolve_model(pretrain_checkpoint=prefix, download=False)).model
     hf_state = {}

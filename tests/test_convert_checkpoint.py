@@ -26,9 +26,9 @@ from safetensors.torch import load_file
 
 import convert_checkpoint
 from utils.errors import UserError
-from utils.hf_format import openai_of_hf, texar_to_hf_tensors
-from utils.tf_checkpoint import TFCheckpointReader
-from utils.weights import load_weights, resolve_model
+from utils.checkpoints.hf_names import openai_of_hf, texar_to_hf_tensors
+from utils.checkpoints.tf_reader import TFCheckpointReader
+from utils.checkpoints.weights import load_weights, resolve_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "tf_gpt2")

@@ -1,4 +1,4 @@
-"""utils.crc32c: the numpy implementation, and google-crc32c's when it is installed.
+"""utils.checkpoints.crc32c: the numpy implementation, and google-crc32c's when it is installed.
 
 Every check runs on `numpy_crc32c` (the fallback) and on `crc32c` (what the
 checkpoint reader calls: the package when installed, else the fallback), so
@@ -10,8 +10,8 @@ import types
 import numpy as np
 import pytest
 
-from utils import crc32c as crc_module
-from utils.crc32c import crc32c, numpy_crc32c
+from utils.checkpoints import crc32c as crc_module
+from utils.checkpoints.crc32c import crc32c, numpy_crc32c
 
 BOTH = pytest.mark.parametrize("crc", [numpy_crc32c, crc32c], ids=["numpy", "chosen"])
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from utils.generation import generate
+from utils.decoding.generation import generate
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -46,7 +46,7 @@ def test_half_precision_generation_on_cuda(dtype, tf_gpt2_model):
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    from utils.prepare import prepare_split
+    from utils.data.prepare import prepare_split
     root = tmp_path_factory.mktemp("cuda_job")
     for split in ("train", "dev", "test"):
         prepare_split(os.path.join(REPO, "data", "toy", f"{split}.txt"),

@@ -1,4 +1,4 @@
-"""utils/distributed.py: data sharding, launcher environments, real multi-process runs.
+"""utils/training/distributed.py: data sharding, launcher environments, real multi-process runs.
 
 Multi-process tests start real processes talking Gloo over 127.0.0.1:
 - lost ranks: this file is the worker (`python tests/test_distributed.py <mode>
@@ -21,8 +21,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from utils import distributed as D  # noqa: E402
-from utils.data import PAD_INDEX, ShardSampler  # noqa: E402
+from utils.training import distributed as D  # noqa: E402
+from utils.data.records import PAD_INDEX, ShardSampler  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 
 THIS_FILE = os.path.abspath(__file__)
@@ -370,8 +370,8 @@ seed = 3
 
 @pytest.fixture(scope="module")
 def toy_job(tmp_path_factory):
-    from utils.data import PreparedSplit
-    from utils.prepare import prepare_split
+    from utils.data.records import PreparedSplit
+    from utils.data.prepare import prepare_split
     root = tmp_path_factory.mktemp("toy_job")
     data_dir = root / "data"
     with open(os.path.join(REPO_ROOT, "data", "toy", "train.txt"), encoding="utf-8") as f:
@@ -521,7 +521,7 @@ def test_two_ranks_train_resume_and_evaluate_like_one_process(toy_job):
     assert a_line == c_line and len(a_line) == 1
 
     # C: rank 0 alone continued every test line
-    from utils.data import PreparedSplit
+    from utils.data.records import PreparedSplit
     test_lines = len(PreparedSplit(str(job / "data" / "test.npy")))
     assert test_lines == 8
     samples = (job / "C" / "test_samples.tsv").read_text(encoding="utf-8").split("\n")

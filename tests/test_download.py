@@ -1,4 +1,4 @@
-"""utils.download against a real HTTP server on 127.0.0.1 (no other network).
+"""utils.checkpoints.download against a real HTTP server on 127.0.0.1 (no other network).
 
 The server (model_server.py) implements Range requests and misbehaves on
 demand: drops connections, sends short or unannounced bodies, ignores Range,
@@ -18,10 +18,10 @@ import pytest
 
 from model_server import Server
 from test_model_files import BIG, CORRUPT, INDEX, PORTAL, flip_byte, make_files
-from utils import download
-from utils.download import download_model, ensure_model
+from utils.checkpoints import download
+from utils.checkpoints.download import download_model, ensure_model
 from utils.errors import UserError
-from utils.model_files import MODEL_FILES, missing_files
+from utils.checkpoints.openai_files import MODEL_FILES, missing_files
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -308,7 +308,7 @@ def run_cli(args, cwd, env_extra=None, script=False):
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, **{download.BACKOFF_ENV: "0"},
                **(env_extra or {}))
     cmd = (["sh", os.path.join(REPO_ROOT, "download_model.sh")] if script
-           else [sys.executable, "-m", "utils.download"])
+           else [sys.executable, "-m", "utils.checkpoints.download"])
     return subprocess.run(cmd + args, cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=60)
 

@@ -45,7 +45,7 @@ def test_full_disk_inside_torch_save_names_the_target(tmp_path, monkeypatch):
 
     import torch
 
-    from utils.weights import save_checkpoint
+    from utils.checkpoints.weights import save_checkpoint
 
     target = tmp_path / "model.ckpt"
     target.write_bytes(b"the previous checkpoint")

@@ -16,7 +16,7 @@ import torch
 
 import gpt2_generate_main
 from utils import errors
-from utils.weights import checkpoint_model_fields, save_checkpoint
+from utils.checkpoints.weights import checkpoint_model_fields, save_checkpoint
 from utils.errors import UserError
 from utils.model import build_model, gpt2_hparams
 from utils.processor import get_encoder
@@ -120,8 +120,8 @@ def test_greedy_strategy_equals_top_k_1(monkeypatch, capsys):
 def test_half_precision_follows_the_reference(dtype):
     """--dtype runs the same engine on 16-bit weights: the next-token logits stay
     close to the reference's, and the greedy continuation starts the same."""
-    from utils.weights import load_weights, resolve_model
-    from utils.generation import next_token_logits
+    from utils.checkpoints.weights import load_weights, resolve_model
+    from utils.decoding.generation import next_token_logits
     for name in ("tiny_a", "tiny_b"):
         model_dir, ref = fixture(name)
         model = load_weights(resolve_model(pretrain_model_dir=model_dir)).model.eval()
@@ -192,7 +192,7 @@ def test_bad_flags_are_user_errors(args, message, monkeypatch, capsys):
 
 
 def test_top_p_alone_replaces_the_default_top_k():
-    from utils.flags import SamplingSettings
+    from utils.decoding.settings import SamplingSettings
 
     def top_k(argv):
         return SamplingSettings.from_flags(gpt2_generate_main.parse_args(argv)).top_k
@@ -203,7 +203,7 @@ def test_top_p_alone_replaces_the_default_top_k():
 
 @pytest.mark.parametrize("seed", [str(2 ** 70), str(2 ** 32), "-1"])
 def test_seed_out_of_range_is_a_user_error(seed):
-    from utils.flags import SamplingSettings
+    from utils.decoding.settings import SamplingSettings
     with pytest.raises(UserError, match=r"--seed must be between 0 and 4294967295"):
         SamplingSettings.from_flags(gpt2_generate_main.parse_args(["--seed", seed]))
 
@@ -211,7 +211,8 @@ def test_seed_out_of_range_is_a_user_error(seed):
 def test_largest_seed_is_accepted_by_both_scripts():
     """One seed range for sampling and training: numpy's, 0 to 2**32 - 1."""
     import gpt2_train_main
-    from utils.flags import MAX_SEED, SamplingSettings
+    from utils.decoding.limits import MAX_SEED
+    from utils.decoding.settings import SamplingSettings
     args = gpt2_generate_main.parse_args(["--seed", str(MAX_SEED)])
     assert SamplingSettings.from_flags(args).seed == 2 ** 32 - 1
     args = gpt2_train_main.parse_args(["--do_test", "--seed", str(MAX_SEED)])
@@ -342,9 +343,9 @@ def test_batch_or_beam_too_big_for_memory_is_refused_before_the_weights_download
 def test_memory_check_compares_with_the_free_memory_before_reading_weights(monkeypatch):
     """Even the default flags are refused when the machine has 1 MiB free; the
     checkpoint's weights are never read."""
-    import utils.openai_weights
+    import utils.checkpoints.openai_weights
     read = []
-    monkeypatch.setattr(utils.openai_weights, "load_openai_weights",
+    monkeypatch.setattr(utils.checkpoints.openai_weights, "load_openai_weights",
                         lambda *a: read.append(a))
     monkeypatch.setattr("utils.memory.available_bytes", lambda device=None: 2 ** 20)
     model_dir, _ = fixture("tiny_a")
@@ -359,7 +360,7 @@ def test_memory_check_compares_with_the_free_memory_before_reading_weights(monke
 
 def failing_allocations(monkeypatch, times):
     """Make the next `times` KV-cache allocations fail as the allocator does."""
-    from utils.generation import _GPT2
+    from utils.decoding.generation import _GPT2
     real_new_cache = _GPT2.new_cache
     left = [times]
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from test_generate_cli import run_script
-from utils.weights import checkpoint_model_fields, save_checkpoint
+from utils.checkpoints.weights import checkpoint_model_fields, save_checkpoint
 from utils.model import build_model, gpt2_hparams
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

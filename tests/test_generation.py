@@ -1,4 +1,4 @@
-"""utils.generation against references we did not write.
+"""utils.decoding.generation against references we did not write.
 
 - texar-pytorch's own decoding on the same model: teacher-forced logits,
   built-in greedy decoding with contexts, the sampling helpers' filters and
@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from utils.openai_weights import load_openai_weights
+from utils.checkpoints.openai_weights import load_openai_weights
 from utils.errors import UserError
-from utils.generation import (filter_logits, forward_logits, generate,
-                              generation_memory, next_token_logits,
-                              out_of_memory_as_user_error, require_generation_memory)
-from utils.sampling import sample_from_logits
+from utils.decoding.generation import forward_logits, generate, next_token_logits
+from utils.decoding.limits import (generation_memory, out_of_memory_as_user_error,
+                                   require_generation_memory)
+from utils.decoding.sampling import filter_logits
+from utils.decoding.sampling import sample_from_logits
 from utils.model import build_model, gpt2_hparams, hparams_from_openai
 
 with warnings.catch_warnings():
@@ -108,7 +109,7 @@ def test_batched_greedy_equals_each_context_alone(model):
 def test_16_bit_weights_widen_long_products_to_float32(model, dtype, monkeypatch):
     """On CPU, products of many rows run in float32 on widened 16-bit weights:
     the logits agree with the 16-bit products and with the float32 model."""
-    from utils import cpu_linear
+    from utils.decoding import linear as cpu_linear
     half = build_model(gpt2_hparams(n_vocab=50257, n_ctx=N_CTX, n_embd=32, n_head=4,
                                     n_layer=2)).eval()
     half.load_state_dict(model.state_dict())
@@ -131,7 +132,7 @@ def test_16_bit_weights_widen_long_products_to_float32(model, dtype, monkeypatch
 def hf_from_texar(model):
     """transformers' GPT2LMHeadModel holding a copy of the texar weights."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    from utils.hf_format import hf_gpt2_config, texar_to_hf_state_dict
+    from utils.checkpoints.hf_names import hf_gpt2_config, texar_to_hf_state_dict
     from utils.model import model_size
     sizes = model_size(model.hparams.todict())
     hf = GPT2LMHeadModel(GPT2Config(**hf_gpt2_config(sizes)))
@@ -505,7 +506,7 @@ def test_allocation_failures_become_one_line_other_errors_pass():
 def test_generate_and_the_flags_refuse_a_value_with_the_same_rule(model, kwargs, argv):
     """One rule per value (utils.flags): the library call and the flag agree."""
     import gpt2_generate_main
-    from utils.flags import SamplingSettings
+    from utils.decoding.settings import SamplingSettings
     with pytest.raises(UserError) as from_call:
         generate(model, [[1]], 10, **kwargs)
     with pytest.raises(UserError) as from_flag:

@@ -1,4 +1,4 @@
-"""utils.hf_dir against Hugging Face transformers, the independent reference.
+"""utils.checkpoints.hf_dir against Hugging Face transformers, the independent reference.
 
 Directories saved by transformers' own save_pretrained (safetensors, sharded,
 pytorch_model.bin, GPT2Model without the `transformer.` prefix) load into
@@ -14,9 +14,9 @@ import torch
 import transformers  # a test dependency (requirements-test.txt)
 
 from utils.errors import UserError
-from utils.hf_dir import (detect_format, hf_vocab_encoder, read_hf_config, read_hf_weights,
+from utils.checkpoints.hf_dir import (detect_format, hf_vocab_encoder, read_hf_config, read_hf_weights,
                           write_hf_dir)
-from utils.hf_format import texar_to_hf_tensors
+from utils.checkpoints.hf_names import texar_to_hf_tensors
 from utils.model import build_model, hparams_from_sizes
 from utils.processor import SHIPPED_VOCAB_DIR, get_encoder
 

@@ -1,4 +1,4 @@
-"""utils.hf_format: texar GPT2Decoder <-> Hugging Face GPT2LMHeadModel tensor names.
+"""utils.checkpoints.hf_names: texar GPT2Decoder <-> Hugging Face GPT2LMHeadModel tensor names.
 
 Checked three ways: the round trip is exact; tensors renamed from TensorFlow
 checkpoints by transformers' own rule convert into a texar model that
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from utils.errors import UserError
-from utils.hf_format import hf_gpt2_config, hf_to_texar_state_dict, texar_to_hf_state_dict
+from utils.checkpoints.hf_names import hf_gpt2_config, hf_to_texar_state_dict, texar_to_hf_state_dict
 from utils.model import build_model, gpt2_hparams, hparams_from_openai, model_size
-from utils.tf_checkpoint import TFCheckpointReader
+from utils.checkpoints.tf_reader import TFCheckpointReader
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tf_gpt2")
 N_EMBD, N_LAYER = 16, 3
@@ -145,7 +145,7 @@ def test_transformers_model_with_converted_weights_computes_our_logits(tiny):
 
 
 def test_lazy_hf_tensors_match_the_state_dict_and_shapes(tiny):
-    from utils.hf_format import hf_tensor_shapes, texar_to_hf_tensors
+    from utils.checkpoints.hf_names import hf_tensor_shapes, texar_to_hf_tensors
     sizes = model_size(tiny.hparams.todict())
     full = texar_to_hf_state_dict(tiny.state_dict(), N_LAYER)
     lazy = texar_to_hf_tensors(tiny.state_dict(), N_LAYER)
@@ -160,9 +160,9 @@ def test_lazy_hf_tensors_match_the_state_dict_and_shapes(tiny):
 def test_openai_hf_openai_round_trip_through_written_files(name, tmp_path):
     """OpenAI -> HF directory -> OpenAI checkpoint, tensors equal at every hop,
     the last one written by our TF writer and read by our reader."""
-    from utils.hf_dir import read_hf_config, read_hf_weights, write_hf_dir
-    from utils.hf_format import hf_name_of_openai, openai_of_hf_tensors
-    from utils.tf_checkpoint_writer import write_tf_checkpoint_dir
+    from utils.checkpoints.hf_dir import read_hf_config, read_hf_weights, write_hf_dir
+    from utils.checkpoints.hf_names import hf_name_of_openai, openai_of_hf_tensors
+    from utils.checkpoints.tf_writer import write_tf_checkpoint_dir
     with open(os.path.join(FIXTURES, "models", name, "hparams.json")) as f:
         sizes = json.load(f)
     source = TFCheckpointReader(os.path.join(FIXTURES, "models", name, "model.ckpt"))

@@ -19,7 +19,7 @@ import transformers  # a test dependency (requirements-test.txt)
 from tests.test_convert_checkpoint import write_train_config
 from utils.errors import UserError
 from utils.processor import SHIPPED_VOCAB_DIR, get_encoder
-from utils.weights import FROM_HF, load_weights, resolve_model
+from utils.checkpoints.weights import FROM_HF, load_weights, resolve_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"n_vocab": 50257, "n_ctx": 24, "n_embd": 16, "n_head": 4, "n_layer": 2}

@@ -1,5 +1,5 @@
-"""--dtype int8: 8-bit linear layers for decoding (utils/int8_linear.py), and
-the engine cache that holds prepared weights (utils/gpt2_net.py)."""
+"""--dtype int8: 8-bit linear layers for decoding (utils/decoding/int8_linear.py), and
+the engine cache that holds prepared weights (utils/decoding/engine.py)."""
 import os
 
 import pytest
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from utils.errors import UserError
-from utils.generation import forward_logits, generate
-from utils.int8_linear import Int8Linear, int8_available, quantize_for_decoding, require_int8
+from utils.decoding.generation import forward_logits, generate
+from utils.decoding.int8_linear import Int8Linear, int8_available, quantize_for_decoding, require_int8
 from utils.model import build_model, gpt2_hparams
 
 pytestmark = pytest.mark.skipif(not int8_available(),

@@ -1,12 +1,12 @@
-"""utils/lm.py: the loss, corpus-level evaluation and the learning-rate schedule."""
+"""utils/training/lm.py: the loss, corpus-level evaluation and the learning-rate schedule."""
 import math
 
 import pytest
 import torch
 
 from test_train import _write_split, one_thread  # noqa: F401
-from utils.data import PreparedSplit
-from utils.lm import evaluate, lm_nll, lr_multiplier, target_mask
+from utils.data.records import PreparedSplit
+from utils.training.lm import evaluate, lm_nll, lr_multiplier, target_mask
 from utils.model import build_model, gpt2_hparams
 from utils.processor import EOS_ID
 

@@ -9,8 +9,8 @@ from test_train import data_dir, train_config  # noqa: F401 (data_dir: a fixture
 from utils.errors import UserError
 from utils.model import build_model, count_parameters, gpt2_hparams, has_memory
 from utils.processor import EOS_ID
-from utils.weights import (checkpoint_model_fields, load_checkpoint, load_weights,
-                           resolve_model, save_checkpoint)
+from utils.checkpoints.weights import (checkpoint_model_fields, load_checkpoint, load_weights,
+                                       resolve_model, save_checkpoint)
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tf_gpt2",
                        "models", "tiny_a", "model.ckpt")
@@ -105,8 +105,8 @@ def test_memory_settings_that_cannot_work_are_one_line_errors(tmp_path, data_dir
 
 
 def test_config_memory_on_a_hugging_face_directory_keeps_its_weights(tmp_path):
-    from utils.hf_dir import write_hf_dir
-    from utils.hf_format import texar_to_hf_tensors
+    from utils.checkpoints.hf_dir import write_hf_dir
+    from utils.checkpoints.hf_names import texar_to_hf_tensors
     from utils.model import model_size
     torch.manual_seed(1)
     source = build_model(HPARAMS)

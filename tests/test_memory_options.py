@@ -14,8 +14,8 @@ import torch
 import gpt2_train_main
 from utils.device import resolve_device
 from utils.errors import UserError
-from utils.lm import lm_nll
-from utils.memory_options import (apply_memory_options, enable_gradient_checkpointing,
+from utils.training.lm import lm_nll
+from utils.training.memory_options import (apply_memory_options, enable_gradient_checkpointing,
                                   gradient_checkpointing_enabled)
 from utils.model import build_model, gpt2_hparams
 from tests.test_train import (REPO_ROOT, SUBPROCESS_ENV, data_dir, load_ckpt,  # noqa: F401
@@ -261,7 +261,7 @@ def test_tensorboard_scalars_mirror_metrics_jsonl(tmp_path, data_dir, monkeypatc
     """Our side of the TensorBoard log, with a stand-in SummaryWriter (the
     package is optional): every number of metrics.jsonl as '<split>/<name>'
     at its step, and a resumed run purges the events after its checkpoint."""
-    import utils.metrics_log as metrics_log
+    import utils.training.metrics_log as metrics_log
     writers = []
 
     class FakeWriter:
@@ -281,8 +281,8 @@ def test_tensorboard_scalars_mirror_metrics_jsonl(tmp_path, data_dir, monkeypatc
 
     monkeypatch.setattr(metrics_log, "check_tensorboard_installed", lambda setting: None)
     monkeypatch.setattr(metrics_log, "_summary_writer", FakeWriter)
-    import utils.train_config
-    monkeypatch.setattr(utils.train_config, "check_tensorboard_installed", lambda s: None)
+    import utils.training.config
+    monkeypatch.setattr(utils.training.config, "check_tensorboard_installed", lambda s: None)
     cfg = train_config(tmp_path, data_dir, tensorboard_dir=str(tmp_path / "tb"))
     out = tmp_path / "out"
     common = ["--from_scratch", "--config_model", model_config(tmp_path), "--config_train", cfg]

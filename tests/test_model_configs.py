@@ -92,10 +92,10 @@ def test_mismatch_names_both_values():
 
 @pytest.mark.parametrize("name", ["117M", "345M", "774M", "1558M"])
 def test_released_sizes_table_matches_the_configs_and_names_the_default_folder(name):
-    """utils.weights finds a config's default folder from this table, without
+    """utils.checkpoints.weights finds a config's default folder from this table, without
     importing the four configs: the table must hold the configs' numbers."""
     import os
-    from utils.weights import RELEASED_SIZES, default_pretrain_model_dir
+    from utils.checkpoints.weights import RELEASED_SIZES, default_pretrain_model_dir
     sizes = model_size(load_model_hparams(f"configs.config_model_{name}"))
     assert RELEASED_SIZES[name] == sizes
     assert default_pretrain_model_dir(sizes) == os.path.join(
@@ -104,7 +104,7 @@ def test_released_sizes_table_matches_the_configs_and_names_the_default_folder(n
 
 def test_unreleased_or_no_sizes_default_to_the_117M_folder():
     import os
-    from utils.weights import default_pretrain_model_dir
+    from utils.checkpoints.weights import default_pretrain_model_dir
     default = os.path.join("gpt2_pretrained_models", "model_117M")
     assert default_pretrain_model_dir(None) == default
     assert default_pretrain_model_dir(model_size(load_model_hparams(

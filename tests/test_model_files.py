@@ -1,4 +1,4 @@
-"""utils.model_files: model names, the default directory, and each file's content check.
+"""utils.checkpoints.openai_files: model names, the default directory, and each file's content check.
 
 Also the sample files test_download.py serves: a tiny checkpoint written by
 real TensorFlow (tests/fixtures) and a made-up tokenizer, and a corrupt copy
@@ -10,7 +10,7 @@ import os
 import pytest
 
 from utils.errors import UserError
-from utils.model_files import (MODEL_FILES, canonical_model_name, check_model_file,
+from utils.checkpoints.openai_files import (MODEL_FILES, canonical_model_name, check_model_file,
                                default_model_dir, file_problems, missing_files,
                                model_name_of_dir)
 

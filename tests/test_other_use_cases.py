@@ -10,10 +10,11 @@ import torch
 
 from conftest import REPO_ROOT
 from utils.errors import UserError
-from utils.generation import generate
-from utils.lm import lm_nll
+from utils.decoding.generation import generate
+from utils.training.lm import lm_nll
 from utils.model import build_model, gpt2_hparams
 from utils.processor import EOS_ID, get_encoder
+from tolerances import summation_tolerance
 
 EXAMPLE = os.path.join(REPO_ROOT, "examples", "other_use_cases.py")
 SNIPPET = re.compile(r"\n *# \[(\w+)\]\n(.*?)\n *# \[end\]", re.S)
@@ -86,7 +87,10 @@ def test_gumbel_softmax_gives_distributions_and_gradients(uc, model):
     torch.manual_seed(0)
     soft = uc.gumbel_softmax(model, 2)
     assert soft.shape[0] == 2 and soft.shape[2] == 50257
-    torch.testing.assert_close(soft.sum(-1), torch.ones(soft.shape[:2]))
+    # Each row is a softmax over 50,257 tokens: its sum may be off by the
+    # rounding of that many additions, which depends on the CPU's order.
+    atol = summation_tolerance(soft.dtype, soft.shape[-1])
+    torch.testing.assert_close(soft.sum(-1), torch.ones(soft.shape[:2]), atol=atol, rtol=0)
     grad = model.word_embedder.embedding.grad
     assert grad is not None and float(grad.abs().sum()) > 0
 

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 import prepare_data
-from utils import pack as pack_utils
-from utils import prepare as prepare_utils
-from utils.data import PreparedSplit
+from utils.data import pack as pack_utils
+from utils.data import prepare as prepare_utils
+from utils.data.records import PreparedSplit
 from utils.errors import UserError
 from utils.processor import EOS_ID, SHIPPED_VOCAB_DIR, get_encoder
 
@@ -82,7 +82,7 @@ def test_a_word_longer_than_a_chunk_stays_whole(tmp_path):
 def test_training_predicts_every_token_of_a_packed_window():
     """The loss's targets of a window are all its tokens but the first, which
     the window before predicted."""
-    from utils.lm import target_mask
+    from utils.training.lm import target_mask
     cutter = pack_utils.WindowCutter(4, np.dtype([("length", "<i4"),
                                                   ("text_ids", "<u2", (4,))]), EOS_ID)
     records = np.concatenate([cutter.add(list(range(1, 8))), cutter.finish()])

@@ -14,10 +14,10 @@ import pytest
 import prepare_data
 from test_text_lines import LINE_BREAKS, random_text
 from utils import atomic
-from utils import data as data_utils
-from utils import prepare as prepare_utils
-from utils import text_lines
-from utils.data import PreparedSplit
+from utils.data import records as data_utils
+from utils.data import prepare as prepare_utils
+from utils.data import text_lines
+from utils.data.records import PreparedSplit
 from utils.errors import UserError
 from utils.processor import EOS_ID, get_encoder
 

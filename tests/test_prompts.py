@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from test_generate_cli import assert_one_line_error, fixture, run_script
-from utils.generation import generate, next_token_logits, penalize_repetition
+from utils.decoding.generation import generate, next_token_logits, penalize_repetition
 from utils.model import build_model, gpt2_hparams
 from utils.processor import EOS_ID, get_encoder
-from utils.stop_text import StopTexts, cut_at_stop
-from utils.weights import load_weights, resolve_model
+from utils.decoding.stop_text import StopTexts, cut_at_stop
+from utils.checkpoints.weights import load_weights, resolve_model
 
 ENC = get_encoder()
 

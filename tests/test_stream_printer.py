@@ -4,7 +4,7 @@ import io
 import torch
 from hypothesis import given, settings, strategies as st
 
-from utils.interactive import StreamPrinter
+from utils.samples.interactive import StreamPrinter
 from utils.processor import get_encoder
 
 ENCODER = get_encoder()

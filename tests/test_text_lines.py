@@ -1,10 +1,10 @@
-"""utils.text_lines: lines end as with str.splitlines, whatever the read block size,
+"""utils.data.text_lines: lines end as with str.splitlines, whatever the read block size,
 and a byte that is not UTF-8 is named by its line and its place in the line."""
 import random
 
 import pytest
 
-from utils import text_lines
+from utils.data import text_lines
 from utils.errors import UserError
 
 # Every line boundary of str.splitlines.

@@ -1,4 +1,4 @@
-"""utils.tf_checkpoint against checkpoints written by real TensorFlow.
+"""utils.checkpoints.tf_reader against checkpoints written by real TensorFlow.
 
 The fixtures (tests/fixtures/tf_gpt2, made by make_fixtures.py there) were
 saved by tf.compat.v1.train.Saver; the reference JSON records every tensor's
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from utils.errors import UserError
-from utils.crc32c import crc32c
-from utils.tf_checkpoint import (TFCheckpointError, TFCheckpointReader, data_shard_sizes,
+from utils.checkpoints.crc32c import crc32c
+from utils.checkpoints.tf_reader import (TFCheckpointError, TFCheckpointReader, data_shard_sizes,
                                  mask_crc, resolve_checkpoint_prefix, unmask_crc)
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tf_gpt2")

@@ -1,7 +1,7 @@
-"""utils.tf_checkpoint_writer: TF V2 bundles that our reader and TensorFlow read back.
+"""utils.checkpoints.tf_writer: TF V2 bundles that our reader and TensorFlow read back.
 
 The fixtures in tests/fixtures/tf_gpt2 were written by real TensorFlow; their
-tensors are rewritten here and read back with utils.tf_checkpoint. For the
+tensors are rewritten here and read back with utils.checkpoints.tf_reader. For the
 GPT-2 fixtures the index must be byte for byte TensorFlow's own. Real
 TensorFlow reading our output is checked by
 tests/fixtures/tf_gpt2/check_written_with_tf.py in a throwaway venv, and by
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from utils.tf_checkpoint import (TFCheckpointReader, _block_entries, _parse_message,
+from utils.checkpoints.tf_reader import (TFCheckpointReader, _block_entries, _parse_message,
                                  _read_block, _read_table, _varint, unmask_crc)
-from utils.tf_checkpoint_writer import (build_table, meta_graph_def, write_tf_checkpoint,
+from utils.checkpoints.tf_writer import (build_table, meta_graph_def, write_tf_checkpoint,
                                         write_tf_checkpoint_dir)
-from utils.crc32c import crc32c
+from utils.checkpoints.crc32c import crc32c
 
 MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tf_gpt2",
                       "models")

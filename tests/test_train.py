@@ -17,12 +17,12 @@ import torch
 
 import gpt2_train_main
 import prepare_data
-from utils.data import PreparedSplit, record_dtype
+from utils.data.records import PreparedSplit, record_dtype
 from utils.errors import UserError
 from utils.model import build_model, gpt2_hparams
 from utils.processor import EOS_ID
-from utils.test_samples import tsv_field, write_test_samples
-from utils.train_config import load_train_config
+from utils.samples.test_split import tsv_field, write_test_samples
+from utils.training.config import load_train_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures", "tf_gpt2")
@@ -154,7 +154,7 @@ def test_pipeline_end_to_end_on_the_command_line(tmp_path, data_dir):
     assert lines[-1] == "" and len(lines) - 1 == len(TEST_EXAMPLES)
 
     # The generator loads the fine-tuned checkpoint (the lead's loader contract).
-    from utils.weights import load_weights, resolve_model
+    from utils.checkpoints.weights import load_weights, resolve_model
     loaded = load_weights(resolve_model(checkpoint=str(out / "model.ckpt")))
     for name, value in loaded.model.state_dict().items():
         assert torch.equal(value, state["model"][name])

@@ -1,10 +1,10 @@
-"""utils/train_config.py: reading a training config, and every check of its values."""
+"""utils/training/config.py: reading a training config, and every check of its values."""
 import pytest
 import torch
 
 from test_train import data_dir, one_thread, train, train_config  # noqa: F401
 from utils.errors import UserError
-from utils.train_config import check_precision, load_train_config
+from utils.training.config import check_precision, load_train_config
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -5,10 +5,10 @@ import pytest
 
 import prepare_data
 from test_train import data_dir, model_config, one_thread, train, train_config  # noqa: F401
-from utils import training
+from utils.training import trainer as training
 from utils.errors import UserError
-from utils.lm import EvalResult
-from utils.train_config import load_train_config
+from utils.training.lm import EvalResult
+from utils.training.config import load_train_config
 
 
 def run(tmp_path, data_dir, out, **overrides):  # noqa: F811
@@ -70,7 +70,7 @@ def test_training_on_packed_windows_counts_every_token(tmp_path):
     train("--do_train", "--do_eval", "--from_scratch", "--config_model",
           model_config(tmp_path), "--config_train",
           train_config(tmp_path, d, max_train_epoch=1), "--output_dir", out)
-    from utils.data import PreparedSplit
+    from utils.data.records import PreparedSplit
     dev = PreparedSplit(str(d / "dev.npy"))
     record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
               if '"dev"' in line][-1]

@@ -24,10 +24,10 @@ from test_train import (REPO_ROOT, SUBPROCESS_ENV, _start_long_training,  # noqa
                         _train_steps_logged, _wait_for, _write_split, data_dir,
                         interrupt, load_ckpt, model_config, one_thread, read_metrics,
                         train, train_config)
-from utils import training
+from utils.training import trainer as training
 from utils.atomic import OutputDirLock, remove_stale_temp_files
 from utils.errors import UserError, run_main
-from utils.train_config import load_train_config
+from utils.training.config import load_train_config
 
 
 def run_cli(capsys, *args):
@@ -539,7 +539,7 @@ def test_token_ids_outside_the_vocabulary(tmp_path, job, data_dir, capsys, split
                  [EOS_ID, 13, 14, bad_id, EOS_ID]]
     _write_split(data_dir / f"{split}.npy", sequences, 24)
     if bad_id < 0:  # int32 records, as for vocabularies beyond 65536
-        from utils.data import record_dtype
+        from utils.data.records import record_dtype
         rec = np.zeros(3, dtype=record_dtype(24, 70000))
         for i, seq in enumerate(sequences):
             rec["length"][i] = len(seq)

@@ -1,13 +1,14 @@
 """A frozen model's weights moved into one huge-page block in decoding order
-(utils/weight_arena.py, utils/gpt2_net.pack_for_decoding)."""
+(utils/decoding/weight_arena.py, utils/decoding/engine.py's pack_for_decoding)."""
 import copy
 
 import pytest
 import torch
 
-from utils import weight_arena
-from utils.generation import forward_logits, generate
-from utils.gpt2_net import decoding_order, engine_for, pack_for_decoding
+from utils.decoding import weight_arena
+from utils.decoding.generation import forward_logits, generate
+from utils.decoding.engine import (decoding_order, engine_for, pack_for_decoding,
+                                   prepare_for_decoding)
 from utils.model import build_model, gpt2_hparams
 
 NEVER = -1
@@ -49,7 +50,7 @@ def test_packed_qkv_is_a_view_and_ids_are_unchanged():
     model = small_model()
     reference = copy.deepcopy(model)  # requires grad: not packed, Q/K/V copied
     packed = frozen_copy(model)
-    net = engine_for(packed)
+    net = prepare_for_decoding(packed)
     assert net.extra_bytes() == 0
     attn = packed.decoder.self_attns[0]
     assert net.layers[0].qkv.weight.data_ptr() == attn.Q_dense.weight.data_ptr()
@@ -65,7 +66,7 @@ def test_packed_qkv_is_a_view_and_ids_are_unchanged():
 @needs_huge_pages
 def test_a_packed_model_is_not_copied_again():
     model = frozen_copy(small_model())
-    engine_for(model)
+    prepare_for_decoding(model)
     where = [p.data_ptr() for p in model.parameters()]
     with torch.no_grad():
         model.decoder.self_attns[0].O_dense.weight.mul_(0.5)  # in place: engine rebuilt
@@ -82,7 +83,7 @@ def test_a_packed_model_is_not_copied_again():
 def test_packing_under_inference_mode_leaves_a_trainable_model():
     model = frozen_copy(small_model())
     with torch.inference_mode():
-        engine_for(model)
+        prepare_for_decoding(model)
     model.requires_grad_(True).train()
     out = model(inputs=torch.tensor([[1, 2, 3]]), decoding_strategy="train_greedy")
     out.logits.sum().backward()
@@ -97,6 +98,13 @@ def test_parameters_decoding_does_not_read_are_packed_last():
     assert len(listed) == len(list(model.parameters()))
     assert pack_for_decoding(model)
     assert len(arena_storage(model)) == 1
+
+
+def test_building_an_engine_never_moves_the_model():
+    model = frozen_copy(small_model())
+    where = [p.data_ptr() for p in model.parameters()]
+    engine_for(model)  # a lookup: packing is prepare_for_decoding's job
+    assert [p.data_ptr() for p in model.parameters()] == where
 
 
 def test_trainable_or_unsupported_models_stay_where_they_are(monkeypatch):

@@ -1,1 +1,18 @@
-"""Shared code for the GPT-2 scripts: tokenizer, checkpoints, data, decoding."""
+"""Shared code of the entry scripts, grouped by job.
+
+At the root, what every package uses: errors (one-line user errors),
+atomic (atomic writes, one writer per output), memory (estimates and
+refusals), device (--device), processor (GPT-2's BPE, with gpt2_vocab/),
+config_modules (loading configs/*.py), model (building texar's GPT2Decoder
+from its sizes), and flags (the entry scripts' shared flags; no package
+imports it).
+
+The packages, each importing only the root and the packages listed before
+it:
+  checkpoints/  every weights format in and out, and which weights a run uses
+  data/         text in, prepared records out
+  decoding/     the engine and the ways of choosing tokens
+  samples/      prompts in, samples out (uses decoding)
+  training/     the fine-tuning loop and what it keeps (uses all of the above)
+tests/test_import_graph.py keeps it so.
+"""

@@ -30,7 +30,7 @@ LOCK_NAME = ".lock"
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -92,7 +92,7 @@ def _create_temp(path: str):
                                     suffix=".tmp", dir=directory)
     try:
         # mkstemp makes the file private (0600); give it the usual mode instead.
-        os.fchmod(fd, 0o666 & ~_current_umask())
+        os.fchmod(fd, 0o666 & ~current_umask())
     except BaseException:
         os.close(fd)
         os.remove(tmp_path)
@@ -192,7 +192,7 @@ class OutputDirLock:
 
     def acquire(self) -> None:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_current_umask())
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

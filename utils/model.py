@@ -30,7 +30,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from utils.flags import load_config_module
+from utils.config_modules import load_config_module
 from utils.errors import UserError
 
 SIZE_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")

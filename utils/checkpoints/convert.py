@@ -1,0 +1,270 @@
+"""convert_checkpoint.py's work: one GPT-2 from one format into another.
+
+Sources, told apart by their files (`open_source`):
+- "ckpt": a `.ckpt` file gpt2_train_main.py wrote (read with weights_only=True);
+- "openai": OpenAI's model directory (hparams.json, model.ckpt.*);
+- "hf": a Hugging Face GPT-2 directory (config.json, model.safetensors...), or
+  `hf:NAME` fetched from the Hub (utils/checkpoints/hf_hub.py).
+Every source is read as a stream of Hugging Face GPT2LMHeadModel (name,
+tensor) pairs, each checked (`_checked`) against the model's sizes before a
+writer sees it: names, shapes, nothing twice, nothing missing.
+
+Destinations (`write_destination`):
+- "hf": `utils.checkpoints.hf_dir.write_hf_dir`, model.safetensors written tensor by tensor;
+- "openai": OpenAI's seven files, the checkpoint written tensor by tensor by
+  `utils.checkpoints.tf_writer`;
+- "ckpt": our own format, weights only (`--checkpoint` loads it).
+
+Memory: an OpenAI or safetensors source converted to "hf" or "openai" holds
+one tensor at a time; a `.ckpt` or `pytorch_model.bin` source is loaded
+whole (torch.load has no other way), and a "ckpt" destination is one state
+dict, so those hold one copy of the model, never two.
+
+Writing: a directory is built in a staging directory beside DST, and only
+once complete moved into place: renamed to DST when DST did not exist, else
+its files moved in one by one (config.json or `checkpoint`, which make the
+directory a model for readers, last). So a failure part-way (a bad tensor
+found late, a full disk) leaves DST as it was. DST must be new or empty;
+with force, the files this conversion writes replace those of the same name
+and every other file is left as it was, but a DST holding a model of the
+other format is still refused (the two would be ambiguous). A "ckpt" DST is
+one file, written atomically.
+"""
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from utils.atomic import current_umask, atomic_write
+from utils.errors import UserError
+from utils.checkpoints.hf_names import (hf_name_of_openai, hf_tensor_shapes, openai_of_hf_tensors,
+                             texar_of_hf_tensor, texar_to_hf_tensors, tie_output_layer)
+from utils.model import check_sizes, hparams_from_sizes
+from utils.processor import ENCODER_FILE, MERGES_FILE, SHIPPED_VOCAB_FILES, get_encoder, \
+    vocab_files
+from utils.checkpoints.hf_hub import fetch_hub_model
+from utils.checkpoints.hf_hub import is_hub_name
+from utils.checkpoints.hf_dir import detect_format
+from utils.model import model_size
+from utils.checkpoints.weights import checkpoint_with_memory
+from utils.checkpoints.weights import hparams_from_checkpoint
+from utils.checkpoints.weights import load_checkpoint
+from utils.checkpoints.openai_weights import read_openai_hparams
+from utils.checkpoints.openai_weights import is_ignorable_tf_variable
+from utils.checkpoints.tf_reader import TFCheckpointReader
+from utils.checkpoints.tf_reader import resolve_checkpoint_prefix
+from utils.checkpoints.hf_dir import iter_hf_tensors
+from utils.checkpoints.hf_dir import read_hf_config
+from utils.checkpoints.hf_dir import write_hf_dir
+from utils.checkpoints.tf_writer import write_tf_checkpoint_dir
+from utils.checkpoints.weights import CHECKPOINT_FORMAT
+from utils.checkpoints.weights import checkpoint_model_fields
+from utils.checkpoints.weights import save_checkpoint
+
+FORMATS = ("hf", "openai", "ckpt")
+HfTensors = Iterator[Tuple[str, torch.Tensor]]
+# Old transformers releases saved attention masks beside the weights: not weights.
+_HF_EXTRAS = (".attn.bias", ".attn.masked_bias")
+# The file that makes a directory a model of each format, written last.
+_MARKER = {"hf": "config.json", "openai": "checkpoint"}
+# Files that make a directory a model of a format, for detect_format.
+_MODEL_FILES = {"hf": ("config.json",), "openai": ("checkpoint", "model.ckpt.index")}
+_OPENAI_FILES = ("model.ckpt.data-00000-of-00001", "model.ckpt.index", "model.ckpt.meta",
+                 "hparams.json", ENCODER_FILE, MERGES_FILE, "checkpoint")
+
+
+@dataclass
+class Source:
+    kind: str                       # "ckpt", "openai" or "hf"
+    path: str
+    sizes: Dict[str, int]
+    vocab_dir: Optional[str]        # holds the tokenizer's two files; None: GPT-2's, shipped
+    tensors: Callable[[], HfTensors]  # the weights as Hugging Face (name, tensor), lazily
+
+    def describe(self) -> str:
+        s = self.sizes
+        return (f"{self.path} ({self.kind}: n_layer={s['n_layer']}, n_embd={s['n_embd']}, "
+                f"n_head={s['n_head']}, n_ctx={s['n_ctx']}, n_vocab={s['n_vocab']})")
+
+
+# ---------------------------------------------------------------------------
+# Sources
+
+def open_source(src: str, vocab_dir: Optional[str] = None) -> Source:
+    """The model at `src`, its format told by its files. `vocab_dir` is the
+    vocabulary of a `.ckpt` source (which holds none)."""
+    if is_hub_name(src):
+        return _hf_source(fetch_hub_model(src, weights=True))
+    if os.path.isfile(src):
+        return _ckpt_source(src, vocab_dir)
+    if not os.path.exists(src):
+        raise UserError(f"SRC {src} does not exist: give a .ckpt file, an OpenAI model "
+                        f"directory or a Hugging Face one")
+    kind = detect_format(src)
+    return _hf_source(src) if kind == "hf" else _openai_source(src)
+
+
+def _ckpt_source(path: str, vocab_dir: Optional[str]) -> Source:
+    state = load_checkpoint(path)
+    sizes = model_size(hparams_from_checkpoint(state, path), path)
+    if checkpoint_with_memory(state, path):
+        raise UserError(f"{path} keeps cross-attention (memory mode), which GPT-2's "
+                        f"OpenAI and Hugging Face formats cannot hold: it can only "
+                        f"be used as it is")
+    model_state = state.pop("model")
+    del state  # the optimizer state, if any, is not converted
+    if vocab_dir is not None:
+        vocab_files(vocab_dir)  # a half vocabulary fails now, not after the weights
+    return Source("ckpt", path, sizes, vocab_dir,
+                  lambda: texar_to_hf_tensors(model_state, sizes["n_layer"]))
+
+
+def _openai_source(model_dir: str) -> Source:
+    sizes = check_sizes(read_openai_hparams(model_dir), os.path.join(model_dir, "hparams.json"))
+    return Source("openai", model_dir, sizes, model_dir,
+                  lambda: _openai_tensors(model_dir))
+
+
+def _openai_tensors(model_dir: str) -> HfTensors:
+    with TFCheckpointReader(resolve_checkpoint_prefix(model_dir)) as reader:
+        for tf_name in reader.variables():
+            if is_ignorable_tf_variable(tf_name):
+                continue
+            tensor = torch.from_numpy(np.ascontiguousarray(reader.read(tf_name)))
+            if tf_name.endswith("/w") and tensor.dim() == 3 and tensor.shape[0] == 1:
+                tensor = tensor[0]  # Conv1D [1, in, out] -> transformers' [in, out]
+            yield hf_name_of_openai(tf_name), tensor
+
+
+def _hf_source(model_dir: str) -> Source:
+    sizes = read_hf_config(model_dir)
+    return Source("hf", model_dir, sizes, model_dir,
+                  lambda: iter_hf_tensors(model_dir, sizes))
+
+
+def _checked(source: Source) -> HfTensors:
+    """The source's weights, float32, each checked before it is handed on;
+    the tied lm_head and old attention masks left out. Progress on stderr."""
+    expected = hf_tensor_shapes(source.sizes)
+    seen = set()
+    for name, tensor in tqdm(source.tensors(), total=len(expected), desc="convert",
+                             unit="tensor", leave=False, disable=None):
+        if name == "lm_head.weight" or name.endswith(_HF_EXTRAS):
+            continue
+        if name not in expected:
+            raise UserError(f"{source.path} holds tensor {name}, which a GPT-2 of its "
+                            f"sizes does not have: it is not a GPT-2 of those sizes")
+        if tuple(tensor.shape) != expected[name]:
+            raise UserError(f"{source.path}: {name} has shape {list(tensor.shape)} but the "
+                            f"model's sizes need {list(expected[name])}: the weights "
+                            f"do not match the sizes")
+        if name in seen:
+            raise UserError(f"{source.path} holds tensor {name} twice")
+        seen.add(name)
+        yield name, tensor.to(torch.float32)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise UserError(f"{source.path} lacks {len(missing)} weight(s) of its model, "
+                        f"e.g. {missing[0]}: it is incomplete")
+
+
+# ---------------------------------------------------------------------------
+# Destinations
+
+def check_destination(dst: str, fmt: str, force: bool, src: str) -> None:
+    """Refuse, before anything is read, a DST that cannot or may not be written."""
+    if os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst):
+        raise UserError(f"DST {dst} is SRC itself: write the conversion elsewhere")
+    if fmt == "ckpt":
+        if os.path.isdir(dst):
+            raise UserError(f"DST {dst} is a directory: --format ckpt writes one file, "
+                            f"e.g. {os.path.join(dst, 'model.ckpt')}")
+        if os.path.exists(dst) and not force:
+            raise UserError(f"DST {dst} exists: pass --force to replace it, or choose "
+                            f"another path")
+        return
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise UserError(f"DST {dst} is a file: --format {fmt} writes a directory")
+    held = sorted(os.listdir(dst)) if os.path.isdir(dst) else []
+    if held and not force:
+        listing = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise UserError(f"DST {dst} is not empty (it holds {listing}): pass --force to "
+                        f"replace the files this conversion writes, or choose a new "
+                        f"directory")
+    other = "openai" if fmt == "hf" else "hf"
+    clash = [n for n in held if n in _MODEL_FILES[other]]
+    if clash:
+        raise UserError(f"DST {dst} holds a model in {other} format ({', '.join(clash)}): "
+                        f"writing {fmt} beside it would make it ambiguous; choose "
+                        f"another directory")
+
+
+def write_destination(source: Source, dst: str, fmt: str) -> List[str]:
+    """Write `source` into `dst` as `fmt`; the paths written, in order."""
+    if fmt == "ckpt":
+        _write_ckpt(source, dst)
+        return [dst]
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.",
+                             suffix=".converting", dir=parent)
+    os.chmod(stage, 0o777 & ~current_umask())  # mkdtemp's 0700 would be kept by the rename
+    try:
+        names = (_write_hf(source, stage) if fmt == "hf" else _write_openai(source, stage))
+        _publish(stage, dst, names, _MARKER[fmt])
+    finally:
+        if os.path.isdir(stage):
+            shutil.rmtree(stage)
+    return [os.path.join(dst, n) for n in names]
+
+
+def _publish(stage: str, dst: str, names: List[str], marker: str) -> None:
+    """Move the complete staged model into dst (see the module docstring)."""
+    if not os.path.exists(dst):
+        os.rename(stage, dst)
+        return
+    for name in sorted(names, key=lambda n: n == marker):  # the marker last
+        os.replace(os.path.join(stage, name), os.path.join(dst, name))
+
+
+def _write_hf(source: Source, directory: str) -> List[str]:
+    return write_hf_dir(directory, _checked(source), source.sizes, source.vocab_dir)
+
+
+def _write_openai(source: Source, directory: str) -> List[str]:
+    encoder_file, merges_file = _vocab_files(source)
+    write_tf_checkpoint_dir(directory, openai_of_hf_tensors(_checked(source)))
+    with atomic_write(os.path.join(directory, "hparams.json"), "w", encoding="utf-8") as f:
+        json.dump({k: source.sizes[k] for k in ("n_vocab", "n_ctx", "n_embd", "n_head",
+                                                "n_layer")}, f, indent=2)
+    for path, name in ((encoder_file, ENCODER_FILE), (merges_file, MERGES_FILE)):
+        with open(path, "rb") as src, atomic_write(os.path.join(directory, name)) as out:
+            shutil.copyfileobj(src, out)
+    return list(_OPENAI_FILES)
+
+
+def _vocab_files(source: Source) -> Tuple[str, str]:
+    """The tokenizer's two files, checked to fit the model's embedding."""
+    files = (vocab_files(source.vocab_dir) if source.vocab_dir else None) or SHIPPED_VOCAB_FILES
+    tokens = len(get_encoder(os.path.dirname(files[0])))
+    if tokens > source.sizes["n_vocab"]:
+        raise UserError(f"the vocabulary {files[0]} has {tokens} tokens but the model "
+                        f"only {source.sizes['n_vocab']}")
+    return files
+
+
+def _write_ckpt(source: Source, path: str) -> None:
+    n_layer = source.sizes["n_layer"]
+    state: Dict[str, torch.Tensor] = {}
+    for name, tensor in _checked(source):
+        state.update(texar_of_hf_tensor(name, tensor, n_layer))
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    save_checkpoint(path, {"model": tie_output_layer(state), "format": CHECKPOINT_FORMAT,
+                           **checkpoint_model_fields(hparams_from_sizes(source.sizes))})

@@ -1,0 +1,12 @@
+"""The fine-tuning loop of gpt2_train_main.py and everything it keeps.
+
+Owns: the trainer (trainer), the training config and its checks (config),
+the language-model loss, evaluation and learning-rate schedule (lm), the
+optimizer (optimizer), divergence detection (divergence), RNG states for
+exact resume (rng_state), the metrics log (metrics_log), memory options
+(memory_options), the output directory's rules (output_dir), the prepared
+splits a run reads (train_data), and distributed launch with its shard
+sampler (distributed).
+May import: the root modules and every other package (checkpoints, data,
+decoding, samples); nothing imports it but gpt2_train_main.py.
+"""
