@@ -21,7 +21,7 @@ import torch
 from utils.device import add_device_arg, resolve_device
 from utils.errors import UserError, run_main
 from utils.decoding.limits import GENERATION_MEMORY_FIX, MAX_SEED
-from utils.decoding.limits import check_context_room
+from utils.decoding.limits import check_context_room, check_penalty_and_stops
 from utils.decoding.settings import SamplingSettings
 from utils.flags import add_sampling_args, add_weight_args, check_batching, weight_flags
 from utils.samples.output import check_output_path
@@ -30,7 +30,7 @@ from utils.processor import EOS_ID
 from utils.decoding.generation import generate
 from utils.decoding.limits import out_of_memory_as_user_error
 from utils.samples.interactive import StreamPrinter
-from utils.samples.output import banner
+from utils.samples.output import banner, closing_rule
 from utils.data.pairs import source_context
 from utils.samples.interactive import NotUTF8
 from utils.samples.interactive import read_prompt
@@ -45,7 +45,6 @@ from utils.samples.prompts import Prompt
 from utils.samples.prompts import encode_prompts
 from utils.samples.prompts import write_samples
 
-BANNER_WIDTH = 40
 DTYPES = ("float32", "bfloat16", "float16", "int8")
 # --compile auto: sessions decoding at least this many tokens (samples x
 # --max_decoding_length) repay compiling from the cache (~3 s at ~6 ms saved
@@ -118,7 +117,6 @@ def parse_args(argv=None):
 
 def check_args(args) -> SamplingSettings:
     """Reject flag values that cannot work, before a model is loaded."""
-    import math
     prompted = bool(args.prompt) or args.prompt_file is not None
     if args.is_interactive and (prompted or args.output_file or args.stop_text):
         raise UserError("--prompt, --prompt_file, --output_file and --stop_text do "
@@ -128,14 +126,8 @@ def check_args(args) -> SamplingSettings:
     else:
         check_batching(args.nsamples, 1)
         check_batching(args.batch_size, 1)
-    if not math.isfinite(args.repetition_penalty) or args.repetition_penalty <= 0:
-        raise UserError(f"--repetition_penalty must be > 0 (got "
-                        f"{args.repetition_penalty}): 1 is off, 1.2 is common")
-    if args.decoding_strategy == "beam" and (args.stop_text or
-                                             args.repetition_penalty != 1):
-        raise UserError("--stop_text and --repetition_penalty work with sampling and "
-                        "greedy decoding, not beam search: drop them or choose "
-                        "another --decoding_strategy")
+    check_penalty_and_stops(args.decoding_strategy, args.repetition_penalty,
+                            bool(args.stop_text))
     check_stop_texts(args.stop_text)
     check_output_path(args.output_file)
     if args.conditional and not (args.is_interactive or prompted):
@@ -189,7 +181,7 @@ class SampleWriter:
                 count += 1
                 print_banner(count)
                 print(self.encoder.decode(ids))
-        print("=" * (2 * BANNER_WIDTH))
+        print(closing_rule())
         sys.stdout.flush()
 
 
@@ -254,8 +246,8 @@ def main(argv=None) -> int:
     prompted = args.is_interactive or args.prompt or args.prompt_file is not None
     longest = settings.max_decoding_length - 1 if prompted else 1
     # Before the weights are read or downloaded.
-    settings.check(resolved.sizes["n_ctx"], longest, sizes=resolved.sizes,
-                   device=device, model=resolved.describe())
+    settings.check_lengths(resolved.sizes["n_ctx"], longest)
+    settings.check_memory(resolved.sizes, longest, device, model=resolved.describe())
     loaded = load_weights(resolved)
     encoder = get_encoder(loaded.vocab_dir)
     with out_of_memory_as_user_error(f"moving the model to {device}",

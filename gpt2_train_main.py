@@ -29,6 +29,7 @@ first use). Runs on --device (default: CUDA when present, CPU otherwise);
 import argparse
 import os
 import sys
+from typing import NamedTuple
 
 import torch
 
@@ -38,7 +39,7 @@ from utils.flags import add_sampling_args, add_weight_args, weight_flags
 from utils.device import add_device_arg, resolve_device
 from utils.errors import UserError, run_main
 from utils.training import distributed as dist_utils
-from utils.checkpoints.weights import load_weights as build_and_fill
+from utils.checkpoints.weights import load_weights
 from utils.checkpoints.weights import resolve_model
 from utils.training.output_dir import check_output_dir
 from utils.training.output_dir import output_dir_claimed
@@ -48,7 +49,7 @@ from utils.training.lm import evaluate
 from utils.model import count_parameters
 from utils.model import model_size
 from utils.training.output_dir import check_earlier_run
-from utils.samples.test_split import check_test_lengths
+from utils.samples.test_split import test_settings
 from utils.training.config import check_precision
 from utils.training.train_data import check_splits_fit_model
 from utils.training.output_dir import remove_earlier_run
@@ -115,18 +116,23 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def check_args(args) -> None:
+class Choices(NamedTuple):
+    """What check_args makes of the flags."""
+    sampling: SamplingSettings  # for --do_test; the config fills in the gaps
+    device_choice: dict         # init_distributed's device arguments
+
+
+def check_args(args) -> Choices:
     """Reject flag values that cannot work before anything is loaded."""
     if not (args.do_train or args.do_eval or args.do_test):
         raise UserError("nothing to do: pass --do_train, --do_eval and/or --do_test")
-    # Checked once; the test writer fills in --config_train's defaults.
-    args.sampling = SamplingSettings.from_flags(args)
+    sampling = SamplingSettings.from_flags(args)
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise UserError(f"--stop_after_steps must be at least 1 "
                         f"(got {args.stop_after_steps})")
     if args.overwrite_output_dir and not args.do_train:
         raise UserError("--overwrite_output_dir only applies to --do_train: drop it")
-    args.device_choice = device_choice(args.device, args.distributed)
+    return Choices(sampling, device_choice(args.device, args.distributed))
 
 
 def device_choice(name: str, distributed: bool):
@@ -147,7 +153,7 @@ def device_choice(name: str, distributed: bool):
 
 
 
-def load_weights(args, cfg, ctx):
+def load_run_weights(args, cfg, ctx):
     """(LoadedModel, training state to resume or None), following the flags.
 
     A --checkpoint is read once: its weights and its training state."""
@@ -165,7 +171,7 @@ def load_weights(args, cfg, ctx):
                         "gpt2_train_main.py feeds no memory, so it would train "
                         "without it: train memory-mode models from Python (README, "
                         "Other Use Cases)")
-    loaded = build_and_fill(resolved)
+    loaded = load_weights(resolved)
     if ctx.is_main:
         dist_utils.barrier(ctx)
     return loaded, resume
@@ -173,7 +179,7 @@ def load_weights(args, cfg, ctx):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    check_args(args)
+    choices = check_args(args)
 
     cfg = load_train_config(args.config_train)
     splits = open_splits(args, cfg)
@@ -182,28 +188,27 @@ def main(argv=None) -> int:
         check_output_dir(args)
     ctx = dist_utils.init_distributed(args.distributed, master_addr=args.master_addr,
                                       master_port=args.master_port,
-                                      **args.device_choice)
+                                      **choices.device_choice)
     try:
         # Rank 0 alone writes, so it alone holds the directory's lock.
         with output_dir_claimed(args, enabled=writes_outputs and ctx.is_main):
-            return run(args, cfg, splits, ctx)
+            return run(args, cfg, splits, ctx, choices.sampling)
     finally:
         dist_utils.shutdown(ctx)
 
 
-def run(args, cfg, splits, ctx) -> int:
-
+def run(args, cfg, splits, ctx, sampling: SamplingSettings) -> int:
     check_precision(cfg.precision, ctx.device)
-    loaded, resume = load_weights(args, cfg, ctx)
+    loaded, resume = load_run_weights(args, cfg, ctx)
     if args.do_train and args.checkpoint and resume is None and ctx.is_main:
         check_earlier_run(args, continues_in_place=False)  # weights only: step 0
     sizes = model_size(loaded.hparams)
     check_splits_fit_model(splits, sizes["n_ctx"], sizes["n_vocab"])
     if args.do_test:
-        check_test_lengths(splits["test"], args, cfg, sizes["n_ctx"])
+        sampling = test_settings(splits["test"], sampling, cfg, sizes["n_ctx"])
     model = loaded.model.to(ctx.device)
     ctx.print(f"Model: {loaded.source}, {count_parameters(model):,} parameters, "
-        f"on {ctx.device}.", file=sys.stderr)
+              f"on {ctx.device}.", file=sys.stderr)
 
     trainer = None
     if args.do_train:
@@ -220,7 +225,7 @@ def run(args, cfg, splits, ctx) -> int:
     written = trainer.outputs() if trainer is not None else []
     if args.do_test:
         written += run_test(args, cfg, splits["test"], ctx, model, loaded.vocab_dir,
-                        sizes["n_ctx"])
+                            sampling)
     if written:
         ctx.print(f"Outputs in {args.output_dir}/:")
         for name, what in written:
@@ -232,12 +237,11 @@ def run(args, cfg, splits, ctx) -> int:
 
 def run_training(args, cfg, splits, ctx, model, model_hparams, resume):
     """--do_train: the Trainer, once it has trained."""
-
     if args.overwrite_output_dir and ctx.is_main:
         removed = remove_earlier_run(args.output_dir)
         if removed:
             ctx.print(f"note: --overwrite_output_dir: deleted the earlier run's "
-                f"{', '.join(removed)} in {args.output_dir}", file=sys.stderr)
+                     f"{', '.join(removed)} in {args.output_dir}", file=sys.stderr)
     trainer = Trainer(model, model_hparams, cfg, ctx, splits["train"], splits["dev"],
                       args.output_dir, resume=resume,
                       stop_after_steps=args.stop_after_steps, progress=not args.quiet)
@@ -245,14 +249,13 @@ def run_training(args, cfg, splits, ctx, model, model_hparams, resume):
     return trainer
 
 
-def run_test(args, cfg, split, ctx, model, vocab_dir, n_ctx: int):
+def run_test(args, cfg, split, ctx, model, vocab_dir, settings: SamplingSettings):
     """--do_test on rank 0 (the others wait); the file it wrote, described."""
-
     written = []
     if ctx.is_main:
         path = os.path.join(args.output_dir, TEST_SAMPLES)
-        count = write_test_samples(model, split, get_encoder(vocab_dir), args, cfg,
-                                   ctx.device, n_ctx, path, progress=not args.quiet)
+        count = write_test_samples(model, split, get_encoder(vocab_dir), settings, cfg,
+                                   ctx.device, path, progress=not args.quiet)
         layout = ("source<TAB>generated target[<TAB>reference]" if split.conditional
                   else "context<TAB>continuation")
         written.append((TEST_SAMPLES, f"{count} test lines: {layout}"))

@@ -19,9 +19,9 @@ import pytest
 from model_server import Server
 from test_model_files import BIG, CORRUPT, INDEX, PORTAL, flip_byte, make_files
 from utils.checkpoints import download
-from utils.checkpoints.download import download_model, ensure_model
+from utils.checkpoints.download import download_model
 from utils.errors import UserError
-from utils.checkpoints.openai_files import MODEL_FILES, missing_files
+from utils.checkpoints.openai_files import MODEL_FILES, file_problems
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +66,7 @@ def assert_complete(model_dir, files):
         with open(os.path.join(model_dir, name), "rb") as f:
             assert f.read() == data, name
         assert not os.path.exists(os.path.join(model_dir, name + ".partial"))
-    assert missing_files(model_dir) == []
+    assert file_problems(model_dir) == {}
 
 
 def test_model_file_url():
@@ -215,7 +215,7 @@ def test_complete_files_are_not_downloaded_again(server, files, tmp_path):
     assert fetch(server, tmp_path) == model_dir
     assert [p for p, _ in server.requests] == ["/124M/hparams.json"]
     server.requests.clear()
-    assert ensure_model(model_dir) == model_dir
+    assert file_problems(model_dir) == {}
     assert server.requests == []
 
 
@@ -459,7 +459,7 @@ def test_bad_files_already_on_disk_are_fetched_again(server, files, tmp_path, ca
             f.write(data)
     # The cut weights cannot be judged against a corrupt index; once the index
     # is fetched again, they are.
-    assert sorted(missing_files(model_dir)) == sorted(set(bad) - {BIG})
+    assert sorted(file_problems(model_dir)) == sorted(set(bad) - {BIG})
     server.requests.clear()
     assert fetch(server, tmp_path) == model_dir
     assert_complete(model_dir, files)
@@ -469,7 +469,7 @@ def test_bad_files_already_on_disk_are_fetched_again(server, files, tmp_path, ca
     assert f"{BIG} is 1615288 bytes but {INDEX} says 1616288" in err
     # All good now: nothing is fetched again.
     server.requests.clear()
-    assert ensure_model(model_dir) == model_dir and fetch(server, tmp_path) == model_dir
+    assert file_problems(model_dir) == {} and fetch(server, tmp_path) == model_dir
     assert server.requests == []
 
 
@@ -485,21 +485,6 @@ def test_weights_checked_against_the_index_fetched_in_the_same_run(server, files
     assert_complete(model_dir, files)
     assert [p for p, _ in server.requests] == [f"/124M/{INDEX}", f"/124M/{BIG}"]
 
-
-def test_ensure_model_names_a_bad_file_in_a_custom_directory(server, files, tmp_path):
-    model_dir = tmp_path / "mine"
-    model_dir.mkdir()
-    for name, data in files.items():
-        (model_dir / name).write_bytes(data)
-    (model_dir / "checkpoint").write_bytes(b"garbage\n")
-    with pytest.raises(UserError) as err:
-        ensure_model(str(model_dir))
-    one_line_error(err, str(model_dir), "checkpoint has no model_checkpoint_path",
-                   "download_model.sh")
-    assert server.requests == []
-
-
-# --- a slow mirror is bounded by a total timeout per file ---------------------
 
 def test_total_timeout_stops_a_trickling_server_and_keeps_the_partial(server, tmp_path):
     server.trickle.add(f"/124M/{BIG}")

@@ -15,8 +15,7 @@ import gpt2_train_main
 from utils.device import resolve_device
 from utils.errors import UserError
 from utils.training.lm import lm_nll
-from utils.training.memory_options import (apply_memory_options, enable_gradient_checkpointing,
-                                  gradient_checkpointing_enabled)
+from utils.training.memory_options import (apply_memory_options, enable_gradient_checkpointing)
 from utils.model import build_model, gpt2_hparams
 from tests.test_train import (REPO_ROOT, SUBPROCESS_ENV, data_dir, load_ckpt,  # noqa: F401
                               model_config, one_thread, read_metrics, train, train_config)
@@ -24,6 +23,11 @@ from tests.test_train import (REPO_ROOT, SUBPROCESS_ENV, data_dir, load_ckpt,  #
 ADAFACTOR = {"optimizer": {"type": "Adafactor", "kwargs": {"lr": 1e-2}},
              "gradient_clip": {"type": "clip_grad_norm_", "kwargs": {"max_norm": 1.0}}}
 EMBEDDINGS = ("word_embedder._embedding", "position_embedder._embedding")
+
+
+def gradient_checkpointing_enabled(model) -> bool:
+    """Whether utils/training/memory_options.py replaced the decoder's layer stack."""
+    return "_self_attention_stack" in vars(model.decoder)
 
 
 def tiny_model(dropout=0.1, n_vocab=50257):

@@ -21,7 +21,7 @@ from utils.data.records import PreparedSplit, record_dtype
 from utils.errors import UserError
 from utils.model import build_model, gpt2_hparams
 from utils.processor import EOS_ID
-from utils.samples.test_split import tsv_field, write_test_samples
+from utils.samples.test_split import test_settings, tsv_field, write_test_samples
 from utils.training.config import load_train_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -441,12 +441,13 @@ def test_continuation_stops_at_end_of_text(tmp_path, data_dir):
         model.word_embedder._embedding[EOS_ID] = 1.0
         model.decoder.final_layer_norm.bias.fill_(1.0)
     args = gpt2_train_main.parse_args(["--do_test", "--decoding_strategy", "greedy"])
-    gpt2_train_main.check_args(args)
+    flags = gpt2_train_main.check_args(args).sampling
     cfg = load_train_config(train_config(tmp_path, data_dir))
     split = PreparedSplit(str(data_dir / "test.npy"))
     from utils.processor import get_encoder
     path = tmp_path / "t.tsv"
-    write_test_samples(model, split, get_encoder(), args, cfg, torch.device("cpu"), 32,
+    settings = test_settings(split, flags, cfg, 32)
+    write_test_samples(model, split, get_encoder(), settings, cfg, torch.device("cpu"),
                        str(path), False)
     assert all(line.endswith("\t") for line in path.read_text().split("\n")[:-1])
 

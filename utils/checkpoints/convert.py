@@ -51,6 +51,8 @@ from utils.processor import ENCODER_FILE, MERGES_FILE, SHIPPED_VOCAB_FILES, get_
 from utils.checkpoints.hf_hub import fetch_hub_model
 from utils.checkpoints.hf_hub import is_hub_name
 from utils.checkpoints.hf_dir import detect_format
+from utils.checkpoints.openai_files import HPARAMS_FILE, INDEX_FILE, MODEL_FILES
+from utils.checkpoints.tf_reader import STATE_FILE
 from utils.model import model_size
 from utils.checkpoints.weights import checkpoint_with_memory
 from utils.checkpoints.weights import hparams_from_checkpoint
@@ -72,11 +74,11 @@ HfTensors = Iterator[Tuple[str, torch.Tensor]]
 # Old transformers releases saved attention masks beside the weights: not weights.
 _HF_EXTRAS = (".attn.bias", ".attn.masked_bias")
 # The file that makes a directory a model of each format, written last.
-_MARKER = {"hf": "config.json", "openai": "checkpoint"}
+_MARKER = {"hf": "config.json", "openai": STATE_FILE}
 # Files that make a directory a model of a format, for detect_format.
-_MODEL_FILES = {"hf": ("config.json",), "openai": ("checkpoint", "model.ckpt.index")}
-_OPENAI_FILES = ("model.ckpt.data-00000-of-00001", "model.ckpt.index", "model.ckpt.meta",
-                 "hparams.json", ENCODER_FILE, MERGES_FILE, "checkpoint")
+_MODEL_FILES = {"hf": ("config.json",), "openai": (STATE_FILE, INDEX_FILE)}
+# OpenAI's files, the state file (the format's marker) last.
+_OPENAI_FILES = tuple(sorted(MODEL_FILES, key=lambda name: name == STATE_FILE))
 
 
 @dataclass
@@ -126,7 +128,7 @@ def _ckpt_source(path: str, vocab_dir: Optional[str]) -> Source:
 
 
 def _openai_source(model_dir: str) -> Source:
-    sizes = check_sizes(read_openai_hparams(model_dir), os.path.join(model_dir, "hparams.json"))
+    sizes = check_sizes(read_openai_hparams(model_dir), os.path.join(model_dir, HPARAMS_FILE))
     return Source("openai", model_dir, sizes, model_dir,
                   lambda: _openai_tensors(model_dir))
 
@@ -240,7 +242,7 @@ def _write_hf(source: Source, directory: str) -> List[str]:
 def _write_openai(source: Source, directory: str) -> List[str]:
     encoder_file, merges_file = _vocab_files(source)
     write_tf_checkpoint_dir(directory, openai_of_hf_tensors(_checked(source)))
-    with atomic_write(os.path.join(directory, "hparams.json"), "w", encoding="utf-8") as f:
+    with atomic_write(os.path.join(directory, HPARAMS_FILE), "w", encoding="utf-8") as f:
         json.dump({k: source.sizes[k] for k in ("n_vocab", "n_ctx", "n_embd", "n_head",
                                                 "n_layer")}, f, indent=2)
     for path, name in ((encoder_file, ENCODER_FILE), (merges_file, MERGES_FILE)):

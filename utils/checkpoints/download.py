@@ -54,7 +54,7 @@ from utils.errors import UserError, run_main
 from utils.checkpoints.openai_files import (DEFAULT_MODEL, DEFAULT_MODEL_DIR_PATTERN, MODEL_FILES,
                                REMOTE_NAMES, canonical_model_name, check_model_file,
                                checking_order, default_model_dir, file_problems,
-                               looks_like_html, model_name_of_dir)
+                               looks_like_html)
 
 OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 BASE_URL_ENV = "GPT2_DOWNLOAD_BASE_URL"  # overrides OPENAI_BASE_URL (mirrors, tests)
@@ -227,41 +227,6 @@ def _directory_lock(model_dir: str):
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
-
-def ensure_model(name_or_dir: str = DEFAULT_MODEL, **kwargs) -> str:
-    """A model dir holding every file, each passing its check: download a named
-    model, or complete a dir.
-
-    A name ('117M', 'gpt2-medium', ...) goes to default_model_dir(name). A
-    directory is returned as is when complete; one named model_<NAME> (the
-    original example's layout) is completed by downloading; any other incomplete
-    directory is a UserError naming what is wrong.
-    """
-    try:
-        name = canonical_model_name(name_or_dir)
-    except UserError:
-        name = None
-    if name is not None and not os.path.isdir(name_or_dir):
-        return download_model(name, default_model_dir(name), **kwargs)
-    model_dir = name_or_dir
-    problems = file_problems(model_dir)
-    if not problems:
-        return model_dir
-    name = model_name_of_dir(model_dir)
-    if name is None:
-        if not os.path.isdir(model_dir):
-            what = "does not exist"
-        else:
-            what = "has problems: " + ", ".join(f"{f} {p}" for f, p in problems.items())
-        raise UserError(
-            f"GPT-2 model directory {model_dir} {what}: download a model with "
-            f"'sh download_model.sh 117M' (or 345M, 774M, 1558M), or give a directory "
-            f"holding {', '.join(MODEL_FILES)}")
-    return download_model(name, model_dir, **kwargs)
-
-
-# ---------------------------------------------------------------------------
-# One file
 
 def download_file(url: str, dest: str, *, session: Optional[requests.Session] = None,
                   retries: int = 5, timeout: float = 30, progress: bool = True,

@@ -34,6 +34,8 @@ import torch
 from utils.atomic import atomic_write
 from utils.errors import UserError
 from utils.checkpoints.hf_names import hf_tensor_shapes, hf_to_texar_state_dict
+from utils.checkpoints.openai_files import HPARAMS_FILE, INDEX_FILE
+from utils.checkpoints.tf_reader import STATE_FILE
 from utils.model import check_sizes
 from utils.processor import (EOS_TOKEN, SHIPPED_VOCAB_FILES, Encoder, get_encoder,
                              vocab_files)
@@ -44,7 +46,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
 TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 HF_VOCAB, HF_MERGES = "vocab.json", "merges.txt"
-_OPENAI_MARKERS = ("checkpoint", "model.ckpt.index", "hparams.json")
+_OPENAI_MARKERS = (STATE_FILE, INDEX_FILE, HPARAMS_FILE)
 _WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX)
 _UNSUPPORTED_WEIGHTS = ("tf_model.h5", "flax_model.msgpack", "rust_model.ot")
 

@@ -22,15 +22,21 @@ import os
 import re
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
+from utils.checkpoints.tf_reader import (DEFAULT_PREFIX, REDOWNLOAD, STATE_FILE,
+                                         TFCheckpointError, data_shard_sizes)
 from utils.errors import UserError
-from utils.checkpoints.tf_reader import REDOWNLOAD, TFCheckpointError, data_shard_sizes
+from utils.model import SIZE_KEYS
+from utils.processor import ENCODER_FILE, MERGES_FILE
 
-INDEX_FILE = "model.ckpt.index"
-DATA_FILE = "model.ckpt.data-00000-of-00001"
-MODEL_FILES = ("checkpoint", "encoder.json", "hparams.json",
-               DATA_FILE, INDEX_FILE, "model.ckpt.meta", "vocab.bpe")
+# OpenAI's seven files: TF's state file and checkpoint bundle, the sizes,
+# and the vocabulary (named in utils/processor.py).
+HPARAMS_FILE = "hparams.json"
+INDEX_FILE = DEFAULT_PREFIX + ".index"
+DATA_FILE = DEFAULT_PREFIX + ".data-00000-of-00001"
+META_FILE = DEFAULT_PREFIX + ".meta"
+MODEL_FILES = (STATE_FILE, ENCODER_FILE, HPARAMS_FILE,
+               DATA_FILE, INDEX_FILE, META_FILE, MERGES_FILE)
 DEFAULT_MODEL = "117M"
-HPARAMS_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
 
 # The original example's layout: <MODELS_DIR>/<MODEL_DIR_PREFIX><NAME>.
 MODELS_DIR = "gpt2_pretrained_models"
@@ -119,7 +125,7 @@ def _read_json_object(path: str) -> dict:
 
 
 def _check_hparams(path: str) -> None:
-    missing = [k for k in HPARAMS_KEYS if k not in _read_json_object(path)]
+    missing = [k for k in SIZE_KEYS if k not in _read_json_object(path)]
     if missing:
         raise ValueError(f"lacks {', '.join(missing)}")
 
@@ -176,10 +182,10 @@ def _check_data(path: str) -> None:
 
 
 _CHECKS: Dict[str, Callable[[str], None]] = {
-    "hparams.json": _check_hparams,
-    "encoder.json": _check_encoder,
-    "checkpoint": _check_checkpoint_state,
-    "vocab.bpe": _check_merges,
+    HPARAMS_FILE: _check_hparams,
+    ENCODER_FILE: _check_encoder,
+    STATE_FILE: _check_checkpoint_state,
+    MERGES_FILE: _check_merges,
     INDEX_FILE: _check_index,
     DATA_FILE: _check_data,
 }
@@ -225,9 +231,3 @@ def file_problems(model_dir: str, files: Sequence[str] = MODEL_FILES) -> Dict[st
         if problem:
             problems[name] = problem
     return problems
-
-
-def missing_files(model_dir: str, files: Sequence[str] = MODEL_FILES) -> List[str]:
-    """The files of `files` that `model_dir` lacks or that fail their check (an
-    empty file, an HTML page, a corrupt index... counts as missing)."""
-    return list(file_problems(model_dir, files))

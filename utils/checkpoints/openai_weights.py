@@ -16,6 +16,7 @@ from torch import nn
 
 from utils.errors import UserError
 from utils.model import is_memory_parameter
+from utils.checkpoints.openai_files import HPARAMS_FILE
 from utils.checkpoints.tf_reader import TFCheckpointReader
 from utils.checkpoints.tf_reader import resolve_checkpoint_prefix
 
@@ -167,7 +168,7 @@ def name_lists(labelled: tuple, limit: int = 8) -> List[str]:
 
 def read_openai_hparams(model_dir: str) -> Dict[str, Any]:
     """The dict in `model_dir/hparams.json`, with a clear error when unusable."""
-    path = os.path.join(model_dir, "hparams.json")
+    path = os.path.join(model_dir, HPARAMS_FILE)
     try:
         with open(path, encoding="utf-8") as f:
             hparams = json.load(f)

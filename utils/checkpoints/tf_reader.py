@@ -32,6 +32,9 @@ import numpy as np
 from utils.checkpoints.crc32c import crc32c
 from utils.errors import UserError
 
+STATE_FILE = "checkpoint"      # TF's file naming a folder's latest checkpoint prefix
+DEFAULT_PREFIX = "model.ckpt"  # the prefix TF's Saver (and OpenAI) used
+
 
 class TFCheckpointError(UserError):
     """A TensorFlow checkpoint that is missing, corrupt or in an unsupported form."""
@@ -467,7 +470,7 @@ _CKPT_PATH_LINE = re.compile(r'^\s*model_checkpoint_path\s*:\s*"((?:[^"\\]|\\.)*
 
 def _prefix_from_checkpoint_file(directory: str) -> str:
     """The prefix named by DIR/checkpoint (TF's CheckpointState text proto)."""
-    state_path = os.path.join(directory, "checkpoint")
+    state_path = os.path.join(directory, STATE_FILE)
     try:
         with open(state_path, encoding="utf-8") as f:
             match = _CKPT_PATH_LINE.search(f.read())
@@ -500,9 +503,9 @@ def resolve_checkpoint_prefix(path: str) -> str:
     if path.endswith(".index") and os.path.isfile(path):
         return path[:-len(".index")]
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "checkpoint")):
+        if os.path.isfile(os.path.join(path, STATE_FILE)):
             return _prefix_from_checkpoint_file(path)
-        default = os.path.join(path, "model.ckpt")
+        default = os.path.join(path, DEFAULT_PREFIX)
         if os.path.exists(default + ".index"):
             return default
         raise TFCheckpointError(f"no TensorFlow checkpoint in directory {path}: it has "

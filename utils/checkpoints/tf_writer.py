@@ -39,7 +39,8 @@ import torch
 
 from utils.atomic import atomic_write, new_temp_path
 from utils.checkpoints.crc32c import crc32c
-from utils.checkpoints.tf_reader import (BLOCK_TRAILER_SIZE, BUNDLE_VERSION, TF_DTYPES,
+from utils.checkpoints.tf_reader import (BLOCK_TRAILER_SIZE, BUNDLE_VERSION, DEFAULT_PREFIX,
+                                         STATE_FILE, TF_DTYPES,
                                  FOOTER_SIZE, TABLE_MAGIC, mask_crc, shard_path)
 
 # TensorFlow's DataType code and little-endian stored numpy dtype, by TF's name.
@@ -295,16 +296,16 @@ def write_tf_checkpoint(prefix: str, tensors: Iterable[TensorItem],
     return dict(sorted(written.items()))
 
 
-def write_checkpoint_state(directory: str, prefix_name: str = "model.ckpt") -> None:
+def write_checkpoint_state(directory: str, prefix_name: str = DEFAULT_PREFIX) -> None:
     """The `checkpoint` text file naming `prefix_name` (relative, as OpenAI's)."""
     quoted = prefix_name.replace("\\", "\\\\").replace('"', '\\"')
-    with atomic_write(os.path.join(directory, "checkpoint"), "w", encoding="utf-8") as f:
+    with atomic_write(os.path.join(directory, STATE_FILE), "w", encoding="utf-8") as f:
         f.write(f'model_checkpoint_path: "{quoted}"\n'
                 f'all_model_checkpoint_paths: "{quoted}"\n')
 
 
 def write_tf_checkpoint_dir(directory: str, tensors: Iterable[TensorItem],
-                            prefix_name: str = "model.ckpt", meta: bool = True) -> Written:
+                            prefix_name: str = DEFAULT_PREFIX, meta: bool = True) -> Written:
     """A checkpoint as OpenAI's model directories hold it: DIR/model.ckpt.{data,index}
     (+ .meta unless `meta` is False), and DIR/checkpoint, written last."""
     os.makedirs(directory, exist_ok=True)

@@ -51,6 +51,8 @@ from utils.checkpoints.hf_dir import read_hf_config
 from utils.checkpoints.download import download_model
 from utils.checkpoints.openai_files import DATA_FILE
 from utils.checkpoints.openai_files import INDEX_FILE
+from utils.checkpoints.openai_files import HPARAMS_FILE
+from utils.checkpoints.tf_reader import DEFAULT_PREFIX
 from utils.checkpoints.openai_files import MODEL_FILES
 from utils.checkpoints.openai_files import file_problems
 from utils.checkpoints.hf_dir import read_hf_weights
@@ -59,7 +61,6 @@ from utils.processor import get_encoder
 CHECKPOINT_FORMAT = "gpt2-texar-train-1"
 LAST_CHECKPOINT = "model.ckpt"        # the training state, to continue a run
 BEST_CHECKPOINT = "model_best.ckpt"   # the weights at the best dev perplexity
-OPENAI_PREFIX = "model.ckpt"          # OpenAI's checkpoint prefix in its model folder
 DEFAULT_CONFIG_MODEL = "configs.config_model_117M"
 # OpenAI's released models, as their hparams.json give them; the configs
 # configs/config_model_<name>.py hold the same numbers.
@@ -239,7 +240,7 @@ def resolve_model(*, config_model: Optional[str] = None,
     elif not pretrain_checkpoint and _holds_hf_model(pretrain_model_dir):
         resolved = _resolve_hf(pretrain_model_dir, hub_name)
     else:
-        prefix = pretrain_checkpoint or os.path.join(pretrain_model_dir, OPENAI_PREFIX)
+        prefix = pretrain_checkpoint or os.path.join(pretrain_model_dir, DEFAULT_PREFIX)
         resolved = _resolve_openai(prefix, download)
     if config:
         check_sizes_agree(config, resolved.sizes, config_model, resolved.sizes_from)
@@ -299,8 +300,8 @@ def _resolve_openai(prefix: str, download: bool) -> ResolvedModel:
     if prefix.endswith(".index"):
         prefix = prefix[:-len(".index")]
     model_dir = os.path.dirname(prefix) or "."
-    ensure_openai_files(prefix, download, ["hparams.json"])
-    hparams_path = os.path.join(model_dir, "hparams.json")
+    ensure_openai_files(prefix, download, [HPARAMS_FILE])
+    hparams_path = os.path.join(model_dir, HPARAMS_FILE)
     hparams = hparams_from_openai(openai_weights.read_openai_hparams(model_dir),
                                   hparams_path)
     return ResolvedModel(sizes=model_size(hparams, hparams_path), hparams=hparams,
@@ -318,13 +319,13 @@ def ensure_openai_files(prefix: str, download: bool,
     alone tells the sizes before gigabytes of weights)."""
     model_dir = os.path.dirname(prefix) or "."
     name = model_name_of_dir(model_dir, prefix_optional=True)
-    if download and name is not None and os.path.basename(prefix) == OPENAI_PREFIX:
-        needed = files or ["hparams.json", INDEX_FILE, DATA_FILE]
+    if download and name is not None and os.path.basename(prefix) == DEFAULT_PREFIX:
+        needed = files or [HPARAMS_FILE, INDEX_FILE, DATA_FILE]
         if file_problems(model_dir, needed):
             download_model(name, model_dir, files=files or MODEL_FILES)
         return
     wanted = ([os.path.join(model_dir, f) for f in files] if files is not None
-              else [prefix + ".index", os.path.join(model_dir, "hparams.json")])
+              else [prefix + ".index", os.path.join(model_dir, HPARAMS_FILE)])
     if not all(os.path.isfile(path) for path in wanted):
         raise UserError(
             f"no GPT-2 checkpoint at {prefix} (model.ckpt.index and hparams.json "
@@ -348,7 +349,7 @@ def _check_weight_paths(pretrain_model_dir: Optional[str],
         raise UserError(
             f"--pretrain_checkpoint {pretrain_checkpoint} is a directory: pass the "
             f"checkpoint prefix inside it, e.g. "
-            f"{os.path.join(pretrain_checkpoint, OPENAI_PREFIX)}, or use "
+            f"{os.path.join(pretrain_checkpoint, DEFAULT_PREFIX)}, or use "
             f"--pretrain_model_dir {pretrain_checkpoint}")
 
 

@@ -25,17 +25,15 @@ Strategies: "greedy" (argmax), "sample" (temperature, top-k, top-p; see
 utils/decoding/sampling.py), "beam" (texar's beam search with its length penalty
 ((5 + len) / 6) ** alpha, best beam returned).
 """
-import contextlib
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from utils.errors import UserError
 from utils.decoding.engine import GPT2Net as _GPT2, engine_for
-from utils.decoding.limits import check_context_room, check_decoding_values, check_length_fits
-from utils.memory import format_bytes, require_memory
+from utils.decoding.limits import (check_context_room, check_decoding_values, check_length_fits,
+                                   check_penalty_and_stops)
 from utils.decoding.sampling import filter_logits, sample_from_logits
 
 # texar's beam search marks impossible scores with -1e7, not -inf; kept so
@@ -194,14 +192,8 @@ def generate(model: nn.Module, contexts: Sequence[Sequence[int]],
                      top_k, top_p, beam_width, length_penalty)
     if not contexts:
         return []
-    if repetition_penalty <= 0 or repetition_penalty != repetition_penalty:
-        raise UserError(f"repetition_penalty must be > 0 (got {repetition_penalty}); "
-                        f"1 is off")
+    check_penalty_and_stops(strategy, repetition_penalty, stop_check is not None)
     if strategy == "beam":
-        if repetition_penalty != 1.0 or stop_check is not None:
-            raise UserError("a repetition penalty and stop texts work with greedy "
-                            "decoding and sampling, not beam search: drop them or "
-                            "choose another --decoding_strategy")
         if on_tokens is not None:
             raise ValueError("on_tokens (streaming) is not supported with beam "
                              "search: the best beam is known only at the end")

@@ -13,6 +13,7 @@ import torch
 from utils.decoding.sampling import SMALLEST_TEMPERATURE
 from utils.errors import UserError
 from utils.memory import format_bytes, require_memory
+from utils.model import parameter_count
 
 # Upper bound for --batch_size and --beam_width: far beyond what any memory
 # holds (the memory check refuses much less), it keeps size arithmetic sane.
@@ -56,6 +57,19 @@ def check_decoding_values(strategy: str, temperature: float, top_k: int,
                         f"(got {length_penalty}); 0 turns it off")
 
 
+def check_penalty_and_stops(strategy: str, repetition_penalty: float,
+                            stops: bool) -> None:
+    """The repetition penalty's range, and that neither it nor stop texts
+    (`stops`) go with beam search (the best beam is known only at the end)."""
+    if not math.isfinite(repetition_penalty) or repetition_penalty <= 0:
+        raise UserError(f"--repetition_penalty must be > 0 (got "
+                        f"{repetition_penalty}): 1 is off, 1.2 is common")
+    if strategy == "beam" and (stops or repetition_penalty != 1):
+        raise UserError("--stop_text and --repetition_penalty work with sampling and "
+                        "greedy decoding, not beam search: drop them or choose "
+                        "another --decoding_strategy")
+
+
 def check_seed(seed: Optional[int], name: str = "--seed") -> None:
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise UserError(f"{name} must be between 0 and {MAX_SEED} (got {seed})")
@@ -96,14 +110,13 @@ def generation_memory(sizes: Dict[str, int], *, batch_size: int,
     `max_decoding_length` tokens; beam search keeps beam_width rows per
     context. The estimate errs high by a little, never by orders of magnitude.
     """
-    n_vocab, n_ctx, n_embd = sizes["n_vocab"], sizes["n_ctx"], sizes["n_embd"]
+    n_vocab, n_embd = sizes["n_vocab"], sizes["n_embd"]
     n_head, n_layer = sizes["n_head"], sizes["n_layer"]
     item = torch.empty((), dtype=dtype).element_size()
     beams = beam_width if strategy == "beam" else 1
     rows = batch_size * beams
     slots = max(max_decoding_length - 1, 1)
-    params = ((n_vocab + n_ctx) * n_embd + 2 * n_embd
-              + n_layer * (12 * n_embd * n_embd + 13 * n_embd))
+    params = parameter_count(sizes)
     cache = 2 * n_layer * rows * slots * n_embd * item
     if strategy == "beam":
         # Reordering the beams copies one of the two caches; the prompt's own

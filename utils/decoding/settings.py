@@ -47,26 +47,26 @@ class SamplingSettings:
     def replace(self, **changes) -> "SamplingSettings":
         return dataclasses.replace(self, **changes)
 
-    def check(self, n_ctx: int, longest_context: int, *,
-              sizes: Optional[Mapping[str, int]] = None, device=None,
-              model: Optional[str] = None) -> None:
-        """Refuse a length the model cannot hold, and with the model's `sizes`
-        (known before its weights are read) a batch or beam that `device`'s
-        free memory cannot hold (utils.decoding.limits.generation_memory);
-        `model` names it in that message."""
+    def check_lengths(self, n_ctx: int, longest_context: int) -> None:
+        """Refuse a sample length the model's `n_ctx` positions cannot hold,
+        or one that leaves the longest context no room for a new token."""
         check_length_fits(self.max_decoding_length, n_ctx, self.length_setting)
         check_context_room("the longest context has", longest_context,
                            self.max_decoding_length,
                            f"raise {self.length_setting} (at most {n_ctx}) or "
                            f"shorten the contexts")
-        if sizes is not None:
-            import torch
-            require_generation_memory(
-                sizes, batch_size=self.batch_size,
-                max_decoding_length=self.max_decoding_length,
-                prompt_length=longest_context, strategy=self.strategy,
-                beam_width=self.beam_width, dtype=getattr(torch, self.dtype),
-                device=device, fix=GENERATION_MEMORY_FIX, model=model)
+
+    def check_memory(self, sizes: Mapping[str, int], longest_context: int, device,
+                     model: Optional[str] = None) -> None:
+        """Refuse, from the model's `sizes` (known before its weights are
+        read), a batch or beam that `device`'s free memory cannot hold
+        (utils.decoding.limits.generation_memory); `model` names it."""
+        require_generation_memory(
+            sizes, batch_size=self.batch_size,
+            max_decoding_length=self.max_decoding_length,
+            prompt_length=longest_context, strategy=self.strategy,
+            beam_width=self.beam_width, dtype=getattr(torch, self.dtype),
+            device=device, fix=GENERATION_MEMORY_FIX, model=model)
 
     def generate_kwargs(self) -> Dict[str, Any]:
         """utils.decoding.generation.generate's keyword arguments for these settings."""

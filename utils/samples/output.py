@@ -11,8 +11,9 @@ import json
 import sys
 
 from utils.atomic import atomic_write
-from utils.samples.test_split import tsv_field
 from utils.errors import UserError
+from utils.samples.interactive import PROMPT
+from utils.samples.test_split import tsv_field
 
 BANNER_WIDTH = 40
 
@@ -28,8 +29,14 @@ def output_format(path) -> str:
 
 
 def banner(number: int) -> str:
+    """The line above sample `number`."""
     bar = "=" * BANNER_WIDTH
     return f"{bar} SAMPLE {number} {bar}"
+
+
+def closing_rule() -> str:
+    """The line below a prompt's last sample."""
+    return "=" * (2 * BANNER_WIDTH)
 
 
 class SampleSink:
@@ -46,12 +53,12 @@ class SampleSink:
             self.out.write(f"{tsv_field(prompt)}\t{tsv_field(text)}\n")
         else:
             if number == 1 and prompt:  # none for samples from scratch
-                self.out.write(f"Model input >>> {prompt}\n")
+                self.out.write(f"{PROMPT}{prompt}\n")
             self.out.write(f"{banner(number)}\n{text}\n")
 
     def end_of_prompt(self) -> None:
         if self.fmt == "screen":
-            self.out.write("=" * (2 * BANNER_WIDTH) + "\n")
+            self.out.write(closing_rule() + "\n")
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ spaces, so every reader sees one line per example and one tab between fields.
 import re
 
 import torch
+from tqdm import tqdm
 
 from utils.atomic import atomic_write
 from utils.decoding.settings import SamplingSettings
@@ -27,25 +28,24 @@ def tsv_field(text: str) -> str:
     return _TSV_BREAKS.sub(" ", text)
 
 
-def check_test_lengths(split, args, cfg, n_ctx: int) -> SamplingSettings:
-    """The test step's sampling settings (--config_train's defaults filled in),
-    checked against the model and the longest test line (before training, so
-    a bad value does not waste a run)."""
-    settings = args.sampling.replace(
-        max_decoding_length=args.max_decoding_length or cfg.max_decoding_length,
-        seed=args.seed if args.seed is not None else cfg.seed,
+def test_settings(split, flags: SamplingSettings, cfg, n_ctx: int) -> SamplingSettings:
+    """The test step's sampling settings: the flags' (`flags`), with
+    --config_train's length and seed where the flags leave them out, checked
+    against the model and the longest test line (before training, so a bad
+    value does not waste a run)."""
+    settings = flags.replace(
+        max_decoding_length=flags.max_decoding_length or cfg.max_decoding_length,
+        seed=flags.seed if flags.seed is not None else cfg.seed,
         batch_size=cfg.test_batch_size,
         length_setting=f"--max_decoding_length (or max_decoding_length in {cfg.name})")
-    settings.check(n_ctx, int(split.context_lengths.max()))
+    settings.check_lengths(n_ctx, int(split.context_lengths.max()))
     return settings
 
 
-def write_test_samples(model, split, encoder, args, cfg, device, n_ctx: int,
+def write_test_samples(model, split, encoder, settings: SamplingSettings, cfg, device,
                        path: str, progress: bool) -> int:
-    """Continue each test example and write context<TAB>continuation lines."""
-    from tqdm import tqdm
-
-    settings = check_test_lengths(split, args, cfg, n_ctx)
+    """Continue each test example with `settings` (from `test_settings`) and
+    write context<TAB>continuation lines."""
     # Plain text: the whole line, <|endoftext|> + BPE(line), without the
     # closing <|endoftext|>; pairs: <|endoftext|> source <|endoftext|>.
     examples = [split.example(i) for i in range(len(split))]

@@ -76,10 +76,6 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     decoder._self_attention_stack = types.MethodType(stack, decoder)
 
 
-def gradient_checkpointing_enabled(model: nn.Module) -> bool:
-    return "_self_attention_stack" in vars(model.decoder)
-
-
 def _block(decoder, i: int, x: torch.Tensor,
            bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Block i of texar's TransformerDecoder._self_attention_stack (no encoder

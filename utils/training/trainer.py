@@ -47,7 +47,7 @@ from utils.model import has_memory
 from utils.training.optimizer import build_optimizer
 from utils.processor import EOS_ID, get_encoder
 from utils.training.rng_state import gather_rng_states, restore_rng_states, seed_new_run
-from utils.training.config import TrainConfig, check_precision
+from utils.training.config import TrainConfig
 from utils.samples.during_training import SAMPLES_LOG, write_training_samples
 from utils.checkpoints.weights import (BEST_CHECKPOINT, CHECKPOINT_FORMAT, LAST_CHECKPOINT,
                                        checkpoint_model_fields, save_checkpoint)
@@ -120,7 +120,6 @@ class Trainer:
         self.stop_after_steps = stop_after_steps
         self.progress = progress and ctx.is_main
         self.device = ctx.device
-        check_precision(cfg.precision, self.device)
         self.encoder = get_encoder() if cfg.sample_steps > 0 else None
 
         self.plain_model = model
