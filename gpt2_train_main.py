@@ -158,10 +158,13 @@ def main(argv=None) -> int:
     check_args(args)
     from utils import distributed as dist_utils
     from utils.output_dir import check_output_dir, output_dir_claimed
+    from utils.model import load_model_hparams
     from utils.train_config import load_train_config
     from utils.train_data import open_splits
 
     cfg = load_train_config(args.config_train)
+    if args.config_model:  # refused before any output directory is made
+        load_model_hparams(args.config_model)
     splits = open_splits(args, cfg)
     writes_outputs = args.do_train or args.do_test
     if writes_outputs:

@@ -464,7 +464,7 @@ def test_helper_names_in_a_config_are_not_typos(tmp_path, data_dir):
     path = tmp_path / "helpers.py"
     path.write_text("import os\nimport math as m\nfrom os.path import join\n"
                     + open(train_config(tmp_path, data_dir)).read()
-                    + "max_seq_length_base = 24\nbase_lr = 3e-3\n_train_batch_szie = 4\n"
+                    + "_max_seq_length_base = 24\n_base_lr = 3e-3\n_train_batch_szie = 4\n"
                       "def checkpoint_step(x):\n    return x\n"
                       "class Eval_Steps:\n    pass\n")
     assert load_train_config(str(path)).max_seq_length == 24
