@@ -14,6 +14,8 @@
             --overwrite_output_dir deletes them. A loss that is not finite
             stops training (exit 2) without saving the diverged model.
 --do_eval   prints the dev perplexity: exp(total NLL / total target tokens).
+            After training, the final model is evaluated before model.ckpt is
+            last saved, so that it holds the best dev perplexity.
 --do_test   continues every line of test.npy (the whole line is the context) and
             writes <output_dir>/test_samples.tsv: context<TAB>continuation
             (source<TAB>generated target[<TAB>reference] for .tsv pairs).
@@ -239,7 +241,8 @@ def run_training(args, cfg, splits, ctx, model, model_hparams, resume):
     trainer = Trainer(model, model_hparams, cfg, ctx, splits["train"], splits["dev"],
                       args.output_dir, resume=resume,
                       stop_after_steps=args.stop_after_steps, progress=not args.quiet)
-    trainer.train()
+    # With --do_eval the final evaluation comes before the last save.
+    trainer.train(final_eval=args.do_eval)
     return trainer
 
 

@@ -367,8 +367,8 @@ def test_ctrl_c_never_saves_non_finite_weights(tmp_path, data_dir, monkeypatch, 
     assert load_ckpt(out / "model.ckpt")["step"] == 3
 
 
-def test_non_finite_dev_perplexity_is_never_the_best(tmp_path, data_dir, monkeypatch,
-                                                     capsys):
+def test_non_finite_dev_perplexity_stops_training_and_is_never_the_best(
+        tmp_path, data_dir, monkeypatch, capsys):
     out = tmp_path / "out"
     cfg = train_config(tmp_path, data_dir, eval_steps=1)
     real = training.evaluate
@@ -384,10 +384,14 @@ def test_non_finite_dev_perplexity_is_never_the_best(tmp_path, data_dir, monkeyp
     code, _, err = run_cli(capsys, "--do_train", "--from_scratch", "--config_model",
                            model_config(tmp_path), "--config_train", cfg,
                            "--output_dir", out, "--stop_after_steps", 3)
-    assert code == 0, err
+    assert code == 2
+    assert error_line(err).startswith(
+        "error: training stopped: the dev loss at step 2 is inf (not finite); nothing "
+        "was saved. Likely cause: ")
     best = load_ckpt(out / "model_best.ckpt")
     assert best["step"] == 1 and np.isfinite(best["dev_perplexity"])
-    assert load_ckpt(out / "model.ckpt")["best_dev_ppl"] == best["dev_perplexity"]
+    assert not (out / "model.ckpt").exists()
+    assert [r["step"] for r in read_metrics(out) if r["split"] == "dev"] == [1]
 
 
 @pytest.mark.parametrize("opt,match", [

@@ -37,8 +37,8 @@ import torch
 
 from utils import distributed as dist_utils
 from utils.data import PAD_INDEX, PreparedSplit, ShardSampler
-from utils.divergence import (DivergenceWatch, TrainingDiverged, likely_cause,
-                              weights_finite, what_was_kept)
+from utils.divergence import (DivergenceWatch, TrainingDiverged, batch_loss,
+                              likely_cause, weights_finite, what_was_kept)
 from utils.errors import UserError
 from utils.lm import EvalResult, autocast, evaluate, lm_nll, lr_multiplier, perplexity
 from utils.memory_options import apply_memory_options
@@ -224,6 +224,15 @@ class Trainer:
         notes = []
         saved = state.get("data", {})
         now = self._data_settings()
+        if state.get("config"):
+            # The data settings are named (and explained) in the next note.
+            changes = changed_settings(state["config"], config_snapshot(self.cfg),
+                                       leave_out=tuple(now))
+        else:  # an older checkpoint: its optimizer groups say what it used
+            changes = changed_optimizer_settings(
+                state["optimizer"].get("param_groups"), configured)
+        if changes:
+            notes.append(describe_changes(changes))
         changed = [f"{k} {saved.get(k)} -> {v}" for k, v in now.items()
                    if saved.get(k) != v]
         if changed:
@@ -247,7 +256,7 @@ class Trainer:
 
         Never a diverged one: TrainingDiverged instead, and `path` keeps the
         last good checkpoint."""
-        self._stop_if_diverged(exact=True, check_weights=True)
+        self._stop_if_diverged(exact=True, check_weights=True, probe=True)
         rng = gather_rng_states(self.ctx)
         nll = dist_utils.all_reduce_sum(
             self.window.nll.detach().reshape(1).double().cpu(), self.ctx)
@@ -258,18 +267,27 @@ class Trainer:
 
     # -- loop ------------------------------------------------------------
 
-    def train(self) -> None:
-        """Train until max_train_epoch (or --stop_after_steps, or Ctrl-C)."""
+    def train(self, final_eval: bool = False) -> None:
+        """Train until max_train_epoch (or --stop_after_steps, or Ctrl-C).
+
+        With `final_eval` (--do_eval) the final model is evaluated before the
+        last save, so that model.ckpt holds the true best dev perplexity and a
+        later resume compares against it."""
         from tqdm import tqdm
         cfg = self.cfg
         last_path = os.path.join(self.output_dir, LAST_CHECKPOINT)
+        done = None
         if self.step >= self.total_steps or self.epoch >= cfg.max_train_epoch:
-            self.ctx.print(f"Training already complete: step {self.step} of "
-                        f"{self.total_steps} (raise max_train_epoch to train more).")
-            return
-        if self.stop_after_steps is not None and self.step >= self.stop_after_steps:
-            self.ctx.print(f"Already at step {self.step}, not before --stop_after_steps "
-                        f"{self.stop_after_steps}: nothing to train.")
+            done = (f"Training already complete: step {self.step} of "
+                    f"{self.total_steps} (raise max_train_epoch to train more).")
+        elif self.stop_after_steps is not None and self.step >= self.stop_after_steps:
+            done = (f"Already at step {self.step}, not before --stop_after_steps "
+                    f"{self.stop_after_steps}: nothing to train.")
+        if done:
+            self.ctx.print(done)
+            if final_eval and self._final_eval_owed():  # the checkpoint's run had none
+                self.evaluate_and_track()
+                self.save(last_path)
             return
         self.ctx.print(dist_utils.describe(self.ctx, cfg.train_batch_size,
                                         cfg.gradient_accumulation_steps))
@@ -308,6 +326,10 @@ class Trainer:
             else:
                 self.epoch, self.examples_done = cfg.max_train_epoch, 0
             bar.close()
+            if final_eval and stopped_by != "interrupt" and self._final_eval_owed():
+                self.evaluate_and_track(should_stop=stop)
+                if self._stop_if_diverged(exact=True, interrupt=stop()):
+                    stopped_by = "interrupt"  # during the evaluation: it stays owed
             self.save(last_path)
         if stopped_by == "interrupt":
             self.ctx.print(f"Interrupted at step {self.step}: saved {last_path}. Continue "
@@ -372,22 +394,44 @@ class Trainer:
     # -- divergence ------------------------------------------------------
 
     def _stop_if_diverged(self, exact: bool, check_weights: bool = False,
-                          interrupt: bool = False) -> bool:
+                          probe: bool = False, interrupt: bool = False,
+                          problem: Optional[str] = None) -> bool:
         """Raise TrainingDiverged when any rank saw a non-finite loss (up to
         this step if `exact`, else up to the previous one, which needs no wait
-        for the step just queued) or, with `check_weights`, holds a non-finite
-        weight. Also agrees on the Ctrl-C flag `interrupt` in the same
-        collective: True when any rank was interrupted. All ranks call it."""
-        weights_bad = check_weights and not weights_finite(self.plain_model)
-        diverged, interrupted = self.divergence.agree(self.ctx, exact, weights_bad,
-                                                      interrupt)
+        for the step just queued), or a diverged model: `problem` (what the
+        caller found, e.g. the dev loss), or with `check_weights` a non-finite
+        weight, or with `probe` a non-finite loss on a training batch. Also
+        agrees on the Ctrl-C flag `interrupt` in the same collective: True
+        when any rank was interrupted. All ranks call it."""
+        if problem is None and (check_weights or probe):
+            problem = self._model_problem(probe)
+        diverged, interrupted = self.divergence.agree(self.ctx, exact,
+                                                      problem is not None, interrupt)
         if diverged:
-            what = self.divergence.what_went_wrong(self.ctx, self.step)
+            what = self.divergence.what_went_wrong(
+                self.ctx, problem or f"the model diverged at step {self.step}")
             kept = what_was_kept(os.path.join(self.output_dir, LAST_CHECKPOINT),
                                  self.last_saved_step)
             cause = likely_cause(self.cfg.precision, max(self.base_lrs), self.cfg.name)
             raise TrainingDiverged(f"training stopped: {what}; {kept}. Likely cause: {cause}")
         return interrupted
+
+    def _model_problem(self, probe: bool) -> Optional[str]:
+        """Why the current model counts as diverged, or None: a weight that is
+        not finite, or (with `probe`) a loss on the first training batch that
+        is not, although every weight is (an update to ~1e30 overflows)."""
+        if not weights_finite(self.plain_model):
+            return f"the weights are no longer finite after step {self.step}"
+        if probe:
+            first = list(range(min(len(self.train_split), self.cfg.train_batch_size)))
+            ids, lengths, starts = self._batch(first)
+            loss = batch_loss(self.plain_model,
+                              (ids, lengths, starts if self.train_split.conditional else None),
+                              self.cfg.precision, self.device)
+            if not math.isfinite(loss):
+                return (f"after step {self.step} the loss on the first training batch "
+                        f"is {loss} (not finite: the weights overflow)")
+        return None
 
     def _batch(self, indices: List[int]):
         """(ids, lengths, target starts) of a padded batch; sampler padding
@@ -417,14 +461,16 @@ class Trainer:
         eval_due = (cfg.eval_steps > 0 and step % cfg.eval_steps == 0
                     and self.dev_split is not None)
         save_due = cfg.checkpoint_steps > 0 and step % cfg.checkpoint_steps == 0
-        if display_due or eval_due:  # never log, evaluate or keep a diverged model
-            self._stop_if_diverged(exact=True, check_weights=eval_due)
+        sample_due = cfg.sample_steps > 0 and step % cfg.sample_steps == 0
+        if display_due or eval_due or sample_due:
+            # Never log, evaluate or sample a diverged model (all ranks agree).
+            self._stop_if_diverged(exact=True, check_weights=eval_due, probe=sample_due)
         if display_due:
             self._display(window, bar)
         paused = time.perf_counter()  # evaluation and saving do not count in tok/s
         if eval_due:
             self.evaluate_and_track(should_stop=stop)
-        if cfg.sample_steps > 0 and step % cfg.sample_steps == 0 and self.ctx.is_main:
+        if sample_due and self.ctx.is_main:
             write_training_samples(self.plain_model, self.encoder, cfg.sample_prompts,
                                    step=step, seed=cfg.seed,
                                    max_decoding_length=cfg.max_decoding_length,
@@ -479,24 +525,29 @@ class Trainer:
         if self.ctx.is_main:
             result = evaluate(self.plain_model, self.dev_split, self.cfg.eval_batch_size,
                               self.device, self.cfg.precision, self.progress, should_stop)
-            if result is not None:
-                self.last_eval = result
-                self.log.write(split="dev", step=self.step, loss=result.loss,
-                               ppl=result.perplexity, examples=result.examples,
-                               tokens=result.tokens)
-                # A perplexity that is not finite (a diverged model) is never the best.
-                improved = math.isfinite(result.perplexity) and (
-                    self.best_dev_ppl is None or result.perplexity < self.best_dev_ppl)
-                mark = " (best so far)" if improved else ""
-                self.ctx.print(f"step {self.step:>6} | {result.describe()}{mark}")
-                self.evals_since_best = 0 if improved else self.evals_since_best + 1
-                if improved:
-                    self.best_dev_ppl = result.perplexity
-                    save_checkpoint(os.path.join(self.output_dir, BEST_CHECKPOINT), {
-                        "format": CHECKPOINT_FORMAT,
-                        "model": self.plain_model.state_dict(),
-                        **self.model_fields,
-                        "step": self.step, "dev_perplexity": result.perplexity})
+        # A dev loss that is not finite is a diverged model: nothing of it is
+        # logged or kept (all ranks stop together).
+        self._stop_if_diverged(exact=True, problem=(
+            f"the dev loss at step {self.step} is {result.loss} (not finite)"
+            if result is not None and not math.isfinite(result.loss) else None))
+        if result is not None:
+            self.last_eval = result
+            self.log.write(split="dev", step=self.step, loss=result.loss,
+                           ppl=result.perplexity, examples=result.examples,
+                           tokens=result.tokens)
+            # A perplexity that is not finite (a diverged model) is never the best.
+            improved = math.isfinite(result.perplexity) and (
+                self.best_dev_ppl is None or result.perplexity < self.best_dev_ppl)
+            mark = " (best so far)" if improved else ""
+            self.ctx.print(f"step {self.step:>6} | {result.describe()}{mark}")
+            self.evals_since_best = 0 if improved else self.evals_since_best + 1
+            if improved:
+                self.best_dev_ppl = result.perplexity
+                save_checkpoint(os.path.join(self.output_dir, BEST_CHECKPOINT), {
+                    "format": CHECKPOINT_FORMAT,
+                    "model": self.plain_model.state_dict(),
+                    **self.model_fields,
+                    "step": self.step, "dev_perplexity": result.perplexity})
         if result is not None or not self.ctx.is_main:
             self.last_eval_step = self.step  # an interrupted one is still owed
         dist_utils.barrier(self.ctx)
