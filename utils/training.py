@@ -14,15 +14,21 @@ A training checkpoint (`output_dir/model.ckpt`) holds everything to continue
 exactly where it stopped: model, optimizer, loss scaler, learning-rate schedule,
 step, epoch and position inside it, and the random-number states of every rank.
 It is written atomically and loads with `torch.load(weights_only=True)`.
+It also records the training config it ran with: a resumed run takes every
+setting from the config given now, optimizer settings included, and names
+each one that changed (utils/resume_settings.py).
 The best dev perplexity's weights go to `output_dir/model_best.ckpt`, and every
 display and evaluation to `output_dir/metrics.jsonl`.
 
-A loss that is not finite (or weights that are not) stops training with
-TrainingDiverged before anything of it is logged or saved: checkpoints on disk
-keep their last finite versions (utils/divergence.py watches without a sync per
-step). The optimizer comes from utils/optimizer.py, the memory options
-(gradient checkpointing, frozen embeddings) from utils/memory_options.py, the random-number states
-from utils/rng_state.py, the metrics file from utils/metrics_log.py.
+A loss that is not finite (training or dev), or a model that is not (its
+weights, or its loss on a training batch just before a save), stops training
+with TrainingDiverged before anything of it is logged or saved: checkpoints
+on disk keep their last good versions (utils/divergence.py watches without a
+sync per step). With a final evaluation (--do_eval), model.ckpt is saved after
+it, so it carries the true best dev perplexity. The optimizer comes from
+utils/optimizer.py, the memory options (gradient checkpointing, frozen
+embeddings) from utils/memory_options.py, the random-number states from
+utils/rng_state.py, the metrics file from utils/metrics_log.py.
 """
 import dataclasses
 import math
@@ -46,6 +52,9 @@ from utils.metrics_log import MetricsLog
 from utils.model import has_memory
 from utils.optimizer import build_optimizer
 from utils.processor import EOS_ID, get_encoder
+from utils.resume_settings import (apply_optimizer_settings, changed_optimizer_settings,
+                                   changed_settings, config_snapshot, describe_changes,
+                                   optimizer_settings)
 from utils.rng_state import gather_rng_states, restore_rng_states, seed_new_run
 from utils.train_config import TrainConfig, check_precision
 from utils.train_samples import SAMPLES_LOG, write_training_samples
@@ -181,6 +190,7 @@ class Trainer:
             "last_eval": dataclasses.asdict(self.last_eval) if self.last_eval else None,
             "display_window": {"nll": window_nll, "tokens": self.window.tokens},
             "data": self._data_settings(),
+            "config": config_snapshot(self.cfg),
         }
 
     def _data_settings(self) -> Dict[str, Any]:
@@ -199,6 +209,8 @@ class Trainer:
             raise UserError(f"the --checkpoint was trained with {saved_type} but "
                             f"{self.cfg.name} configures {mine}: resume with the same "
                             f"optimizer type, or leave out --checkpoint to start anew")
+        # The config's optimizer settings, which load_state_dict replaces.
+        configured = optimizer_settings(self.optimizer)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
@@ -206,6 +218,7 @@ class Trainer:
                             f"the optimizer of {self.cfg.name} ({type(err).__name__}: "
                             f"{err}): resume with the same opt settings, or leave out "
                             f"--checkpoint to start anew") from None
+        apply_optimizer_settings(self.optimizer, configured)
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.step = int(state["step"])
@@ -574,6 +587,10 @@ class Trainer:
             kept.append((BEST_CHECKPOINT, f"best dev perplexity {self.best_dev_ppl:.6g}"))
         kept.append((METRICS_LOG, "training and dev metrics, one JSON per line"))
         return kept
+
+    def _final_eval_owed(self) -> bool:
+        """Whether the model at the current step has no finished evaluation."""
+        return self.dev_split is not None and self.last_eval_step != self.step
 
     def _eval_owed(self) -> bool:
         """Whether the evaluation due at the current step never finished."""
