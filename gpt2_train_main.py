@@ -14,6 +14,8 @@
             --overwrite_output_dir deletes them. A loss that is not finite
             stops training (exit 2) without saving the diverged model.
 --do_eval   prints the dev perplexity: exp(total NLL / total target tokens).
+            After training, the final model is evaluated before model.ckpt is
+            last saved, so that it holds the best dev perplexity.
 --do_test   continues every line of test.npy (the whole line is the context) and
             writes <output_dir>/test_samples.tsv: context<TAB>continuation
             (source<TAB>generated target[<TAB>reference] for .tsv pairs).
@@ -46,7 +48,7 @@ from utils.training.output_dir import output_dir_claimed
 from utils.training.config import load_train_config
 from utils.training.train_data import open_splits
 from utils.training.lm import evaluate
-from utils.model import count_parameters
+from utils.model import count_parameters, load_model_hparams
 from utils.model import model_size
 from utils.training.output_dir import check_earlier_run
 from utils.samples.test_split import test_settings
@@ -182,6 +184,8 @@ def main(argv=None) -> int:
     choices = check_args(args)
 
     cfg = load_train_config(args.config_train)
+    if args.config_model:  # refused before any output directory is made
+        load_model_hparams(args.config_model)
     splits = open_splits(args, cfg)
     writes_outputs = args.do_train or args.do_test
     if writes_outputs:
@@ -245,7 +249,8 @@ def run_training(args, cfg, splits, ctx, model, model_hparams, resume):
     trainer = Trainer(model, model_hparams, cfg, ctx, splits["train"], splits["dev"],
                       args.output_dir, resume=resume,
                       stop_after_steps=args.stop_after_steps, progress=not args.quiet)
-    trainer.train()
+    # With --do_eval the final evaluation comes before the last save.
+    trainer.train(final_eval=args.do_eval)
     return trainer
 
 

@@ -3,6 +3,8 @@
 The fields of the original Texar example's config_train.py, plus warm-up and
 decay of the learning rate, gradient accumulation, precision and a seed. Copy
 this file and pass the copy's path (--config_train my_train.py) to change them.
+Every public value set here must be one of these settings (a misspelt or
+unknown one is an error); name your own helper values with a leading _.
 """
 
 # ----------------------------------------------------------------- data
@@ -32,6 +34,7 @@ gradient_accumulation_steps = 1
 # ----------------------------------------------------------------- logging and saving
 # Print step, loss, perplexity, learning rate and tokens/s every this many
 # optimizer steps (also appended to <output_dir>/metrics.jsonl); -1 disables.
+# Every *_steps setting is a positive number of steps, or -1 (0 is refused).
 display_steps = 10
 # Dev perplexity every this many steps; -1 disables. The best model so far is
 # kept in <output_dir>/model_best.ckpt.

@@ -367,8 +367,8 @@ def test_ctrl_c_never_saves_non_finite_weights(tmp_path, data_dir, monkeypatch, 
     assert load_ckpt(out / "model.ckpt")["step"] == 3
 
 
-def test_non_finite_dev_perplexity_is_never_the_best(tmp_path, data_dir, monkeypatch,
-                                                     capsys):
+def test_non_finite_dev_perplexity_stops_training_and_is_never_the_best(
+        tmp_path, data_dir, monkeypatch, capsys):
     out = tmp_path / "out"
     cfg = train_config(tmp_path, data_dir, eval_steps=1)
     real = training.evaluate
@@ -384,10 +384,14 @@ def test_non_finite_dev_perplexity_is_never_the_best(tmp_path, data_dir, monkeyp
     code, _, err = run_cli(capsys, "--do_train", "--from_scratch", "--config_model",
                            model_config(tmp_path), "--config_train", cfg,
                            "--output_dir", out, "--stop_after_steps", 3)
-    assert code == 0, err
+    assert code == 2
+    assert error_line(err).startswith(
+        "error: training stopped: the dev loss at step 2 is inf (not finite); nothing "
+        "was saved. Likely cause: ")
     best = load_ckpt(out / "model_best.ckpt")
     assert best["step"] == 1 and np.isfinite(best["dev_perplexity"])
-    assert load_ckpt(out / "model.ckpt")["best_dev_ppl"] == best["dev_perplexity"]
+    assert not (out / "model.ckpt").exists()
+    assert [r["step"] for r in read_metrics(out) if r["split"] == "dev"] == [1]
 
 
 @pytest.mark.parametrize("opt,match", [
@@ -464,7 +468,7 @@ def test_helper_names_in_a_config_are_not_typos(tmp_path, data_dir):
     path = tmp_path / "helpers.py"
     path.write_text("import os\nimport math as m\nfrom os.path import join\n"
                     + open(train_config(tmp_path, data_dir)).read()
-                    + "max_seq_length_base = 24\nbase_lr = 3e-3\n_train_batch_szie = 4\n"
+                    + "_max_seq_length_base = 24\n_base_lr = 3e-3\n_train_batch_szie = 4\n"
                       "def checkpoint_step(x):\n    return x\n"
                       "class Eval_Steps:\n    pass\n")
     assert load_train_config(str(path)).max_seq_length == 24

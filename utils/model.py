@@ -30,10 +30,13 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from utils.config_modules import load_config_module
+from utils.config_modules import check_config_names, load_config_module
 from utils.errors import UserError
 
 SIZE_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+# What a model config module may set: `hparams`, `memory` and the five sizes
+# hparams is built from (configs/config_model_117M.py).
+MODEL_CONFIG_FIELDS = ("hparams", "memory") + SIZE_KEYS
 # Upper bounds on the five sizes. Far above any released GPT-2 (the 1558M
 # model: n_vocab 50257, n_ctx 1024, n_embd 1600, n_head 25, n_layer 48), yet
 # they keep a typo or a hostile file ("n_layer": 200000000) from reaching the
@@ -260,16 +263,26 @@ def check_sizes_agree(config_hparams: Dict[str, Any],
 def load_model_hparams(config_name: str) -> Dict[str, Any]:
     """The `hparams` dict of a model config module (name or .py path)."""
     module = load_config_module(config_name)
+    check_config_names(module, MODEL_CONFIG_FIELDS, f"model config {config_name}",
+                       "configs/config_model_117M.py")
     hparams = getattr(module, "hparams", None)
     if not isinstance(hparams, dict):
         raise UserError(f"model config {config_name} must define a dict named "
                         f"'hparams' (see configs/config_model_117M.py)")
     try:
-        model_size(hparams, f"model config {config_name}")
+        sizes = model_size(hparams, f"model config {config_name}")
     except UserError as err:
         raise UserError(f"{err} ('hparams' is not a complete GPT2Decoder hparams "
                         f"dict: build it with utils.model.gpt2_hparams as "
                         f"configs/config_model_117M.py does)") from None
+    # The five numbers are there to build hparams from: one that hparams does
+    # not carry would be ignored.
+    stale = [f"{key} = {_short_repr(getattr(module, key))} but hparams has {sizes[key]}"
+             for key in SIZE_KEYS if hasattr(module, key) and getattr(module, key) != sizes[key]]
+    if stale:
+        raise UserError(f"model config {config_name} sets {'; '.join(stale)}: build "
+                        f"hparams from them (gpt2_hparams(n_vocab=n_vocab, ...) as "
+                        f"configs/config_model_117M.py does)")
     return copy.deepcopy(hparams)
 
 

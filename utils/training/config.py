@@ -1,20 +1,21 @@
 """The training config (`--config_train`): its fields, and every check of them.
 
 A config is a plain Python module (see configs/config_train.py). It is read
-into a `TrainConfig` and checked before anything heavy loads: missing or
-misspelt settings, values out of range, an optimizer (texar optimization
+into a `TrainConfig` and checked before anything heavy loads: missing
+settings, values that are no setting (utils/config_modules.py), values out of
+range, an optimizer (texar optimization
 hparams) that could not be built or would make every update non-finite, and a
 precision the device cannot run.
 """
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from utils.config_modules import check_config_names, load_config_module, settings_of
 from utils.decoding.limits import MAX_SEED
-
-from utils.config_modules import load_config_module, misspelt_settings, settings_of
 from utils.errors import UserError
 from utils.training.memory_options import TRAINABLE
 from utils.training.metrics_log import check_tensorboard_installed
@@ -62,12 +63,20 @@ _OPTIONAL = ("max_decoding_length", "checkpoint_steps", "warmup_steps", "lr_deca
              "sample_steps", "sample_prompts", "early_stopping_patience")
 # Names the original examples used for the data directory.
 _DATA_DIR_ALIASES = ("tfrecord_data_dir", "pickle_data_dir")
+# The original example's texar data pipeline: accepted, so that its config
+# runs as it is, but not read (batches come from the *_batch_size settings).
+_ORIGINAL_PIPELINE = ("feature_types", "train_hparam", "eval_hparam", "test_hparam")
+# Settings counted in steps (or evaluations): positive, or -1 for off.
+STEP_SETTINGS = ("display_steps", "eval_steps", "checkpoint_steps", "sample_steps")
 
 
 def load_train_config(name: str) -> TrainConfig:
     """Read and check a training config given as a module name or a .py path."""
     module = load_config_module(name)
-    _check_spelling(module, name)
+    check_config_names(module, _REQUIRED + _OPTIONAL + _DATA_DIR_ALIASES
+                       + _ORIGINAL_PIPELINE, f"training config {name}",
+                       "configs/config_train.py")
+    _note_original_pipeline(module, name)
     values = {}
     if not hasattr(module, "data_dir"):
         for alias in _DATA_DIR_ALIASES:
@@ -88,20 +97,22 @@ def load_train_config(name: str) -> TrainConfig:
     return cfg
 
 
-def _check_spelling(module, name: str) -> None:
-    """A setting whose name nearly matches a field (checkpoint_step) would be
-    ignored without a word: it is an error naming the right spelling."""
-    known = _REQUIRED + _OPTIONAL + _DATA_DIR_ALIASES
-    typos = misspelt_settings(settings_of(module), known)
-    if typos:
-        listed = ", ".join(f"{wrong} (did you mean {right}?)" for wrong, right in typos)
-        raise UserError(f"training config {name} sets {listed}, which is not a "
-                        f"setting: fix the name (the settings are listed in "
-                        f"configs/config_train.py)")
+def _note_original_pipeline(module, name: str) -> None:
+    unused = [key for key in _ORIGINAL_PIPELINE if key in settings_of(module)]
+    if unused:
+        print(f"note: training config {name} sets {', '.join(unused)} (the original "
+              f"example's texar data pipeline), which this trainer does not read: "
+              f"batches come from train_batch_size, eval_batch_size and "
+              f"test_batch_size, shuffled every epoch", file=sys.stderr)
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_or_off(steps: int) -> bool:
+    """A step setting's value: 1 or more, or -1 for off (0 is no step count)."""
+    return steps >= 1 or steps == -1
 
 
 def check_train_config(cfg: TrainConfig) -> None:
@@ -116,10 +127,15 @@ def check_train_config(cfg: TrainConfig) -> None:
                 "max_train_epoch", "gradient_accumulation_steps"):
         if not _is_int(getattr(cfg, key)) or getattr(cfg, key) < 1:
             bad(key, "must be a positive integer")
-    for key in ("display_steps", "eval_steps", "checkpoint_steps", "seed",
-                "sample_steps", "early_stopping_patience"):
-        if not _is_int(getattr(cfg, key)):
-            bad(key, "must be an integer (-1 disables the step-based ones)")
+    for key in STEP_SETTINGS:
+        if not _is_int(getattr(cfg, key)) or not _positive_or_off(getattr(cfg, key)):
+            bad(key, "must be a positive number of steps, or -1 to turn it off")
+    if (not _is_int(cfg.early_stopping_patience)
+            or not _positive_or_off(cfg.early_stopping_patience)):
+        bad("early_stopping_patience", "must be a positive number of evaluations, or "
+                                       "-1 to turn early stopping off")
+    if not _is_int(cfg.seed):
+        bad("seed", "must be an integer")
     if not 0 <= cfg.seed <= MAX_SEED:
         bad("seed", f"must be between 0 and {MAX_SEED}")
     if not _is_int(cfg.max_seq_length) or cfg.max_seq_length < 3:

@@ -1,4 +1,11 @@
-"""Stopping a training run whose loss or weights are no longer finite.
+"""Stopping a training run whose loss, weights or dev loss are no longer finite.
+
+A diverged run saves nothing: not model.ckpt, not model_best.ckpt, not a
+metrics line. Finite weights can still be diverged (an update to ~1e30 at the
+last step is finite, but the next forward overflows), so before a checkpoint
+is saved the updated model's loss on one training batch must be finite too
+(`batch_loss`), and a dev loss that is not finite stops the run like a
+training loss.
 
 Reading a flag from the accelerator after every step would cost a sync per
 step. Instead each step's loss updates a marker kept on the device (the first
@@ -15,6 +22,7 @@ import torch
 
 from utils.training import distributed as dist_utils
 from utils.errors import UserError
+from utils.training.lm import autocast, lm_nll
 
 
 class TrainingDiverged(UserError):
@@ -37,21 +45,23 @@ class DivergenceWatch:
         self._bad_step = self._bad_step.masked_fill(first, step)
         self._bad_loss = torch.where(first, loss.float(), self._bad_loss)
 
-    def agree(self, ctx, exact: bool, weights_bad: bool = False,
+    def agree(self, ctx, exact: bool, model_bad: bool = False,
               interrupt: bool = False) -> Tuple[bool, bool]:
         """(diverged, interrupted) as all ranks see them: whether any rank saw a
         non-finite loss (up to this step if `exact`, else up to the previous
-        one) or non-finite weights, and whether any rank got the Ctrl-C flag
+        one) or a diverged model (`model_bad`: weights, a batch's loss or the
+        dev loss not finite), and whether any rank got the Ctrl-C flag
         `interrupt`. One collective; all ranks call it."""
         marker = self._bad_step if exact else self._bad_step_before
-        flags = torch.tensor([float(int(marker) >= 0), float(weights_bad),
+        flags = torch.tensor([float(int(marker) >= 0), float(model_bad),
                               float(interrupt)], dtype=torch.float64)
         flags = dist_utils.all_reduce_sum(flags, ctx)
         return bool(flags[0] > 0 or flags[1] > 0), bool(flags[2] > 0)
 
-    def what_went_wrong(self, ctx, step: int) -> str:
-        """The earliest non-finite loss over all ranks, or the weights at
-        `step` when no loss was (a collective: all ranks call it)."""
+    def what_went_wrong(self, ctx, model_problem: str) -> str:
+        """The earliest non-finite training loss over all ranks, or
+        `model_problem` (what the model check found) when no training loss
+        was (a collective: all ranks call it)."""
         table = torch.zeros(ctx.world_size, 2, dtype=torch.float64)
         table[ctx.rank, 0] = float(self._bad_step)
         table[ctx.rank, 1] = float(self._bad_loss)
@@ -61,12 +71,29 @@ class DivergenceWatch:
         if seen:
             bad_step, loss = min(seen)
             return f"the loss at step {bad_step} is {loss} (not finite)"
-        return f"the weights are no longer finite after step {step}"
+        return model_problem
 
 
 def weights_finite(model: torch.nn.Module) -> bool:
     flags = [torch.isfinite(p).all() for p in model.parameters()]
     return bool(torch.stack(flags).all())
+
+
+def batch_loss(model: torch.nn.Module, batch, precision: str,
+               device: torch.device) -> float:
+    """The per-token loss of `model` on `batch` (ids, lengths, starts or None),
+    without dropout or gradients, as evaluation computes it."""
+    ids, lengths, starts = batch
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast(precision, device):
+            nll, count = lm_nll(model, ids.to(device), lengths.to(device),
+                                per_token=True,
+                                starts=None if starts is None else starts.to(device))
+    finally:
+        model.train(was_training)
+    return float(nll) / max(int(count), 1)
 
 
 def what_was_kept(last_path: str, last_saved_step: Optional[int]) -> str:

@@ -14,15 +14,21 @@ A training checkpoint (`output_dir/model.ckpt`) holds everything to continue
 exactly where it stopped: model, optimizer, loss scaler, learning-rate schedule,
 step, epoch and position inside it, and the random-number states of every rank.
 It is written atomically and loads with `torch.load(weights_only=True)`.
+It also records the training config it ran with: a resumed run takes every
+setting from the config given now, optimizer settings included, and names
+each one that changed (utils/training/resume_settings.py).
 The best dev perplexity's weights go to `output_dir/model_best.ckpt`, and every
 display and evaluation to `output_dir/metrics.jsonl`.
 
-A loss that is not finite (or weights that are not) stops training with
-TrainingDiverged before anything of it is logged or saved: checkpoints on disk
-keep their last finite versions (utils/training/divergence.py watches without a sync per
-step). The optimizer comes from utils/training/optimizer.py, the memory options
-(gradient checkpointing, frozen embeddings) from utils/training/memory_options.py, the random-number states
-from utils/training/rng_state.py, the metrics file from utils/training/metrics_log.py.
+A loss that is not finite (training or dev), or a model that is not (its
+weights, or its loss on a training batch just before a save), stops training
+with TrainingDiverged before anything of it is logged or saved: checkpoints
+on disk keep their last good versions (utils/training/divergence.py watches without a
+sync per step). With a final evaluation (--do_eval), model.ckpt is saved after
+it, so it carries the true best dev perplexity. The optimizer comes from
+utils/training/optimizer.py, the memory options (gradient checkpointing, frozen
+embeddings) from utils/training/memory_options.py, the random-number states from
+utils/training/rng_state.py, the metrics file from utils/training/metrics_log.py.
 """
 import dataclasses
 import math
@@ -37,8 +43,8 @@ import torch
 
 from utils.training import distributed as dist_utils
 from utils.data.records import PAD_INDEX, PreparedSplit, ShardSampler
-from utils.training.divergence import (DivergenceWatch, TrainingDiverged, likely_cause,
-                              weights_finite, what_was_kept)
+from utils.training.divergence import (DivergenceWatch, TrainingDiverged, batch_loss,
+                                       likely_cause, weights_finite, what_was_kept)
 from utils.errors import UserError
 from utils.training.lm import EvalResult, autocast, evaluate, lm_nll, lr_multiplier, perplexity
 from utils.training.memory_options import apply_memory_options
@@ -46,6 +52,9 @@ from utils.training.metrics_log import MetricsLog
 from utils.model import has_memory
 from utils.training.optimizer import build_optimizer
 from utils.processor import EOS_ID, get_encoder
+from utils.training.resume_settings import (apply_optimizer_settings, changed_optimizer_settings,
+                                            changed_settings, config_snapshot, describe_changes,
+                                            optimizer_settings)
 from utils.training.rng_state import gather_rng_states, restore_rng_states, seed_new_run
 from utils.training.config import TrainConfig
 from utils.samples.during_training import SAMPLES_LOG, write_training_samples
@@ -180,6 +189,7 @@ class Trainer:
             "last_eval": dataclasses.asdict(self.last_eval) if self.last_eval else None,
             "display_window": {"nll": window_nll, "tokens": self.window.tokens},
             "data": self._data_settings(),
+            "config": config_snapshot(self.cfg),
         }
 
     def _data_settings(self) -> Dict[str, Any]:
@@ -198,6 +208,8 @@ class Trainer:
             raise UserError(f"the --checkpoint was trained with {saved_type} but "
                             f"{self.cfg.name} configures {mine}: resume with the same "
                             f"optimizer type, or leave out --checkpoint to start anew")
+        # The config's optimizer settings, which load_state_dict replaces.
+        configured = optimizer_settings(self.optimizer)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
@@ -205,6 +217,7 @@ class Trainer:
                             f"the optimizer of {self.cfg.name} ({type(err).__name__}: "
                             f"{err}): resume with the same opt settings, or leave out "
                             f"--checkpoint to start anew") from None
+        apply_optimizer_settings(self.optimizer, configured)
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.step = int(state["step"])
@@ -223,6 +236,15 @@ class Trainer:
         notes = []
         saved = state.get("data", {})
         now = self._data_settings()
+        if state.get("config"):
+            # The data settings are named (and explained) in the next note.
+            changes = changed_settings(state["config"], config_snapshot(self.cfg),
+                                       leave_out=tuple(now))
+        else:  # an older checkpoint: its optimizer groups say what it used
+            changes = changed_optimizer_settings(
+                state["optimizer"].get("param_groups"), configured)
+        if changes:
+            notes.append(describe_changes(changes))
         changed = [f"{k} {saved.get(k)} -> {v}" for k, v in now.items()
                    if saved.get(k) != v]
         if changed:
@@ -246,7 +268,7 @@ class Trainer:
 
         Never a diverged one: TrainingDiverged instead, and `path` keeps the
         last good checkpoint."""
-        self._stop_if_diverged(exact=True, check_weights=True)
+        self._stop_if_diverged(exact=True, check_weights=True, probe=True)
         rng = gather_rng_states(self.ctx)
         nll = dist_utils.all_reduce_sum(
             self.window.nll.detach().reshape(1).double().cpu(), self.ctx)
@@ -257,18 +279,27 @@ class Trainer:
 
     # -- loop ------------------------------------------------------------
 
-    def train(self) -> None:
-        """Train until max_train_epoch (or --stop_after_steps, or Ctrl-C)."""
+    def train(self, final_eval: bool = False) -> None:
+        """Train until max_train_epoch (or --stop_after_steps, or Ctrl-C).
+
+        With `final_eval` (--do_eval) the final model is evaluated before the
+        last save, so that model.ckpt holds the true best dev perplexity and a
+        later resume compares against it."""
         from tqdm import tqdm
         cfg = self.cfg
         last_path = os.path.join(self.output_dir, LAST_CHECKPOINT)
+        done = None
         if self.step >= self.total_steps or self.epoch >= cfg.max_train_epoch:
-            self.ctx.print(f"Training already complete: step {self.step} of "
-                        f"{self.total_steps} (raise max_train_epoch to train more).")
-            return
-        if self.stop_after_steps is not None and self.step >= self.stop_after_steps:
-            self.ctx.print(f"Already at step {self.step}, not before --stop_after_steps "
-                        f"{self.stop_after_steps}: nothing to train.")
+            done = (f"Training already complete: step {self.step} of "
+                    f"{self.total_steps} (raise max_train_epoch to train more).")
+        elif self.stop_after_steps is not None and self.step >= self.stop_after_steps:
+            done = (f"Already at step {self.step}, not before --stop_after_steps "
+                    f"{self.stop_after_steps}: nothing to train.")
+        if done:
+            self.ctx.print(done)
+            if final_eval and self._final_eval_owed():  # the checkpoint's run had none
+                self.evaluate_and_track()
+                self.save(last_path)
             return
         self.ctx.print(dist_utils.describe(self.ctx, cfg.train_batch_size,
                                         cfg.gradient_accumulation_steps))
@@ -307,6 +338,10 @@ class Trainer:
             else:
                 self.epoch, self.examples_done = cfg.max_train_epoch, 0
             bar.close()
+            if final_eval and stopped_by != "interrupt" and self._final_eval_owed():
+                self.evaluate_and_track(should_stop=stop)
+                if self._stop_if_diverged(exact=True, interrupt=stop()):
+                    stopped_by = "interrupt"  # during the evaluation: it stays owed
             self.save(last_path)
         if stopped_by == "interrupt":
             self.ctx.print(f"Interrupted at step {self.step}: saved {last_path}. Continue "
@@ -371,22 +406,44 @@ class Trainer:
     # -- divergence ------------------------------------------------------
 
     def _stop_if_diverged(self, exact: bool, check_weights: bool = False,
-                          interrupt: bool = False) -> bool:
+                          probe: bool = False, interrupt: bool = False,
+                          problem: Optional[str] = None) -> bool:
         """Raise TrainingDiverged when any rank saw a non-finite loss (up to
         this step if `exact`, else up to the previous one, which needs no wait
-        for the step just queued) or, with `check_weights`, holds a non-finite
-        weight. Also agrees on the Ctrl-C flag `interrupt` in the same
-        collective: True when any rank was interrupted. All ranks call it."""
-        weights_bad = check_weights and not weights_finite(self.plain_model)
-        diverged, interrupted = self.divergence.agree(self.ctx, exact, weights_bad,
-                                                      interrupt)
+        for the step just queued), or a diverged model: `problem` (what the
+        caller found, e.g. the dev loss), or with `check_weights` a non-finite
+        weight, or with `probe` a non-finite loss on a training batch. Also
+        agrees on the Ctrl-C flag `interrupt` in the same collective: True
+        when any rank was interrupted. All ranks call it."""
+        if problem is None and (check_weights or probe):
+            problem = self._model_problem(probe)
+        diverged, interrupted = self.divergence.agree(self.ctx, exact,
+                                                      problem is not None, interrupt)
         if diverged:
-            what = self.divergence.what_went_wrong(self.ctx, self.step)
+            what = self.divergence.what_went_wrong(
+                self.ctx, problem or f"the model diverged at step {self.step}")
             kept = what_was_kept(os.path.join(self.output_dir, LAST_CHECKPOINT),
                                  self.last_saved_step)
             cause = likely_cause(self.cfg.precision, max(self.base_lrs), self.cfg.name)
             raise TrainingDiverged(f"training stopped: {what}; {kept}. Likely cause: {cause}")
         return interrupted
+
+    def _model_problem(self, probe: bool) -> Optional[str]:
+        """Why the current model counts as diverged, or None: a weight that is
+        not finite, or (with `probe`) a loss on the first training batch that
+        is not, although every weight is (an update to ~1e30 overflows)."""
+        if not weights_finite(self.plain_model):
+            return f"the weights are no longer finite after step {self.step}"
+        if probe:
+            first = list(range(min(len(self.train_split), self.cfg.train_batch_size)))
+            ids, lengths, starts = self._batch(first)
+            loss = batch_loss(self.plain_model,
+                              (ids, lengths, starts if self.train_split.conditional else None),
+                              self.cfg.precision, self.device)
+            if not math.isfinite(loss):
+                return (f"after step {self.step} the loss on the first training batch "
+                        f"is {loss} (not finite: the weights overflow)")
+        return None
 
     def _batch(self, indices: List[int]):
         """(ids, lengths, target starts) of a padded batch; sampler padding
@@ -416,14 +473,16 @@ class Trainer:
         eval_due = (cfg.eval_steps > 0 and step % cfg.eval_steps == 0
                     and self.dev_split is not None)
         save_due = cfg.checkpoint_steps > 0 and step % cfg.checkpoint_steps == 0
-        if display_due or eval_due:  # never log, evaluate or keep a diverged model
-            self._stop_if_diverged(exact=True, check_weights=eval_due)
+        sample_due = cfg.sample_steps > 0 and step % cfg.sample_steps == 0
+        if display_due or eval_due or sample_due:
+            # Never log, evaluate or sample a diverged model (all ranks agree).
+            self._stop_if_diverged(exact=True, check_weights=eval_due, probe=sample_due)
         if display_due:
             self._display(window, bar)
         paused = time.perf_counter()  # evaluation and saving do not count in tok/s
         if eval_due:
             self.evaluate_and_track(should_stop=stop)
-        if cfg.sample_steps > 0 and step % cfg.sample_steps == 0 and self.ctx.is_main:
+        if sample_due and self.ctx.is_main:
             write_training_samples(self.plain_model, self.encoder, cfg.sample_prompts,
                                    step=step, seed=cfg.seed,
                                    max_decoding_length=cfg.max_decoding_length,
@@ -478,24 +537,29 @@ class Trainer:
         if self.ctx.is_main:
             result = evaluate(self.plain_model, self.dev_split, self.cfg.eval_batch_size,
                               self.device, self.cfg.precision, self.progress, should_stop)
-            if result is not None:
-                self.last_eval = result
-                self.log.write(split="dev", step=self.step, loss=result.loss,
-                               ppl=result.perplexity, examples=result.examples,
-                               tokens=result.tokens)
-                # A perplexity that is not finite (a diverged model) is never the best.
-                improved = math.isfinite(result.perplexity) and (
-                    self.best_dev_ppl is None or result.perplexity < self.best_dev_ppl)
-                mark = " (best so far)" if improved else ""
-                self.ctx.print(f"step {self.step:>6} | {result.describe()}{mark}")
-                self.evals_since_best = 0 if improved else self.evals_since_best + 1
-                if improved:
-                    self.best_dev_ppl = result.perplexity
-                    save_checkpoint(os.path.join(self.output_dir, BEST_CHECKPOINT), {
-                        "format": CHECKPOINT_FORMAT,
-                        "model": self.plain_model.state_dict(),
-                        **self.model_fields,
-                        "step": self.step, "dev_perplexity": result.perplexity})
+        # A dev loss that is not finite is a diverged model: nothing of it is
+        # logged or kept (all ranks stop together).
+        self._stop_if_diverged(exact=True, problem=(
+            f"the dev loss at step {self.step} is {result.loss} (not finite)"
+            if result is not None and not math.isfinite(result.loss) else None))
+        if result is not None:
+            self.last_eval = result
+            self.log.write(split="dev", step=self.step, loss=result.loss,
+                           ppl=result.perplexity, examples=result.examples,
+                           tokens=result.tokens)
+            # A perplexity that is not finite (a diverged model) is never the best.
+            improved = math.isfinite(result.perplexity) and (
+                self.best_dev_ppl is None or result.perplexity < self.best_dev_ppl)
+            mark = " (best so far)" if improved else ""
+            self.ctx.print(f"step {self.step:>6} | {result.describe()}{mark}")
+            self.evals_since_best = 0 if improved else self.evals_since_best + 1
+            if improved:
+                self.best_dev_ppl = result.perplexity
+                save_checkpoint(os.path.join(self.output_dir, BEST_CHECKPOINT), {
+                    "format": CHECKPOINT_FORMAT,
+                    "model": self.plain_model.state_dict(),
+                    **self.model_fields,
+                    "step": self.step, "dev_perplexity": result.perplexity})
         if result is not None or not self.ctx.is_main:
             self.last_eval_step = self.step  # an interrupted one is still owed
         dist_utils.barrier(self.ctx)
@@ -522,6 +586,10 @@ class Trainer:
             kept.append((BEST_CHECKPOINT, f"best dev perplexity {self.best_dev_ppl:.6g}"))
         kept.append((METRICS_LOG, "training and dev metrics, one JSON per line"))
         return kept
+
+    def _final_eval_owed(self) -> bool:
+        """Whether the model at the current step has no finished evaluation."""
+        return self.dev_split is not None and self.last_eval_step != self.step
 
     def _eval_owed(self) -> bool:
         """Whether the evaluation due at the current step never finished."""
