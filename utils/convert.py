@@ -46,6 +46,7 @@ from utils.errors import UserError
 from utils.hf_format import (hf_name_of_openai, hf_tensor_shapes, openai_of_hf_tensors,
                              texar_of_hf_tensor, texar_to_hf_tensors, tie_output_layer)
 from utils.model import check_sizes, hparams_from_sizes
+from utils.weight_checks import check_checkpoint_weights, check_dtype, check_tensor
 from utils.processor import ENCODER_FILE, MERGES_FILE, SHIPPED_VOCAB_FILES, get_encoder, \
     vocab_files
 
@@ -105,6 +106,8 @@ def _ckpt_source(path: str, vocab_dir: Optional[str]) -> Source:
                         f"be used as it is")
     model_state = state.pop("model")
     del state  # the optimizer state, if any, is not converted
+    # What generate and train refuse in this file, convert refuses too.
+    check_checkpoint_weights(model_state, sizes, False, path)
     if vocab_dir is not None:
         vocab_files(vocab_dir)  # a half vocabulary fails now, not after the weights
     return Source("ckpt", path, sizes, vocab_dir,
@@ -125,6 +128,7 @@ def _openai_tensors(model_dir: str) -> HfTensors:
         for tf_name in reader.variables():
             if _is_ignorable_tf_variable(tf_name):
                 continue
+            check_dtype(tf_name, reader.tf_dtype(tf_name), model_dir)
             tensor = torch.from_numpy(np.ascontiguousarray(reader.read(tf_name)))
             if tf_name.endswith("/w") and tensor.dim() == 3 and tensor.shape[0] == 1:
                 tensor = tensor[0]  # Conv1D [1, in, out] -> transformers' [in, out]
@@ -156,6 +160,7 @@ def _checked(source: Source) -> HfTensors:
                             f"do not match the sizes")
         if name in seen:
             raise UserError(f"{source.path} holds tensor {name} twice")
+        check_tensor(name, tensor, source.path)
         seen.add(name)
         yield name, tensor.to(torch.float32)
     missing = sorted(set(expected) - seen)

@@ -33,8 +33,10 @@ import torch
 
 from utils.atomic import atomic_write
 from utils.errors import UserError
+from utils.json_file import read_json
 from utils.hf_format import hf_tensor_shapes, hf_to_texar_state_dict
 from utils.model import check_sizes
+from utils.weight_checks import check_tensor
 from utils.processor import (EOS_TOKEN, SHIPPED_VOCAB_FILES, Encoder, get_encoder,
                              vocab_files)
 
@@ -95,16 +97,9 @@ def detect_format(directory: str) -> str:
 # config.json
 
 def _read_json(path: str, what: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{what} {path} is missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{what} {path} is not valid JSON ({err}); download it "
-                        "again") from None
-    except OSError as err:
-        raise UserError(f"cannot read {what} {path}: {err.strerror}") from None
+    if not os.path.lexists(path):
+        raise UserError(f"{what} {path} is missing")
+    return read_json(path, what, "download it again")
 
 
 def read_hf_config(path: str) -> Dict[str, int]:
@@ -248,10 +243,10 @@ def iter_hf_tensors(directory: str, sizes: Mapping[str, int]
     files are read one tensor at a time; a `.bin` file is loaded whole."""
     expected = hf_tensor_shapes(sizes)
     for path in _weight_files(directory):
-        if path.endswith(".safetensors"):
-            yield from _safetensors_tensors(path, expected)
-        else:
-            yield from _torch_bin_tensors(path, expected)
+        read = _safetensors_tensors if path.endswith(".safetensors") else _torch_bin_tensors
+        for name, tensor in read(path, expected):
+            check_tensor(name, tensor, path)
+            yield name, tensor
 
 
 def read_hf_weights(directory: str, sizes: Mapping[str, int]) -> Dict[str, torch.Tensor]:

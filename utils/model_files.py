@@ -17,12 +17,12 @@ checkpoint reader, and the data file must be exactly as long as that index
 says. Any file that is empty or is an HTML page (a captive portal's, a
 proxy's) is refused.
 """
-import json
 import os
 import re
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 from utils.errors import UserError
+from utils.json_file import parse_json
 from utils.tf_checkpoint import REDOWNLOAD, TFCheckpointError, data_shard_sizes
 
 INDEX_FILE = "model.ckpt.index"
@@ -109,10 +109,7 @@ def _read_text(path: str) -> str:
 
 
 def _read_json_object(path: str) -> dict:
-    try:
-        value = json.loads(_read_text(path))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"is not valid JSON ({err.msg} at line {err.lineno})") from None
+    value = parse_json(_read_text(path))  # JSONProblem is a ValueError
     if not isinstance(value, dict):
         raise ValueError("is not a JSON object")
     return value

@@ -6,7 +6,6 @@ onto texar's parameter names (`openai_to_texar_plan`), checks that every
 variable and parameter is used exactly once with the right shape, and copies
 the values (`load_openai_weights`).
 """
-import json
 import os
 from typing import Any, Dict, List, Optional
 
@@ -15,7 +14,9 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
+from utils.json_file import read_json
 from utils.model import is_memory_parameter
+from utils.weight_checks import check_dtype
 
 # Bookkeeping a TF training run may leave beside the weights; never model parameters.
 _IGNORED_TF_SUFFIXES = ("/Adam", "/Adam_1")
@@ -112,6 +113,8 @@ def load_openai_weights(model: nn.Module, ckpt_prefix: str) -> None:
     with TFCheckpointReader(prefix) as reader:
         variables = {name: shape for name, (_, shape) in reader.variables().items()
                      if not _is_ignorable_tf_variable(name)}
+        for name in variables:
+            check_dtype(name, reader.tf_dtype(name), prefix)
         problems = _mapping_problems(plan, variables, params)
         if problems:
             raise UserError(f"checkpoint {prefix} does not fit the model: "
@@ -167,15 +170,10 @@ def name_lists(labelled: tuple, limit: int = 8) -> List[str]:
 def read_openai_hparams(model_dir: str) -> Dict[str, Any]:
     """The dict in `model_dir/hparams.json`, with a clear error when unusable."""
     path = os.path.join(model_dir, "hparams.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            hparams = json.load(f)
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         raise UserError(f"{path} not found: a GPT-2 model directory holds OpenAI's "
-                        f"hparams.json beside model.ckpt.*") from None
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path} is not valid JSON ({err}); re-download the "
-                        f"model files") from None
+                        f"hparams.json beside model.ckpt.*")
+    hparams = read_json(path, "model hparams", "re-download the model files")
     if not isinstance(hparams, dict):
         raise UserError(f"{path} must hold a JSON object with n_vocab, n_ctx, "
                         f"n_embd, n_head, n_layer")
