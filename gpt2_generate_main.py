@@ -14,6 +14,7 @@ otherwise from OpenAI's checkpoint in --pretrain_model_dir (downloaded there on
 first use). Runs on CUDA when present, CPU otherwise.
 """
 import argparse
+import os
 import sys
 
 import torch
@@ -30,6 +31,9 @@ DTYPES = ("float32", "bfloat16", "float16", "int8")
 # --max_decoding_length) repay compiling from the cache (~3 s at ~6 ms saved
 # per token for GPT-2 124M).
 AUTO_COMPILE_MIN_TOKENS = 1024
+# Scores are divided (or multiplied) by the penalty: 100 already bans a
+# repeated token, and 1/100 makes it all but certain.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
 def parse_args(argv=None):
@@ -57,7 +61,11 @@ def parse_args(argv=None):
                         help="Write the samples here instead of the screen: .jsonl "
                              "(one {prompt, sample, text} object a sample), .tsv "
                              "(prompt<TAB>text), or any other name for the screen's "
-                             "format. Written atomically.")
+                             "format. Written atomically; never onto a file this "
+                             "run reads.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace an existing --output_file (without it, an "
+                             "existing file is refused).")
     parser.add_argument("--stop_text", action="append", default=[],
                         help="End a sample at the first occurrence of this text, "
                              "which is left out (repeatable).")
@@ -112,6 +120,12 @@ def check_args(args) -> SamplingSettings:
     if not math.isfinite(args.repetition_penalty) or args.repetition_penalty <= 0:
         raise UserError(f"--repetition_penalty must be > 0 (got "
                         f"{args.repetition_penalty}): 1 is off, 1.2 is common")
+    low, high = REPETITION_PENALTY_RANGE
+    if not low <= args.repetition_penalty <= high:
+        raise UserError(f"--repetition_penalty must be between {low:g} and {high:g} (got "
+                        f"{args.repetition_penalty:g}): beyond them the divided scores "
+                        f"overflow or the penalty changes nothing more; 1 is off, 1.2 "
+                        f"is common")
     if args.decoding_strategy == "beam" and (args.stop_text or
                                              args.repetition_penalty != 1):
         raise UserError("--stop_text and --repetition_penalty work with sampling and "
@@ -119,6 +133,7 @@ def check_args(args) -> SamplingSettings:
                         "another --decoding_strategy")
     check_stop_texts(args.stop_text)
     check_output_path(args.output_file)
+    check_output_file(args)
     if args.conditional and not (args.is_interactive or prompted):
         raise UserError("--conditional continues sources: give them with "
                         "--is_interactive, --prompt or --prompt_file")
@@ -127,6 +142,39 @@ def check_args(args) -> SamplingSettings:
     return SamplingSettings.from_flags(
         args, batch_size=args.batch_size,
         dtype="float32" if args.dtype == "int8" else args.dtype)
+
+
+def read_paths(args):
+    """(flag, path) of everything a generate run may read: the model's files
+    (the released models' default folders when no model flag is given), the
+    prompts, the config module and the shipped vocabulary."""
+    from utils.hf_hub import is_hub_name
+    from utils.model_files import default_model_dir
+    from utils.processor import SHIPPED_VOCAB_DIR
+    from utils.weights import RELEASED_SIZES
+    paths = [("--checkpoint", args.checkpoint),
+             ("--pretrain_checkpoint's directory", os.path.dirname(
+                 os.path.abspath(args.pretrain_checkpoint)) if args.pretrain_checkpoint
+              else None),
+             ("--prompt_file", None if args.prompt_file == "-" else args.prompt_file),
+             ("--config_model", args.config_model),
+             ("the shipped vocabulary", SHIPPED_VOCAB_DIR)]
+    if args.pretrain_model_dir and not is_hub_name(args.pretrain_model_dir):
+        paths.append(("--pretrain_model_dir", args.pretrain_model_dir))
+    elif not args.pretrain_model_dir:
+        paths += [("the default model directory", default_model_dir(name))
+                  for name in RELEASED_SIZES]
+    return paths
+
+
+def check_output_file(args) -> None:
+    """--output_file is never a file this run reads, nor an existing file
+    without --overwrite (utils/output_safety.py); before any model is read."""
+    from utils.output_safety import refuse_existing_output, refuse_outputs_on_inputs
+    if args.output_file is None:
+        return
+    refuse_outputs_on_inputs([("--output_file", args.output_file)], read_paths(args))
+    refuse_existing_output(args.output_file, "--output_file", args.overwrite)
 
 
 class SampleWriter:
@@ -327,7 +375,8 @@ def write_prompt_samples(writer: SampleWriter, prompts, args) -> None:
                           contexts, nsamples=args.nsamples,
                           output_file=args.output_file, stop_texts=args.stop_text,
                           repetition_penalty=args.repetition_penalty,
-                          generator=writer.rng, end_token=writer.end_token)
+                          generator=writer.rng, end_token=writer.end_token,
+                          overwrite=args.overwrite)
     if args.output_file is not None:
         print(f"Wrote {count} samples of {len(prompts)} prompt(s) to "
               f"{args.output_file}.", file=sys.stderr)

@@ -46,6 +46,9 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
 TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 HF_VOCAB, HF_MERGES = "vocab.json", "merges.txt"
+# What write_hf_dir writes, in order (config.json last).
+HF_DIR_FILES = (SAFETENSORS, HF_VOCAB, HF_MERGES, "tokenizer_config.json",
+                "special_tokens_map.json", "generation_config.json", CONFIG)
 _OPENAI_MARKERS = ("checkpoint", "model.ckpt.index", "hparams.json")
 _WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX)
 _UNSUPPORTED_WEIGHTS = ("tf_model.h5", "flax_model.msgpack", "rust_model.ot")
@@ -399,4 +402,6 @@ def write_hf_dir(dst: str, hf_tensors: Iterable[Tuple[str, torch.Tensor]],
              CONFIG: hf_config_json(sizes, encoder.eos_id, dtype)}
     for name, value in jsons.items():  # config.json last
         _write_json(os.path.join(dst, name), value)
-    return [SAFETENSORS, HF_VOCAB, HF_MERGES, *jsons]
+    written = [SAFETENSORS, HF_VOCAB, HF_MERGES, *jsons]
+    assert written == list(HF_DIR_FILES)  # what convert_checkpoint.py claims it writes
+    return written

@@ -71,7 +71,8 @@ def weight_name_problems(state: Mapping[str, torch.Tensor], sizes: Mapping[str, 
                    and not (with_memory and is_memory_parameter(n)))
     return {"missing": sorted(set(expected) - set(state)),
             "unexpected": extra,
-            "mis-shaped": sorted(n for n in expected if n in state and
+            "mis-shaped": sorted(f"{n} {list(state[n].shape)} (need {list(expected[n])})"
+                                 for n in expected if n in state and
                                  tuple(state[n].shape) != expected[n])}
 
 

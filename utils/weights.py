@@ -65,9 +65,10 @@ FROM_HF = "huggingface"
 # ---------------------------------------------------------------------------
 # Our own checkpoints
 
-def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
-    """torch.save `state` to `path` atomically: a crash leaves the old file whole."""
-    with atomic_write(path, "wb") as f:
+def save_checkpoint(path: str, state: Dict[str, Any], replace: bool = True) -> None:
+    """torch.save `state` to `path` atomically: a crash leaves the old file whole.
+    `replace=False`: an existing file (even one created meanwhile) is kept."""
+    with atomic_write(path, "wb", replace=replace) as f:
         torch.save(state, f)
 
 
