@@ -199,7 +199,8 @@ def check_destination(dst: str, fmt: str, force: bool, src: str,
     inputs = [("SRC", src), ("--vocab_dir", vocab_dir),
               ("the shipped vocabulary", SHIPPED_VOCAB_DIR)]
     if os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst):
-        raise UserError(f"DST {dst} is SRC itself: write the conversion elsewhere")
+        raise UserError(f"DST {dst} is SRC itself, which this run reads: write the "
+                        f"conversion elsewhere")
     refuse_outputs_on_inputs([("DST", dst)] + [("DST's file", p) for p in
                                                written_paths(dst, fmt)], inputs)
     if fmt == "ckpt":
