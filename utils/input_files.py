@@ -23,7 +23,7 @@ def open_regular_file(path: str, what: str) -> BinaryIO:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise UserError(f"{what} does not exist: check the path") from None
+        raise UserError(f"cannot read {what} (it does not exist): check the path") from None
     except IsADirectoryError:
         raise UserError(f"{what} is a directory, not a file: give a file") from None
     except OSError as err:
