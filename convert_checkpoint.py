@@ -23,6 +23,7 @@ unless --vocab_dir names the one it was trained with) GPT-2's. The weights
 are written as float32. A new or empty DST is written; --force writes into a
 non-empty one, replacing only the files of the same names (see
 utils/checkpoints/convert.py). Nothing is half-written: a failure leaves DST as it was.
+DST is never a file this run reads; one conversion at a time writes a DST.
 """
 import argparse
 import os
@@ -34,6 +35,7 @@ from utils.memory import format_bytes
 from utils.checkpoints.convert import check_destination
 from utils.checkpoints.convert import open_source
 from utils.checkpoints.convert import write_destination
+from utils.checkpoints.convert import claim_destination
 from utils.model import parameter_count
 
 
@@ -70,14 +72,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     start = time.time()
-    check_destination(args.dst, args.format, args.force, args.src)
-    source = open_source(args.src, args.vocab_dir)
-    if args.vocab_dir is not None and source.kind != "ckpt":
-        print(f"note: --vocab_dir is for a .ckpt SRC; {args.src} has its own "
-              f"vocabulary or GPT-2's", file=sys.stderr)
-    print(f"Converting {source.describe()}, {parameter_count(source.sizes):,} "
-          f"parameters, to {args.format} in {args.dst}.", file=sys.stderr)
-    written = write_destination(source, args.dst, args.format)
+    checks = (args.dst, args.format, args.force, args.src, args.vocab_dir)
+    check_destination(*checks)  # before SRC is read
+    with claim_destination(args.dst, args.format) as claim:
+        check_destination(*checks)  # again, now that no other run can write DST
+        source = open_source(args.src, args.vocab_dir)
+        if args.vocab_dir is not None and source.kind != "ckpt":
+            print(f"note: --vocab_dir is for a .ckpt SRC; {args.src} has its own "
+                  f"vocabulary or GPT-2's", file=sys.stderr)
+        print(f"Converting {source.describe()}, {parameter_count(source.sizes):,} "
+              f"parameters, to {args.format} in {args.dst}.", file=sys.stderr)
+        written = write_destination(source, args.dst, args.format, claim, args.force)
     print(f"Wrote {args.dst} ({args.format}):")
     print(_summary(written, time.time() - start))
     return 0

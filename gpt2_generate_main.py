@@ -14,6 +14,7 @@ otherwise from OpenAI's checkpoint in --pretrain_model_dir (downloaded there on
 first use). Runs on CUDA when present, CPU otherwise.
 """
 import argparse
+import os
 import sys
 
 import torch
@@ -44,12 +45,20 @@ from utils.decoding.compiling import freeze_garbage_collector, timed_compile_ste
 from utils.samples.prompts import Prompt
 from utils.samples.prompts import encode_prompts
 from utils.samples.prompts import write_samples
+from utils.checkpoints.hf_hub import is_hub_name
+from utils.checkpoints.openai_files import default_model_dir
+from utils.processor import SHIPPED_VOCAB_DIR
+from utils.checkpoints.weights import RELEASED_SIZES
+from utils.output_safety import refuse_existing_output
+from utils.output_safety import refuse_outputs_on_inputs
 
 DTYPES = ("float32", "bfloat16", "float16", "int8")
 # --compile auto: sessions decoding at least this many tokens (samples x
 # --max_decoding_length) repay compiling from the cache (~3 s at ~6 ms saved
 # per token for GPT-2 124M).
 AUTO_COMPILE_MIN_TOKENS = 1024
+# Scores are divided (or multiplied) by the penalty: 100 already bans a
+# repeated token, and 1/100 makes it all but certain.
 
 
 def parse_args(argv=None):
@@ -77,7 +86,11 @@ def parse_args(argv=None):
                         help="Write the samples here instead of the screen: .jsonl "
                              "(one {prompt, sample, text} object a sample), .tsv "
                              "(prompt<TAB>text), or any other name for the screen's "
-                             "format. Written atomically.")
+                             "format. Written atomically; never onto a file this "
+                             "run reads.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace an existing --output_file (without it, an "
+                             "existing file is refused).")
     parser.add_argument("--stop_text", action="append", default=[],
                         help="End a sample at the first occurrence of this text, "
                              "which is left out (repeatable).")
@@ -130,6 +143,7 @@ def check_args(args) -> SamplingSettings:
                             bool(args.stop_text))
     check_stop_texts(args.stop_text)
     check_output_path(args.output_file)
+    check_output_file(args)
     if args.conditional and not (args.is_interactive or prompted):
         raise UserError("--conditional continues sources: give them with "
                         "--is_interactive, --prompt or --prompt_file")
@@ -138,6 +152,34 @@ def check_args(args) -> SamplingSettings:
     return SamplingSettings.from_flags(
         args, batch_size=args.batch_size,
         dtype="float32" if args.dtype == "int8" else args.dtype)
+
+
+def read_paths(args):
+    """(flag, path) of everything a generate run may read: the model's files
+    (the released models' default folders when no model flag is given), the
+    prompts, the config module and the shipped vocabulary."""
+    paths = [("--checkpoint", args.checkpoint),
+             ("--pretrain_checkpoint's directory", os.path.dirname(
+                 os.path.abspath(args.pretrain_checkpoint)) if args.pretrain_checkpoint
+              else None),
+             ("--prompt_file", None if args.prompt_file == "-" else args.prompt_file),
+             ("--config_model", args.config_model),
+             ("the shipped vocabulary", SHIPPED_VOCAB_DIR)]
+    if args.pretrain_model_dir and not is_hub_name(args.pretrain_model_dir):
+        paths.append(("--pretrain_model_dir", args.pretrain_model_dir))
+    elif not args.pretrain_model_dir:
+        paths += [("the default model directory", default_model_dir(name))
+                  for name in RELEASED_SIZES]
+    return paths
+
+
+def check_output_file(args) -> None:
+    """--output_file is never a file this run reads, nor an existing file
+    without --overwrite (utils/output_safety.py); before any model is read."""
+    if args.output_file is None:
+        return
+    refuse_outputs_on_inputs([("--output_file", args.output_file)], read_paths(args))
+    refuse_existing_output(args.output_file, "--output_file", args.overwrite)
 
 
 class SampleWriter:
@@ -324,7 +366,8 @@ def write_prompt_samples(writer: SampleWriter, prompts, args) -> None:
                           contexts, nsamples=args.nsamples,
                           output_file=args.output_file, stop_texts=args.stop_text,
                           repetition_penalty=args.repetition_penalty,
-                          generator=writer.rng, end_token=writer.end_token)
+                          generator=writer.rng, end_token=writer.end_token,
+                          overwrite=args.overwrite)
     if args.output_file is not None:
         print(f"Wrote {count} samples of {len(prompts)} prompt(s) to "
               f"{args.output_file}.", file=sys.stderr)

@@ -47,6 +47,7 @@ from utils.data.prepare import prepare_output_dir
 from utils.data.pack import pack_split
 from utils.data.prepare import prepare_split
 from utils.data.split_output import hold_out_lines
+from utils.output_safety import refuse_outputs_on_inputs
 
 DEFAULT_PRETRAIN_MODEL_DIR = default_model_dir(DEFAULT_MODEL)
 
@@ -61,8 +62,10 @@ def parse_args(argv=None):
                              "longer lines are cut (default 128).")
     parser.add_argument("--output_dir", "--tfrecord_output_dir", dest="output_dir",
                         default=None,
-                        help="Where <split>.npy go (default: --data_dir). "
-                             "--tfrecord_output_dir is accepted as an alias.")
+                        help="Where <split>.npy go (default: --data_dir); existing "
+                             "<split>.npy there are replaced, and none may be a "
+                             "file this run reads. --tfrecord_output_dir is "
+                             "accepted as an alias.")
     parser.add_argument("--pretrain_model_dir", default=None,
                         help="Model directory whose encoder.json and vocab.bpe "
                              "(or a Hugging Face directory's vocab.json and "
@@ -206,6 +209,19 @@ def check_input(path, progress):
         check_text_file(path, progress)
 
 
+def check_outputs_not_inputs(args, inputs, output_dir, outputs):
+    """No <split>.npy may be a file this run reads (a link onto train.txt, the
+    vocabulary): refused before anything is read (utils/output_safety.py).
+    Existing .npy files are replaced: they are this script's own output, and
+    the documented default (see --output_dir)."""
+    read = [(f"the {split} split", path) for split, path in inputs.items()]
+    read += [("--pretrain_model_dir", args.pretrain_model_dir),
+             ("the default vocabulary", DEFAULT_PRETRAIN_MODEL_DIR),
+             ("the shipped vocabulary", SHIPPED_VOCAB_DIR)]
+    refuse_outputs_on_inputs([("output", split_data_path(output_dir, split))
+                              for split in outputs], read)
+
+
 def prepare(args) -> int:
 
     check_max_seq_length(args.max_seq_length)
@@ -224,6 +240,7 @@ def prepare(args) -> int:
         if os.path.isdir(out_path):
             raise UserError(f"{out_path} is a directory: move it away, or give "
                             f"another --output_dir")
+    check_outputs_not_inputs(args, inputs, output_dir, outputs)
     vocab_dir, vocab_label = vocab_dir_and_label(args.pretrain_model_dir)
     how = "packed into windows" if args.pack else "one example per line"
     print(f"Encoding {', '.join(os.path.basename(p) for p in inputs.values())} from "

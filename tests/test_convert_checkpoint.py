@@ -291,4 +291,4 @@ def test_mismatched_ckpt_shapes_are_one_line(tmp_path, capsys):
     state["model"]["decoder.self_attns.0.O_dense.bias"] = torch.zeros(5)
     torch.save(state, tmp_path / "bad.ckpt")
     one_line_error(capsys, [tmp_path / "bad.ckpt", tmp_path / "out", "--format", "hf"],
-                   "transformer.h.0.attn.c_proj.bias has shape [5]", "need [8]")
+                   "decoder.self_attns.0.O_dense.bias [5]", "need [8]")

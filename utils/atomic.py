@@ -112,12 +112,33 @@ def new_temp_path(path: str) -> str:
     return tmp_path
 
 
+def _publish_new(tmp_path: str, path: str) -> None:
+    """Move the finished temporary file to `path` only if nothing is there: a
+    hard link fails when `path` exists, so a file another run created while
+    this one wrote is never replaced."""
+    try:
+        os.link(tmp_path, path)
+    except FileExistsError:
+        raise UserError(f"{path} was created by another run while this one wrote it: "
+                        f"kept that file; run again with another path, or pass the "
+                        f"flag that allows replacing it") from None
+    except OSError:  # a filesystem without hard links: check, then rename
+        if os.path.lexists(path):
+            raise UserError(f"{path} was created by another run while this one wrote "
+                            f"it: kept that file; run again with another path") from None
+        os.replace(tmp_path, path)
+        return
+    os.remove(tmp_path)
+
+
 @contextmanager
-def atomic_write(path: str, mode: str = "wb", **open_kwargs):
+def atomic_write(path: str, mode: str = "wb", replace: bool = True, **open_kwargs):
     """`with atomic_write(p, "w", encoding="utf-8") as f: f.write(...)`.
 
     A full disk (or another disk failure) while writing is raised as an
-    OSError naming `path`, whatever layer reported it.
+    OSError naming `path`, whatever layer reported it. With `replace=False` an
+    existing `path` is never replaced, even one created while writing
+    (a UserError; the new data is discarded).
     """
     fd, tmp_path = _create_temp(path)
     try:
@@ -125,7 +146,10 @@ def atomic_write(path: str, mode: str = "wb", **open_kwargs):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp_path, path)
+        if replace:
+            os.replace(tmp_path, path)
+        else:
+            _publish_new(tmp_path, path)
     except BaseException as err:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)

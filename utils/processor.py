@@ -39,7 +39,6 @@ tiktoken and Hugging Face `tokenizers` in tests/test_processor.py), including:
   characters of Unicode 14.0 and earlier give identical ids.
 """
 import heapq
-import json
 import operator
 import os
 from itertools import chain, repeat
@@ -48,6 +47,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import regex
 
 from utils.errors import UserError
+from utils.input_files import read_regular_file
+from utils.json_file import MAX_JSON_BYTES, JSONProblem, parse_json
 
 EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 50256  # id of EOS_TOKEN in GPT-2's encoder.json; GPT-2's BOS/EOS/PAD
@@ -198,7 +199,7 @@ class Encoder:
     @classmethod
     def from_files(cls, encoder_path: str, merges_path: str) -> "Encoder":
         """Load and check `encoder.json` and `vocab.bpe`; any problem is a UserError."""
-        fix = _fix_hint(os.path.dirname(encoder_path))
+        fix = _fix_hint(encoder_path, merges_path)
         encoder = _read_encoder_json(encoder_path, fix)
         merges = _read_merges(merges_path, fix)
         try:
@@ -405,36 +406,38 @@ def _file_stamp(path: str) -> Optional[tuple]:
     return (st.st_size, st.st_mtime_ns)
 
 
-def _fix_hint(vocab_dir: str) -> str:
+def _fix_hint(encoder_path: str, merges_path: str) -> str:
+    """The fix for a bad tokenizer file, naming the two files as this
+    directory names them (encoder.json/vocab.bpe, or vocab.json/merges.txt)."""
+    vocab_dir = os.path.dirname(encoder_path)
     if os.path.realpath(vocab_dir) == os.path.realpath(SHIPPED_VOCAB_DIR):
         return ("restore the shipped files with "
                 "`git checkout -- utils/gpt2_vocab`")
-    return (f"re-download {ENCODER_FILE} and {MERGES_FILE} with the model, or "
-            f"delete both from {vocab_dir} to use the GPT-2 vocabulary shipped "
-            f"in utils/gpt2_vocab/")
+    names = f"{os.path.basename(encoder_path)} and {os.path.basename(merges_path)}"
+    return (f"re-download {names} with the model, or delete both from {vocab_dir} "
+            f"to use the GPT-2 vocabulary shipped in utils/gpt2_vocab/")
 
 
 def _read_text(path: str, fix: str) -> str:
+    if not os.path.lexists(path):
+        raise UserError(f"tokenizer file {path} is missing; {fix}")
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise UserError(f"tokenizer file {path} is missing; {fix}") from None
+        data = read_regular_file(path, f"tokenizer file {path}", MAX_JSON_BYTES)
+    except UserError as err:
+        raise UserError(f"{err}; {fix}") from None
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise UserError(f"tokenizer file {path} is not UTF-8 text ({err.reason} "
                         f"at byte {err.start}); {fix}") from None
-    except OSError as err:
-        raise UserError(f"cannot read tokenizer file {path}: "
-                        f"{err.strerror or err}; {fix}") from None
 
 
 def _read_encoder_json(path: str, fix: str) -> Dict[str, int]:
     text = _read_text(path, fix)
     try:
-        encoder = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"tokenizer file {path} is corrupt: not valid JSON "
-                        f"({err.msg} at line {err.lineno}); {fix}") from None
+        encoder = parse_json(text)
+    except JSONProblem as err:
+        raise UserError(f"tokenizer file {path} is corrupt: it {err}; {fix}") from None
     if not isinstance(encoder, dict) or not encoder:
         raise UserError(f"tokenizer file {path} is corrupt: expected a JSON "
                         f"object mapping tokens to ids; {fix}")

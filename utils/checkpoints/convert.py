@@ -20,20 +20,23 @@ one tensor at a time; a `.ckpt` or `pytorch_model.bin` source is loaded
 whole (torch.load has no other way), and a "ckpt" destination is one state
 dict, so those hold one copy of the model, never two.
 
-Writing: a directory is built in a staging directory beside DST, and only
-once complete moved into place: renamed to DST when DST did not exist, else
-its files moved in one by one (config.json or `checkpoint`, which make the
-directory a model for readers, last). So a failure part-way (a bad tensor
-found late, a full disk) leaves DST as it was. DST must be new or empty;
+Writing: DST is claimed first (utils/dir_claim.py: created if new, locked,
+so a second conversion into it stops at once), then built in a staging
+folder inside DST (its own filesystem, even for a mount point) and only once
+complete its files moved in one by one (config.json or `checkpoint`, which
+make the directory a model for readers, last). So a failure part-way (a bad
+tensor found late, a full disk) leaves DST as it was. Nothing written may be
+a file the run reads (utils/output_safety.py). DST must be new or empty;
 with force, the files this conversion writes replace those of the same name
 and every other file is left as it was, but a DST holding a model of the
-other format is still refused (the two would be ambiguous). A "ckpt" DST is
-one file, written atomically.
+other format is still refused (the two would be ambiguous), as is a
+directory where a file of ours goes. A "ckpt" DST is one file, written
+atomically, replacing an existing one only with force.
 """
+import contextlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -41,11 +44,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.atomic import current_umask, atomic_write
+from utils.atomic import atomic_write
 from utils.errors import UserError
+from utils.checkpoints.hf_dir import HF_DIR_FILES
 from utils.checkpoints.hf_names import (hf_name_of_openai, hf_tensor_shapes, openai_of_hf_tensors,
                              texar_of_hf_tensor, texar_to_hf_tensors, tie_output_layer)
 from utils.model import check_sizes, hparams_from_sizes
+from utils.checkpoints.weight_checks import check_checkpoint_weights, check_dtype, check_tensor
 from utils.processor import ENCODER_FILE, MERGES_FILE, SHIPPED_VOCAB_FILES, get_encoder, \
     vocab_files
 from utils.checkpoints.hf_hub import fetch_hub_model
@@ -68,6 +73,12 @@ from utils.checkpoints.tf_writer import write_tf_checkpoint_dir
 from utils.checkpoints.weights import CHECKPOINT_FORMAT
 from utils.checkpoints.weights import checkpoint_model_fields
 from utils.checkpoints.weights import save_checkpoint
+from utils.dir_claim import check_directory_target
+from utils.dir_claim import is_bookkeeping
+from utils.output_safety import refuse_existing_output
+from utils.output_safety import refuse_outputs_on_inputs
+from utils.processor import SHIPPED_VOCAB_DIR
+from utils.dir_claim import DirectoryClaim
 
 FORMATS = ("hf", "openai", "ckpt")
 HfTensors = Iterator[Tuple[str, torch.Tensor]]
@@ -121,6 +132,8 @@ def _ckpt_source(path: str, vocab_dir: Optional[str]) -> Source:
                         f"be used as it is")
     model_state = state.pop("model")
     del state  # the optimizer state, if any, is not converted
+    # What generate and train refuse in this file, convert refuses too.
+    check_checkpoint_weights(model_state, sizes, False, path)
     if vocab_dir is not None:
         vocab_files(vocab_dir)  # a half vocabulary fails now, not after the weights
     return Source("ckpt", path, sizes, vocab_dir,
@@ -138,6 +151,7 @@ def _openai_tensors(model_dir: str) -> HfTensors:
         for tf_name in reader.variables():
             if is_ignorable_tf_variable(tf_name):
                 continue
+            check_dtype(tf_name, reader.tf_dtype(tf_name), model_dir)
             tensor = torch.from_numpy(np.ascontiguousarray(reader.read(tf_name)))
             if tf_name.endswith("/w") and tensor.dim() == 3 and tensor.shape[0] == 1:
                 tensor = tensor[0]  # Conv1D [1, in, out] -> transformers' [in, out]
@@ -168,6 +182,7 @@ def _checked(source: Source) -> HfTensors:
                             f"do not match the sizes")
         if name in seen:
             raise UserError(f"{source.path} holds tensor {name} twice")
+        check_tensor(name, tensor, source.path)
         seen.add(name)
         yield name, tensor.to(torch.float32)
     missing = sorted(set(expected) - seen)
@@ -179,21 +194,39 @@ def _checked(source: Source) -> HfTensors:
 # ---------------------------------------------------------------------------
 # Destinations
 
-def check_destination(dst: str, fmt: str, force: bool, src: str) -> None:
-    """Refuse, before anything is read, a DST that cannot or may not be written."""
+def written_paths(dst: str, fmt: str) -> List[str]:
+    """The paths a conversion to `fmt` writes (DST itself for a ckpt)."""
+    if fmt == "ckpt":
+        return [dst]
+    return [os.path.join(dst, n) for n in (HF_DIR_FILES if fmt == "hf" else _OPENAI_FILES)]
+
+
+def check_destination(dst: str, fmt: str, force: bool, src: str,
+                      vocab_dir: Optional[str] = None) -> None:
+    """Refuse, before anything is read, a DST that cannot or may not be written:
+    one that is (or would replace) a file this run reads, an existing one
+    without --force, a path of the wrong kind. Called again under the claim."""
+    if dst.strip() == "":
+        raise UserError("DST is empty: give the path to write")
+    if os.path.islink(dst) and not os.path.exists(dst):
+        raise UserError(f"DST {dst} is a symbolic link to {os.readlink(dst)}, which does "
+                        f"not exist: remove the link or give the path to write")
+    inputs = [("SRC", src), ("--vocab_dir", vocab_dir),
+              ("the shipped vocabulary", SHIPPED_VOCAB_DIR)]
     if os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst):
-        raise UserError(f"DST {dst} is SRC itself: write the conversion elsewhere")
+        raise UserError(f"DST {dst} is SRC itself, which this run reads: write the "
+                        f"conversion elsewhere")
+    refuse_outputs_on_inputs([("DST", dst)] + [("DST's file", p) for p in
+                                               written_paths(dst, fmt)], inputs)
     if fmt == "ckpt":
         if os.path.isdir(dst):
             raise UserError(f"DST {dst} is a directory: --format ckpt writes one file, "
                             f"e.g. {os.path.join(dst, 'model.ckpt')}")
-        if os.path.exists(dst) and not force:
-            raise UserError(f"DST {dst} exists: pass --force to replace it, or choose "
-                            f"another path")
+        refuse_existing_output(dst, "DST", force, "--force")
         return
-    if os.path.exists(dst) and not os.path.isdir(dst):
-        raise UserError(f"DST {dst} is a file: --format {fmt} writes a directory")
-    held = sorted(os.listdir(dst)) if os.path.isdir(dst) else []
+    check_directory_target(dst, "DST")
+    held = sorted(n for n in os.listdir(dst) if not is_bookkeeping(n)) \
+        if os.path.isdir(dst) else []
     if held and not force:
         listing = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         raise UserError(f"DST {dst} is not empty (it holds {listing}): pass --force to "
@@ -205,34 +238,36 @@ def check_destination(dst: str, fmt: str, force: bool, src: str) -> None:
         raise UserError(f"DST {dst} holds a model in {other} format ({', '.join(clash)}): "
                         f"writing {fmt} beside it would make it ambiguous; choose "
                         f"another directory")
+    blocking = [p for p in written_paths(dst, fmt)
+                if os.path.lexists(p) and not os.path.islink(p) and not os.path.isfile(p)]
+    if blocking:
+        raise UserError(f"DST {dst} holds {blocking[0]}, which is not a file (a "
+                        f"directory?), where this conversion writes its "
+                        f"{os.path.basename(blocking[0])}: move it away, or choose "
+                        f"another directory")
 
 
-def write_destination(source: Source, dst: str, fmt: str) -> List[str]:
-    """Write `source` into `dst` as `fmt`; the paths written, in order."""
+def claim_destination(dst: str, fmt: str):
+    """The exclusive claim on a directory DST (utils/dir_claim.py) to hold
+    while converting; a no-op for a ckpt file, which is published without
+    replacing a file another run created (atomic_write(replace=False))."""
     if fmt == "ckpt":
-        _write_ckpt(source, dst)
+        return contextlib.nullcontext()
+    return DirectoryClaim(dst, "DST")
+
+
+def write_destination(source: Source, dst: str, fmt: str, claim=None,
+                      force: bool = False) -> List[str]:
+    """Write `source` into `dst` as `fmt`; the paths written, in order. A
+    directory is written under `claim` (claim_destination's); a ckpt file
+    replaces an existing one only with `force`."""
+    if fmt == "ckpt":
+        _write_ckpt(source, dst, force)
         return [dst]
-    parent = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.",
-                             suffix=".converting", dir=parent)
-    os.chmod(stage, 0o777 & ~current_umask())  # mkdtemp's 0700 would be kept by the rename
-    try:
-        names = (_write_hf(source, stage) if fmt == "hf" else _write_openai(source, stage))
-        _publish(stage, dst, names, _MARKER[fmt])
-    finally:
-        if os.path.isdir(stage):
-            shutil.rmtree(stage)
+    stage = claim.new_stage()
+    names = (_write_hf(source, stage) if fmt == "hf" else _write_openai(source, stage))
+    claim.publish(stage, names, _MARKER[fmt])
     return [os.path.join(dst, n) for n in names]
-
-
-def _publish(stage: str, dst: str, names: List[str], marker: str) -> None:
-    """Move the complete staged model into dst (see the module docstring)."""
-    if not os.path.exists(dst):
-        os.rename(stage, dst)
-        return
-    for name in sorted(names, key=lambda n: n == marker):  # the marker last
-        os.replace(os.path.join(stage, name), os.path.join(dst, name))
 
 
 def _write_hf(source: Source, directory: str) -> List[str]:
@@ -261,7 +296,7 @@ def _vocab_files(source: Source) -> Tuple[str, str]:
     return files
 
 
-def _write_ckpt(source: Source, path: str) -> None:
+def _write_ckpt(source: Source, path: str, force: bool = False) -> None:
     n_layer = source.sizes["n_layer"]
     state: Dict[str, torch.Tensor] = {}
     for name, tensor in _checked(source):
@@ -269,4 +304,5 @@ def _write_ckpt(source: Source, path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     save_checkpoint(path, {"model": tie_output_layer(state), "format": CHECKPOINT_FORMAT,
-                           **checkpoint_model_fields(hparams_from_sizes(source.sizes))})
+                           **checkpoint_model_fields(hparams_from_sizes(source.sizes))},
+                    replace=force)

@@ -36,7 +36,9 @@ from utils.errors import UserError
 from utils.checkpoints.hf_names import hf_tensor_shapes, hf_to_texar_state_dict
 from utils.checkpoints.openai_files import HPARAMS_FILE, INDEX_FILE
 from utils.checkpoints.tf_reader import STATE_FILE
+from utils.json_file import read_json
 from utils.model import check_sizes
+from utils.checkpoints.weight_checks import check_tensor
 from utils.processor import (EOS_TOKEN, SHIPPED_VOCAB_FILES, Encoder, get_encoder,
                              vocab_files)
 
@@ -46,6 +48,9 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
 TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 HF_VOCAB, HF_MERGES = "vocab.json", "merges.txt"
+# What write_hf_dir writes, in order (config.json last).
+HF_DIR_FILES = (SAFETENSORS, HF_VOCAB, HF_MERGES, "tokenizer_config.json",
+                "special_tokens_map.json", "generation_config.json", CONFIG)
 _OPENAI_MARKERS = (STATE_FILE, INDEX_FILE, HPARAMS_FILE)
 _WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX)
 _UNSUPPORTED_WEIGHTS = ("tf_model.h5", "flax_model.msgpack", "rust_model.ot")
@@ -97,16 +102,9 @@ def detect_format(directory: str) -> str:
 # config.json
 
 def _read_json(path: str, what: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{what} {path} is missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{what} {path} is not valid JSON ({err}); download it "
-                        "again") from None
-    except OSError as err:
-        raise UserError(f"cannot read {what} {path}: {err.strerror}") from None
+    if not os.path.lexists(path):
+        raise UserError(f"{what} {path} is missing")
+    return read_json(path, what, "download it again")
 
 
 def read_hf_config(path: str) -> Dict[str, int]:
@@ -250,10 +248,10 @@ def iter_hf_tensors(directory: str, sizes: Mapping[str, int]
     files are read one tensor at a time; a `.bin` file is loaded whole."""
     expected = hf_tensor_shapes(sizes)
     for path in _weight_files(directory):
-        if path.endswith(".safetensors"):
-            yield from _safetensors_tensors(path, expected)
-        else:
-            yield from _torch_bin_tensors(path, expected)
+        read = _safetensors_tensors if path.endswith(".safetensors") else _torch_bin_tensors
+        for name, tensor in read(path, expected):
+            check_tensor(name, tensor, path)
+            yield name, tensor
 
 
 def read_hf_weights(directory: str, sizes: Mapping[str, int]) -> Dict[str, torch.Tensor]:
@@ -406,4 +404,6 @@ def write_hf_dir(dst: str, hf_tensors: Iterable[Tuple[str, torch.Tensor]],
              CONFIG: hf_config_json(sizes, encoder.eos_id, dtype)}
     for name, value in jsons.items():  # config.json last
         _write_json(os.path.join(dst, name), value)
-    return [SAFETENSORS, HF_VOCAB, HF_MERGES, *jsons]
+    written = [SAFETENSORS, HF_VOCAB, HF_MERGES, *jsons]
+    assert written == list(HF_DIR_FILES)  # what convert_checkpoint.py claims it writes
+    return written

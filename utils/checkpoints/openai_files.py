@@ -17,7 +17,6 @@ checkpoint reader, and the data file must be exactly as long as that index
 says. Any file that is empty or is an HTML page (a captive portal's, a
 proxy's) is refused.
 """
-import json
 import os
 import re
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
@@ -27,6 +26,7 @@ from utils.checkpoints.tf_reader import (DEFAULT_PREFIX, REDOWNLOAD, STATE_FILE,
 from utils.errors import UserError
 from utils.model import SIZE_KEYS
 from utils.processor import ENCODER_FILE, MERGES_FILE
+from utils.json_file import parse_json
 
 # OpenAI's seven files: TF's state file and checkpoint bundle, the sizes,
 # and the vocabulary (named in utils/processor.py).
@@ -115,10 +115,7 @@ def _read_text(path: str) -> str:
 
 
 def _read_json_object(path: str) -> dict:
-    try:
-        value = json.loads(_read_text(path))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"is not valid JSON ({err.msg} at line {err.lineno})") from None
+    value = parse_json(_read_text(path))  # JSONProblem is a ValueError
     if not isinstance(value, dict):
         raise ValueError("is not a JSON object")
     return value

@@ -6,7 +6,6 @@ onto texar's parameter names (`openai_to_texar_plan`), checks that every
 variable and parameter is used exactly once with the right shape, and copies
 the values (`load_openai_weights`).
 """
-import json
 import os
 from typing import Any, Dict, List, Optional
 
@@ -15,10 +14,12 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
+from utils.json_file import read_json
 from utils.model import is_memory_parameter
 from utils.checkpoints.openai_files import HPARAMS_FILE
 from utils.checkpoints.tf_reader import TFCheckpointReader
 from utils.checkpoints.tf_reader import resolve_checkpoint_prefix
+from utils.checkpoints.weight_checks import check_dtype, name_lists
 
 # Bookkeeping a TF training run may leave beside the weights; never model parameters.
 _IGNORED_TF_SUFFIXES = ("/Adam", "/Adam_1")
@@ -114,6 +115,8 @@ def load_openai_weights(model: nn.Module, ckpt_prefix: str) -> None:
     with TFCheckpointReader(prefix) as reader:
         variables = {name: shape for name, (_, shape) in reader.variables().items()
                      if not is_ignorable_tf_variable(name)}
+        for name in variables:
+            check_dtype(name, reader.tf_dtype(name), prefix)
         problems = _mapping_problems(plan, variables, params)
         if problems:
             raise UserError(f"checkpoint {prefix} does not fit the model: "
@@ -156,28 +159,13 @@ def _mapping_problems(plan: Dict[str, List[tuple]], variables: Dict[str, tuple],
                         ("mis-shaped", misshaped)))
 
 
-def name_lists(labelled: tuple, limit: int = 8) -> List[str]:
-    """'label: a, b and 3 more' for each non-empty list of names."""
-    phrases = []
-    for label, names in labelled:
-        if names:
-            more = f" and {len(names) - limit} more" if len(names) > limit else ""
-            phrases.append(f"{label}: {', '.join(names[:limit])}{more}")
-    return phrases
-
-
 def read_openai_hparams(model_dir: str) -> Dict[str, Any]:
     """The dict in `model_dir/hparams.json`, with a clear error when unusable."""
     path = os.path.join(model_dir, HPARAMS_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            hparams = json.load(f)
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         raise UserError(f"{path} not found: a GPT-2 model directory holds OpenAI's "
-                        f"hparams.json beside model.ckpt.*") from None
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path} is not valid JSON ({err}); re-download the "
-                        f"model files") from None
+                        f"hparams.json beside model.ckpt.*")
+    hparams = read_json(path, "model hparams", "re-download the model files")
     if not isinstance(hparams, dict):
         raise UserError(f"{path} must hold a JSON object with n_vocab, n_ctx, "
                         f"n_embd, n_head, n_layer")

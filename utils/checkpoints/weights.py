@@ -39,6 +39,7 @@ from utils.checkpoints import openai_weights
 from utils.atomic import atomic_write
 from utils.errors import UserError
 from utils.memory import require_memory
+from utils.checkpoints.weight_checks import check_checkpoint_weights, check_finite
 from utils.model import (build_model, build_peak_bytes, check_dropout, check_sizes,
                          check_sizes_agree, config_with_memory, hparams_from_openai,
                          hparams_from_sizes, is_memory_parameter, load_model_hparams,
@@ -78,9 +79,10 @@ FROM_HF = "huggingface"
 # ---------------------------------------------------------------------------
 # Our own checkpoints
 
-def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
-    """torch.save `state` to `path` atomically: a crash leaves the old file whole."""
-    with atomic_write(path, "wb") as f:
+def save_checkpoint(path: str, state: Dict[str, Any], replace: bool = True) -> None:
+    """torch.save `state` to `path` atomically: a crash leaves the old file whole.
+    `replace=False`: an existing file (even one created meanwhile) is kept."""
+    with atomic_write(path, "wb", replace=replace) as f:
         torch.save(state, f)
 
 
@@ -369,6 +371,9 @@ def load_weights(resolved: ResolvedModel) -> LoadedModel:
         hf_hub.fetch_hub_model(resolved.hub_name, weights=True,
                                revision=hf_hub.snapshot_revision(resolved.path))
     _check_vocabulary(sizes["n_vocab"], resolved.vocab_dir, source)
+    if resolved.origin == FROM_CHECKPOINT:  # convert_checkpoint.py checks the same
+        check_checkpoint_weights(resolved.model_state, sizes, resolved.with_memory,
+                                 resolved.path)
     # Where every weight comes from files (strict loads below), texar's random
     # start is skipped; a random model and memory mode's fresh cross-attention
     # need it.
@@ -410,10 +415,7 @@ def _require_build_memory(sizes: Dict[str, int], source: str) -> None:
 def _refuse_non_finite(model: nn.Module, source: str) -> None:
     """A NaN or inf weight makes every output NaN: refuse it at load time."""
     for name, param in model.named_parameters():
-        if not bool(torch.isfinite(param).all()):
-            raise UserError(f"{source} has non-finite weights (NaN or inf), first in "
-                            f"{name}: it cannot be used; load an earlier checkpoint "
-                            f"saved before the loss went non-finite")
+        check_finite(name, param, source)
 
 
 def _load_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],

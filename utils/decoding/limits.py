@@ -24,6 +24,8 @@ MAX_SEED = 2 ** 32 - 1
 # overflows a float (or underflows to 0) for lengths within GPT-2's 1024.
 LENGTH_PENALTY_LIMIT = 10.0
 DECODING_STRATEGIES = ("greedy", "sample", "beam")
+# Beyond these a divided score overflows float32, or the penalty changes nothing more.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 GENERATION_MEMORY_FIX = ("use a smaller --batch_size, --beam_width or "
                          "--max_decoding_length, or --dtype bfloat16")
 
@@ -64,6 +66,12 @@ def check_penalty_and_stops(strategy: str, repetition_penalty: float,
     if not math.isfinite(repetition_penalty) or repetition_penalty <= 0:
         raise UserError(f"--repetition_penalty must be > 0 (got "
                         f"{repetition_penalty}): 1 is off, 1.2 is common")
+    low, high = REPETITION_PENALTY_RANGE
+    if not low <= repetition_penalty <= high:
+        raise UserError(f"--repetition_penalty must be between {low:g} and {high:g} (got "
+                        f"{repetition_penalty:g}): beyond them the divided scores "
+                        f"overflow or the penalty changes nothing more; 1 is off, 1.2 "
+                        f"is common")
     if strategy == "beam" and (stops or repetition_penalty != 1):
         raise UserError("--stop_text and --repetition_penalty work with sampling and "
                         "greedy decoding, not beam search: drop them or choose "

@@ -62,14 +62,15 @@ class SampleSink:
 
 
 @contextlib.contextmanager
-def open_output(path):
-    """A SampleSink on stdout (path None) or on an atomically written file."""
+def open_output(path, overwrite: bool = False):
+    """A SampleSink on stdout (path None) or on an atomically written file
+    (an existing one replaced only with `overwrite`)."""
     fmt = output_format(path)
     if path is None:
         yield SampleSink(sys.stdout, fmt)
         sys.stdout.flush()
         return
-    with atomic_write(path, "w", encoding="utf-8", newline="\n") as f:
+    with atomic_write(path, "w", replace=overwrite, encoding="utf-8", newline="\n") as f:
         yield SampleSink(f, fmt)
 
 

@@ -7,8 +7,6 @@ prompt: the rows (prompt, sample) are taken in order, --batch_size at a time,
 so rows of different prompts share a batch (the engine left-pads them; each
 row decodes as it would alone).
 """
-import os
-import sys
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence
 
@@ -22,6 +20,10 @@ from utils.decoding.limits import out_of_memory_as_user_error
 from utils.samples.output import open_output
 from utils.decoding.stop_text import StopTexts
 from utils.decoding.stop_text import cut_at_stop
+from utils.input_files import read_regular_file, read_stdin
+
+# Far more prompts than a run can continue (each one fits in 1024 tokens).
+MAX_PROMPT_FILE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,25 @@ class Prompt:
 
 def read_prompts(texts: Sequence[str], prompt_file: Optional[str]) -> List[Prompt]:
     prompts = [Prompt(text, f"--prompt {i + 1}") for i, text in enumerate(texts)
-               if text.strip() or _empty_prompt(i)]
+               if _utf8_prompt(i, text) and (text.strip() or _empty_prompt(i))]
     if prompt_file is not None:
         prompts += _file_prompts(prompt_file)
     return prompts
+
+
+def _utf8_prompt(index: int, text: str) -> bool:
+    """A command-line argument's bytes that are not UTF-8 reach Python as lone
+    surrogates (U+DC80-U+DCFF stand for the bytes 0x80-0xFF): name the flag."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = ord(text[err.start])
+        byte = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else \
+            f"U+{char:04X}"
+        raise UserError(f"--prompt {index + 1} is not valid UTF-8 ({byte} at character "
+                        f"{err.start + 1}): pass the text in UTF-8 (check the "
+                        f"terminal's or the script's encoding)") from None
+    return True
 
 
 def _empty_prompt(index: int) -> bool:
@@ -44,19 +61,9 @@ def _empty_prompt(index: int) -> bool:
 
 def _file_prompts(path: str) -> List[Prompt]:
     name = "standard input" if path == "-" else path
-    if path == "-":
-        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else \
-            sys.stdin.read().encode("utf-8", "surrogateescape")
-    else:
-        if os.path.isdir(path):
-            raise UserError(f"--prompt_file {path} is a directory: give a text file "
-                            f"with one prompt a line")
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as err:
-            raise UserError(f"cannot read --prompt_file {path} ({err.strerror}): give "
-                            f"a text file with one prompt a line") from None
+    # Bounded, and never blocking on a FIFO without a writer (utils/input_files.py).
+    data = (read_stdin("--prompt_file -", MAX_PROMPT_FILE_BYTES) if path == "-" else
+            read_regular_file(path, f"--prompt_file {path}", MAX_PROMPT_FILE_BYTES))
     prompts = []
     for number, raw in enumerate(data.split(b"\n"), 1):
         try:
@@ -111,7 +118,8 @@ def continue_prompts(model, contexts: Sequence[List[int]], nsamples: int, settin
 def write_samples(model, encoder, settings, prompts: Sequence[Prompt],
                   contexts: Sequence[List[int]], *, nsamples: int, output_file,
                   stop_texts: Sequence[str], repetition_penalty: float,
-                  generator: torch.Generator, end_token: int) -> int:
+                  generator: torch.Generator, end_token: int,
+                  overwrite: bool = False) -> int:
     """Continue every prompt `nsamples` times into --output_file (or the
     screen); a progress bar on the terminal for a file of several prompts.
     Returns the samples written."""
@@ -123,7 +131,7 @@ def write_samples(model, encoder, settings, prompts: Sequence[Prompt],
                             repetition_penalty=repetition_penalty)
     show_bar = output_file is not None and len(prompts) > 1
     written = 0
-    with open_output(output_file) as sink, tqdm(
+    with open_output(output_file, overwrite) as sink, tqdm(
             total=len(contexts) * nsamples, unit=" samples", desc="generate",
             disable=None if show_bar else True) as bar:
         for p, n, ids in rows:

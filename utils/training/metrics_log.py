@@ -7,6 +7,7 @@ from typing import Optional
 
 from utils.atomic import atomic_write
 from utils.errors import UserError
+from utils.json_file import parse_json
 
 
 def check_tensorboard_installed(setting: str) -> None:
@@ -38,10 +39,11 @@ class MetricsLog:
             with open(path, encoding="utf-8") as f:
                 for line in f:
                     try:
-                        record = json.loads(line)
+                        record = parse_json(line)  # the project's one JSON reader
                     except ValueError:
                         continue  # a line cut short by a crash
-                    if record.get("step", 0) <= resume_step:
+                    step = record.get("step", 0) if isinstance(record, dict) else None
+                    if isinstance(step, (int, float)) and step <= resume_step:
                         kept.append(line if line.endswith("\n") else line + "\n")
         with atomic_write(path, "w", encoding="utf-8") as f:
             f.writelines(kept)
