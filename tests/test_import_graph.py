@@ -10,12 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("utils",)
 ENTRY_SCRIPTS = ("gpt2_generate_main", "gpt2_train_main", "prepare_data",
                  "convert_checkpoint", "gpt2_serve_main")
-# Optional packages and the one quiet texar import may be imported late:
-# a command that does not use them must not pay for (or need) them.
-LATE_IMPORTS_ALLOWED = ("texar", "tensorboard", "torch.utils.tensorboard",
-                        "huggingface_hub", "google_crc32c", "transformers",
-                        "safetensors", "peft", "uvicorn", "starlette",
-                        "sse_starlette", "torch._inductor", "torch._dynamo")
+# Only the project's own imports are held to the top of files: optional
+# third-party packages (transformers, tensorboard, ...) and texar may be
+# imported late, so that a command that does not use them does not pay for them.
 
 
 def project_modules():
@@ -49,11 +46,25 @@ def imported_names(tree):
                 yield f"{node.module}.{alias.name}", node.lineno, id(node) in top_level
 
 
-def import_graph(modules):
-    graph = {}
+def parsed(modules):
+    """(module name, path, syntax tree) for each of `modules`."""
     for name, path in modules.items():
         with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), path)
+            yield name, path, ast.parse(f.read(), path)
+
+
+def project_imports():
+    """(importing file, line, imported name, at module level) for every import
+    of the project's own packages."""
+    for _, path, tree in parsed(project_modules()):
+        for target, line, top in imported_names(tree):
+            if target.split(".")[0] in PACKAGES:
+                yield os.path.relpath(path, ROOT), line, target, top
+
+
+def import_graph(modules):
+    graph = {}
+    for name, path, tree in parsed(modules):
         edges = set()
         for target, _, _ in imported_names(tree):
             # a.b.c may be module a.b.c or a name in module a.b
@@ -103,28 +114,14 @@ def test_no_import_circle():
 
 
 def test_project_imports_are_at_the_top_of_files():
-    modules = project_modules()
-    late = []
-    for name, path in modules.items():
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), path)
-        for target, line, top in imported_names(tree):
-            if top or target.startswith(LATE_IMPORTS_ALLOWED):
-                continue
-            if target.split(".")[0] in PACKAGES:
-                late.append(f"{os.path.relpath(path, ROOT)}:{line} {target}")
+    late = [f"{path}:{line} {target}" for path, line, target, top in project_imports()
+            if not top]
     assert not late, "imports inside functions:\n" + "\n".join(late)
 
 
 def test_no_private_name_is_imported_across_modules():
-    modules = project_modules()
-    private = []
-    for name, path in modules.items():
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), path)
-        for target, line, _ in imported_names(tree):
-            if target.split(".")[0] in PACKAGES and target.rpartition(".")[2].startswith("_"):
-                private.append(f"{os.path.relpath(path, ROOT)}:{line} {target}")
+    private = [f"{path}:{line} {target}" for path, line, target, _ in project_imports()
+               if target.rpartition(".")[2].startswith("_")]
     assert not private, "private names imported:\n" + "\n".join(private)
 
 
