@@ -182,7 +182,7 @@ def check_output_file(args) -> None:
     refuse_existing_output(args.output_file, "--output_file", args.overwrite)
 
 
-class SampleWriter:
+class SamplePrinter:
     """Generates and prints samples for one session: model, encoder, settings."""
 
     def __init__(self, model, encoder, settings: SamplingSettings, nsamples: int,
@@ -231,16 +231,16 @@ def print_banner(number: int) -> None:
     print(banner(number))
 
 
-def prompt_context(writer: SampleWriter, raw_text: str, conditional: bool):
+def prompt_context(session: SamplePrinter, raw_text: str, conditional: bool):
     """The token ids a prompt is continued from (see --conditional)."""
     if conditional:
-        return source_context(raw_text.strip(), writer.encoder.encode, writer.end_token)
-    return writer.encoder.encode(raw_text)
+        return source_context(raw_text.strip(), session.encoder.encode, session.end_token)
+    return session.encoder.encode(raw_text)
 
 
-def interactive_loop(writer: SampleWriter, conditional: bool = False) -> None:
+def interactive_loop(session: SamplePrinter, conditional: bool = False) -> None:
     """Read prompts until EOF or Ctrl-C; continue each one."""
-    settings = writer.settings
+    settings = session.settings
     stream = settings.batch_size == 1 and settings.strategy != "beam"
     while True:
         try:
@@ -256,11 +256,11 @@ def interactive_loop(writer: SampleWriter, conditional: bool = False) -> None:
             print("Prompt should not be empty!")
             continue
         try:
-            context = prompt_context(writer, raw_text, conditional)
+            context = prompt_context(session, raw_text, conditional)
             check_context_room("the prompt is", len(context),
                                settings.max_decoding_length,
                                "shorten it or raise --max_decoding_length")
-            writer.print_batches(context, stream)
+            session.print_batches(context, stream)
         except UserError as err:  # e.g. a prompt longer than the model allows
             print(f"error: {err}", file=sys.stderr)
         except KeyboardInterrupt:
@@ -303,12 +303,12 @@ def main(argv=None) -> int:
     print(f"Loaded {loaded.source} on {device} ({args.dtype}).", file=sys.stderr)
     prepare_compiled_step(model, args, device, len(prompts))
 
-    writer = SampleWriter(model, encoder, settings, args.nsamples, device,
+    session = SamplePrinter(model, encoder, settings, args.nsamples, device,
                           args.repetition_penalty)
     if args.is_interactive:
-        interactive_loop(writer, args.conditional)
+        interactive_loop(session, args.conditional)
         return 0
-    write_prompt_samples(writer, prompts, args)
+    write_prompt_samples(session, prompts, args)
     return 0
 
 
@@ -343,30 +343,30 @@ def prepare_compiled_step(model, args, device: torch.device, n_prompts: int) -> 
               file=sys.stderr)
 
 
-def frame_sources(writer: SampleWriter, prompts, contexts):
+def frame_sources(session: SamplePrinter, prompts, contexts):
     """--conditional: each prompt's ids as <|endoftext|> source <|endoftext|>."""
-    framed = [[writer.end_token] + ids + [writer.end_token] for ids in contexts]
+    framed = [[session.end_token] + ids + [session.end_token] for ids in contexts]
     for prompt, ids in zip(prompts, framed):
         check_context_room(f"the source on {prompt.where} is", len(ids),
-                           writer.settings.max_decoding_length,
+                           session.settings.max_decoding_length,
                            "shorten it or raise --max_decoding_length")
     return framed
 
 
-def write_prompt_samples(writer: SampleWriter, prompts, args) -> None:
+def write_prompt_samples(session: SamplePrinter, prompts, args) -> None:
     """The prompts' (or from-scratch) samples, to --output_file or the screen."""
     if prompts:
-        contexts = encode_prompts(prompts, writer.encoder,
-                                  writer.settings.max_decoding_length)
+        contexts = encode_prompts(prompts, session.encoder,
+                                  session.settings.max_decoding_length)
         if args.conditional:
-            contexts = frame_sources(writer, prompts, contexts)
+            contexts = frame_sources(session, prompts, contexts)
     else:  # from scratch: every sample starts from <|endoftext|>
-        prompts, contexts = [Prompt("", "")], [[writer.end_token]]
-    count = write_samples(writer.model, writer.encoder, writer.settings, prompts,
+        prompts, contexts = [Prompt("", "")], [[session.end_token]]
+    count = write_samples(session.model, session.encoder, session.settings, prompts,
                           contexts, nsamples=args.nsamples,
                           output_file=args.output_file, stop_texts=args.stop_text,
                           repetition_penalty=args.repetition_penalty,
-                          generator=writer.rng, end_token=writer.end_token,
+                          generator=session.rng, end_token=session.end_token,
                           overwrite=args.overwrite)
     if args.output_file is not None:
         print(f"Wrote {count} samples of {len(prompts)} prompt(s) to "
