@@ -33,6 +33,10 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
+import time
+from tqdm import tqdm
+import regex
+
 from utils.data.records import IDS_FIELD, LENGTH_FIELD, record_dtype
 from utils.errors import UserError
 from utils.data.prepare import WORKER_STATE
@@ -55,7 +59,6 @@ _SAFE_CUT = None  # compiled on first use
 def _safe_cut_regexes():
     global _SAFE_CUT
     if _SAFE_CUT is None:
-        import regex
         # A non-space character followed by a space character, in the regex
         # module's (the pre-tokenizer's) sense of \s; searched backwards, forwards.
         _SAFE_CUT = regex.compile(r"(?r)\S(?=\s)"), regex.compile(r"\S(?=\s)")
@@ -169,8 +172,6 @@ def pack_split(text_path: str, out_path: str, *, max_seq_length: int,
                chunk_chars: int = PACK_CHUNK_CHARS) -> list:
     """Pack one text file into `out_path` (and, with `dev_fraction`, its last
     windows into `dev_path`); the SplitSummary of each file written."""
-    import time
-    from tqdm import tqdm
 
     start = time.time()
     split = os.path.splitext(os.path.basename(text_path))[0]

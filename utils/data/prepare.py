@@ -25,6 +25,10 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+import multiprocessing
+from tqdm import tqdm
+import regex
+
 from utils.atomic import ensure_writable_dir, new_temp_path, remove_stale_temp_files
 from utils.data.records import (CONTEXT_FIELD, IDS_FIELD, LENGTH_FIELD, SPLITS,
                         check_max_seq_length, record_dtype, split_data_path)
@@ -185,7 +189,6 @@ def _gpt2_regexes():
     """GPT-2's pre-tokenizer, and its idea of a whitespace character."""
     global _GPT2_REGEXES
     if _GPT2_REGEXES is None:
-        import regex
         _GPT2_REGEXES = regex.compile(GPT2_SPLIT_PATTERN), regex.compile(r"\s")
     return _GPT2_REGEXES
 
@@ -244,7 +247,6 @@ def ordered_pool_map(func, items: Iterator, num_workers: int, *, init_args: tupl
         for item in items:
             yield func(item)
         return
-    import multiprocessing
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
     context = multiprocessing.get_context(method)
     stop = context.Event()
@@ -383,7 +385,6 @@ def _write_records(tmp_path: str, out_path: str, text_path: str, dtype: np.dtype
                    desc: str, progress: bool) -> _Totals:
     """Write the encoded `chunks` (`examples` records in all) into `tmp_path`,
     and flush them to disk."""
-    from tqdm import tqdm
     records = create_records(tmp_path, out_path, dtype, examples)
     totals = _Totals()
     # closing(): a Ctrl-C between chunks stops the pool here, not at exit.

@@ -11,6 +11,8 @@ from typing import Optional
 
 import numpy as np
 
+import dataclasses
+
 from utils.atomic import new_temp_path
 from utils.errors import UserError
 from utils.data.prepare import write_error
@@ -97,7 +99,6 @@ def hold_out_lines(text_path: str, out_path: str, dev_path: str, fraction: float
     """Encode one line per example (utils.data.prepare.prepare_split), then write a
     seeded sample of `fraction` of the examples to `dev_path` and the rest,
     in file order, to `out_path`. The SplitSummary of each."""
-    import dataclasses
     all_path = new_temp_path(out_path)
     try:
         whole = prepare_split(text_path, all_path, counts=counts, **prepare_kwargs)

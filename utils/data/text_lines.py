@@ -16,6 +16,8 @@ import codecs
 import os
 from typing import Iterator, List, Optional, Tuple
 
+from tqdm import tqdm
+
 from utils.errors import UserError
 
 # The line ends of str.splitlines (listed above).
@@ -142,7 +144,6 @@ def scan_text_file(path: str, progress: bool = True) -> Tuple[int, int]:
     A first, cheap pass: knowing the count up front lets the output be
     allocated once and the progress bar show a total.
     """
-    from tqdm import tqdm
     examples = empty = 0
     size = os.path.getsize(path)
     with tqdm(total=size, unit="B", unit_scale=True, desc=f"check {os.path.basename(path)}",

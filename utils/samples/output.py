@@ -10,6 +10,8 @@ import contextlib
 import json
 import sys
 
+import os
+
 from utils.atomic import atomic_write
 from utils.errors import UserError
 from utils.samples.interactive import PROMPT
@@ -76,7 +78,6 @@ def open_output(path, overwrite: bool = False):
 
 def check_output_path(path) -> None:
     """Refuse an --output_file that cannot be written, before a model loads."""
-    import os
     if path is None:
         return
     if os.path.isdir(path):

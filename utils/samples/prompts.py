@@ -12,6 +12,8 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 
+from tqdm import tqdm
+
 from utils.errors import UserError
 from utils.decoding.limits import check_context_room
 from utils.decoding.limits import GENERATION_MEMORY_FIX
@@ -123,7 +125,6 @@ def write_samples(model, encoder, settings, prompts: Sequence[Prompt],
     """Continue every prompt `nsamples` times into --output_file (or the
     screen); a progress bar on the terminal for a file of several prompts.
     Returns the samples written."""
-    from tqdm import tqdm
     stop_factory = ((lambda rows: StopTexts(encoder, stop_texts, rows))
                     if stop_texts else None)
     rows = continue_prompts(model, contexts, nsamples, settings, end_token=end_token,

@@ -42,6 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from torch.nn.parallel import DistributedDataParallel
+
 from utils.errors import UserError
 
 DEFAULT_TIMEOUT_S = 300.0          # training collectives: a hung peer is noticed after this
@@ -333,7 +335,6 @@ def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
     """
     if not ctx.enabled:
         return model
-    from torch.nn.parallel import DistributedDataParallel
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     with peer_failure_guard(ctx):
         return DistributedDataParallel(model, device_ids=device_ids)

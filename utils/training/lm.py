@@ -16,6 +16,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from tqdm import tqdm
+
 from utils.data.records import PreparedSplit
 from utils.processor import EOS_ID
 
@@ -93,7 +95,6 @@ def evaluate(model, split: PreparedSplit, batch_size: int, device: torch.device,
     Batches group examples of similar length, so little is spent on padding.
     Returns None when `should_stop()` turns true before the end.
     """
-    from tqdm import tqdm
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0

@@ -41,6 +41,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from itertools import islice
+from tqdm import tqdm
+
 from utils.training import distributed as dist_utils
 from utils.data.records import PAD_INDEX, PreparedSplit, ShardSampler
 from utils.training.divergence import (DivergenceWatch, TrainingDiverged, batch_loss,
@@ -285,7 +288,6 @@ class Trainer:
         With `final_eval` (--do_eval) the final model is evaluated before the
         last save, so that model.ckpt holds the true best dev perplexity and a
         later resume compares against it."""
-        from tqdm import tqdm
         cfg = self.cfg
         last_path = os.path.join(self.output_dir, LAST_CHECKPOINT)
         done = None
@@ -619,7 +621,6 @@ class _Window:
 
 def _step_groups(indices, batch_size: int, accumulation: int):
     """Lists of up to `accumulation` micro-batches of up to `batch_size` indices."""
-    from itertools import islice
     while True:
         group = []
         for _ in range(accumulation):
