@@ -30,6 +30,13 @@ DTYPES = ("float32", "bfloat16", "float16", "int8")
 # --max_decoding_length) repay compiling from the cache (~3 s at ~6 ms saved
 # per token for GPT-2 124M).
 AUTO_COMPILE_MIN_TOKENS = 1024
+COMPILE_HELP = ("Run the batch-1 CPU decoding step as kernels built by "
+                "torch.compile (needs a C++ compiler; ~15 s the first time, a few "
+                "seconds later from its cache; then 1.2-1.4x faster decoding). "
+                "auto: for interactive sessions and runs of at least "
+                f"{AUTO_COMPILE_MIN_TOKENS} tokens, falling back to the "
+                "uncompiled step if it fails; on: always, and fail if it cannot; "
+                "off: never.")
 
 
 def parse_args(argv=None):
@@ -68,6 +75,13 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=None,
                         help=f"Random seed, 0 to {MAX_SEED}: the same seed gives the "
                              f"same samples.")
+    add_model_args(parser, COMPILE_HELP)
+    return parser.parse_args(argv)
+
+
+def add_model_args(parser, compile_help: str) -> None:
+    """The flags choosing the model and how it runs (--dtype, --compile,
+    --device, the weight flags), shared with gpt2_serve_main.py."""
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="Precision of the weights while generating. bfloat16 "
                              "and float16 halve the memory and, as decoding is "
@@ -77,14 +91,7 @@ def parse_args(argv=None):
                              "from float32 weights: fastest on a CPU, at a small "
                              "quality cost (see README).")
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
-                        help="Run the batch-1 CPU decoding step as kernels built "
-                             "by torch.compile (needs a C++ compiler; ~15 s the "
-                             "first time, a few seconds later from its cache; "
-                             "then 1.2-1.4x faster decoding). auto: for "
-                             "interactive sessions and runs of at least "
-                             f"{AUTO_COMPILE_MIN_TOKENS} tokens, falling back to "
-                             "the uncompiled step if it fails; on: always, and "
-                             "fail if it cannot; off: never.")
+                        help=compile_help)
     add_device_arg(parser)
     add_weight_args(
         parser,
@@ -92,7 +99,6 @@ def parse_args(argv=None):
                           "checkpoint's hparams.json).",
         checkpoint_help="A model saved by gpt2_train_main.py; takes precedence "
                         "over --pretrain_checkpoint.")
-    return parser.parse_args(argv)
 
 
 def check_args(args) -> SamplingSettings:
@@ -222,13 +228,34 @@ def interactive_loop(writer: SampleWriter, conditional: bool = False) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from utils.generation import out_of_memory_as_user_error
-    from utils.processor import get_encoder
-    from utils.weights import load_weights, resolve_model
-
     from utils.prompts import read_prompts
+    from utils.weights import resolve_model
     settings = check_args(args)  # before loading, and maybe downloading, a model
     prompts = read_prompts(args.prompt, args.prompt_file)
+    device = decoding_device(args)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    resolved = resolve_model(**weight_flags(args))
+    # A prompt may fill all but one position.
+    prompted = args.is_interactive or args.prompt or args.prompt_file is not None
+    longest = settings.max_decoding_length - 1 if prompted else 1
+    # Before the weights are read or downloaded.
+    settings.check(resolved.sizes["n_ctx"], longest, sizes=resolved.sizes,
+                   device=device, model=resolved.describe())
+    model, encoder = load_for_decoding(resolved, args.dtype, device)
+    prepare_compiled_step(model, args, device, len(prompts))
+
+    writer = SampleWriter(model, encoder, settings, args.nsamples, device,
+                          args.repetition_penalty)
+    if args.is_interactive:
+        interactive_loop(writer, args.conditional)
+        return 0
+    write_prompt_samples(writer, prompts, args)
+    return 0
+
+
+def decoding_device(args) -> torch.device:
+    """The device --device and --dtype ask for, refused when it cannot run them."""
     # int8 is a CPU path: --device auto means the CPU for it.
     int8 = args.dtype == "int8"
     device = (torch.device("cpu") if int8 and args.device == "auto"
@@ -239,37 +266,29 @@ def main(argv=None) -> int:
     if (args.dtype == "bfloat16" and device.type == "cuda"
             and not torch.cuda.is_bf16_supported()):
         raise UserError("this GPU has no bfloat16 support: use --dtype float16")
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    resolved = resolve_model(**weight_flags(args))
-    # A prompt may fill all but one position.
-    prompted = args.is_interactive or args.prompt or args.prompt_file is not None
-    longest = settings.max_decoding_length - 1 if prompted else 1
-    # Before the weights are read or downloaded.
-    settings.check(resolved.sizes["n_ctx"], longest, sizes=resolved.sizes,
-                   device=device, model=resolved.describe())
+    return device
+
+
+def load_for_decoding(resolved, dtype: str, device: torch.device):
+    """(model, encoder): the resolved weights on `device` in `dtype`, frozen
+    for generation."""
+    from utils.generation import out_of_memory_as_user_error
+    from utils.processor import get_encoder
+    from utils.weights import load_weights
     loaded = load_weights(resolved)
     encoder = get_encoder(loaded.vocab_dir)
     with out_of_memory_as_user_error(f"moving the model to {device}",
                                      "use --dtype bfloat16 or a smaller model"):
-        float_dtype = "float32" if args.dtype == "int8" else args.dtype
+        float_dtype = "float32" if dtype == "int8" else dtype
         model = loaded.model.to(device=device, dtype=getattr(torch, float_dtype))
         # Generation only: frozen, the engine may move the weights into
         # huge pages in reading order (utils/weight_arena.py).
         model.requires_grad_(False)
-        if args.dtype == "int8":
+        if dtype == "int8":
             from utils.int8_linear import quantize_for_decoding
             quantize_for_decoding(model)
-    print(f"Loaded {loaded.source} on {device} ({args.dtype}).", file=sys.stderr)
-    prepare_compiled_step(model, args, device, len(prompts))
-
-    writer = SampleWriter(model, encoder, settings, args.nsamples, device,
-                          args.repetition_penalty)
-    if args.is_interactive:
-        interactive_loop(writer, args.conditional)
-        return 0
-    write_prompt_samples(writer, prompts, args)
-    return 0
+    print(f"Loaded {loaded.source} on {device} ({dtype}).", file=sys.stderr)
+    return model, encoder
 
 
 def prepare_compiled_step(model, args, device: torch.device, n_prompts: int) -> None:
@@ -290,13 +309,19 @@ def prepare_compiled_step(model, args, device: torch.device, n_prompts: int) -> 
     if (args.compile == "auto" and not args.is_interactive
             and tokens < AUTO_COMPILE_MIN_TOKENS):
         return
+    enable_compiled_step(model, args.compile)
+
+
+def enable_compiled_step(model, mode: str) -> None:
+    """Compile the batch-1 step; a failure is an error with --compile on,
+    a note (and the eager step) with auto."""
     from utils import compiled_step
     print("Compiling the decoding step (torch.compile: ~15 s the first time, "
           "a few seconds from its cache later)...", file=sys.stderr, flush=True)
     reason, seconds = compiled_step.timed_enable(model)
     if reason is None:
         print(f"Compiled in {seconds:.1f} s.", file=sys.stderr)
-    elif args.compile == "on":
+    elif mode == "on":
         raise UserError(f"--compile on: {reason}; use --compile off")
     else:
         print(f"note: decoding uncompiled: {reason} (--compile off skips trying)",
