@@ -189,9 +189,10 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="bench_serve_")
     checkpoint = write_checkpoint(workdir)
     prompts = make_prompts(max(clients))
-    server = ServerProcess(checkpoint, max(clients), args.server_args.split())
+    batch = max(clients) + 1  # room for the probe beside the largest load
+    server = ServerProcess(checkpoint, batch, args.server_args.split())
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"server flags: --max_batch_size {max(clients)} {args.server_args}")
+          f"server flags: --max_batch_size {batch} {args.server_args}")
     rows = []
     try:
         stream_completion(server.port, prompts[0], 4)  # warm-up
