@@ -19,12 +19,12 @@ import sys
 
 import torch
 
-from utils.device import add_device_arg, resolve_device
 from utils.errors import UserError, run_main
 from utils.decoding.limits import GENERATION_MEMORY_FIX, MAX_SEED
 from utils.decoding.limits import check_context_room, check_penalty_and_stops
 from utils.decoding.settings import SamplingSettings
-from utils.flags import add_sampling_args, add_weight_args, check_batching, weight_flags
+from utils.decoding.loading import decoding_device, load_for_decoding, turn_on_compiled_step
+from utils.flags import add_model_args, add_sampling_args, check_batching, weight_flags
 from utils.samples.output import check_output_path
 from utils.decoding.stop_text import check_stop_texts
 from utils.processor import EOS_ID
@@ -35,13 +35,8 @@ from utils.samples.output import banner, closing_rule
 from utils.data.pairs import source_context
 from utils.samples.interactive import NotUTF8
 from utils.samples.interactive import read_prompt
-from utils.processor import get_encoder
-from utils.checkpoints.weights import load_weights
 from utils.checkpoints.weights import resolve_model
 from utils.samples.prompts import read_prompts
-from utils.decoding.int8_linear import require_int8
-from utils.decoding.engine import prepare_for_decoding
-from utils.decoding.compiling import freeze_garbage_collector, timed_compile_step
 from utils.samples.prompts import Prompt
 from utils.samples.prompts import encode_prompts
 from utils.samples.prompts import write_samples
@@ -52,11 +47,17 @@ from utils.checkpoints.weights import RELEASED_SIZES
 from utils.output_safety import refuse_existing_output
 from utils.output_safety import refuse_outputs_on_inputs
 
-DTYPES = ("float32", "bfloat16", "float16", "int8")
 # --compile auto: sessions decoding at least this many tokens (samples x
 # --max_decoding_length) repay compiling from the cache (~3 s at ~6 ms saved
 # per token for GPT-2 124M).
 AUTO_COMPILE_MIN_TOKENS = 1024
+COMPILE_HELP = ("Run the batch-1 CPU decoding step as kernels built by "
+                "torch.compile (needs a C++ compiler; ~15 s the first time, a few "
+                "seconds later from its cache; then 1.2-1.4x faster decoding). "
+                "auto: for interactive sessions and runs of at least "
+                f"{AUTO_COMPILE_MIN_TOKENS} tokens, falling back to the "
+                "uncompiled step if it fails; on: always, and fail if it cannot; "
+                "off: never.")
 # Scores are divided (or multiplied) by the penalty: 100 already bans a
 # repeated token, and 1/100 makes it all but certain.
 
@@ -101,30 +102,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=None,
                         help=f"Random seed, 0 to {MAX_SEED}: the same seed gives the "
                              f"same samples.")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                        help="Precision of the weights while generating. bfloat16 "
-                             "and float16 halve the memory and, as decoding is "
-                             "bound by reading the weights, run faster; samples "
-                             "differ slightly from float32's. int8 (CPU only) runs "
-                             "the linear layers in 8 bits, quantized at load time "
-                             "from float32 weights: fastest on a CPU, at a small "
-                             "quality cost (see README).")
-    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
-                        help="Run the batch-1 CPU decoding step as kernels built "
-                             "by torch.compile (needs a C++ compiler; ~15 s the "
-                             "first time, a few seconds later from its cache; "
-                             "then 1.2-1.4x faster decoding). auto: for "
-                             "interactive sessions and runs of at least "
-                             f"{AUTO_COMPILE_MIN_TOKENS} tokens, falling back to "
-                             "the uncompiled step if it fails; on: always, and "
-                             "fail if it cannot; off: never.")
-    add_device_arg(parser)
-    add_weight_args(
-        parser,
-        config_model_help="Model config module or .py path (default: the "
-                          "checkpoint's hparams.json).",
-        checkpoint_help="A model saved by gpt2_train_main.py; takes precedence "
-                        "over --pretrain_checkpoint.")
+    add_model_args(parser, compile_help=COMPILE_HELP)
     return parser.parse_args(argv)
 
 
@@ -272,15 +250,7 @@ def main(argv=None) -> int:
 
     settings = check_args(args)  # before loading, and maybe downloading, a model
     prompts = read_prompts(args.prompt, args.prompt_file)
-    # int8 is a CPU path: --device auto means the CPU for it.
-    int8 = args.dtype == "int8"
-    device = (torch.device("cpu") if int8 and args.device == "auto"
-              else resolve_device(args.device))
-    if int8:
-        require_int8(device)
-    if (args.dtype == "bfloat16" and device.type == "cuda"
-            and not torch.cuda.is_bf16_supported()):
-        raise UserError("this GPU has no bfloat16 support: use --dtype float16")
+    device = decoding_device(args.dtype, args.device)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     resolved = resolve_model(**weight_flags(args))
@@ -290,17 +260,7 @@ def main(argv=None) -> int:
     # Before the weights are read or downloaded.
     settings.check_lengths(resolved.sizes["n_ctx"], longest)
     settings.check_memory(resolved.sizes, longest, device, model=resolved.describe())
-    loaded = load_weights(resolved)
-    encoder = get_encoder(loaded.vocab_dir)
-    with out_of_memory_as_user_error(f"moving the model to {device}",
-                                     "use --dtype bfloat16 or a smaller model"):
-        float_dtype = "float32" if args.dtype == "int8" else args.dtype
-        model = loaded.model.to(device=device, dtype=getattr(torch, float_dtype))
-        # Generation only: frozen, so its weights may move into huge pages in
-        # reading order (utils/decoding/weight_arena.py).
-        model.requires_grad_(False)
-        prepare_for_decoding(model, int8=args.dtype == "int8")
-    print(f"Loaded {loaded.source} on {device} ({args.dtype}).", file=sys.stderr)
+    model, encoder = load_for_decoding(resolved, args.dtype, device)
     prepare_compiled_step(model, args, device, len(prompts))
 
     session = SamplePrinter(model, encoder, settings, args.nsamples, device,
@@ -330,17 +290,7 @@ def prepare_compiled_step(model, args, device: torch.device, n_prompts: int) -> 
     if (args.compile == "auto" and not args.is_interactive
             and tokens < AUTO_COMPILE_MIN_TOKENS):
         return
-    print("Compiling the decoding step (torch.compile: ~15 s the first time, "
-          "a few seconds from its cache later)...", file=sys.stderr, flush=True)
-    reason, seconds = timed_compile_step(model)
-    if reason is None:
-        freeze_garbage_collector()
-        print(f"Compiled in {seconds:.1f} s.", file=sys.stderr)
-    elif args.compile == "on":
-        raise UserError(f"--compile on: {reason}; use --compile off")
-    else:
-        print(f"note: decoding uncompiled: {reason} (--compile off skips trying)",
-              file=sys.stderr)
+    turn_on_compiled_step(model, args.compile)
 
 
 def frame_sources(session: SamplePrinter, prompts, contexts):

@@ -125,7 +125,8 @@ def test_no_private_name_is_imported_across_modules():
     assert not private, "private names imported:\n" + "\n".join(private)
 
 
-@pytest.mark.parametrize("package", ["checkpoints", "decoding", "data", "training", "samples"])
+@pytest.mark.parametrize("package", ["checkpoints", "decoding", "data", "training", "samples",
+                                     "serving"])
 def test_each_package_says_what_it_owns(package):
     import importlib
     doc = importlib.import_module(f"utils.{package}").__doc__

@@ -11,8 +11,10 @@ The packages, each importing only the root and the packages listed before
 it:
   checkpoints/  every weights format in and out, and which weights a run uses
   data/         text in, prepared records out
-  decoding/     the engine and the ways of choosing tokens
+  decoding/     the engine and the ways of choosing tokens (loading.py reads
+                a model for decoding through checkpoints/)
   samples/      prompts in, samples out (uses decoding)
+  serving/      the OpenAI-compatible HTTP server (uses decoding)
   training/     the fine-tuning loop and what it keeps (uses all of the above)
 tests/test_import_graph.py keeps it so.
 """

@@ -7,6 +7,8 @@ turns them into flags. Packages below do not import it.
 from typing import Any, Dict
 
 from utils.checkpoints.openai_files import DEFAULT_MODEL, default_model_dir
+from utils.decoding.loading import DECODING_DTYPES
+from utils.device import add_device_arg
 from utils.decoding.limits import DECODING_STRATEGIES, MAX_ROWS
 from utils.errors import UserError
 
@@ -27,6 +29,28 @@ def check_batching(nsamples: int, batch_size: int) -> None:
 
 # ---------------------------------------------------------------------------
 # The flags
+
+def add_model_args(parser, *, compile_help: str) -> None:
+    """The flags choosing the model and how it decodes (--dtype, --compile,
+    --device, the weight flags) of gpt2_generate_main.py and gpt2_serve_main.py."""
+    parser.add_argument("--dtype", default="float32", choices=sorted(DECODING_DTYPES),
+                        help="Precision of the weights while generating. bfloat16 "
+                             "and float16 halve the memory and, as decoding is "
+                             "bound by reading the weights, run faster; samples "
+                             "differ slightly from float32's. int8 (CPU only) runs "
+                             "the linear layers in 8 bits, quantized at load time "
+                             "from float32 weights: fastest on a CPU, at a small "
+                             "quality cost (see README).")
+    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                        help=compile_help)
+    add_device_arg(parser)
+    add_weight_args(
+        parser,
+        config_model_help="Model config module or .py path (default: the "
+                          "checkpoint's hparams.json).",
+        checkpoint_help="A model saved by gpt2_train_main.py; takes precedence "
+                        "over --pretrain_checkpoint.")
+
 
 def add_weight_args(group, *, checkpoint_help: str, config_model_help: str) -> None:
     """--config_model, --pretrain_model_dir, --pretrain_checkpoint, --checkpoint."""

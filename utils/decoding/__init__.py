@@ -6,6 +6,7 @@ huge-page weights, compiled_step and compiling for the torch.compile
 batch-1 step), turning logits into tokens (sampling), generation with
 sampling, greedy and beam search (generation), stop texts (stop_text), and
 the rules a decoding run must meet: values, lengths and memory (limits,
-settings).
-May import: the root modules (errors, memory).
+settings), and a model loaded for decoding as the entry scripts load it
+(loading).
+May import: the root modules and utils/checkpoints (for loading).
 """

@@ -70,11 +70,11 @@ def next_token_logits(model: nn.Module, contexts: Sequence[Sequence[int]]) -> to
     if not contexts:
         return torch.empty(0, net.n_vocab, device=net.device, dtype=net.dtype)
     with torch.inference_mode():
-        batch = _Batch(net, contexts, 1, max(len(c) for c in contexts))
+        batch = PaddedBatch(net, contexts, 1, max(len(c) for c in contexts))
         return net.next_logits(batch.ids, batch.positions, None, 0, batch.prefill_mask)
 
 
-class _Batch:
+class PaddedBatch:
     """Left-padded prompts: where each row's tokens, positions and valid slots are."""
 
     def __init__(self, net: _GPT2, contexts: List[List[int]], rows_per_context: int,
@@ -218,7 +218,7 @@ def _decode(net: _GPT2, contexts: List[List[int]], max_decoding_length: int,
     steps = max_decoding_length - min(lengths)  # for the row with most room
     width = max(lengths)
     slots = width + steps - 1  # the last new token is never fed back
-    batch = _Batch(net, contexts, 1, slots)
+    batch = PaddedBatch(net, contexts, 1, slots)
     cache = net.new_cache(len(contexts), slots)
     out = torch.full((len(contexts), steps), end_token, dtype=torch.long,
                      device=device)
@@ -365,11 +365,11 @@ def _prefill_beams(net: _GPT2, contexts: List[List[int]], beam_width: int, slots
     context, then its keys and values are copied to the W beams.
     """
     B, W, width = len(contexts), beam_width, max(len(c) for c in contexts)
-    prompts = _Batch(net, contexts, 1, width)
+    prompts = PaddedBatch(net, contexts, 1, width)
     prompt_cache = net.new_cache(B, width)
     logits = net.next_logits(prompts.ids, prompts.positions, prompt_cache, 0,
                              prompts.prefill_mask).float().repeat_interleave(W, dim=0)
-    batch = _Batch(net, contexts, W, slots)
+    batch = PaddedBatch(net, contexts, W, slots)
     cache = net.new_cache(B * W, slots)
     for part, prompt_part in zip(cache, prompt_cache):
         part[:, :, :, :width] = prompt_part.repeat_interleave(W, dim=1)

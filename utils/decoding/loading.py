@@ -1,0 +1,66 @@
+"""A model loaded for decoding, as gpt2_generate_main.py and gpt2_serve_main.py
+load it: the device its --device and --dtype ask for, its resolved weights on
+that device, frozen and prepared for the engine, and the compiled step when
+asked for."""
+import sys
+
+import torch
+
+from utils.checkpoints.weights import load_weights
+from utils.decoding.compiling import freeze_garbage_collector, timed_compile_step
+from utils.decoding.engine import prepare_for_decoding
+from utils.decoding.int8_linear import require_int8
+from utils.decoding.limits import out_of_memory_as_user_error
+from utils.device import resolve_device
+from utils.errors import UserError
+from utils.processor import get_encoder
+
+DECODING_DTYPES = ("float32", "bfloat16", "float16", "int8")
+
+
+def decoding_device(dtype: str, device_flag: str) -> torch.device:
+    """The device --device asks for, refused when it cannot run --dtype."""
+    int8 = dtype == "int8"
+    # int8 is a CPU path: --device auto means the CPU for it.
+    device = (torch.device("cpu") if int8 and device_flag == "auto"
+              else resolve_device(device_flag))
+    if int8:
+        require_int8(device)
+    if (dtype == "bfloat16" and device.type == "cuda"
+            and not torch.cuda.is_bf16_supported()):
+        raise UserError("this GPU has no bfloat16 support: use --dtype float16")
+    return device
+
+
+def load_for_decoding(resolved, dtype: str, device: torch.device):
+    """(model, encoder): the resolved weights on `device` in `dtype`, frozen
+    for generation and prepared for the engine (utils/decoding/engine.py)."""
+    loaded = load_weights(resolved)
+    encoder = get_encoder(loaded.vocab_dir)
+    with out_of_memory_as_user_error(f"moving the model to {device}",
+                                     "use --dtype bfloat16 or a smaller model"):
+        float_dtype = "float32" if dtype == "int8" else dtype
+        model = loaded.model.to(device=device, dtype=getattr(torch, float_dtype))
+        # Generation only: frozen, so its weights may move into huge pages in
+        # reading order (utils/decoding/weight_arena.py).
+        model.requires_grad_(False)
+        prepare_for_decoding(model, int8=dtype == "int8")
+    print(f"Loaded {loaded.source} on {device} ({dtype}).", file=sys.stderr)
+    return model, encoder
+
+
+def turn_on_compiled_step(model, mode: str) -> None:
+    """--compile on/auto: compile the batch-1 step (utils/decoding/compiling.py),
+    saying so on stderr; a failure is an error with `on`, a note (and the
+    eager step) with `auto`."""
+    print("Compiling the decoding step (torch.compile: ~15 s the first time, "
+          "a few seconds from its cache later)...", file=sys.stderr, flush=True)
+    reason, seconds = timed_compile_step(model)
+    if reason is None:
+        freeze_garbage_collector()
+        print(f"Compiled in {seconds:.1f} s.", file=sys.stderr)
+    elif mode == "on":
+        raise UserError(f"--compile on: {reason}; use --compile off")
+    else:
+        print(f"note: decoding uncompiled: {reason} (--compile off skips trying)",
+              file=sys.stderr)
