@@ -47,7 +47,7 @@ from utils.training.divergence import (DivergenceWatch, TrainingDiverged, batch_
                                        likely_cause, weights_finite, what_was_kept)
 from utils.errors import UserError
 from utils.training.lm import EvalResult, autocast, evaluate, lm_nll, lr_multiplier, perplexity
-from utils.training.memory_options import apply_memory_options
+from utils.training.memory_options import apply_memory_options, trainable_parameter_count
 from utils.training.metrics_log import MetricsLog
 from utils.model import has_memory
 from utils.training.optimizer import build_optimizer
@@ -56,7 +56,9 @@ from utils.training.resume_settings import (apply_optimizer_settings, changed_op
                                             changed_settings, config_snapshot, describe_changes,
                                             optimizer_settings)
 from utils.training.rng_state import gather_rng_states, restore_rng_states, seed_new_run
-from utils.training.config import TrainConfig
+from utils.training.config import TrainConfig, lora_of
+from utils.training.lora_training import LoraRun
+from utils.lora import merged_view
 from utils.samples.during_training import SAMPLES_LOG, write_training_samples
 from utils.checkpoints.weights import (BEST_CHECKPOINT, CHECKPOINT_FORMAT, LAST_CHECKPOINT,
                                        checkpoint_model_fields, save_checkpoint)
@@ -120,7 +122,8 @@ class Trainer:
     def __init__(self, model, model_hparams: Dict[str, Any], cfg: TrainConfig, ctx,
                  train_split: PreparedSplit, dev_split: Optional[PreparedSplit],
                  output_dir: str, resume: Optional[Dict[str, Any]] = None,
-                 stop_after_steps: Optional[int] = None, progress: bool = True):
+                 stop_after_steps: Optional[int] = None, progress: bool = True,
+                 lora_base: Optional[Tuple[str, str]] = None):
         self.cfg, self.ctx = cfg, ctx
         # Checkpoints store the model's sizes as plain numbers, never texar hparams.
         self.model_fields = checkpoint_model_fields(model_hparams, has_memory(model))
@@ -133,8 +136,14 @@ class Trainer:
 
         self.plain_model = model
         model.train()
-        # Before DDP and the optimizer: both see only the trainable parameters.
+        # Adapters (and the frozen base) before the memory options, DDP and the
+        # optimizer: they all see only the trainable parameters.
+        self.lora = LoraRun.start(model, lora_of(cfg), lora_base, resume, cfg.seed)
         apply_memory_options(model, cfg.gradient_checkpointing, cfg.trainable)
+        if self.lora is not None:
+            ctx.print(f"{self.lora.settings.describe()}: "
+                      f"{trainable_parameter_count(model):,} trainable parameters, the "
+                      f"base frozen.", file=sys.stderr)
         self.model = dist_utils.wrap_model(model, ctx)
         self.optimizer, self.clip_grad, self.scaler = build_optimizer(
             model, cfg.opt, cfg.precision, self.device)
@@ -171,7 +180,7 @@ class Trainer:
         loss summed over all ranks."""
         return {
             "format": CHECKPOINT_FORMAT,
-            "model": self.plain_model.state_dict(),
+            **self._weights(),
             **self.model_fields,
             "optimizer": self.optimizer.state_dict(),
             "optimizer_type": type(self.optimizer).__name__,
@@ -191,6 +200,13 @@ class Trainer:
             "data": self._data_settings(),
             "config": config_snapshot(self.cfg),
         }
+
+    def _weights(self) -> Dict[str, Any]:
+        """The model's entries of a checkpoint: its state dict, or a LoRA run's
+        adapters and base record (utils/lora.py)."""
+        if self.lora is not None:
+            return self.lora.checkpoint_fields(self.plain_model)
+        return {"model": self.plain_model.state_dict()}
 
     def _data_settings(self) -> Dict[str, Any]:
         """What decides the order and grouping of the training examples."""
@@ -483,10 +499,12 @@ class Trainer:
         if eval_due:
             self.evaluate_and_track(should_stop=stop)
         if sample_due and self.ctx.is_main:
-            write_training_samples(self.plain_model, self.encoder, cfg.sample_prompts,
-                                   step=step, seed=cfg.seed,
-                                   max_decoding_length=cfg.max_decoding_length,
-                                   output_dir=self.output_dir)
+            # The decoding engine reads the weights, not the layers' hooks.
+            with merged_view(self.plain_model):
+                write_training_samples(self.plain_model, self.encoder, cfg.sample_prompts,
+                                       step=step, seed=cfg.seed,
+                                       max_decoding_length=cfg.max_decoding_length,
+                                       output_dir=self.output_dir)
         if save_due:
             self.save(last_path)
         window.start += time.perf_counter() - paused
@@ -557,7 +575,7 @@ class Trainer:
                 self.best_dev_ppl = result.perplexity
                 save_checkpoint(os.path.join(self.output_dir, BEST_CHECKPOINT), {
                     "format": CHECKPOINT_FORMAT,
-                    "model": self.plain_model.state_dict(),
+                    **self._weights(),
                     **self.model_fields,
                     "step": self.step, "dev_perplexity": result.perplexity})
         if result is not None or not self.ctx.is_main:
