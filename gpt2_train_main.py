@@ -194,6 +194,10 @@ def main(argv=None) -> int:
     choices = check_args(args)
 
     cfg = load_train_config(args.config_train)
+    if cfg.shard_model and args.do_train and args.do_test:
+        raise UserError("--do_test after a shard_model = True run would need the whole "
+                        "model on rank 0: train first, then run --do_test --checkpoint "
+                        "<output_dir>/model.ckpt without --distributed")
     if args.config_model:  # refused before any output directory is made
         load_model_hparams(args.config_model)
     splits = open_splits(args, cfg)
