@@ -22,8 +22,8 @@ from utils.training.config import load_train_config
 OPTS = {
     "AdamW": {"optimizer": {"type": "AdamW", "kwargs": {"lr": 1e-2, "weight_decay": 0.01}},
               "gradient_clip": {"type": "clip_grad_norm_", "kwargs": {"max_norm": 0.05}}},
-    "Adafactor": {"optimizer": {"type": "Adafactor", "kwargs": {"lr": 1e-2}},
-                  "gradient_clip": {"type": "clip_grad_norm_", "kwargs": {"max_norm": 0.05}}},
+    "SGD": {"optimizer": {"type": "SGD", "kwargs": {"lr": 0.5, "momentum": 0.9}},
+            "gradient_clip": {"type": "clip_grad_norm_", "kwargs": {"max_norm": 0.05}}},
 }
 # Two ranks sum gradients in another order than one process: float32 rounding
 # grows with the steps, well under the 1e-4.
@@ -82,8 +82,8 @@ def test_sharded_equals_one_process_and_resumes_sharded_or_not(tmp_path, data_di
     assert_same_model(reference, load(alone / "model.ckpt"))
 
 
-def test_adafactor_and_frozen_embeddings_shard_like_one_process(tmp_path, data_dir, base):
-    one, two = configs(tmp_path, data_dir, "Adafactor", trainable="transformer")
+def test_sgd_and_frozen_embeddings_shard_like_one_process(tmp_path, data_dir, base):
+    one, two = configs(tmp_path, data_dir, "SGD", trainable="transformer")
     assert train("--do_train", "--checkpoint", base, "--config_train", one,
                  "--output_dir", tmp_path / "one") == 0
     torchrun("--do_train", "--checkpoint", base, "--config_train", two,
@@ -102,5 +102,9 @@ def test_shard_model_refusals(tmp_path, data_dir, base):
     with pytest.raises(UserError, match="sample_steps"):
         load_train_config(train_config(tmp_path, data_dir, name="s", shard_model=True,
                                        sample_steps=2))
-    with pytest.raises(UserError, match="shard_model = True"):
+    with pytest.raises(UserError, match="Adafactor cannot update sharded"):
+        load_train_config(train_config(tmp_path, data_dir, name="a", shard_model=True,
+                                       opt={"optimizer": {"type": "Adafactor",
+                                                          "kwargs": {"lr": 1e-2}}}))
+    with pytest.raises(UserError, match="shard_model = 1 .* must be True or False"):
         load_train_config(train_config(tmp_path, data_dir, name="t", shard_model=1))
