@@ -1,12 +1,17 @@
 """Convert a GPT-2 between our checkpoints, Hugging Face's and OpenAI's formats.
 
     python convert_checkpoint.py SRC DST --format {hf,openai,ckpt} [--force]
-        [--vocab_dir DIR]
+        [--vocab_dir DIR] [--merge_lora [--lora_base BASE]]
 
 SRC, its format told by its files: a `.ckpt` written by gpt2_train_main.py,
 an OpenAI model directory (hparams.json, model.ckpt.*), a Hugging Face GPT-2
 directory (config.json, model.safetensors), or hf:NAME (fetched from the
 Hugging Face Hub when huggingface_hub is installed).
+
+A LoRA run's checkpoint (`lora` in the training config) holds adapters, not
+a model: --merge_lora loads the base model it names (or --lora_base: a .ckpt,
+an OpenAI or Hugging Face directory, or hf:NAME), merges the adapters into
+its weights and converts the result.
 
 DST, by --format:
   hf      a directory transformers' AutoModelForCausalLM.from_pretrained and
@@ -57,6 +62,12 @@ def parse_args(argv=None):
                         help="For a .ckpt SRC: the directory of the vocabulary it was "
                              "trained with (encoder.json + vocab.bpe, or vocab.json + "
                              "merges.txt); default GPT-2's.")
+    parser.add_argument("--merge_lora", action="store_true",
+                        help="SRC is a LoRA run's adapter checkpoint: write its base "
+                             "model with the adapters merged into the weights.")
+    parser.add_argument("--lora_base", default=None,
+                        help="With --merge_lora: the base model to merge into "
+                             "(default: the one the checkpoint names).")
     return parser.parse_args(argv)
 
 
@@ -76,8 +87,8 @@ def main(argv=None) -> int:
     check_destination(*checks)  # before SRC is read
     with claim_destination(args.dst, args.format) as claim:
         check_destination(*checks)  # again, now that no other run can write DST
-        source = open_source(args.src, args.vocab_dir)
-        if args.vocab_dir is not None and source.kind != "ckpt":
+        source = open_source(args.src, args.vocab_dir, args.merge_lora, args.lora_base)
+        if args.vocab_dir is not None and source.kind not in ("ckpt", "merged"):
             print(f"note: --vocab_dir is for a .ckpt SRC; {args.src} has its own "
                   f"vocabulary or GPT-2's", file=sys.stderr)
         print(f"Converting {source.describe()}, {parameter_count(source.sizes):,} "

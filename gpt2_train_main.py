@@ -41,7 +41,8 @@ from utils.flags import add_sampling_args, add_weight_args, weight_flags
 from utils.device import add_device_arg, resolve_device
 from utils.errors import UserError, run_main
 from utils.training import distributed as dist_utils
-from utils.checkpoints.weights import load_weights
+from utils.checkpoints.weights import load_weights, lora_base_of
+from utils.lora import has_adapters, merge_adapters
 from utils.checkpoints.weights import resolve_model
 from utils.training.output_dir import check_output_dir
 from utils.training.output_dir import output_dir_claimed
@@ -156,14 +157,23 @@ def device_choice(name: str, distributed: bool):
 
 
 def load_run_weights(args, cfg, ctx):
-    """(LoadedModel, training state to resume or None), following the flags.
+    """(LoadedModel, training state to resume or None, LoRA base (kind, path)
+    or None), following the flags.
 
-    A --checkpoint is read once: its weights and its training state."""
+    A --checkpoint is read once: its weights and its training state. An
+    adapter checkpoint's adapters are merged into its base, unless training
+    resumes them."""
     # Rank 0 first: it may download OpenAI's files, which the others then read.
     if not ctx.is_main:
         dist_utils.barrier(ctx)
     resolved = resolve_model(**weight_flags(args))
     resume = resolved.training_state if args.do_train else None
+    lora_base = lora_base_of(resolved) if args.do_train and cfg.lora is not None else None
+    if args.do_train and resolved.adapters is not None and resume is None:
+        raise UserError(f"{args.checkpoint} holds LoRA adapters without a training "
+                        f"state, so training cannot continue them: merge them first "
+                        f"(convert_checkpoint.py --merge_lora {args.checkpoint} "
+                        f"merged.ckpt --format ckpt) and train on merged.ckpt")
     if args.do_train and args.checkpoint and resume is None and ctx.is_main:
         print(f"note: {args.checkpoint} holds weights only: training starts at "
               f"step 0 from them", file=sys.stderr)
@@ -173,10 +183,10 @@ def load_run_weights(args, cfg, ctx):
                         "gpt2_train_main.py feeds no memory, so it would train "
                         "without it: train memory-mode models from Python (README, "
                         "Other Use Cases)")
-    loaded = load_weights(resolved)
+    loaded = load_weights(resolved, apply_adapters=not args.do_train)
     if ctx.is_main:
         dist_utils.barrier(ctx)
-    return loaded, resume
+    return loaded, resume, lora_base
 
 
 def main(argv=None) -> int:
@@ -184,6 +194,10 @@ def main(argv=None) -> int:
     choices = check_args(args)
 
     cfg = load_train_config(args.config_train)
+    if cfg.shard_model and args.do_train and args.do_test:
+        raise UserError("--do_test after a shard_model = True run would need the whole "
+                        "model on rank 0: train first, then run --do_test --checkpoint "
+                        "<output_dir>/model.ckpt without --distributed")
     if args.config_model:  # refused before any output directory is made
         load_model_hparams(args.config_model)
     splits = open_splits(args, cfg)
@@ -203,7 +217,7 @@ def main(argv=None) -> int:
 
 def run(args, cfg, splits, ctx, sampling: SamplingSettings) -> int:
     check_precision(cfg.precision, ctx.device)
-    loaded, resume = load_run_weights(args, cfg, ctx)
+    loaded, resume, lora_base = load_run_weights(args, cfg, ctx)
     if args.do_train and args.checkpoint and resume is None and ctx.is_main:
         check_earlier_run(args, continues_in_place=False)  # weights only: step 0
     sizes = model_size(loaded.hparams)
@@ -216,7 +230,8 @@ def run(args, cfg, splits, ctx, sampling: SamplingSettings) -> int:
 
     trainer = None
     if args.do_train:
-        trainer = run_training(args, cfg, splits, ctx, model, loaded.hparams, resume)
+        trainer = run_training(args, cfg, splits, ctx, model, loaded.hparams, resume,
+                               lora_base)
     if args.do_eval:
         if trainer is not None:
             result = trainer.evaluate_at_final_step()
@@ -227,6 +242,8 @@ def run(args, cfg, splits, ctx, sampling: SamplingSettings) -> int:
             print(result.describe("dev"), flush=True)
         dist_utils.barrier(ctx)
     written = trainer.outputs() if trainer is not None else []
+    if has_adapters(model):  # saved; the decoding engine reads merged weights
+        merge_adapters(model)
     if args.do_test:
         written += run_test(args, cfg, splits["test"], ctx, model, loaded.vocab_dir,
                             sampling)
@@ -239,7 +256,7 @@ def run(args, cfg, splits, ctx, sampling: SamplingSettings) -> int:
     return 0
 
 
-def run_training(args, cfg, splits, ctx, model, model_hparams, resume):
+def run_training(args, cfg, splits, ctx, model, model_hparams, resume, lora_base):
     """--do_train: the Trainer, once it has trained."""
     if args.overwrite_output_dir and ctx.is_main:
         removed = remove_earlier_run(args.output_dir)
@@ -248,7 +265,8 @@ def run_training(args, cfg, splits, ctx, model, model_hparams, resume):
                      f"{', '.join(removed)} in {args.output_dir}", file=sys.stderr)
     trainer = Trainer(model, model_hparams, cfg, ctx, splits["train"], splits["dev"],
                       args.output_dir, resume=resume,
-                      stop_after_steps=args.stop_after_steps, progress=not args.quiet)
+                      stop_after_steps=args.stop_after_steps, progress=not args.quiet,
+                      lora_base=lora_base)
     # With --do_eval the final evaluation comes before the last save.
     trainer.train(final_eval=args.do_eval)
     return trainer

@@ -108,6 +108,17 @@ gradient_checkpointing = False
 # the output layer, which is the token embedding); frozen weights get no
 # gradient or optimizer state.
 trainable = "all"
+# LoRA: train low-rank adapters on texar's linear layers, the base frozen
+# (utils/lora.py), e.g. {"rank": 8, "alpha": 16, "dropout": 0.0,
+# "targets": ["attention", "mlp"]}. Checkpoints then hold the adapters and
+# name their base model; gpt2_generate_main.py --checkpoint applies them and
+# convert_checkpoint.py --merge_lora writes the merged model. None: off.
+lora = None
+# With --distributed: shard weights, gradients and optimizer state across the
+# processes (PyTorch FSDP, utils/training/sharding.py) instead of a full copy
+# each. AdamW or SGD (not Adafactor); no sample_steps; model.ckpt stays an
+# ordinary checkpoint that resumes with any number of processes.
+shard_model = False
 
 # ----------------------------------------------------------------- logging
 # A directory for TensorBoard event files (the metrics of metrics.jsonl as

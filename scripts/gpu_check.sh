@@ -32,6 +32,39 @@ for precision in fp32 bf16; do
       --precision "$precision" --json "$out/train_$precision.json" >/dev/null || status=1
 done
 
+echo "== sharded training (shard_model, 2 GPUs, NCCL) and LoRA on the GPU"
+# Tiny model on data/toy: a short sharded run from scratch (when 2 GPUs are
+# present), then LoRA adapters trained on its weights (or on a 1-GPU run's).
+"$PY" prepare_data.py --data_dir data/toy --quiet >/dev/null
+cat > "$out/shard_cfg.py" <<'CFGEOF'
+from configs.config_train_demo import *  # noqa: F401,F403
+max_train_epoch = 1
+eval_steps = -1
+checkpoint_steps = -1
+sample_steps = -1
+shard_model = True
+gradient_checkpointing = True
+precision = "bf16"
+CFGEOF
+printf 'from configs.config_train_demo import *\nmax_train_epoch = 1\nsample_steps = -1\nlora = {"rank": 8, "alpha": 16, "dropout": 0.0, "targets": ["attention", "mlp"]}\ngradient_checkpointing = True\n' > "$out/lora_cfg.py"
+gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+if [ "$gpus" -ge 2 ]; then
+  timeout 300 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 gpt2_train_main.py \
+      --do_train --distributed --from_scratch --config_model configs.config_model_tiny \
+      --config_train "$out/shard_cfg.py" --output_dir "$out/sharded" --quiet \
+      | tail -n 2 | tee "$out/sharded.txt" || status=1
+else
+  echo "one GPU: the sharded 2-GPU run is skipped; a 1-GPU full run gives the LoRA base"
+  sed 's/shard_model = True/shard_model = False/' "$out/shard_cfg.py" > "$out/full_cfg.py"
+  timeout 300 "$PY" gpt2_train_main.py --do_train --from_scratch \
+      --config_model configs.config_model_tiny --config_train "$out/full_cfg.py" \
+      --output_dir "$out/sharded" --quiet | tail -n 2 || status=1
+fi
+timeout 300 "$PY" gpt2_train_main.py --do_train --do_eval --checkpoint "$out/sharded/model.ckpt" \
+    --config_train "$out/lora_cfg.py" --output_dir "$out/lora" --quiet | tail -n 2 || status=1
+timeout 120 "$PY" gpt2_generate_main.py --checkpoint "$out/lora/model.ckpt" --prompt "The" \
+    --decoding_strategy greedy --max_decoding_length 20 || status=1
+
 "$PY" - "$out" <<'PYEOF'
 import glob, json, os, sys
 import torch

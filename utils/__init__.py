@@ -3,7 +3,8 @@
 At the root, what every package uses: errors (one-line user errors),
 atomic (atomic writes, one writer per output), memory (estimates and
 refusals), device (--device), processor (GPT-2's BPE, with gpt2_vocab/),
-config_modules (loading configs/*.py), model (building texar's GPT2Decoder
+config_modules (loading configs/*.py), lora (LoRA adapters and their
+checkpoint fields, used by checkpoints and training), model (building texar's GPT2Decoder
 from its sizes), and flags (the entry scripts' shared flags; no package
 imports it).
 

@@ -9,6 +9,10 @@ Every source is read as a stream of Hugging Face GPT2LMHeadModel (name,
 tensor) pairs, each checked (`_checked`) against the model's sizes before a
 writer sees it: names, shapes, nothing twice, nothing missing.
 
+An adapter checkpoint (a LoRA run's, utils/lora.py) converts only with
+`merge_lora`: its base model (the one it names, or `lora_base`) is loaded,
+the adapters are merged into it, and the merged model is the source.
+
 Destinations (`write_destination`):
 - "hf": `utils.checkpoints.hf_dir.write_hf_dir`, model.safetensors written tensor by tensor;
 - "openai": OpenAI's seven files, the checkpoint written tensor by tensor by
@@ -61,7 +65,8 @@ from utils.checkpoints.tf_reader import STATE_FILE
 from utils.model import model_size
 from utils.checkpoints.weights import checkpoint_with_memory
 from utils.checkpoints.weights import hparams_from_checkpoint
-from utils.checkpoints.weights import load_checkpoint
+from utils.checkpoints.weights import load_checkpoint, load_weights, resolve_model
+from utils.lora import is_adapter_checkpoint
 from utils.checkpoints.openai_weights import read_openai_hparams
 from utils.checkpoints.openai_weights import is_ignorable_tf_variable
 from utils.checkpoints.tf_reader import TFCheckpointReader
@@ -94,7 +99,7 @@ _OPENAI_FILES = tuple(sorted(MODEL_FILES, key=lambda name: name == STATE_FILE))
 
 @dataclass
 class Source:
-    kind: str                       # "ckpt", "openai" or "hf"
+    kind: str                       # "ckpt", "openai", "hf" or "merged" (adapters merged)
     path: str
     sizes: Dict[str, int]
     vocab_dir: Optional[str]        # holds the tokenizer's two files; None: GPT-2's, shipped
@@ -109,22 +114,35 @@ class Source:
 # ---------------------------------------------------------------------------
 # Sources
 
-def open_source(src: str, vocab_dir: Optional[str] = None) -> Source:
+def open_source(src: str, vocab_dir: Optional[str] = None, merge_lora: bool = False,
+                lora_base: Optional[str] = None) -> Source:
     """The model at `src`, its format told by its files. `vocab_dir` is the
-    vocabulary of a `.ckpt` source (which holds none)."""
+    vocabulary of a `.ckpt` source (which holds none). An adapter checkpoint
+    needs `merge_lora` (its base: the one it names, or `lora_base`)."""
     if is_hub_name(src):
-        return _hf_source(fetch_hub_model(src, weights=True))
-    if os.path.isfile(src):
-        return _ckpt_source(src, vocab_dir)
-    if not os.path.exists(src):
+        source = _hf_source(fetch_hub_model(src, weights=True))
+    elif os.path.isfile(src):
+        source = _ckpt_source(src, vocab_dir, merge_lora, lora_base)
+    elif not os.path.exists(src):
         raise UserError(f"SRC {src} does not exist: give a .ckpt file, an OpenAI model "
                         f"directory or a Hugging Face one")
-    kind = detect_format(src)
-    return _hf_source(src) if kind == "hf" else _openai_source(src)
+    else:
+        source = _hf_source(src) if detect_format(src) == "hf" else _openai_source(src)
+    if (merge_lora or lora_base) and source.kind != "merged":
+        raise UserError(f"--merge_lora/--lora_base: {src} holds no LoRA adapters, so "
+                        f"there is nothing to merge: drop them")
+    return source
 
 
-def _ckpt_source(path: str, vocab_dir: Optional[str]) -> Source:
+def _ckpt_source(path: str, vocab_dir: Optional[str], merge_lora: bool,
+                 lora_base: Optional[str]) -> Source:
     state = load_checkpoint(path)
+    if is_adapter_checkpoint(state):
+        if not merge_lora:
+            raise UserError(f"{path} holds LoRA adapters, not a whole model: pass "
+                            f"--merge_lora to write its base model with them merged")
+        del state
+        return _merged_source(path, vocab_dir, lora_base)
     sizes = model_size(hparams_from_checkpoint(state, path), path)
     if checkpoint_with_memory(state, path):
         raise UserError(f"{path} keeps cross-attention (memory mode), which GPT-2's "
@@ -137,6 +155,19 @@ def _ckpt_source(path: str, vocab_dir: Optional[str]) -> Source:
     if vocab_dir is not None:
         vocab_files(vocab_dir)  # a half vocabulary fails now, not after the weights
     return Source("ckpt", path, sizes, vocab_dir,
+                  lambda: texar_to_hf_tensors(model_state, sizes["n_layer"]))
+
+
+def _merged_source(path: str, vocab_dir: Optional[str], lora_base: Optional[str]) -> Source:
+    """An adapter checkpoint merged into its base model (one model in memory)."""
+    loaded = load_weights(resolve_model(checkpoint=path, lora_base=lora_base))
+    sizes = model_size(loaded.hparams, path)
+    model_state = loaded.model.state_dict()
+    vocab = vocab_dir if vocab_dir is not None else loaded.vocab_dir
+    del loaded
+    if vocab is not None:
+        vocab_files(vocab)  # a half vocabulary fails now
+    return Source("merged", path, sizes, vocab,
                   lambda: texar_to_hf_tensors(model_state, sizes["n_layer"]))
 
 

@@ -19,7 +19,10 @@ only: "model" (the state dict), "model_sizes" (GPT-2's five size numbers as
 ints), "model_dropout" (three floats), "with_memory" (a bool: the model keeps
 texar's cross-attention, utils/model.py's memory mode; absent means False),
 "format" (CHECKPOINT_FORMAT) and the training state (tensors, numbers, strings). They load with `weights_only=True`:
-nothing is unpickled.
+nothing is unpickled. A LoRA run's checkpoints hold adapters instead of
+"model" ("lora", "lora_adapters", "lora_base", see utils/lora.py): resolving
+one resolves the base model it names (or the one the weight flags give),
+and load_weights applies the adapters to it.
 
 A checkpoint never chooses code. texar builds whatever class an hparams "type"
 names, so hparams are always rebuilt by `utils.model.gpt2_hparams` from the
@@ -33,6 +36,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from utils import lora
 from utils.checkpoints import hf_hub
 
 from utils.checkpoints import openai_weights
@@ -108,6 +112,9 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         raise UserError(f"cannot read checkpoint {path}: it is corrupt or not a "
                         f"checkpoint written by gpt2_train_main.py "
                         f"({type(err).__name__})") from None
+    if isinstance(state, dict) and lora.is_adapter_checkpoint(state) and "model" not in state:
+        lora.read_adapter_checkpoint(state, path)  # checked here, like "model" below
+        return state
     model_state = state.get("model") if isinstance(state, dict) else None
     if not isinstance(model_state, dict) or not all(
             isinstance(k, str) and torch.is_tensor(v) for k, v in model_state.items()):
@@ -177,10 +184,33 @@ class ResolvedModel:
     model_state: Optional[Dict[str, torch.Tensor]] = None
     training_state: Optional[Dict[str, Any]] = None
     with_memory: bool = False  # keep texar's cross-attention (utils/model.py)
+    # From an adapter checkpoint (then the fields above describe its base).
+    adapters: Optional["Adapters"] = None
 
     def describe(self) -> str:
         """Where the sizes come from, and the ones memory grows with: for messages."""
         return describe_sizes(self.sizes, self.sizes_from)
+
+
+@dataclass
+class Adapters:
+    """An adapter checkpoint's LoRA settings, tensors and base record (utils/lora.py)."""
+    settings: lora.LoraSettings
+    tensors: Dict[str, torch.Tensor]
+    base: Dict[str, Any]
+    path: str          # the adapter checkpoint
+    base_source: str   # the base model, for messages
+
+
+def lora_base_of(resolved: ResolvedModel) -> tuple:
+    """(kind, path) naming the base model of `resolved` in an adapter
+    checkpoint's lora_base; random weights have none."""
+    kinds = {FROM_CHECKPOINT: "checkpoint", FROM_OPENAI: "openai", FROM_HF: "huggingface"}
+    if resolved.origin not in kinds:
+        raise UserError("lora in the training config trains adapters on pretrained "
+                        "weights, but --from_scratch gives random ones: drop "
+                        "--from_scratch, or remove lora from the training config")
+    return kinds[resolved.origin], resolved.hub_name or resolved.path
 
 
 def describe_sizes(sizes: Dict[str, int], source: str) -> str:
@@ -211,14 +241,19 @@ def resolve_model(*, config_model: Optional[str] = None,
                   pretrain_checkpoint: Optional[str] = None,
                   checkpoint: Optional[str] = None,
                   from_scratch: bool = False,
-                  download: bool = True) -> ResolvedModel:
+                  download: bool = True,
+                  lora_base: Optional[str] = None) -> ResolvedModel:
     """The model the weight flags ask for: its sizes, source and vocabulary.
 
     --checkpoint wins over --from_scratch, which wins over OpenAI's checkpoint
     (--pretrain_checkpoint, else <pretrain_model_dir>/model.ckpt). A
     --config_model must agree with the checkpoint's sizes. Nothing large is
     read or downloaded yet, except our own checkpoint (read once, here).
+    An adapter checkpoint's base model is the one it names, unless
+    --pretrain_model_dir / --pretrain_checkpoint or `lora_base` (a path or
+    hf:NAME of any format, told by its files) give another.
     """
+    given_model_dir = pretrain_model_dir
     hub_name = pretrain_model_dir if hf_hub.is_hub_name(pretrain_model_dir) else None
     if hub_name:  # its small files now, its weights in load_weights
         pretrain_model_dir = hf_hub.fetch_hub_model(hub_name, weights=False)
@@ -230,7 +265,10 @@ def resolve_model(*, config_model: Optional[str] = None,
                                   model_size(config) if config else None))
     vocab_dir = pretrain_model_dir if os.path.isdir(pretrain_model_dir) else None
     if checkpoint:
-        resolved = _resolve_checkpoint(checkpoint, vocab_dir)
+        resolved = _resolve_checkpoint(checkpoint, vocab_dir, base_flags=dict(
+            pretrain_model_dir=hub_name or given_model_dir,
+            pretrain_checkpoint=pretrain_checkpoint, download=download,
+            lora_base=lora_base))
     elif from_scratch:
         name = config_model or DEFAULT_CONFIG_MODEL
         hparams = config or load_model_hparams(name)
@@ -262,9 +300,12 @@ def _apply_config_memory(resolved: ResolvedModel, wanted: bool, config_name: str
     resolved.with_memory = True
 
 
-def _resolve_checkpoint(path: str, vocab_dir: Optional[str]) -> ResolvedModel:
+def _resolve_checkpoint(path: str, vocab_dir: Optional[str],
+                        base_flags: Dict[str, Any]) -> ResolvedModel:
     state = load_checkpoint(path)
     hparams = hparams_from_checkpoint(state, path)
+    if lora.is_adapter_checkpoint(state):
+        return _resolve_adapter_checkpoint(path, state, hparams, base_flags)
     model_state = state.pop("model")
     return ResolvedModel(sizes=model_size(hparams), hparams=hparams,
                          origin=FROM_CHECKPOINT, path=path, sizes_from=path,
@@ -272,6 +313,59 @@ def _resolve_checkpoint(path: str, vocab_dir: Optional[str]) -> ResolvedModel:
                          model_state=model_state,
                          training_state=state if "optimizer" in state else None,
                          with_memory=checkpoint_with_memory(state, path))
+
+
+def _resolve_adapter_checkpoint(path: str, state: Dict[str, Any], hparams: Dict[str, Any],
+                                base_flags: Dict[str, Any]) -> ResolvedModel:
+    """The base model an adapter checkpoint names (or the one the weight
+    flags give), carrying the adapters and the checkpoint's training state."""
+    settings, tensors, base = lora.read_adapter_checkpoint(state, path)
+    flags = {key: value for key, value in base_flags.items() if value is not None}
+    if "lora_base" in flags:
+        resolved = resolve_base(_base_of_path(flags["lora_base"]), path)
+    elif "pretrain_model_dir" in flags or "pretrain_checkpoint" in flags:
+        resolved = resolve_model(**flags)
+    else:
+        resolved = resolve_base(base, path, download=base_flags.get("download", True))
+    if resolved.sizes != model_size(hparams):
+        raise UserError(f"the base model {resolved.describe()} does not have the sizes of "
+                        f"{describe_sizes(model_size(hparams), path)}: give the base "
+                        f"model its adapters were trained on")
+    resolved.adapters = Adapters(settings, tensors, base, path, resolved.source)
+    resolved.training_state = state if "optimizer" in state else None
+    resolved.source = f"{resolved.source} with the LoRA adapters of {path}"
+    return resolved
+
+
+def _base_of_path(where: str) -> Dict[str, Any]:
+    """A lora_base record for a base model given by path, its kind told by its files."""
+    if hf_hub.is_hub_name(where) or (os.path.isdir(where) and _holds_hf_model(where)):
+        return {"kind": "huggingface", "path": where}
+    if os.path.isdir(where):
+        return {"kind": "openai", "path": os.path.join(where, DEFAULT_PREFIX)}
+    return {"kind": "checkpoint", "path": where}
+
+
+def resolve_base(base: Dict[str, Any], path: str, download: bool = True) -> ResolvedModel:
+    """The base model an adapter checkpoint's lora_base names (kind, path)."""
+    where = base["path"]
+    local = not hf_hub.is_hub_name(where)
+    if local and not os.path.exists(where if base["kind"] != "openai" else
+                                    os.path.dirname(where)):
+        raise UserError(f"{path} holds LoRA adapters for the base model {where}, which "
+                        f"is not there: give it with --pretrain_model_dir (or "
+                        f"--pretrain_checkpoint; convert_checkpoint.py: --lora_base)")
+    if base["kind"] == "checkpoint":
+        if lora.is_adapter_checkpoint(load_checkpoint(where)):
+            raise UserError(f"{path} names {where} as its base, which holds adapters "
+                            f"itself: merge that one first (convert_checkpoint.py "
+                            f"--merge_lora ... --format ckpt)")
+        resolved = resolve_model(checkpoint=where)
+        resolved.training_state = None  # only its weights are the base
+        return resolved
+    if base["kind"] == "openai":
+        return resolve_model(pretrain_checkpoint=where, download=download)
+    return resolve_model(pretrain_model_dir=where, download=download)
 
 
 def _holds_hf_model(model_dir: str) -> bool:
@@ -358,10 +452,12 @@ def _check_weight_paths(pretrain_model_dir: Optional[str],
 # ---------------------------------------------------------------------------
 # Step 2: build the model and fill its weights
 
-def load_weights(resolved: ResolvedModel) -> LoadedModel:
+def load_weights(resolved: ResolvedModel, apply_adapters: bool = True) -> LoadedModel:
     """Build the resolved model and fill its weights (downloading OpenAI's
     files when missing): once memory allows it and the tokenizer's ids fit;
-    every weight loaded must be finite. The model is on CPU in eval mode."""
+    every weight loaded must be finite. The model is on CPU in eval mode.
+    An adapter checkpoint's adapters are checked against the base and merged
+    into it, unless not `apply_adapters` (a trainer that resumes them)."""
     sizes, source = resolved.sizes, resolved.source
     # Before downloading gigabytes of weights that could not be used.
     _require_build_memory(sizes, source)
@@ -389,11 +485,28 @@ def load_weights(resolved: ResolvedModel) -> LoadedModel:
         # Memory mode's cross-attention is not in GPT-2's files: it stays fresh.
         _load_state_dict(model, read_hf_weights(resolved.path, resolved.sizes),
                          resolved.path, fresh_memory=resolved.with_memory)
+    if resolved.adapters is not None:
+        _check_adapters_fit(model, resolved)
+        if apply_adapters:
+            _merge_adapters(model, resolved.adapters)
     _refuse_non_finite(model, source)
     model.eval()
     return LoadedModel(model=model, hparams=resolved.hparams,
                        vocab_dir=resolved.vocab_dir, source=source,
                        with_memory=resolved.with_memory)
+
+
+def _check_adapters_fit(model: nn.Module, resolved: ResolvedModel) -> None:
+    adapters = resolved.adapters
+    lora.check_fingerprint(model, adapters.settings.targets, adapters.base.get("fingerprint"),
+                           adapters.base_source, adapters.path)
+
+
+def _merge_adapters(model: nn.Module, adapters: Adapters) -> None:
+    lora.add_adapters(model, adapters.settings)
+    lora.load_adapter_state(model, adapters.tensors, adapters.path)
+    lora.merge_adapters(model)
+    model.requires_grad_(True)  # add_adapters froze the base
 
 
 def _check_vocabulary(n_vocab: int, vocab_dir: Optional[str], source: str) -> None:

@@ -17,6 +17,7 @@ import torch
 from utils.config_modules import check_config_names, load_config_module, settings_of
 from utils.decoding.limits import MAX_SEED
 from utils.errors import UserError
+from utils.lora import LoraSettings, lora_settings
 from utils.training.memory_options import TRAINABLE
 from utils.training.metrics_log import check_tensorboard_installed
 from utils.model import import_texar
@@ -52,6 +53,8 @@ class TrainConfig:
     sample_steps: int = -1
     sample_prompts: Tuple[str, ...] = ("",)
     early_stopping_patience: int = -1
+    lora: Optional[Dict[str, Any]] = None
+    shard_model: bool = False
     name: str = field(default="", compare=False)
 
 
@@ -60,7 +63,8 @@ _REQUIRED = ("data_dir", "max_seq_length", "train_batch_size", "eval_batch_size"
 _OPTIONAL = ("max_decoding_length", "checkpoint_steps", "warmup_steps", "lr_decay",
              "min_lr_ratio", "gradient_accumulation_steps", "precision", "seed",
              "gradient_checkpointing", "trainable", "tensorboard_dir",
-             "sample_steps", "sample_prompts", "early_stopping_patience")
+             "sample_steps", "sample_prompts", "early_stopping_patience", "lora",
+             "shard_model")
 # Names the original examples used for the data directory.
 _DATA_DIR_ALIASES = ("tfrecord_data_dir", "pickle_data_dir")
 # The original example's texar data pipeline: accepted, so that its config
@@ -162,11 +166,30 @@ def check_train_config(cfg: TrainConfig) -> None:
     if cfg.trainable not in TRAINABLE:
         bad("trainable", f"must be one of {', '.join(map(repr, TRAINABLE))} "
                          f"('transformer' freezes the embeddings)")
+    if cfg.lora is not None:
+        lora_of(cfg)
+    if not isinstance(cfg.shard_model, bool):
+        bad("shard_model", "must be True or False")
+    if cfg.shard_model and cfg.sample_steps > 0:
+        bad("sample_steps", "samples need the whole model on one rank, which "
+                            "shard_model = True never gathers: set sample_steps = -1, "
+                            "or sample from model.ckpt with gpt2_generate_main.py")
     if cfg.tensorboard_dir is not None:
         if not isinstance(cfg.tensorboard_dir, str) or not cfg.tensorboard_dir:
             bad("tensorboard_dir", "must be a directory path, or None for no TensorBoard log")
         check_tensorboard_installed(f"tensorboard_dir in training config {cfg.name}")
     _check_opt(cfg)
+    if cfg.shard_model and opt_hparams(cfg.opt).optimizer.type in (
+            "Adafactor", "torch.optim.Adafactor"):
+        bad("shard_model", "torch's Adafactor cannot update sharded (DTensor) weights: "
+                           "use AdamW or SGD with shard_model, or Adafactor unsharded")
+
+
+def lora_of(cfg: TrainConfig) -> Optional[LoraSettings]:
+    """The checked LoRA settings of the config, None without `lora`."""
+    if cfg.lora is None:
+        return None
+    return lora_settings(cfg.lora, f"lora in training config {cfg.name}")
 
 
 def _check_opt(cfg: TrainConfig) -> None:

@@ -18,12 +18,14 @@ def opt_hparams(opt: Dict[str, Any]):
 
 
 def build_optimizer(model: torch.nn.Module, opt: Dict[str, Any], precision: str,
-                    device: torch.device):
+                    device: torch.device, fused: bool = True):
     """(optimizer, gradient clipping function or None, fp16 loss scaler or None)
-    for `model`, as the training config's `opt` and `precision` say."""
+    for `model`, as the training config's `opt` and `precision` say. `fused`
+    False keeps torch's default kernels (a sharded model's DTensors)."""
     tx = import_texar()
     hparams = opt_hparams(opt)
-    optimizer = _make_optimizer(tx, _param_groups(model), hparams, device)
+    optimizer = (_make_optimizer(tx, _param_groups(model), hparams, device) if fused
+                 else tx.core.get_optimizer(_param_groups(model), hparams))
     scaler = _grad_scaler() if precision == "fp16" else None
     return optimizer, tx.core.get_grad_clip_fn(hparams), scaler
 

@@ -50,7 +50,7 @@ from utils.training.divergence import (DivergenceWatch, TrainingDiverged, batch_
                                        likely_cause, weights_finite, what_was_kept)
 from utils.errors import UserError
 from utils.training.lm import EvalResult, autocast, evaluate, lm_nll, lr_multiplier, perplexity
-from utils.training.memory_options import apply_memory_options
+from utils.training.memory_options import apply_memory_options, trainable_parameter_count
 from utils.training.metrics_log import MetricsLog
 from utils.model import has_memory
 from utils.training.optimizer import build_optimizer
@@ -59,7 +59,10 @@ from utils.training.resume_settings import (apply_optimizer_settings, changed_op
                                             changed_settings, config_snapshot, describe_changes,
                                             optimizer_settings)
 from utils.training.rng_state import gather_rng_states, restore_rng_states, seed_new_run
-from utils.training.config import TrainConfig
+from utils.training.config import TrainConfig, lora_of
+from utils.training.lora_training import LoraRun
+from utils.training import sharding
+from utils.lora import merged_view
 from utils.samples.during_training import SAMPLES_LOG, write_training_samples
 from utils.checkpoints.weights import (BEST_CHECKPOINT, CHECKPOINT_FORMAT, LAST_CHECKPOINT,
                                        checkpoint_model_fields, save_checkpoint)
@@ -123,7 +126,8 @@ class Trainer:
     def __init__(self, model, model_hparams: Dict[str, Any], cfg: TrainConfig, ctx,
                  train_split: PreparedSplit, dev_split: Optional[PreparedSplit],
                  output_dir: str, resume: Optional[Dict[str, Any]] = None,
-                 stop_after_steps: Optional[int] = None, progress: bool = True):
+                 stop_after_steps: Optional[int] = None, progress: bool = True,
+                 lora_base: Optional[Tuple[str, str]] = None):
         self.cfg, self.ctx = cfg, ctx
         # Checkpoints store the model's sizes as plain numbers, never texar hparams.
         self.model_fields = checkpoint_model_fields(model_hparams, has_memory(model))
@@ -136,11 +140,22 @@ class Trainer:
 
         self.plain_model = model
         model.train()
-        # Before DDP and the optimizer: both see only the trainable parameters.
+        # Adapters (and the frozen base) before the memory options, DDP and the
+        # optimizer: they all see only the trainable parameters.
+        self.lora = LoraRun.start(model, lora_of(cfg), lora_base, resume, cfg.seed)
         apply_memory_options(model, cfg.gradient_checkpointing, cfg.trainable)
-        self.model = dist_utils.wrap_model(model, ctx)
+        if self.lora is not None:
+            ctx.print(f"{self.lora.settings.describe()}: "
+                      f"{trainable_parameter_count(model):,} trainable parameters, the "
+                      f"base frozen.", file=sys.stderr)
+        self.sharded = cfg.shard_model
+        if self.sharded:
+            sharding.check_can_shard(ctx, model, self.lora)
+            self.model = sharding.shard(model, ctx, cfg.precision)
+        else:
+            self.model = dist_utils.wrap_model(model, ctx)
         self.optimizer, self.clip_grad, self.scaler = build_optimizer(
-            model, cfg.opt, cfg.precision, self.device)
+            model, cfg.opt, cfg.precision, self.device, fused=not self.sharded)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
 
         self.sampler = ShardSampler(len(train_split), ctx.rank, ctx.world_size, cfg.seed)
@@ -169,14 +184,18 @@ class Trainer:
 
     # -- state -----------------------------------------------------------
 
-    def state_dict(self, rng: Dict[str, Any], window_nll: float = 0.0) -> Dict[str, Any]:
+    def state_dict(self, rng: Dict[str, Any], window_nll: float = 0.0,
+                   weights: Optional[Dict[str, Any]] = None,
+                   optimizer: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """Everything to continue exactly; `window_nll` is the display window's
-        loss summed over all ranks."""
+        loss summed over all ranks; `weights` and `optimizer`, when gathered
+        already (a sharded run: every rank takes part), the model's entries and
+        the optimizer state."""
         return {
             "format": CHECKPOINT_FORMAT,
-            "model": self.plain_model.state_dict(),
+            **(weights if weights is not None else self._weights()),
             **self.model_fields,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer if optimizer is not None else self.optimizer.state_dict(),
             "optimizer_type": type(self.optimizer).__name__,
             "grad_scaler": self.scaler.state_dict() if self.scaler else None,
             "schedule": {"base_lrs": self.base_lrs, "warmup_steps": self.cfg.warmup_steps,
@@ -194,6 +213,15 @@ class Trainer:
             "data": self._data_settings(),
             "config": config_snapshot(self.cfg),
         }
+
+    def _weights(self) -> Dict[str, Any]:
+        """The model's entries of a checkpoint: its state dict, or a LoRA run's
+        adapters and base record (utils/lora.py)."""
+        if self.lora is not None:
+            return self.lora.checkpoint_fields(self.plain_model)
+        if self.sharded:  # gathered onto rank 0: every rank calls
+            return {"model": sharding.full_model_state(self.plain_model)}
+        return {"model": self.plain_model.state_dict()}
 
     def _data_settings(self) -> Dict[str, Any]:
         """What decides the order and grouping of the training examples."""
@@ -214,7 +242,11 @@ class Trainer:
         # The config's optimizer settings, which load_state_dict replaces.
         configured = optimizer_settings(self.optimizer)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.sharded:
+                sharding.load_full_optimizer_state(self.plain_model, self.optimizer,
+                                                   state["optimizer"])
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
             raise UserError(f"the optimizer state in the --checkpoint does not fit "
                             f"the optimizer of {self.cfg.name} ({type(err).__name__}: "
@@ -275,8 +307,12 @@ class Trainer:
         rng = gather_rng_states(self.ctx)
         nll = dist_utils.all_reduce_sum(
             self.window.nll.detach().reshape(1).double().cpu(), self.ctx)
+        weights = optimizer = None
+        if self.sharded:  # gathering the shards takes every rank
+            weights = self._weights()
+            optimizer = sharding.full_optimizer_state(self.plain_model, self.optimizer)
         if self.ctx.is_main:
-            save_checkpoint(path, self.state_dict(rng, float(nll[0])))
+            save_checkpoint(path, self.state_dict(rng, float(nll[0]), weights, optimizer))
         dist_utils.barrier(self.ctx)
         self.last_saved_step = self.step
 
@@ -485,10 +521,12 @@ class Trainer:
         if eval_due:
             self.evaluate_and_track(should_stop=stop)
         if sample_due and self.ctx.is_main:
-            write_training_samples(self.plain_model, self.encoder, cfg.sample_prompts,
-                                   step=step, seed=cfg.seed,
-                                   max_decoding_length=cfg.max_decoding_length,
-                                   output_dir=self.output_dir)
+            # The decoding engine reads the weights, not the layers' hooks.
+            with merged_view(self.plain_model):
+                write_training_samples(self.plain_model, self.encoder, cfg.sample_prompts,
+                                       step=step, seed=cfg.seed,
+                                       max_decoding_length=cfg.max_decoding_length,
+                                       output_dir=self.output_dir)
         if save_due:
             self.save(last_path)
         window.start += time.perf_counter() - paused
@@ -536,7 +574,8 @@ class Trainer:
     def evaluate_and_track(self, should_stop=None) -> Optional[EvalResult]:
         """Dev perplexity on rank 0 (others wait); keeps model_best.ckpt."""
         result = None
-        if self.ctx.is_main:
+        # A sharded model runs only with every rank: each evaluates the dev split.
+        if self.ctx.is_main or self.sharded:
             result = evaluate(self.plain_model, self.dev_split, self.cfg.eval_batch_size,
                               self.device, self.cfg.precision, self.progress, should_stop)
         # A dev loss that is not finite is a diverged model: nothing of it is
@@ -557,11 +596,11 @@ class Trainer:
             self.evals_since_best = 0 if improved else self.evals_since_best + 1
             if improved:
                 self.best_dev_ppl = result.perplexity
-                save_checkpoint(os.path.join(self.output_dir, BEST_CHECKPOINT), {
-                    "format": CHECKPOINT_FORMAT,
-                    "model": self.plain_model.state_dict(),
-                    **self.model_fields,
-                    "step": self.step, "dev_perplexity": result.perplexity})
+                weights = self._weights()
+                if self.ctx.is_main:
+                    save_checkpoint(os.path.join(self.output_dir, BEST_CHECKPOINT), {
+                        "format": CHECKPOINT_FORMAT, **weights, **self.model_fields,
+                        "step": self.step, "dev_perplexity": result.perplexity})
         if result is not None or not self.ctx.is_main:
             self.last_eval_step = self.step  # an interrupted one is still owed
         dist_utils.barrier(self.ctx)

@@ -1,0 +1,110 @@
+"""shard_model = True (utils/training/sharding.py, FSDP2) on 2 CPU processes (Gloo):
+the same weights as one process with the same global batch, clipping by the
+global norm of the sharded gradients, exact resume sharded and unsharded from
+the one ordinary .ckpt it writes, and the refusals.
+
+Runs under torchrun like tests/test_distributed.py; a tiny GPT-2 (width 16,
+2 layers) from a random base checkpoint keeps each run to seconds.
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.test_lora import REPO_ROOT, base, load, train  # noqa: F401
+from tests.test_train import SUBPROCESS_ENV, data_dir, one_thread, train_config  # noqa: F401
+from utils.errors import UserError
+from utils.training.config import load_train_config
+
+# A max_norm well under the gradients' norm: every step is clipped, so equal
+# weights need the norm of the whole (sharded) gradient.
+OPTS = {
+    "AdamW": {"optimizer": {"type": "AdamW", "kwargs": {"lr": 1e-2, "weight_decay": 0.01}},
+              "gradient_clip": {"type": "clip_grad_norm_", "kwargs": {"max_norm": 0.05}}},
+    "SGD": {"optimizer": {"type": "SGD", "kwargs": {"lr": 0.5, "momentum": 0.9}},
+            "gradient_clip": {"type": "clip_grad_norm_", "kwargs": {"max_norm": 0.05}}},
+}
+# Two ranks sum gradients in another order than one process: float32 rounding
+# grows with the steps, well under the issue's 1e-4.
+WEIGHT_TOL = 1e-4
+
+
+def configs(tmp_path, data, opt="AdamW", **extra):
+    """(one process: batch 4, two ranks sharded: batch 2 each); both with
+    gradient accumulation 2, so a step covers 8 examples either way."""
+    common = dict(eval_steps=-1, gradient_accumulation_steps=2, max_train_epoch=2,
+                  opt=OPTS[opt], **extra)
+    one = train_config(tmp_path, data, name=f"one_{opt}", train_batch_size=4, **common)
+    two = train_config(tmp_path, data, name=f"two_{opt}", train_batch_size=2,
+                       shard_model=True, gradient_checkpointing=True, **common)
+    return one, two
+
+
+def torchrun(*args):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         "2", "gpt2_train_main.py", "--distributed", "--quiet", *map(str, args)],
+        cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def assert_same_model(a, b):
+    assert set(a["model"]) == set(b["model"])
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=WEIGHT_TOL,
+                                   msg=name)
+
+
+def test_sharded_equals_one_process_and_resumes_sharded_or_not(tmp_path, data_dir, base):
+    one, two = configs(tmp_path, data_dir)
+    whole, part, resumed, alone = (tmp_path / n for n in ("whole", "part", "resumed",
+                                                          "alone"))
+    assert train("--do_train", "--checkpoint", base, "--config_train", one,
+                 "--output_dir", whole) == 0
+    torchrun("--do_train", "--checkpoint", base, "--config_train", two,
+             "--output_dir", part, "--stop_after_steps", 1)
+    saved = load(part / "model.ckpt")
+    assert saved["step"] == 1 and saved["data"]["world_size"] == 2
+    # An ordinary checkpoint: full tensors under their usual names.
+    assert saved["model"]["decoder.self_attns.0.Q_dense.weight"].shape == (16, 16)
+    assert set(saved["optimizer"]["state"]) == set(range(len(saved["model"]) - 1))
+
+    out = torchrun("--do_train", "--do_eval", "--checkpoint", part / "model.ckpt",
+                   "--config_train", two, "--output_dir", resumed)
+    assert "dev: " in out
+    assert train("--do_train", "--checkpoint", part / "model.ckpt", "--config_train", one,
+                 "--output_dir", alone) == 0
+    reference = load(whole / "model.ckpt")
+    assert reference["step"] == 4
+    assert_same_model(reference, load(resumed / "model.ckpt"))
+    assert_same_model(reference, load(alone / "model.ckpt"))
+
+
+def test_sgd_and_frozen_embeddings_shard_like_one_process(tmp_path, data_dir, base):
+    one, two = configs(tmp_path, data_dir, "SGD", trainable="transformer")
+    assert train("--do_train", "--checkpoint", base, "--config_train", one,
+                 "--output_dir", tmp_path / "one") == 0
+    torchrun("--do_train", "--checkpoint", base, "--config_train", two,
+             "--output_dir", tmp_path / "two")
+    a, b = load(tmp_path / "one" / "model.ckpt"), load(tmp_path / "two" / "model.ckpt")
+    assert_same_model(a, b)
+    assert torch.equal(a["model"]["word_embedder._embedding"],
+                       load(base)["model"]["word_embedder._embedding"])
+
+
+def test_shard_model_refusals(tmp_path, data_dir, base):
+    _, two = configs(tmp_path, data_dir)
+    with pytest.raises(UserError, match="launch with torchrun or mpirun and --distributed"):
+        train("--do_train", "--checkpoint", base, "--config_train", two,
+              "--output_dir", tmp_path / "x")
+    with pytest.raises(UserError, match="sample_steps"):
+        load_train_config(train_config(tmp_path, data_dir, name="s", shard_model=True,
+                                       sample_steps=2))
+    with pytest.raises(UserError, match="Adafactor cannot update sharded"):
+        load_train_config(train_config(tmp_path, data_dir, name="a", shard_model=True,
+                                       opt={"optimizer": {"type": "Adafactor",
+                                                          "kwargs": {"lr": 1e-2}}}))
+    with pytest.raises(UserError, match="shard_model = 1 .* must be True or False"):
+        load_train_config(train_config(tmp_path, data_dir, name="t", shard_model=1))
