@@ -1,12 +1,15 @@
 """Shared code of the entry scripts, grouped by job.
 
 At the root, what every package uses: errors (one-line user errors),
-atomic (atomic writes, one writer per output), memory (estimates and
-refusals), device (--device), processor (GPT-2's BPE, with gpt2_vocab/),
-config_modules (loading configs/*.py), lora (LoRA adapters and their
-checkpoint fields, used by checkpoints and training), model (building texar's GPT2Decoder
-from its sizes), and flags (the entry scripts' shared flags; no package
-imports it).
+atomic (atomic writes, one writer per output), output_safety (no output
+onto an input, no silent overwrite), dir_claim (one writer per output
+directory, staged on its filesystem), input_files and json_file (reading
+what users hand us, bounded), memory (estimates and refusals), device
+(--device), processor (GPT-2's BPE, with gpt2_vocab/), config_modules
+(loading configs/*.py and checking their names), model (building texar's
+GPT2Decoder from its sizes), lora (LoRA adapters and their checkpoint
+fields, used by checkpoints and training), and flags (the entry scripts'
+shared flags; no package imports it).
 
 The packages, each importing only the root and the packages listed before
 it:
