@@ -5,9 +5,10 @@ the language-model loss, evaluation and learning-rate schedule (lm), the
 optimizer (optimizer), divergence detection (divergence), RNG states for
 exact resume (rng_state), the metrics log (metrics_log), memory options
 (memory_options), the output directory's rules (output_dir), the prepared
-splits a run reads (train_data), and distributed launch with its shard
-sampler (distributed), sharded data parallel with FSDP (sharding), and
-a LoRA run's adapters and resume rules (lora_training).
+splits a run reads (train_data), what a resumed run changed
+(resume_settings), distributed launch (distributed), sharded data parallel
+with FSDP (sharding), and a LoRA run's adapters and resume rules
+(lora_training).
 May import: the root modules and every other package (checkpoints, data,
 decoding, samples); nothing imports it but gpt2_train_main.py.
 """
