@@ -146,7 +146,7 @@ def test_convert_removes_stale_staging_with_a_note(models, tmp_path, monkeypatch
     assert code == 0, err
     assert err.count("note: removed") == 2, err
     assert not os.path.exists(tmp_path / ".dst.abc123.converting")
-    assert sorted(os.listdir(dst)) == sorted(__import__("utils.checkpoints.hf_dir").hf_dir.HF_DIR_FILES)
+    assert sorted(os.listdir(dst)) == sorted(HF_DIR_FILES)
 
 
 def test_convert_stages_on_dst_own_filesystem(models, tmp_path, monkeypatch, capsys):
