@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import convert_checkpoint
 import gpt2_generate_main
 import prepare_data
+from utils.checkpoints.hf_dir import HF_DIR_FILES
 from user_files import (REPO, TINY_A, assert_one_line_error, run_in_process, run_script,
                         snapshot, tiny_models)
 
