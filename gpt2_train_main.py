@@ -52,7 +52,7 @@ from utils.training.lm import evaluate
 from utils.model import count_parameters, load_model_hparams
 from utils.model import model_size
 from utils.training.output_dir import check_earlier_run
-from utils.samples.test_split import test_settings
+from utils.samples.test_split import sampling_for_test_split
 from utils.training.config import check_precision
 from utils.training.train_data import check_splits_fit_model
 from utils.training.output_dir import remove_earlier_run
@@ -223,7 +223,7 @@ def run(args, cfg, splits, ctx, sampling: SamplingSettings) -> int:
     sizes = model_size(loaded.hparams)
     check_splits_fit_model(splits, sizes["n_ctx"], sizes["n_vocab"])
     if args.do_test:
-        sampling = test_settings(splits["test"], sampling, cfg, sizes["n_ctx"])
+        sampling = sampling_for_test_split(splits["test"], sampling, cfg, sizes["n_ctx"])
     model = loaded.model.to(ctx.device)
     ctx.print(f"Model: {loaded.source}, {count_parameters(model):,} parameters, "
               f"on {ctx.device}.", file=sys.stderr)

@@ -21,7 +21,7 @@ from utils.data.records import PreparedSplit, record_dtype
 from utils.errors import UserError
 from utils.model import build_model, gpt2_hparams
 from utils.processor import EOS_ID
-from utils.samples.test_split import test_settings, tsv_field, write_test_samples
+from utils.samples.test_split import sampling_for_test_split, tsv_field, write_test_samples
 from utils.training.config import load_train_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -446,7 +446,7 @@ def test_continuation_stops_at_end_of_text(tmp_path, data_dir):
     split = PreparedSplit(str(data_dir / "test.npy"))
     from utils.processor import get_encoder
     path = tmp_path / "t.tsv"
-    settings = test_settings(split, flags, cfg, 32)
+    settings = sampling_for_test_split(split, flags, cfg, 32)
     write_test_samples(model, split, get_encoder(), settings, cfg, torch.device("cpu"),
                        str(path), False)
     assert all(line.endswith("\t") for line in path.read_text().split("\n")[:-1])

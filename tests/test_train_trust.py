@@ -260,8 +260,9 @@ def no_such(names, listed_in):
      "sets gradient_checkpoint (did you mean gradient_checkpointing?), which is not a "
      "setting: fix the name (the settings are listed in configs/config_train.py)",
      "subprocess"),
-    ("shard_model = True", no_such("shard_model", "configs/config_train.py"), "here"),
-    ("lora = {'r': 8, 'alpha': 16}", no_such("lora", "configs/config_train.py"), "here"),
+    ("pipeline_parallel = True", no_such("pipeline_parallel", "configs/config_train.py"),
+     "here"),
+    ("zero_stage = 3", no_such("zero_stage", "configs/config_train.py"), "here"),
     ("base_lr = 3e-3", no_such("base_lr", "configs/config_train.py"), "here"),
 ])
 def test_a_training_config_value_that_is_no_field_is_refused(inputs, tmp_path, here, line,
@@ -311,7 +312,7 @@ def test_helpers_stay_the_users_own_and_the_original_pipeline_is_noted(inputs, t
                    + open(train_config(tmp_path, inputs["data"], max_train_epoch=1,
                                        eval_steps=-1)).read()
                    + "_base_lr = 3e-3\n_gradient_checkpoint = True\n"
-                     "def shard_model(x):\n    return x\nclass Lora:\n    pass\n"
+                     "def pipeline_parallel(x):\n    return x\nclass Lora:\n    pass\n"
                      "train_hparam = {'batch_size': 4, 'shuffle': True}\n")
     model = tmp_path / "model.py"
     model.write_text("import math\nfrom utils.model import gpt2_hparams\n_width = 16\n"

@@ -28,7 +28,7 @@ def tsv_field(text: str) -> str:
     return _TSV_BREAKS.sub(" ", text)
 
 
-def test_settings(split, flags: SamplingSettings, cfg, n_ctx: int) -> SamplingSettings:
+def sampling_for_test_split(split, flags: SamplingSettings, cfg, n_ctx: int) -> SamplingSettings:
     """The test step's sampling settings: the flags' (`flags`), with
     --config_train's length and seed where the flags leave them out, checked
     against the model and the longest test line (before training, so a bad
@@ -44,7 +44,7 @@ def test_settings(split, flags: SamplingSettings, cfg, n_ctx: int) -> SamplingSe
 
 def write_test_samples(model, split, encoder, settings: SamplingSettings, cfg, device,
                        path: str, progress: bool) -> int:
-    """Continue each test example with `settings` (from `test_settings`) and
+    """Continue each test example with `settings` (from `sampling_for_test_split`) and
     write context<TAB>continuation lines."""
     # Plain text: the whole line, <|endoftext|> + BPE(line), without the
     # closing <|endoftext|>; pairs: <|endoftext|> source <|endoftext|>.
