@@ -224,7 +224,7 @@ def describe_settings(cfg: TrainConfig) -> List[str]:
     for key, value in shown:
         source = cfg.sources.get(key, cfg.sources.get("opt", FROM_DEFAULT))
         text = value if key == "opt" else repr(value)
-        lines.append(f"  {key:<{width}}  {text:<24} {source}")
+        lines.append(f"  {key:<{width}} = {text}  ({source})")
     return lines
 
 
