@@ -21,7 +21,9 @@ from utils.data.records import PreparedSplit, record_dtype
 from utils.errors import UserError
 from utils.model import build_model, gpt2_hparams
 from utils.processor import EOS_ID
-from utils.samples.test_split import test_settings, tsv_field, write_test_samples
+# Imported under another name: pytest would collect a test_* function as a test.
+from utils.samples.test_split import test_settings as settings_for_test_split
+from utils.samples.test_split import tsv_field, write_test_samples
 from utils.training.config import load_train_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,7 +205,8 @@ def test_the_outputs_listed_are_the_files_in_the_output_dir(tmp_path, data_dir, 
     capsys.readouterr()
     train("--do_train", "--checkpoint", a / "model.ckpt", "--config_train", cfg,
           "--output_dir", b, "--stop_after_steps", 3)
-    listed = [line.split(": ")[0].strip() for line in capsys.readouterr().out.splitlines()
+    outputs = capsys.readouterr().out.split("Outputs in")[1]
+    listed = [line.split(": ")[0].strip() for line in outputs.splitlines()
               if line.startswith("  ")]
     assert listed == [str(b / "model.ckpt"), str(b / "metrics.jsonl")]
     assert sorted(os.listdir(b)) == ["metrics.jsonl", "model.ckpt"]
@@ -446,7 +449,7 @@ def test_continuation_stops_at_end_of_text(tmp_path, data_dir):
     split = PreparedSplit(str(data_dir / "test.npy"))
     from utils.processor import get_encoder
     path = tmp_path / "t.tsv"
-    settings = test_settings(split, flags, cfg, 32)
+    settings = settings_for_test_split(split, flags, cfg, 32)
     write_test_samples(model, split, get_encoder(), settings, cfg, torch.device("cpu"),
                        str(path), False)
     assert all(line.endswith("\t") for line in path.read_text().split("\n")[:-1])

@@ -50,13 +50,13 @@ def test_settings(split, flags: SamplingSettings, cfg, n_ctx: int) -> SamplingSe
     return settings
 
 
-class TestWritten(NamedTuple):
+class SamplesWritten(NamedTuple):
     lines: int
     notes: List[str]  # for the log: cut sources, or why they could not be shown whole
 
 
 def write_test_samples(model, split, encoder, settings: SamplingSettings, cfg, device,
-                       path: str, progress: bool) -> TestWritten:
+                       path: str, progress: bool) -> SamplesWritten:
     """Continue each test example with `settings` (from `test_settings`) and
     write context<TAB>continuation lines."""
     # Plain text: the whole line, <|endoftext|> + BPE(line), without the
@@ -86,7 +86,7 @@ def write_test_samples(model, split, encoder, settings: SamplingSettings, cfg, d
                  for context, ids in zip(contexts, continuations)]
     with atomic_write(path, "w", encoding="utf-8", newline="\n") as f:
         f.writelines(lines)
-    return TestWritten(len(lines), notes)
+    return SamplesWritten(len(lines), notes)
 
 
 def given_sources(data_dir: str, examples, contexts, encoder,

@@ -123,8 +123,8 @@ def load_train_config(name: str, overrides: Optional[Dict[str, Any]] = None) -> 
     missing = [k for k in _REQUIRED if k not in values]
     if missing:
         raise UserError(f"training config {name} lacks {', '.join(missing)}: "
-                        f"start from configs/config_train.py, or give "
-                        f"{', '.join('--' + k for k in missing)}")
+                        f"start from configs/config_train.py, or give them with "
+                        f"--set key=value")
     values.setdefault("max_seq_length", None)
     cfg = TrainConfig(name=name, sources=sources, **values)
     for key in SETTABLE:

@@ -347,7 +347,7 @@ class Trainer:
                         self.examples_done + self.ctx.world_size * sum(map(len, group)))
                     bar.update(1)
                     stopped_by = self._after_step(window, bar, stop, last_path)
-                    if not stopped_by and self.step >= self.total_steps:
+                    if not stopped_by and cfg.max_steps > 0 and self.step >= self.total_steps:
                         stopped_by = "max_steps"  # mid-epoch: the position is kept
                     if stopped_by:
                         break
