@@ -67,10 +67,14 @@ def _child(request, fds):
 
 
 def serve(path):
-    import torch  # noqa: F401  (what every command needs, imported once)
+    import torch
     from utils.model import import_texar
     import utils.decoding.compiling as compiling
     import_texar()
+    # What every command imports, once: the entry scripts' modules, and the
+    # compiler stack torch.optim loads when the first optimizer is built.
+    import convert_checkpoint, gpt2_generate_main, gpt2_train_main, prepare_data  # noqa
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
     compiling.timed_compile_step = lambda model: ("not compiled in the docs test", 0.0)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)

@@ -4,7 +4,6 @@ import pytest
 
 import prepare_data
 from utils.data import pack as pack_utils
-from utils.data import pack as pack_module
 from utils.data import prepare as prepare_utils
 from utils.data.records import PreparedSplit
 from utils.errors import UserError
@@ -168,7 +167,7 @@ def test_pool_is_used_for_big_files_only(monkeypatch, tmp_path):
     used = []
     real = prepare_utils.ordered_pool_map
     # pack.py imports the name itself: patch it where it is called.
-    monkeypatch.setattr(pack_module, "ordered_pool_map",
+    monkeypatch.setattr(pack_utils, "ordered_pool_map",
                         lambda f, items, n, **kw: used.append(n) or real(f, items, n, **kw))
     write_bytes(tmp_path / "train.txt", MIXED)
     prepare("--data_dir", tmp_path, "--pack", "--num_workers", 2)
