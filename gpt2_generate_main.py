@@ -95,7 +95,7 @@ def parse_args(argv=None):
                              "differ slightly from float32's. int8 (CPU only) runs "
                              "the linear layers in 8 bits, quantized at load time "
                              "from float32 weights: fastest on a CPU, at a small "
-                             "quality cost (see README).")
+                             "quality cost (benchmarks/README.md).")
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                         help="Run the batch-1 CPU decoding step as kernels built "
                              "by torch.compile (needs a C++ compiler; ~15 s the "

@@ -222,8 +222,8 @@ def load_run_weights(args, cfg, ctx):
     if args.do_train and resolved.with_memory:
         raise UserError("this model keeps cross-attention (memory mode), but "
                         "gpt2_train_main.py feeds no memory, so it would train "
-                        "without it: train memory-mode models from Python (README, "
-                        "Other Use Cases)")
+                        "without it: train memory-mode models from Python "
+                        "(examples/README.md)")
     loaded = load_weights(resolved)
     if ctx.is_main:
         dist_utils.barrier(ctx)

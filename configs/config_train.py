@@ -74,7 +74,7 @@ early_stopping_patience = -1
 #     For big models on small machines: "Adafactor" (torch >= 2.5; factored
 #     second moments, so nearly no optimizer state: kwargs such as
 #     {"lr": 1e-3}) or "SGD" with {"lr": ..., "momentum": 0.9} (one
-#     buffer per weight) instead of AdamW's two. See the README's memory section.
+#     buffer per weight) instead of AdamW's two. See docs/fine-tuning.md, big models.
 # "gradient_clip": a function of torch.nn.utils applied before each step, and
 #     its keyword arguments; {"type": ""} disables clipping.
 # (The original example used Adam with lr 0.001; AdamW with a smaller rate is

@@ -4,7 +4,7 @@
 # scratch, evaluate dev perplexity, continue the test lines into a TSV, and
 # generate from the fine-tuned checkpoint. A few minutes on two CPU cores.
 # OUTPUT_DIR=... puts the results elsewhere (default: output_demo, so that
-# output/, the README's own commands' folder, stays free).
+# the README's commands find their output folders free).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUTPUT_DIR="${OUTPUT_DIR:-output_demo}"
