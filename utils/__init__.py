@@ -12,7 +12,7 @@ it:
   checkpoints/  every weights format in and out, and which weights a run uses
   data/         text in, prepared records out
   decoding/     the engine and the ways of choosing tokens
-  samples/      prompts in, samples out (uses decoding)
+  samples/      prompts in, samples out (uses data and decoding)
   training/     the fine-tuning loop and what it keeps (uses all of the above)
 tests/test_import_graph.py keeps it so.
 """
