@@ -115,6 +115,9 @@ def test_a_misspelt_setting_is_named(tmp_path, text_dir):
     with pytest.raises(UserError, match=r"--max_steps and --set max_steps= are both"):
         train(tmp_path, "--do_train", "--data_dir", text_dir, "--max_steps", 2,
               "--set", "max_steps=3")
+    with pytest.raises(UserError, match=r"--lr and --set lr= are both given"):
+        train(tmp_path, "--do_train", "--data_dir", text_dir, "--lr", 1e-3,
+              "--set", "lr=2e-3")
     # A value that is no number where one is needed: the config's own check.
     with pytest.raises(UserError, match=r"warmup_steps = 'many' in training config"):
         train(tmp_path, "--do_train", "--data_dir", text_dir, "--set", "warmup_steps=many")

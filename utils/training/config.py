@@ -188,7 +188,8 @@ def parse_set_values(pairs) -> Dict[str, Any]:
     """--set key=value (repeatable) as {field: value}. A value is read as a
     Python literal (8, 1e-4, True, None, "text", [..], {..}) when it is one,
     else kept as text (--set precision=bf16); a key must be a field of the
-    training config, a near miss naming the field meant."""
+    training config (or lr, the optimizer's rate), a near miss naming the
+    field meant."""
     values = {}
     for pair in pairs or ():
         key, sep, text = pair.partition("=")
@@ -196,7 +197,7 @@ def parse_set_values(pairs) -> Dict[str, Any]:
         if not sep or not key:
             raise UserError(f"--set {pair!r}: write --set key=value, e.g. "
                             f"--set warmup_steps=100")
-        if key not in SETTABLE:
+        if key not in SETTABLE + (LR_SETTING,):  # --set lr=... is --lr
             meant = closest_field(key, SETTABLE + (LR_SETTING,))
             hint = (f"did you mean {meant}?" if meant else
                     "the settings are listed in configs/config_train.py")
