@@ -91,17 +91,22 @@ def flags_of(help_text):
     return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_]*)", help_text))
 
 
-def test_generation_and_download_flags_are_documented():
+def help_of(parse_args, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    return capsys.readouterr().out
+
+
+def test_generation_and_download_flags_are_documented(capsys):
+    import gpt2_generate_main
+    from utils.checkpoints import download
     generation = read("docs/generation.md")
     table = "\n".join(line for line in generation.split("\n") if line.startswith("| `-"))
-    help_text = subprocess.run([sys.executable, "gpt2_generate_main.py", "--help"],
-                               cwd=REPO_ROOT, capture_output=True, text=True).stdout
-    missing = {f for f in flags_of(help_text) - {"--help"} if f"`{f}" not in table}
-    assert not missing, f"generation flags missing from docs/generation.md: {missing}"
-    download_help = subprocess.run(["sh", "download_model.sh", "--help"], cwd=REPO_ROOT,
-                                   capture_output=True, text=True).stdout
-    missing = {f for f in flags_of(download_help) - {"--help"} if f"`{f}" not in table}
-    assert not missing, f"download flags missing from docs/generation.md: {missing}"
+    for script, parse_args in (("gpt2_generate_main.py", gpt2_generate_main.parse_args),
+                               ("download_model.sh", download.parse_args)):
+        flags = flags_of(help_of(parse_args, capsys)) - {"--help"}
+        missing = {flag for flag in flags if f"`{flag}" not in table}
+        assert not missing, f"{script} flags missing from docs/generation.md: {missing}"
     # Prompt framing and what --max_decoding_length counts, on both pages.
     for text in (read("README.md"), generation):
         assert "no `<|endoftext|>`" in text and "max_new_tokens" in text
