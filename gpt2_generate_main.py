@@ -1,4 +1,4 @@
-"""Generate text with GPT-2: continue prompts interactively, or sample from scratch.
+r"""Generate text with GPT-2: continue prompts interactively, or sample from scratch.
 
 Interactive:      python gpt2_generate_main.py --is_interactive --top_k 40
 From scratch:     python gpt2_generate_main.py --nsamples 4 --batch_size 2

@@ -1,10 +1,19 @@
-"""Fine-tune GPT-2, evaluate dev perplexity, and continue test lines.
+r"""Fine-tune GPT-2, evaluate dev perplexity, and continue test lines.
 
     python prepare_data.py --data_dir data/toy
     python gpt2_train_main.py --do_train --do_eval --do_test
         [--config_train configs.config_train] [--output_dir output]
+    python gpt2_train_main.py --do_train --do_eval --data_dir my_text \
+        --max_train_epoch 1 --lr 1e-4 --set eval_steps=200 --output_dir my_out
 
---do_train  trains on <data_dir>/train.npy (data_dir comes from --config_train),
+Every training setting comes from --config_train, or from a flag laid over it:
+--data_dir, --max_seq_length, --max_train_epoch, --max_steps, --lr,
+--train_batch_size, and --set key=value for any other field of
+configs/config_train.py. max_seq_length, when neither sets it, is the one
+prepare_data.py recorded in <data_dir>/prepared.json. A training run's log
+starts with every setting in force and where it came from.
+
+--do_train  trains on <data_dir>/train.npy,
             evaluating dev.npy every eval_steps; writes <output_dir>/model.ckpt
             (every checkpoint_steps and at the end) and model_best.ckpt (best dev
             perplexity). With --checkpoint <output_dir>/model.ckpt it resumes
@@ -46,7 +55,8 @@ from utils.lora import has_adapters, merge_adapters
 from utils.checkpoints.weights import resolve_model
 from utils.training.output_dir import check_output_dir
 from utils.training.output_dir import output_dir_claimed
-from utils.training.config import load_train_config
+from utils.training.config import LR_SETTING, describe_settings, load_train_config
+from utils.training.config import parse_set_values
 from utils.training.train_data import open_splits
 from utils.training.lm import evaluate
 from utils.model import count_parameters, load_model_hparams
@@ -93,6 +103,29 @@ def parse_args(argv=None):
                             "and metrics.jsonl of an earlier run in --output_dir when "
                             "training starts (after every check has passed), instead "
                             "of refusing to train there.")
+    settings = parser.add_argument_group(
+        "training settings (over --config_train's; see configs/config_train.py)")
+    settings.add_argument("--data_dir", default=None,
+                          help="The directory prepare_data.py wrote the splits to.")
+    settings.add_argument("--max_seq_length", type=int, default=None,
+                          help="Must equal the data's (default: the length recorded "
+                               "in <data_dir>/prepared.json).")
+    settings.add_argument("--max_train_epoch", type=int, default=None,
+                          help="Passes over train.npy; the learning-rate schedule "
+                               "spans them.")
+    settings.add_argument("--max_steps", type=int, default=None,
+                          help="Train exactly this many optimizer steps (the "
+                               "schedule spans them), whatever max_train_epoch says.")
+    settings.add_argument("--lr", type=float, default=None,
+                          help="The optimizer's peak learning rate (opt's lr).")
+    settings.add_argument("--train_batch_size", type=int, default=None,
+                          help="Examples per optimizer step, per process.")
+    settings.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          dest="set_values",
+                          help="Any other training setting, e.g. --set "
+                               "eval_steps=200 --set sample_prompts='[\"\", "
+                               "\"Chapter\"]' (repeatable; values are Python "
+                               "literals, or plain text).")
     run = parser.add_argument_group("training run")
     run.add_argument("--stop_after_steps", type=int, default=None,
                      help="Stop (and save) after this many optimizer steps in all; "
@@ -123,6 +156,24 @@ class Choices(NamedTuple):
     """What check_args makes of the flags."""
     sampling: SamplingSettings  # for --do_test; the config fills in the gaps
     device_choice: dict         # init_distributed's device arguments
+
+
+# The flags that set a training setting of the same name (LR_SETTING: opt's lr).
+SETTING_FLAGS = ("data_dir", "max_seq_length", "max_train_epoch", "max_steps",
+                 LR_SETTING, "train_batch_size")
+
+
+def setting_overrides(args) -> dict:
+    """{setting: value} of the settings flags and --set, for load_train_config."""
+    overrides = parse_set_values(args.set_values)
+    for key in SETTING_FLAGS:
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if key in overrides:
+            raise UserError(f"--{key} and --set {key}= are both given: keep one")
+        overrides[key] = value
+    return overrides
 
 
 def check_args(args) -> Choices:
@@ -181,8 +232,8 @@ def load_run_weights(args, cfg, ctx):
     if args.do_train and resolved.with_memory:
         raise UserError("this model keeps cross-attention (memory mode), but "
                         "gpt2_train_main.py feeds no memory, so it would train "
-                        "without it: train memory-mode models from Python (README, "
-                        "Other Use Cases)")
+                        "without it: train memory-mode models from Python "
+                        "(examples/README.md)")
     loaded = load_weights(resolved, apply_adapters=not args.do_train)
     if ctx.is_main:
         dist_utils.barrier(ctx)
@@ -193,7 +244,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     choices = check_args(args)
 
-    cfg = load_train_config(args.config_train)
+    cfg = load_train_config(args.config_train, setting_overrides(args))
     if cfg.shard_model and args.do_train and args.do_test:
         raise UserError("--do_test after a shard_model = True run would need the whole "
                         "model on rank 0: train first, then run --do_test --checkpoint "
@@ -216,6 +267,8 @@ def main(argv=None) -> int:
 
 
 def run(args, cfg, splits, ctx, sampling: SamplingSettings) -> int:
+    if args.do_train:
+        ctx.print("\n".join(describe_settings(cfg)), flush=True)
     check_precision(cfg.precision, ctx.device)
     loaded, resume, lora_base = load_run_weights(args, cfg, ctx)
     if args.do_train and args.checkpoint and resume is None and ctx.is_main:
@@ -277,8 +330,10 @@ def run_test(args, cfg, split, ctx, model, vocab_dir, settings: SamplingSettings
     written = []
     if ctx.is_main:
         path = os.path.join(args.output_dir, TEST_SAMPLES)
-        count = write_test_samples(model, split, get_encoder(vocab_dir), settings, cfg,
-                                   ctx.device, path, progress=not args.quiet)
+        count, notes = write_test_samples(model, split, get_encoder(vocab_dir), settings,
+                                          cfg, ctx.device, path, progress=not args.quiet)
+        for note in notes:
+            print(f"note: {note}", flush=True)
         layout = ("source<TAB>generated target[<TAB>reference]" if split.conditional
                   else "context<TAB>continuation")
         written.append((TEST_SAMPLES, f"{count} test lines: {layout}"))

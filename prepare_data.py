@@ -13,7 +13,9 @@ Each non-empty line becomes <|endoftext|> + BPE(line) + <|endoftext|>, cut to
 --max_seq_length tokens (the two special tokens included) and padded. Each
 split is written to <output_dir>/<split>.npy (see utils/data/records.py for the
 format, utils/data/prepare.py for the writing), replacing any earlier one only
-once complete. All the text files are checked first, so a bad one changes
+once complete, and the settings (max_seq_length, --pack, pairs or lines)
+to <output_dir>/prepared.json, which gpt2_train_main.py reads (utils/data/
+data_info.py). All the text files are checked first, so a bad one changes
 nothing; Ctrl-C or SIGTERM keeps the splits already written and leaves no
 temporary file. A line too long to hold in memory is read only as far as its
 first tokens need.
@@ -48,6 +50,7 @@ from utils.data.pack import pack_split
 from utils.data.prepare import prepare_split
 from utils.data.split_output import hold_out_lines
 from utils.output_safety import refuse_outputs_on_inputs
+from utils.data.data_info import write_data_info
 
 DEFAULT_PRETRAIN_MODEL_DIR = default_model_dir(DEFAULT_MODEL)
 
@@ -269,6 +272,11 @@ def prepare(args) -> int:
         raise
     for s in summaries:
         print(describe_summary(s, args))
+    info = write_data_info(output_dir, args.max_seq_length, args.pack,
+                           any(path.endswith(".tsv") for path in inputs.values()),
+                           args.data_dir, outputs)
+    print(f"Settings recorded in {info} (gpt2_train_main.py reads max_seq_length "
+          f"from it).")
     print(f"Done in {time.time() - start:.1f} s.")
     return 0
 

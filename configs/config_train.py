@@ -2,7 +2,10 @@
 
 The fields of the original Texar example's config_train.py, plus warm-up and
 decay of the learning rate, gradient accumulation, precision and a seed. Copy
-this file and pass the copy's path (--config_train my_train.py) to change them.
+this file and pass the copy's path (--config_train my_train.py) to change them,
+or lay single values over it on the command line: gpt2_train_main.py
+--data_dir, --max_seq_length, --max_train_epoch, --max_steps, --lr,
+--train_batch_size, and --set key=value for any field below.
 Every public value set here must be one of these settings (a misspelt or
 unknown one is an error); name your own helper values with a leading _.
 """
@@ -11,18 +14,26 @@ unknown one is an error); name your own helper values with a leading _.
 # Directory holding train.npy / dev.npy / test.npy written by prepare_data.py.
 data_dir = "data/toy"
 # The --max_seq_length the data was prepared with: most tokens per example,
-# both <|endoftext|> included. Must match the prepared files (checked).
-max_seq_length = 128
+# both <|endoftext|> included. None: the length prepare_data.py recorded in
+# <data_dir>/prepared.json. A number must equal the data's (checked).
+max_seq_length = None
 # --do_test: most tokens per sample, the test line (context) included.
-# --max_decoding_length overrides it.
-max_decoding_length = max_seq_length
+# --max_decoding_length overrides it. None: max_seq_length.
+max_decoding_length = None
 
 # ----------------------------------------------------------------- batches and length
 # Examples per batch, per process (the global batch multiplies by the number
 # of processes with --distributed and by gradient_accumulation_steps).
 train_batch_size = 32
 # Passes over train.npy. The learning-rate schedule spans all of them.
+# The first lines of a run say how many steps that is; the log lines show
+# step N/TOTAL with the time elapsed and an ETA.
 max_train_epoch = 100
+# A positive number: train exactly this many optimizer steps instead (the
+# schedule spans them; epochs continue past max_train_epoch if needed).
+# -1: max_train_epoch decides. (--stop_after_steps, unlike it, stops early
+# and keeps the schedule of max_train_epoch.)
+max_steps = -1
 # Batch sizes for dev perplexity (--do_eval) and test continuations (--do_test).
 eval_batch_size = 8
 test_batch_size = 8
@@ -63,7 +74,7 @@ early_stopping_patience = -1
 #     For big models on small machines: "Adafactor" (torch >= 2.5; factored
 #     second moments, so nearly no optimizer state: kwargs such as
 #     {"lr": 1e-3}) or "SGD" with {"lr": ..., "momentum": 0.9} (one
-#     buffer per weight) instead of AdamW's two. See the README's memory section.
+#     buffer per weight) instead of AdamW's two. See docs/fine-tuning.md, big models.
 # "gradient_clip": a function of torch.nn.utils applied before each step, and
 #     its keyword arguments; {"type": ""} disables clipping.
 # (The original example used Adam with lr 0.001; AdamW with a smaller rate is

@@ -1,10 +1,10 @@
-"""The README's "Other Use Cases", runnable: texar's own decoding API on our GPT-2.
+"""examples/README.md's "Other Use Cases", runnable: texar's own decoding API on our GPT-2.
 
     python examples/other_use_cases.py [--checkpoint output/model.ckpt]
 
-Each `# [name]` ... `# [end]` block is shown verbatim in the README, and
-tests/test_other_use_cases.py runs every one on a tiny model (and checks the
-README still shows the same code), so the snippets cannot rot. Without
+Each `# [name]` ... `# [end]` block is shown verbatim in examples/README.md,
+and tests/test_other_use_cases.py runs every one on a tiny model (and checks
+that page still shows the same code), so the snippets cannot rot. Without
 --checkpoint a tiny model is built with random weights: the calls run, the
 text is noise. With one written by gpt2_train_main.py, or --pretrain_model_dir
 for OpenAI's GPT-2, the samples read as text.

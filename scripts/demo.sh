@@ -3,10 +3,11 @@
 # prepare the toy data with the shipped GPT-2 vocabulary, train a tiny GPT-2 from
 # scratch, evaluate dev perplexity, continue the test lines into a TSV, and
 # generate from the fine-tuned checkpoint. A few minutes on two CPU cores.
-# OUTPUT_DIR=... puts the results elsewhere (default: output).
+# OUTPUT_DIR=... puts the results elsewhere (default: output_demo, so that
+# the README's commands find their output folders free).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUTPUT_DIR="${OUTPUT_DIR:-output}"
+OUTPUT_DIR="${OUTPUT_DIR:-output_demo}"
 
 bash scripts/setup.sh
 . .venv/bin/activate

@@ -5,11 +5,11 @@
 # <|endoftext|> with the loss on the answers only, reports the dev perplexity of
 # the answers, answers the test questions into a TSV, and answers one more
 # question with gpt2_generate_main.py --conditional. A few minutes on two cores.
-# OUTPUT_DIR=... puts the results elsewhere (default: output_qa); a previous
+# OUTPUT_DIR=... puts the results elsewhere (default: output_demo_qa); a previous
 # demo run there is replaced, nothing else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUTPUT_DIR="${OUTPUT_DIR:-output_qa}"
+OUTPUT_DIR="${OUTPUT_DIR:-output_demo_qa}"
 
 bash scripts/setup.sh
 . .venv/bin/activate

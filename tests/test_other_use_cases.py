@@ -1,5 +1,5 @@
-"""examples/other_use_cases.py: every README "Other Use Cases" snippet runs, on a tiny
-model, and gives what our own code gives; the README shows the file's code."""
+"""examples/other_use_cases.py: every "Other Use Cases" snippet of examples/README.md runs, on a tiny
+model, and gives what our own code gives; that page shows the file's code."""
 import importlib.util
 import math
 import os
@@ -57,12 +57,12 @@ def dedent(code):
 def test_readme_shows_each_snippet_of_the_file():
     with open(EXAMPLE, encoding="utf-8") as f:
         snippets = {name: dedent(code) for name, code in SNIPPET.findall(f.read())}
-    with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as f:
+    with open(os.path.join(REPO_ROOT, "examples", "README.md"), encoding="utf-8") as f:
         readme = f.read()
     assert set(snippets) == {"greedy", "top_k", "gumbel", "beam", "perplexity",
                              "memory_model", "memory"}
     for name, code in snippets.items():
-        assert f"```python\n{code}\n```" in readme, f"README lacks snippet {name}"
+        assert f"```python\n{code}\n```" in readme, f"examples/README.md lacks snippet {name}"
 
 
 def test_greedy_equals_our_generation_engine(uc, model, encoder):

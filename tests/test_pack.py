@@ -159,14 +159,15 @@ def test_pack_leaves_no_temporary_file(tmp_path):
     write_bytes(tmp_path / "train.txt", MIXED * 3)
     prepare("--data_dir", tmp_path, "--pack", "--dev_fraction", "0.2",
             "--max_seq_length", 8)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.npy", "train.npy",
-                                                          "train.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.npy", "prepared.json",
+                                                          "train.npy", "train.txt"]
 
 
 def test_pool_is_used_for_big_files_only(monkeypatch, tmp_path):
     used = []
     real = prepare_utils.ordered_pool_map
-    monkeypatch.setattr(prepare_utils, "ordered_pool_map",
+    # pack.py imports the name itself: patch it where it is called.
+    monkeypatch.setattr(pack_utils, "ordered_pool_map",
                         lambda f, items, n, **kw: used.append(n) or real(f, items, n, **kw))
     write_bytes(tmp_path / "train.txt", MIXED)
     prepare("--data_dir", tmp_path, "--pack", "--num_workers", 2)

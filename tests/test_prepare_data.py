@@ -78,7 +78,7 @@ def test_output_dir_and_the_original_alias(tmp_path):
     prepare("--data_dir", tmp_path, "--tfrecord_output_dir", tmp_path / "b")
     a, b = (tmp_path / d / "dev.npy" for d in "ab")
     assert a.read_bytes() == b.read_bytes()
-    assert sorted(os.listdir(tmp_path / "a")) == ["dev.npy"]  # no temporary files left
+    assert sorted(os.listdir(tmp_path / "a")) == ["dev.npy", "prepared.json"]  # no temp files
 
 
 def test_vocabulary_from_pretrain_model_dir(tmp_path):
@@ -149,7 +149,7 @@ def test_non_utf8_names_file_and_line_and_keeps_the_old_output(tmp_path):
     message = str(err.value)
     assert "train.txt line 3 is not valid UTF-8" in message and "0xe9" in message
     assert (tmp_path / "train.npy").read_bytes() == before  # untouched
-    assert sorted(os.listdir(tmp_path)) == ["train.npy", "train.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["prepared.json", "train.npy", "train.txt"]
 
 
 @pytest.mark.parametrize("length", [2, 0, -5])
@@ -257,7 +257,8 @@ def test_full_disk_is_an_error_and_keeps_the_old_output(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=f"no space left in {tmp_path} to write train.npy"):
         prepare("--data_dir", tmp_path)
     assert (tmp_path / "train.npy").read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["train.npy", "train.txt"]  # no temporary file
+    assert sorted(os.listdir(tmp_path)) == ["prepared.json", "train.npy",
+                                            "train.txt"]  # no temporary file
 
 
 def test_temporary_files_of_killed_runs_are_removed(tmp_path):
@@ -272,7 +273,8 @@ def test_temporary_files_of_killed_runs_are_removed(tmp_path):
     for name in stale + kept:
         write(tmp_path / name, "x")
     prepare("--data_dir", tmp_path)
-    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["train.npy", "train.txt"])
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["prepared.json", "train.npy",
+                                                          "train.txt"])
 
 
 # ------------------------------------------------------------------ Ctrl-C

@@ -203,7 +203,8 @@ def test_the_outputs_listed_are_the_files_in_the_output_dir(tmp_path, data_dir, 
     capsys.readouterr()
     train("--do_train", "--checkpoint", a / "model.ckpt", "--config_train", cfg,
           "--output_dir", b, "--stop_after_steps", 3)
-    listed = [line.split(": ")[0].strip() for line in capsys.readouterr().out.splitlines()
+    outputs = capsys.readouterr().out.split("Outputs in")[1]
+    listed = [line.split(": ")[0].strip() for line in outputs.splitlines()
               if line.startswith("  ")]
     assert listed == [str(b / "model.ckpt"), str(b / "metrics.jsonl")]
     assert sorted(os.listdir(b)) == ["metrics.jsonl", "model.ckpt"]

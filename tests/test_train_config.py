@@ -31,7 +31,7 @@ def test_bad_config_values_are_errors(tmp_path, data_dir, overrides, match):
 def test_config_missing_fields_and_unknown_config(tmp_path):
     path = tmp_path / "partial.py"
     path.write_text("data_dir = 'x'\n")
-    with pytest.raises(UserError, match="lacks max_seq_length"):
+    with pytest.raises(UserError, match="lacks train_batch_size, .*--set key=value"):
         load_train_config(str(path))
     with pytest.raises(UserError, match="unknown config"):
         train("--do_eval", "--config_train", "configs.no_such_config")

@@ -17,7 +17,7 @@ it:
   data/         text in, prepared records out
   decoding/     the engine and the ways of choosing tokens (loading.py reads
                 a model for decoding through checkpoints/)
-  samples/      prompts in, samples out (uses decoding)
+  samples/      prompts in, samples out (uses data and decoding)
   serving/      the OpenAI-compatible HTTP server (uses decoding)
   training/     the fine-tuning loop and what it keeps (uses all of the above)
 tests/test_import_graph.py keeps it so.

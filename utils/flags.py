@@ -40,7 +40,7 @@ def add_model_args(parser, *, compile_help: str) -> None:
                              "differ slightly from float32's. int8 (CPU only) runs "
                              "the linear layers in 8 bits, quantized at load time "
                              "from float32 weights: fastest on a CPU, at a small "
-                             "quality cost (see README).")
+                             "quality cost (benchmarks/README.md).")
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                         help=compile_help)
     add_device_arg(parser)

@@ -9,6 +9,7 @@ no FIFO, no device). Every problem is one line naming the file and the fix.
 No file GPT-2 uses nests deeper than a few levels.
 """
 import json
+import os
 import re
 from typing import Any, Optional
 
@@ -75,4 +76,29 @@ def read_json(path: str, what: str, fix: str, max_bytes: int = MAX_JSON_BYTES,
         kind = {dict: "an object", list: "an array"}.get(expect, expect.__name__)
         raise UserError(f"{name} must hold a JSON {kind}, not {type(value).__name__}: "
                         f"{fix}")
+    return value
+
+
+def read_small_text(path: str, max_bytes: int = MAX_JSON_BYTES) -> str:
+    """The UTF-8 text of a small file the project keeps beside its data and
+    models (hparams.json, checkpoint, prepared.json); a ValueError whose
+    message completes "<path> ..." when it is too large or not UTF-8 (the
+    caller names the file and the fix)."""
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise ValueError(f"is {size} bytes, far too large for this file")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"is not UTF-8 text (byte {err.start})") from None
+
+
+def read_json_object(path: str) -> dict:
+    """The JSON object in a small file (read_small_text, parse_json's limits);
+    a ValueError completing "<path> ..." otherwise."""
+    value = parse_json(read_small_text(path))
+    if not isinstance(value, dict):
+        raise ValueError("is not a JSON object")
     return value

@@ -16,6 +16,7 @@ weights, pinned to the same revision.
 """
 import os
 import re
+import textwrap
 from typing import Optional
 
 from utils.errors import UserError
@@ -63,7 +64,9 @@ def fetch_hub_model(spec: str, weights: bool, revision: Optional[str] = None) ->
     except Exception as err:  # offline, unknown repository, gated, network...
         offline = " (offline: HF_HUB_OFFLINE is set and it is not cached)" \
             if constants.HF_HUB_OFFLINE else ""
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        # The first line, cut at a word: the fix after it must stay readable.
+        reason = textwrap.shorten(str(err).strip().splitlines()[0], 160,
+                                  placeholder=" ...") if str(err).strip() else ""
         raise UserError(f"cannot fetch {spec} from the Hugging Face Hub{offline} "
                         f"({type(err).__name__}: {reason}); {_how_to_get(repo_id)}") from None
 

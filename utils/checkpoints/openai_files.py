@@ -24,9 +24,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 from utils.checkpoints.tf_reader import (DEFAULT_PREFIX, REDOWNLOAD, STATE_FILE,
                                          TFCheckpointError, data_shard_sizes)
 from utils.errors import UserError
+from utils.json_file import read_json_object, read_small_text
 from utils.model import SIZE_KEYS
 from utils.processor import ENCODER_FILE, MERGES_FILE
-from utils.json_file import parse_json
 
 # OpenAI's seven files: TF's state file and checkpoint bundle, the sizes,
 # and the vocabulary (named in utils/processor.py).
@@ -95,7 +95,6 @@ def model_name_of_dir(model_dir: str, prefix_optional: bool = False) -> Optional
 _HTML_START = re.compile(rb"\s*(<!doctype\s+html|<html[\s>]|<head[\s>]|<body[\s>])",
                          re.IGNORECASE)
 _CHECKPOINT_LINE = re.compile(r'^\s*model_checkpoint_path\s*:\s*"[^"]+"', re.MULTILINE)
-_MAX_SMALL_FILE = 64 << 20  # hparams.json and checkpoint are bytes; encoder.json ~1 MB
 
 
 def looks_like_html(head: bytes) -> bool:
@@ -103,43 +102,25 @@ def looks_like_html(head: bytes) -> bool:
     return bool(_HTML_START.match(head.lstrip(b"\xef\xbb\xbf")[:512]))
 
 
-def _read_text(path: str) -> str:
-    if os.path.getsize(path) > _MAX_SMALL_FILE:
-        raise ValueError(f"is {os.path.getsize(path)} bytes, far too large for this file")
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"is not UTF-8 text (byte {err.start})") from None
-
-
-def _read_json_object(path: str) -> dict:
-    value = parse_json(_read_text(path))  # JSONProblem is a ValueError
-    if not isinstance(value, dict):
-        raise ValueError("is not a JSON object")
-    return value
-
-
 def _check_hparams(path: str) -> None:
-    missing = [k for k in SIZE_KEYS if k not in _read_json_object(path)]
+    missing = [k for k in SIZE_KEYS if k not in read_json_object(path)]
     if missing:
         raise ValueError(f"lacks {', '.join(missing)}")
 
 
 def _check_encoder(path: str) -> None:
-    encoder = _read_json_object(path)
+    encoder = read_json_object(path)
     if not encoder or not all(type(v) is int for v in encoder.values()):
         raise ValueError("is not a JSON object mapping tokens to integer ids")
 
 
 def _check_checkpoint_state(path: str) -> None:
-    if not _CHECKPOINT_LINE.search(_read_text(path)):
+    if not _CHECKPOINT_LINE.search(read_small_text(path)):
         raise ValueError('has no model_checkpoint_path: "..." line')
 
 
 def _check_merges(path: str) -> None:
-    lines = _read_text(path).split("\n")
+    lines = read_small_text(path).split("\n")
     if not lines[0].startswith("#version"):
         raise ValueError("does not start with a '#version' line")
     for number, line in enumerate(lines[1:], start=2):

@@ -5,5 +5,6 @@ where samples go: the screen's format, JSONL or TSV (output), the
 interactive session's terminal side (interactive), the test split's
 continuations written by `--do_test` (test_split), and samples from fixed
 prompts during training (during_training).
-May import: the root modules and utils/decoding.
+May import: the root modules, utils/data (the prepared splits and what
+prepare_data.py recorded) and utils/decoding.
 """

@@ -4,15 +4,23 @@ Each line of the file is context<TAB>continuation, in the test split's order;
 the context is the whole test line. For conditional data (test.tsv, see
 utils/data/pairs.py) the model continues <|endoftext|> source <|endoftext|> and the
 line is source<TAB>generated target, with the reference target as a third
-column when the test line has one. Line breaks and tabs inside a field become
+column when the test line has one. The source column is the source as the
+user wrote it in test.tsv (read again from the directory prepared.json
+names), even when the model saw only its end: a cut is reported in the log. Line breaks and tabs inside a field become
 spaces, so every reader sees one line per example and one tab between fields.
 """
+import os
 import re
+from typing import List, NamedTuple, Optional
 
 import torch
 from tqdm import tqdm
 
 from utils.atomic import atomic_write
+from utils.data.data_info import read_data_info
+from utils.data.pairs import iter_pairs
+from utils.data.records import split_pairs_path
+from utils.errors import UserError
 from utils.decoding.settings import SamplingSettings
 from utils.decoding.generation import generate
 from utils.processor import EOS_ID
@@ -42,8 +50,13 @@ def sampling_for_test_split(split, flags: SamplingSettings, cfg, n_ctx: int) -> 
     return settings
 
 
+class SamplesWritten(NamedTuple):
+    lines: int
+    notes: List[str]  # for the log: cut sources, or why they could not be shown whole
+
+
 def write_test_samples(model, split, encoder, settings: SamplingSettings, cfg, device,
-                       path: str, progress: bool) -> int:
+                       path: str, progress: bool) -> SamplesWritten:
     """Continue each test example with `settings` (from `sampling_for_test_split`) and
     write context<TAB>continuation lines."""
     # Plain text: the whole line, <|endoftext|> + BPE(line), without the
@@ -61,24 +74,67 @@ def write_test_samples(model, split, encoder, settings: SamplingSettings, cfg, d
                            end_token=EOS_ID, generator=generator)
         for i, ids in zip(indices, outputs):
             continuations[i] = ids
+    notes = []
     if split.conditional:
-        lines = [pair_line(encoder, example, len(context), ids) for example, context, ids
-                 in zip(examples, contexts, continuations)]
+        sources = given_sources(cfg.data_dir, examples, contexts, encoder, notes)
+        lines = [pair_line(encoder, example, len(context), ids, source)
+                 for example, context, ids, source
+                 in zip(examples, contexts, continuations, sources)]
     else:
         lines = [f"{tsv_field(encoder.decode(context[1:]))}\t"
                  f"{tsv_field(encoder.decode(ids))}\n"
                  for context, ids in zip(contexts, continuations)]
     with atomic_write(path, "w", encoding="utf-8", newline="\n") as f:
         f.writelines(lines)
-    return len(lines)
+    return SamplesWritten(len(lines), notes)
 
 
-def pair_line(encoder, example, context_length: int, generated) -> str:
-    """source<TAB>generated target[<TAB>reference target] of one test pair."""
-    fields = [example[1:context_length - 1], generated]
+def given_sources(data_dir: str, examples, contexts, encoder,
+                  notes: List[str]) -> List[Optional[str]]:
+    """Each test pair's source as test.tsv gives it, or None (then the TSV
+    shows the part the model saw) when the file is gone or no longer matches
+    the prepared split; `notes` gets what the log should say."""
+    info = read_data_info(data_dir)
+    unknown = [None] * len(examples)
+    if info is None:
+        notes.append(f"{data_dir} has no prepared.json (prepared by an older "
+                     f"version): the source column shows what the model saw")
+        return unknown
+    path = split_pairs_path(info.text_dir, "test")
+    try:
+        pairs = list(iter_pairs(path)) if os.path.isfile(path) else None
+    except UserError:
+        pairs = None
+    seen = [context[1:-1] for context in contexts]  # between the <|endoftext|>s
+    if pairs is None or len(pairs) != len(examples):
+        notes.append(f"{path} is gone or changed since it was prepared: the source "
+                     f"column shows what the model saw")
+        return unknown
+    sources, cut = [], 0
+    for (_, source, _), ids in zip(pairs, seen):
+        full = encoder.encode(source)
+        if full[len(full) - len(ids):] != list(ids):
+            notes.append(f"{path} changed since it was prepared: the source column "
+                         f"shows what the model saw")
+            return unknown
+        cut += len(full) > len(ids)
+        sources.append(source)
+    if cut:
+        notes.append(f"{cut} of {len(examples)} test sources did not fit in "
+                     f"max_seq_length {info.max_seq_length} beside their target: the "
+                     f"model saw only their end; {TEST_SAMPLES} shows them whole")
+    return sources
+
+
+def pair_line(encoder, example, context_length: int, generated,
+              source: Optional[str] = None) -> str:
+    """source<TAB>generated target[<TAB>reference target] of one test pair;
+    `source`: the text as given (default: the part of it the record holds)."""
+    fields = [source if source is not None else encoder.decode(example[1:context_length - 1]),
+              encoder.decode(generated)]
     reference = example[context_length:]
     if reference and reference[-1] == EOS_ID:
         reference = reference[:-1]  # the closing <|endoftext|>
     if reference:
-        fields.append(reference)
-    return "\t".join(tsv_field(encoder.decode(ids)) for ids in fields) + "\n"
+        fields.append(encoder.decode(reference))
+    return "\t".join(tsv_field(text) for text in fields) + "\n"

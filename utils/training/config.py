@@ -1,20 +1,30 @@
 """The training config (`--config_train`): its fields, and every check of them.
 
 A config is a plain Python module (see configs/config_train.py). It is read
-into a `TrainConfig` and checked before anything heavy loads: missing
+into a `TrainConfig`, the command line's settings laid over it (flags such as
+--max_train_epoch, and --set key=value for any field), max_seq_length read
+from the prepared data when neither sets it, and checked before anything
+heavy loads; `cfg.sources` says where each value came from. Checked: missing
 settings, values that are no setting (utils/config_modules.py), values out of
 range, an optimizer (texar optimization
 hparams) that could not be built or would make every update non-finite, and a
 precision the device cannot run.
 """
+import ast
+import copy
+import dataclasses
 import math
+import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from utils.config_modules import check_config_names, load_config_module, settings_of
+from utils.config_modules import (check_config_names, closest_field, load_config_module,
+                                   settings_of)
+from utils.data.data_info import read_data_info
+from utils.data.records import SPLITS, PreparedSplit, split_data_path
 from utils.decoding.limits import MAX_SEED
 from utils.errors import UserError
 from utils.lora import LoraSettings, lora_settings
@@ -31,7 +41,7 @@ LR_DECAYS = ("constant", "linear", "cosine")
 class TrainConfig:
     """The settings of a `--config_train` module (see configs/config_train.py)."""
     data_dir: str
-    max_seq_length: int
+    max_seq_length: Optional[int]  # None: the length the data was prepared with
     train_batch_size: int
     eval_batch_size: int
     test_batch_size: int
@@ -55,12 +65,26 @@ class TrainConfig:
     early_stopping_patience: int = -1
     lora: Optional[Dict[str, Any]] = None
     shard_model: bool = False
+    max_steps: int = -1  # > 0: train this many steps, whatever max_train_epoch says
     name: str = field(default="", compare=False)
+    # Where each setting came from: FROM_FLAG, FROM_CONFIG, "data (<file>)" or
+    # FROM_DEFAULT (see describe_settings).
+    sources: Dict[str, str] = field(default_factory=dict, compare=False)
 
 
-_REQUIRED = ("data_dir", "max_seq_length", "train_batch_size", "eval_batch_size",
+FROM_FLAG = "flag"
+FROM_CONFIG = "config file"
+FROM_DEFAULT = "default"
+# The settings a command line may give (--set key=value, or their own flags).
+SETTABLE = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.compare)
+# Not a field: the optimizer's peak learning rate inside `opt` (--lr).
+LR_SETTING = "lr"
+
+
+_REQUIRED = ("data_dir", "train_batch_size", "eval_batch_size",
              "test_batch_size", "max_train_epoch", "display_steps", "eval_steps", "opt")
-_OPTIONAL = ("max_decoding_length", "checkpoint_steps", "warmup_steps", "lr_decay",
+_OPTIONAL = ("max_seq_length", "max_decoding_length", "max_steps", "checkpoint_steps",
+             "warmup_steps", "lr_decay",
              "min_lr_ratio", "gradient_accumulation_steps", "precision", "seed",
              "gradient_checkpointing", "trainable", "tensorboard_dir",
              "sample_steps", "sample_prompts", "early_stopping_patience", "lora",
@@ -71,11 +95,14 @@ _DATA_DIR_ALIASES = ("tfrecord_data_dir", "pickle_data_dir")
 # runs as it is, but not read (batches come from the *_batch_size settings).
 _ORIGINAL_PIPELINE = ("feature_types", "train_hparam", "eval_hparam", "test_hparam")
 # Settings counted in steps (or evaluations): positive, or -1 for off.
-STEP_SETTINGS = ("display_steps", "eval_steps", "checkpoint_steps", "sample_steps")
+STEP_SETTINGS = ("display_steps", "eval_steps", "checkpoint_steps", "sample_steps",
+                 "max_steps")
 
 
-def load_train_config(name: str) -> TrainConfig:
-    """Read and check a training config given as a module name or a .py path."""
+def load_train_config(name: str, overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    """Read and check a training config given as a module name or a .py path,
+    with `overrides` (setting -> value, from the command line: a field of
+    TrainConfig, or LR_SETTING) laid over it."""
     module = load_config_module(name)
     check_config_names(module, _REQUIRED + _OPTIONAL + _DATA_DIR_ALIASES
                        + _ORIGINAL_PIPELINE, f"training config {name}",
@@ -87,18 +114,123 @@ def load_train_config(name: str) -> TrainConfig:
             if hasattr(module, alias):
                 values["data_dir"] = getattr(module, alias)
                 break
-    missing = [k for k in _REQUIRED if k not in values and not hasattr(module, k)]
-    if missing:
-        raise UserError(f"training config {name} lacks {', '.join(missing)}: "
-                        f"start from configs/config_train.py")
     for key in _REQUIRED + _OPTIONAL:
         if hasattr(module, key):
             values[key] = getattr(module, key)
-    cfg = TrainConfig(name=name, **values)
+    sources = {key: FROM_CONFIG for key in values}
+    for key, value in (overrides or {}).items():
+        if key == LR_SETTING:
+            values["opt"] = _with_lr(values.get("opt"), value, name)
+        else:
+            values[key] = value
+        sources[key] = FROM_FLAG
+    missing = [k for k in _REQUIRED if k not in values]
+    if missing:
+        raise UserError(f"training config {name} lacks {', '.join(missing)}: "
+                        f"start from configs/config_train.py, or give them with "
+                        f"--set key=value")
+    values.setdefault("max_seq_length", None)
+    cfg = TrainConfig(name=name, sources=sources, **values)
+    for key in SETTABLE:
+        cfg.sources.setdefault(key, FROM_DEFAULT)
+    if isinstance(cfg.data_dir, str) and cfg.data_dir:
+        _length_from_data(cfg)
     if cfg.max_decoding_length is None:
         cfg.max_decoding_length = cfg.max_seq_length
+        cfg.sources["max_decoding_length"] = "max_seq_length"
     check_train_config(cfg)
     return cfg
+
+
+def _with_lr(opt, lr, name: str):
+    """A copy of the config's `opt` with the optimizer's peak rate `lr`."""
+    if not isinstance(opt, dict):
+        raise UserError(f"--lr needs an opt dict in training config {name}: start "
+                        f"from configs/config_train.py")
+    opt = copy.deepcopy(opt)
+    optimizer = opt.setdefault("optimizer", {})
+    if not isinstance(optimizer, dict):
+        raise UserError(f"--lr: opt['optimizer'] in training config {name} is not a dict")
+    optimizer.setdefault("kwargs", {})["lr"] = lr
+    return opt
+
+
+def _where(cfg: TrainConfig, key: str) -> str:
+    """How a message names the place a setting was given."""
+    return f"--{key}" if cfg.sources.get(key) == FROM_FLAG else \
+        f"{key} = {getattr(cfg, key)!r} in {cfg.name}"
+
+
+def _length_from_data(cfg: TrainConfig) -> None:
+    """max_seq_length from the data directory's prepared.json (or, for data
+    prepared before it existed, from the width of its records); one line when
+    the length given differs from the data's."""
+    info = read_data_info(cfg.data_dir)
+    if info is not None:
+        length, origin = info.max_seq_length, info.path
+    else:
+        found = [split_data_path(cfg.data_dir, split) for split in SPLITS]
+        found = [path for path in found if os.path.isfile(path)]
+        if cfg.max_seq_length is not None or not found:
+            return  # the splits, once opened, are checked against the config
+        length, origin = PreparedSplit(found[0]).max_seq_length, found[0]
+    if cfg.max_seq_length is None:
+        cfg.max_seq_length = length
+        cfg.sources["max_seq_length"] = f"data ({origin})"
+    elif cfg.max_seq_length != length:
+        given = cfg.max_seq_length
+        leave_out = ("leave --max_seq_length out" if cfg.sources["max_seq_length"]
+                     == FROM_FLAG else f"set max_seq_length = None in {cfg.name}")
+        raise UserError(f"{_where(cfg, 'max_seq_length')} but {cfg.data_dir} was "
+                        f"prepared with max_seq_length {length} ({origin}): "
+                        f"{leave_out} to use the data's, or run prepare_data.py "
+                        f"--data_dir {info.text_dir if info else cfg.data_dir} "
+                        f"--max_seq_length {given}")
+
+
+def parse_set_values(pairs) -> Dict[str, Any]:
+    """--set key=value (repeatable) as {field: value}. A value is read as a
+    Python literal (8, 1e-4, True, None, "text", [..], {..}) when it is one,
+    else kept as text (--set precision=bf16); a key must be a field of the
+    training config (or lr, the optimizer's rate), a near miss naming the
+    field meant."""
+    values = {}
+    for pair in pairs or ():
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--set {pair!r}: write --set key=value, e.g. "
+                            f"--set warmup_steps=100")
+        if key not in SETTABLE + (LR_SETTING,):  # --set lr=... is --lr
+            meant = closest_field(key, SETTABLE + (LR_SETTING,))
+            hint = (f"did you mean {meant}?" if meant else
+                    "the settings are listed in configs/config_train.py")
+            raise UserError(f"--set {key}: no such training setting ({hint})")
+        if key in values:
+            raise UserError(f"--set {key} is given twice: keep one")
+        try:
+            values[key] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            values[key] = text
+    return values
+
+
+def describe_settings(cfg: TrainConfig) -> List[str]:
+    """The settings in force, one line each, with where each came from."""
+    shown = [(key, getattr(cfg, key)) for key in SETTABLE if key != "opt"]
+    optimizer = cfg.opt.get("optimizer", {}) if isinstance(cfg.opt, dict) else {}
+    kwargs = dict(optimizer.get("kwargs", {}))
+    shown.append((LR_SETTING, kwargs.pop("lr", None)))
+    shown.append(("opt", f"{optimizer.get('type', 'AdamW')} {kwargs}, gradient_clip "
+                         f"{cfg.opt.get('gradient_clip', {})}"))
+    width = max(len(key) for key, _ in shown)
+    lines = [f"Settings of this run (training config {cfg.name}; 'flag': the command "
+             f"line):"]
+    for key, value in shown:
+        source = cfg.sources.get(key, cfg.sources.get("opt", FROM_DEFAULT))
+        text = value if key == "opt" else repr(value)
+        lines.append(f"  {key:<{width}} = {text}  ({source})")
+    return lines
 
 
 def _note_original_pipeline(module, name: str) -> None:

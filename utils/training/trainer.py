@@ -162,7 +162,16 @@ class Trainer:
         examples_per_rank = math.ceil(len(train_split) / ctx.world_size)
         self.steps_per_epoch = math.ceil(
             examples_per_rank / (cfg.train_batch_size * cfg.gradient_accumulation_steps))
-        self.total_steps = self.steps_per_epoch * cfg.max_train_epoch
+        if cfg.max_steps > 0:  # the steps decide; epochs run on as far as needed
+            self.total_steps = cfg.max_steps
+            self.epochs = math.ceil(cfg.max_steps / self.steps_per_epoch)
+        else:
+            self.total_steps = self.steps_per_epoch * cfg.max_train_epoch
+            self.epochs = cfg.max_train_epoch
+        # The step this run stops at (unless early stopping or Ctrl-C): the
+        # TOTAL of the log's step N/TOTAL.
+        self.end_step = (self.total_steps if stop_after_steps is None
+                         else min(self.total_steps, stop_after_steps))
 
         self.step = 0             # optimizer steps done
         self.epoch = 0            # the epoch in progress
@@ -178,6 +187,7 @@ class Trainer:
             self._load_state(resume)
         else:
             seed_new_run(cfg.seed, ctx.rank)
+        self.clock = _RunClock(self.step)  # restarted when training starts
         self.log = MetricsLog(os.path.join(output_dir, METRICS_LOG),
                               self.step if resume is not None else None,
                               enabled=ctx.is_main, tensorboard_dir=cfg.tensorboard_dir)
@@ -327,9 +337,10 @@ class Trainer:
         cfg = self.cfg
         last_path = os.path.join(self.output_dir, LAST_CHECKPOINT)
         done = None
-        if self.step >= self.total_steps or self.epoch >= cfg.max_train_epoch:
+        if self.step >= self.total_steps or self.epoch >= self.epochs:
             done = (f"Training already complete: step {self.step} of "
-                    f"{self.total_steps} (raise max_train_epoch to train more).")
+                    f"{self.total_steps} (raise max_train_epoch or max_steps to train "
+                    f"more).")
         elif self.stop_after_steps is not None and self.step >= self.stop_after_steps:
             done = (f"Already at step {self.step}, not before --stop_after_steps "
                     f"{self.stop_after_steps}: nothing to train.")
@@ -341,12 +352,17 @@ class Trainer:
             return
         self.ctx.print(dist_utils.describe(self.ctx, cfg.train_batch_size,
                                         cfg.gradient_accumulation_steps))
+        span = (f"max_steps {cfg.max_steps}" if cfg.max_steps > 0
+                else f"{cfg.max_train_epoch} epochs")
         self.ctx.print(f"{len(self.train_split):,} training examples, "
                     f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps "
-                    f"in {cfg.max_train_epoch} epochs"
-                    + (f"; resuming at step {self.step} (epoch {self.epoch + 1})"
+                    f"in all ({span})"
+                    + (f"; stopping at step {self.end_step} (--stop_after_steps)"
+                       if self.end_step < self.total_steps else "")
+                    + (f"; resuming at step {self.step} (epoch {self._epochs_done():.2f})"
                        if self.step else "") + ".")
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step",
+        self.clock = _RunClock(self.step)
+        bar = tqdm(total=self.end_step, initial=self.step, unit="step",
                    desc="train", dynamic_ncols=True,
                    disable=None if self.progress else True)
         window = self.window
@@ -355,7 +371,7 @@ class Trainer:
         with StopRequest() as stop, dist_utils.peer_failure_guard(self.ctx):
             if self._eval_owed():  # due at the checkpoint's step, cut short by Ctrl-C
                 self.evaluate_and_track(should_stop=stop)
-            for epoch in range(self.epoch, cfg.max_train_epoch):
+            for epoch in range(self.epoch, self.epochs):
                 if epoch != self.epoch:
                     self.epoch, self.examples_done = epoch, 0
                 self.sampler.set_epoch(epoch)
@@ -369,12 +385,14 @@ class Trainer:
                         self.examples_done + self.ctx.world_size * sum(map(len, group)))
                     bar.update(1)
                     stopped_by = self._after_step(window, bar, stop, last_path)
+                    if not stopped_by and cfg.max_steps > 0 and self.step >= self.total_steps:
+                        stopped_by = "max_steps"  # mid-epoch: the position is kept
                     if stopped_by:
                         break
                 if stopped_by:
                     break
             else:
-                self.epoch, self.examples_done = cfg.max_train_epoch, 0
+                self.epoch, self.examples_done = self.epochs, 0
             bar.close()
             if final_eval and stopped_by != "interrupt" and self._final_eval_owed():
                 self.evaluate_and_track(should_stop=stop)
@@ -394,7 +412,8 @@ class Trainer:
             self.ctx.print(f"Stopped at step {self.step} (--stop_after_steps); saved "
                         f"{last_path}. Continue with --do_train --checkpoint {last_path}.")
         else:
-            self.ctx.print(f"Training done: {self.step} steps; saved {last_path}.")
+            self.ctx.print(f"Training done: {self.step} steps in "
+                           f"{_clock_time(self.clock.elapsed())}; saved {last_path}.")
 
     def _train_step(self, group: List[List[int]], window: "_Window") -> None:
         """One optimizer step over `group` (micro-batches of example indices)."""
@@ -555,21 +574,25 @@ class Trainer:
         loss = float(nll[0]) / window.tokens
         elapsed = max(time.perf_counter() - window.start, 1e-9)
         lr = self.optimizer.param_groups[0]["lr"]
-        record = dict(split="train", step=self.step,
-                      epoch=round(self.step / self.steps_per_epoch, 4),
+        record = dict(split="train", step=self.step, epoch=round(self._epochs_done(), 4),
                       loss=loss, ppl=perplexity(loss), lr=lr,
                       tokens_per_s=window.timed_tokens / elapsed)
         self.log.write(**record)
         if self.ctx.is_main:
-            line = (f"step {self.step:>6} | epoch {record['epoch']:.2f} | loss {loss:.4f} | "
-                    f"ppl {record['ppl']:.2f} | lr {lr:.2e} | "
-                    f"{record['tokens_per_s']:,.0f} tok/s")
+            line = (f"step {self.step}/{self.end_step} | epoch {record['epoch']:.2f} | "
+                    f"loss {loss:.4f} | ppl {record['ppl']:.2f} | lr {lr:.2e} | "
+                    f"{record['tokens_per_s']:,.0f} tok/s | "
+                    f"{self.clock.describe(self.step, self.end_step)}")
             if self.progress:
                 bar.set_postfix(loss=f"{loss:.3f}")
                 bar.write(line)
             else:
                 print(line, flush=True)
         window.reset()
+
+    def _epochs_done(self) -> float:
+        """Epochs trained, as the log and the resume line both count them."""
+        return self.step / self.steps_per_epoch
 
     def evaluate_and_track(self, should_stop=None) -> Optional[EvalResult]:
         """Dev perplexity on rank 0 (others wait); keeps model_best.ckpt."""
@@ -592,7 +615,8 @@ class Trainer:
             improved = math.isfinite(result.perplexity) and (
                 self.best_dev_ppl is None or result.perplexity < self.best_dev_ppl)
             mark = " (best so far)" if improved else ""
-            self.ctx.print(f"step {self.step:>6} | {result.describe()}{mark}")
+            self.ctx.print(f"step {self.step}/{self.end_step} | {result.describe()}{mark}"
+                           f" | {self.clock.describe(self.step, self.end_step)}")
             self.evals_since_best = 0 if improved else self.evals_since_best + 1
             if improved:
                 self.best_dev_ppl = result.perplexity
@@ -637,6 +661,34 @@ class Trainer:
         eval_steps = self.cfg.eval_steps
         return (self.dev_split is not None and eval_steps > 0 and self.step > 0
                 and self.step % eval_steps == 0 and self.last_eval_step != self.step)
+
+
+class _RunClock:
+    """Wall-clock time since this run's first step, and the ETA it implies
+    (evaluations and saves included: they recur at the same rate)."""
+
+    def __init__(self, first_step: int):
+        self.first_step = first_step
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def describe(self, step: int, end_step: int) -> str:
+        elapsed = self.elapsed()
+        done = step - self.first_step
+        eta = elapsed / done * (end_step - step) if done > 0 else None
+        return (f"elapsed {_clock_time(elapsed)} | ETA "
+                f"{_clock_time(eta) if eta is not None else '?'}")
+
+
+def _clock_time(seconds: float) -> str:
+    """H:MM:SS (days written out past 24 hours)."""
+    seconds = int(round(seconds))
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    return (f"{days}d " if days else "") + f"{hours}:{minutes:02d}:{seconds:02d}"
 
 
 class _Window:
