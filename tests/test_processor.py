@@ -346,4 +346,4 @@ def test_corrupt_vocab_bpe(tmp_path, content, needle):
 def test_unreadable_vocab_file(tmp_path):
     model_dir = copy_vocab(str(tmp_path), names=("vocab.bpe",))
     os.mkdir(os.path.join(model_dir, "encoder.json"))  # unreadable as a file
-    one_line_error(lambda: get_encoder(model_dir), "cannot read", "encoder.json")
+    one_line_error(lambda: get_encoder(model_dir), "is a directory", "encoder.json")

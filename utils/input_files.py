@@ -15,9 +15,10 @@ from typing import BinaryIO
 from utils.errors import UserError
 
 
-def open_regular_file(path: str, what: str) -> BinaryIO:
+def open_regular_file(path: str, what: str, instead: str = "") -> BinaryIO:
     """`path` opened "rb" when it is a regular file, else a UserError naming
-    `what` (e.g. "--prompt_file x.txt") and what the path is."""
+    `what` (e.g. "--prompt_file x.txt"), what the path is, and `instead`
+    (e.g. " (or - to read standard input)") after the fix."""
     if os.path.lexists(path) and not os.path.exists(path):
         raise UserError(f"{what} is a broken symbolic link: point it at an existing file")
     try:
@@ -35,8 +36,8 @@ def open_regular_file(path: str, what: str) -> BinaryIO:
                 "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
                 "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
                 "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
-        raise UserError(f"{what} is {kind}, not a regular file: give a regular file "
-                        f"(or - to read standard input)")
+        raise UserError(f"{what} is {kind}, not a regular file: give a regular "
+                        f"file{instead}")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
 
@@ -51,9 +52,9 @@ def read_bounded(f: BinaryIO, limit: int, what: str) -> bytes:
     return data
 
 
-def read_regular_file(path: str, what: str, limit: int) -> bytes:
+def read_regular_file(path: str, what: str, limit: int, instead: str = "") -> bytes:
     """The bytes of the regular file `path` (see open_regular_file), at most `limit`."""
-    with open_regular_file(path, what) as f:
+    with open_regular_file(path, what, instead) as f:
         return read_bounded(f, limit, what)
 
 

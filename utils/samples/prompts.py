@@ -65,7 +65,8 @@ def _file_prompts(path: str) -> List[Prompt]:
     name = "standard input" if path == "-" else path
     # Bounded, and never blocking on a FIFO without a writer (utils/input_files.py).
     data = (read_stdin("--prompt_file -", MAX_PROMPT_FILE_BYTES) if path == "-" else
-            read_regular_file(path, f"--prompt_file {path}", MAX_PROMPT_FILE_BYTES))
+            read_regular_file(path, f"--prompt_file {path}", MAX_PROMPT_FILE_BYTES,
+                              instead=" (or - to read standard input)"))
     prompts = []
     for number, raw in enumerate(data.split(b"\n"), 1):
         try:
