@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set everything up (scripts/setup.sh --test) and run the whole test suite.
+# Set everything up (scripts/setup.sh --test) and run the whole test suite on both cores.
 # OpenMPI (for the mpirun launch test) is installed with apt-get when it is missing
 # and we are root; otherwise that one test skips and says so.
 set -euo pipefail
@@ -16,4 +16,12 @@ if ! command -v mpirun >/dev/null 2>&1; then
   fi
 fi
 . .venv/bin/activate
-python -m pytest -q tests "$@"
+# Two workers (pytest-xdist), one per core; each torch process then uses one
+# thread, so the two do not fight over the cores. PYTEST_WORKERS=0 runs in
+# one process.
+workers="${PYTEST_WORKERS:-2}"
+if [ "$workers" = 0 ]; then
+  python -m pytest -q tests "$@"
+else
+  OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" python -m pytest -q -n "$workers" tests "$@"
+fi
