@@ -14,6 +14,7 @@ import torch
 
 from utils.flags import MAX_SEED, load_config_module, misspelt_settings, settings_of
 from utils.errors import UserError
+from utils.fused_attention import ATTENTIONS
 from utils.memory_options import TRAINABLE
 from utils.metrics_log import check_tensorboard_installed
 from utils.model import import_texar
@@ -49,6 +50,8 @@ class TrainConfig:
     sample_steps: int = -1
     sample_prompts: Tuple[str, ...] = ("",)
     early_stopping_patience: int = -1
+    attention: str = "fused"
+    compile: bool = False
     name: str = field(default="", compare=False)
 
 
@@ -57,7 +60,8 @@ _REQUIRED = ("data_dir", "max_seq_length", "train_batch_size", "eval_batch_size"
 _OPTIONAL = ("max_decoding_length", "checkpoint_steps", "warmup_steps", "lr_decay",
              "min_lr_ratio", "gradient_accumulation_steps", "precision", "seed",
              "gradient_checkpointing", "trainable", "tensorboard_dir",
-             "sample_steps", "sample_prompts", "early_stopping_patience")
+             "sample_steps", "sample_prompts", "early_stopping_patience",
+             "attention", "compile")
 # Names the original examples used for the data directory.
 _DATA_DIR_ALIASES = ("tfrecord_data_dir", "pickle_data_dir")
 
@@ -141,6 +145,11 @@ def check_train_config(cfg: TrainConfig) -> None:
         bad("precision", f"must be one of {', '.join(PRECISIONS)}")
     if not isinstance(cfg.gradient_checkpointing, bool):
         bad("gradient_checkpointing", "must be True or False")
+    if cfg.attention not in ATTENTIONS:
+        bad("attention", "must be 'fused' (PyTorch's scaled_dot_product_attention) "
+                         "or 'texar' (texar's original attention)")
+    if not isinstance(cfg.compile, bool):
+        bad("compile", "must be True or False")
     if cfg.trainable not in TRAINABLE:
         bad("trainable", f"must be one of {', '.join(map(repr, TRAINABLE))} "
                          f"('transformer' freezes the embeddings)")

@@ -39,7 +39,9 @@ from utils import distributed as dist_utils
 from utils.data import PAD_INDEX, PreparedSplit, ShardSampler
 from utils.divergence import (DivergenceWatch, TrainingDiverged, likely_cause,
                               weights_finite, what_was_kept)
+from utils.compiled_forward import compile_forward
 from utils.errors import UserError
+from utils.fused_attention import set_attention
 from utils.lm import EvalResult, autocast, evaluate, lm_nll, lr_multiplier, perplexity
 from utils.memory_options import apply_memory_options
 from utils.metrics_log import MetricsLog
@@ -127,6 +129,9 @@ class Trainer:
         model.train()
         # Before DDP and the optimizer: both see only the trainable parameters.
         apply_memory_options(model, cfg.gradient_checkpointing, cfg.trainable)
+        set_attention(model, cfg.attention)
+        if cfg.compile:
+            compile_forward(model)
         self.model = dist_utils.wrap_model(model, ctx)
         self.optimizer, self.clip_grad, self.scaler = build_optimizer(
             model, cfg.opt, cfg.precision, self.device)
