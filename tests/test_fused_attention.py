@@ -332,3 +332,27 @@ def test_compile_falls_back_to_eager_with_one_note(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "could not compile" in err[0] and "without compiling" in err[0]
     assert list(model.state_dict()) == list(build_model(HPARAMS).state_dict())
+
+
+# ------------------------------------------------------------------ CUDA (gpu_check.sh)
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_fused_attention_equals_texar_with_padding_and_memory(precision):
+    """On CUDA the kernel is flash or memory-efficient attention: fp32 logits,
+    loss and gradients, and bf16-autocast logits, equal texar's."""
+    torch.manual_seed(13)
+    model = build_model(HPARAMS, with_memory=True).cuda().train()
+    ids, lengths = padded_batch([40, 23, 7], seed=14)
+    ids, lengths = ids.cuda(), lengths.cuda()
+    forward = dict(memory=torch.randn(3, 9, 32, device="cuda"),
+                   memory_sequence_length=torch.tensor([9, 4, 1], device="cuda"))
+    if precision == "fp32":
+        assert_same(model, ids, lengths, **forward)
+        return
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = set_attention(model, "fused")(inputs=ids, **forward).logits.float()
+        texar = set_attention(model, "texar")(inputs=ids, **forward).logits.float()
+    assert (fused - texar).abs().max() <= tolerance(
+        torch.bfloat16, reduction_size(model, 40), float(texar.abs().max()))
