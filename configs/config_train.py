@@ -108,9 +108,10 @@ trainable = "all"
 
 # ----------------------------------------------------------------- speed
 # "fused": attention through PyTorch's scaled_dot_product_attention (one
-# kernel, no T x T tensors kept; flash attention on CPU and CUDA); "texar":
-# texar's original attention (same parameters and, within float rounding,
-# the same losses; slower and heavier at long context).
+# kernel, no T x T tensors kept; flash attention on CPU and CUDA) and GPT-2's
+# GELU as one kernel; "texar": texar's original attention and GELU (same
+# parameters and, within float rounding, the same losses; slower and heavier
+# at long context).
 attention = "fused"
 # torch.compile the model's forward (fused element-wise kernels). Compiling
 # costs a minute or more at start and again for new sequence-length shapes;

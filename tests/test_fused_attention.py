@@ -1,7 +1,7 @@
 """utils/fused_attention.py: texar's attention layers through scaled_dot_product_attention.
 
 Every comparison is against texar's own attention (the same model switched
-with set_attention(model, "texar")) and, on the TensorFlow-written fixtures,
+with use(model, "texar")) and, on the TensorFlow-written fixtures,
 against the reference logits transformers computed when they were made.
 Tolerances come from the dtype's machine epsilon times the length of the
 longest reduction the two paths order differently, times the magnitudes.
@@ -17,6 +17,7 @@ import torch
 from utils.compiled_forward import compile_forward, is_compiled
 from utils.errors import UserError
 from utils.fused_attention import attention_of, is_causal_bias, set_attention
+from utils.fused_gelu import gelu_of, set_gelu
 from utils.lm import IGNORE_INDEX, lm_nll, target_mask
 from utils.memory_options import enable_gradient_checkpointing
 from utils.model import build_model, gpt2_hparams, hparams_from_openai
@@ -33,6 +34,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def use(model, kind):
+    """Switch `model` to the fused forward ("fused": attention and GELU) or
+    texar's original one ("texar"), as build_model's `attention` does."""
+    return set_gelu(set_attention(model, kind), kind)
 
 
 def tolerance(dtype: torch.dtype, reduction: int, magnitude: float) -> float:
@@ -63,7 +70,7 @@ def logits_and_grads(model, attention, ids, lengths, **forward):
     """Logits of a training forward, lm_nll's summed loss over them, and the
     gradients of the mean loss, with `attention`'s forward (the model stays on it).
     `forward`: extra arguments (memory mode's memory)."""
-    set_attention(model, attention)
+    use(model, attention)
     model.zero_grad(set_to_none=True)
     targets = ids[:, 1:]
     mask = target_mask(lengths, targets.size(1))
@@ -81,7 +88,7 @@ def assert_same(model, ids, lengths, dtype=torch.float32, **forward):
     """Fused and texar attention give the same logits, loss and gradients."""
     fused = logits_and_grads(model, "fused", ids, lengths, **forward)
     texar = logits_and_grads(model, "texar", ids, lengths, **forward)
-    set_attention(model, "fused")
+    use(model, "fused")
     reduction = reduction_size(model, ids.size(1))
     logits_tol = tolerance(dtype, reduction, float(texar[0].abs().max()))
     assert (fused[0] - texar[0]).abs().max() <= logits_tol
@@ -98,12 +105,13 @@ def assert_same(model, ids, lengths, dtype=torch.float32, **forward):
 
 def test_build_model_installs_the_fused_forward_and_texar_stays_selectable():
     model = build_model(HPARAMS)
-    assert attention_of(model) == "fused"
-    assert attention_of(build_model(HPARAMS, attention="texar")) == "texar"
-    assert attention_of(set_attention(model, "texar")) == "texar"
-    assert attention_of(copy.deepcopy(set_attention(model, "fused"))) == "fused"
+    assert attention_of(model) == "fused" and gelu_of(model) == "fused"
+    original = build_model(HPARAMS, attention="texar")
+    assert attention_of(original) == "texar" and gelu_of(original) == "texar"
+    assert attention_of(use(model, "texar")) == "texar"
+    assert attention_of(copy.deepcopy(use(model, "fused"))) == "fused"
     with pytest.raises(ValueError, match="attention must be one of"):
-        set_attention(model, "flash")
+        use(model, "flash")
     # Same parameters and state_dict keys either way.
     assert list(build_model(HPARAMS).state_dict()) == list(
         build_model(HPARAMS, attention="texar").state_dict())
@@ -119,7 +127,7 @@ def test_random_model_logits_and_gradients_equal_texar_with_and_without_padding(
     other = ids.clone()
     for row, length in enumerate(lengths.tolist()):
         other[row, length:] = 7
-    set_attention(model, "fused")
+    use(model, "fused")
     with torch.no_grad():
         again = model(inputs=other[:, :-1], decoding_strategy="train_greedy").logits
     for row, length in enumerate(lengths.tolist()):
@@ -131,8 +139,8 @@ def test_evaluation_forward_equals_texar_and_gradient_checkpointing_too():
     model = build_model(HPARAMS).eval()
     ids, lengths = padded_batch([30, 21], seed=3)
     with torch.no_grad():
-        nll_fused, _ = lm_nll(set_attention(model, "fused"), ids, lengths, per_token=True)
-        nll_texar, _ = lm_nll(set_attention(model, "texar"), ids, lengths, per_token=True)
+        nll_fused, _ = lm_nll(use(model, "fused"), ids, lengths, per_token=True)
+        nll_texar, _ = lm_nll(use(model, "texar"), ids, lengths, per_token=True)
     assert abs(float(nll_fused) - float(nll_texar)) <= tolerance(
         torch.float32, reduction_size(model, 30) * ids.numel(), float(nll_texar) / ids.numel())
     model.train()
@@ -154,10 +162,10 @@ def test_attention_dropout_is_drawn_inside_the_kernel_only_in_training():
     with torch.no_grad():
         model.eval()
         fused_eval = model(**forward).logits
-        texar_eval = set_attention(model, "texar")(**forward).logits
+        texar_eval = use(model, "texar")(**forward).logits
         assert torch.allclose(fused_eval, texar_eval, rtol=0, atol=tolerance(
             torch.float32, reduction_size(model, 20), float(texar_eval.abs().max())))
-        set_attention(model, "fused").train()
+        use(model, "fused").train()
         first, second = model(**forward).logits, model(**forward).logits
     assert not torch.allclose(first, fused_eval) and not torch.allclose(first, second)
     # One layer's output is linear in its attention weights, so dropout (which
@@ -180,6 +188,24 @@ def test_attention_dropout_is_drawn_inside_the_kernel_only_in_training():
 def _lower_triangle(length):
     from utils.model import import_texar
     return import_texar().utils.transformer_attentions.attention_bias_lower_triangle(length)
+
+
+def test_fused_gelu_is_gpt2s_tanh_gelu():
+    model = build_model(HPARAMS)
+    block = model.decoder.poswise_networks[0]
+    gelu = [m for m in block.modules() if type(m).__name__ == "GPTGELU"][0]
+    x = torch.linspace(-12, 12, 4001, dtype=torch.float64)
+    exact = 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3)))
+    x32 = x.float().requires_grad_(True)
+    fused = gelu(x32)
+    fused.sum().backward()
+    assert (fused.double() - exact).abs().max() <= tolerance(torch.float32, 8, 12.0)
+    set_gelu(model, "texar")
+    x_texar = x.float().requires_grad_(True)
+    gelu(x_texar).sum().backward()
+    assert (x32.grad - x_texar.grad).abs().max() <= tolerance(torch.float32, 8, 1.0)
+    with pytest.raises(ValueError, match="gelu must be one of"):
+        set_gelu(model, "relu")
 
 
 def test_causal_bias_detection():
@@ -213,8 +239,8 @@ def test_bf16_autocast_equals_texar_within_bfloat16_rounding():
     model = build_model(HPARAMS).train()
     ids, lengths = padded_batch([24, 13], seed=8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = set_attention(model, "fused")(inputs=ids, decoding_strategy="train_greedy")
-        texar = set_attention(model, "texar")(inputs=ids, decoding_strategy="train_greedy")
+        fused = use(model, "fused")(inputs=ids, decoding_strategy="train_greedy")
+        texar = use(model, "texar")(inputs=ids, decoding_strategy="train_greedy")
     fused, texar = fused.logits.detach().float(), texar.logits.detach().float()
     tol = tolerance(torch.bfloat16, reduction_size(model, 24), float(texar.abs().max()))
     assert (fused - texar).abs().max() <= tol
@@ -236,8 +262,8 @@ def test_memory_mode_cross_attention_equals_texar_and_decoding_is_unchanged():
     decode = dict(start_tokens=torch.tensor([EOS_ID, EOS_ID]), end_token=EOS_ID,
                   decoding_strategy="infer_greedy", max_decoding_length=6, **forward)
     with torch.no_grad():
-        fused, _ = set_attention(model, "fused")(**decode)
-        texar, _ = set_attention(model, "texar")(**decode)
+        fused, _ = use(model, "fused")(**decode)
+        texar, _ = use(model, "texar")(**decode)
     assert torch.equal(fused.sample_id, texar.sample_id)
     assert (fused.logits - texar.logits).abs().max() <= tolerance(
         torch.float32, reduction_size(model, 9), float(texar.logits.abs().max()))
@@ -305,7 +331,7 @@ def test_trainer_applies_the_configured_attention(tmp_path):
         out.mkdir()
         trainer = Trainer(model, gpt2_hparams(50257, 32, 16, 2, 2), cfg, ctx, split, None,
                           str(out), progress=False)
-        assert attention_of(trainer.plain_model) == attention
+        assert attention_of(trainer.plain_model) == gelu_of(trainer.plain_model) == attention
 
 
 def test_compile_falls_back_to_eager_with_one_note(monkeypatch, capsys):
@@ -352,7 +378,7 @@ def test_cuda_fused_attention_equals_texar_with_padding_and_memory(precision):
         assert_same(model, ids, lengths, **forward)
         return
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        fused = set_attention(model, "fused")(inputs=ids, **forward).logits.float()
-        texar = set_attention(model, "texar")(inputs=ids, **forward).logits.float()
+        fused = use(model, "fused")(inputs=ids, **forward).logits.float()
+        texar = use(model, "texar")(inputs=ids, **forward).logits.float()
     assert (fused - texar).abs().max() <= tolerance(
         torch.bfloat16, reduction_size(model, 40), float(texar.abs().max()))

@@ -146,8 +146,8 @@ def check_train_config(cfg: TrainConfig) -> None:
     if not isinstance(cfg.gradient_checkpointing, bool):
         bad("gradient_checkpointing", "must be True or False")
     if cfg.attention not in ATTENTIONS:
-        bad("attention", "must be 'fused' (PyTorch's scaled_dot_product_attention) "
-                         "or 'texar' (texar's original attention)")
+        bad("attention", "must be 'fused' (PyTorch's scaled_dot_product_attention "
+                         "and one-kernel GELU) or 'texar' (texar's original forward)")
     if not isinstance(cfg.compile, bool):
         bad("compile", "must be True or False")
     if cfg.trainable not in TRAINABLE:

@@ -42,6 +42,7 @@ from utils.divergence import (DivergenceWatch, TrainingDiverged, likely_cause,
 from utils.compiled_forward import compile_forward
 from utils.errors import UserError
 from utils.fused_attention import set_attention
+from utils.fused_gelu import set_gelu
 from utils.lm import EvalResult, autocast, evaluate, lm_nll, lr_multiplier, perplexity
 from utils.memory_options import apply_memory_options
 from utils.metrics_log import MetricsLog
@@ -129,7 +130,7 @@ class Trainer:
         model.train()
         # Before DDP and the optimizer: both see only the trainable parameters.
         apply_memory_options(model, cfg.gradient_checkpointing, cfg.trainable)
-        set_attention(model, cfg.attention)
+        set_gelu(set_attention(model, cfg.attention), cfg.attention)
         if cfg.compile:
             compile_forward(model)
         self.model = dist_utils.wrap_model(model, ctx)
