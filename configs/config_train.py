@@ -131,6 +131,18 @@ lora = None
 # ordinary checkpoint that resumes with any number of processes.
 shard_model = False
 
+# ----------------------------------------------------------------- speed
+# "fused": attention through PyTorch's scaled_dot_product_attention (one
+# kernel, no T x T tensors kept; flash attention on CPU and CUDA) and GPT-2's
+# GELU as one kernel; "texar": texar's original attention and GELU (same
+# parameters and, within float rounding, the same losses; slower and heavier
+# at long context).
+attention = "fused"
+# torch.compile the model's forward (fused element-wise kernels). Compiling
+# costs a minute or more at start and again for new sequence-length shapes;
+# if it fails the run continues uncompiled, with a one-line note.
+compile = False
+
 # ----------------------------------------------------------------- logging
 # A directory for TensorBoard event files (the metrics of metrics.jsonl as
 # scalars), e.g. "output/tensorboard"; None: none. Needs `pip install tensorboard`.

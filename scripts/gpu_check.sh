@@ -3,7 +3,7 @@
 # autocast training, NCCL under torchrun with one GPU: pytest -m cuda), then
 # generation and training benchmarks on the GPU against Hugging Face, summed up
 # in one table. About 5 minutes on one GPU (each step has its own time limit,
-# 8 minutes in all). Needs the test and benchmark packages:
+# 10 minutes in all). Needs the test and benchmark packages:
 #   bash scripts/setup.sh --test && .venv/bin/pip install -r requirements-bench.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ trap 'rm -rf "$out"' EXIT
 status=0
 
 echo "== 1/3 CUDA tests (pytest -m cuda)"
-timeout 200 "$PY" -m pytest -q -m cuda tests/test_cuda.py | tee "$out/tests.txt" || status=1
+timeout 200 "$PY" -m pytest -q -m cuda tests/test_cuda.py tests/test_fused_attention.py | tee "$out/tests.txt" || status=1
 
 echo "== 2/3 Generation on the GPU: ours vs Hugging Face (float32 and float16)"
 for dtype in float32 float16; do
@@ -26,11 +26,14 @@ for dtype in float32 float16; do
       --json "$out/generate_$dtype.json" >/dev/null || status=1
 done
 
-echo "== 3/3 Training step on the GPU: ours vs Hugging Face (fp32 and bf16 autocast)"
-for precision in fp32 bf16; do
-  timeout 80 "$PY" benchmarks/bench_train.py --device cuda --scenarios full --rounds 5 \
-      --precision "$precision" --json "$out/train_$precision.json" >/dev/null || status=1
-done
+echo "== 3/3 Training step on the GPU: ours vs Hugging Face (fp32; bf16 autocast also at long context)"
+timeout 80 "$PY" benchmarks/bench_train.py --device cuda --scenarios full --rounds 5 \
+    --precision fp32 --json "$out/train_fp32.json" >/dev/null || status=1
+# Fused attention at 1 x 1024 and 4 x 512: tokens/s, peak memory, roofline share,
+# with texar's original attention beside it.
+timeout 150 "$PY" benchmarks/bench_train.py --device cuda --scenarios full,long,mid \
+    --engines ours,texar,hf --rounds 5 --precision bf16 \
+    --json "$out/train_bf16.json" >/dev/null || status=1
 
 echo "== sharded training (shard_model, 2 GPUs, NCCL) and LoRA on the GPU"
 # Tiny model on data/toy: a short sharded run from scratch (when 2 GPUs are
@@ -84,11 +87,29 @@ for path in sorted(glob.glob(os.path.join(out, "generate_*.json"))):
         label = f"generate {data['dtype']} b{batch} p{prompt} tok/s"
         print(f"{label:<34} {ours or 0:12.1f} {hf or 0:12.1f} "
               f"{(ours / hf if ours and hf else 0):8.2f}")
+SHAPES = {"full": "4x128", "long": "1x1024", "mid": "4x512", "short": "toy"}
 for path in sorted(glob.glob(os.path.join(out, "train_*.json"))):
-    rows = {r["engine"]: r for r in json.load(open(path))}
-    ours, hf = rows.get("ours", {}).get("tok_s"), rows.get("hf", {}).get("tok_s")
-    label = f"train {next(iter(rows.values()))['precision']} 4x128 tok/s"
-    print(f"{label:<34} {ours or 0:12.0f} {hf or 0:12.0f} "
-          f"{(ours / hf if ours and hf else 0):8.2f}")
+    scenarios = {}
+    for r in json.load(open(path)):
+        scenarios.setdefault((r["precision"], r["scenario"]), {})[r["engine"]] = r
+    for (precision, scenario), rows in scenarios.items():
+        hf = rows.get("hf", {})
+        for engine in ("ours", "texar"):
+            mine = rows.get(engine)
+            if not mine:
+                continue
+            name = "" if engine == "ours" else " (texar attn)"
+            label = f"train {precision} {SHAPES[scenario]}{name} tok/s"
+            print(f"{label:<34} {mine['tok_s']:12.0f} {hf.get('tok_s') or 0:12.0f} "
+                  f"{mine.get('vs_hf') or 0:8.2f}")
+            if mine.get("peak_bytes") and hf.get("peak_bytes"):
+                label = f"train {precision} {SHAPES[scenario]}{name} peak MB"
+                print(f"{label:<34} {mine['peak_bytes'] / 2**20:12.0f} "
+                      f"{hf['peak_bytes'] / 2**20:12.0f} "
+                      f"{mine['peak_bytes'] / hf['peak_bytes']:8.2f}")
+            if mine.get("roofline"):
+                label = f"train {precision} {SHAPES[scenario]}{name} roofline"
+                print(f"{label:<34} {100 * mine['roofline']:11.0f}% "
+                      f"{100 * (hf.get('roofline') or 0):11.0f}%")
 PYEOF
 exit "$status"

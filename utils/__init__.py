@@ -7,7 +7,8 @@ directory, staged on its filesystem), input_files and json_file (reading
 what users hand us, bounded), memory (estimates and refusals), device
 (--device), processor (GPT-2's BPE, with gpt2_vocab/), config_modules
 (loading configs/*.py and checking their names), model (building texar's
-GPT2Decoder from its sizes), lora (LoRA adapters and their checkpoint
+GPT2Decoder from its sizes; fused_attention and fused_gelu are the training
+forward it installs), lora (LoRA adapters and their checkpoint
 fields, used by checkpoints and training), and flags (the entry scripts'
 shared flags; no package imports it).
 

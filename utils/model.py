@@ -32,6 +32,8 @@ from torch import nn
 
 from utils.config_modules import check_config_names, load_config_module
 from utils.errors import UserError
+from utils.fused_attention import set_attention
+from utils.fused_gelu import set_gelu
 
 SIZE_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
 # What a model config module may set: `hparams`, `memory` and the five sizes
@@ -316,9 +318,14 @@ def import_texar():
 
 
 def build_model(hparams: Dict[str, Any], with_memory: bool = False,
-                initialize: bool = True) -> nn.Module:
+                initialize: bool = True, attention: str = "fused") -> nn.Module:
     """A randomly initialised texar GPT2Decoder holding only GPT-2's parameters,
     plus, `with_memory`, texar's cross-attention blocks (see the docstring).
+
+    `attention`: "fused" runs training and evaluation forwards through
+    PyTorch's scaled_dot_product_attention and one-kernel GELU, "texar" keeps
+    texar's original attention and GELU (utils/fused_attention.py,
+    utils/fused_gelu.py; same parameters, results within float rounding).
 
     `initialize=False` leaves the weights as allocated, unset, for a caller
     that fills every one of them (a strict load): texar's random start costs
@@ -342,7 +349,7 @@ def build_model(hparams: Dict[str, Any], with_memory: bool = False,
         # to_empty gives each module its own new tensor: tie the output layer
         # to the token embedding again, as texar built it.
         model.decoder._output_layer.weight = model.word_embedder._embedding
-    return model
+    return set_gelu(set_attention(model, attention), attention)
 
 
 def has_memory(model: nn.Module) -> bool:

@@ -30,6 +30,7 @@ from utils.errors import UserError
 from utils.lora import LoraSettings, lora_settings
 from utils.training.memory_options import TRAINABLE
 from utils.training.metrics_log import check_tensorboard_installed
+from utils.fused_attention import ATTENTIONS
 from utils.model import import_texar
 from utils.training.optimizer import opt_hparams
 
@@ -66,6 +67,8 @@ class TrainConfig:
     lora: Optional[Dict[str, Any]] = None
     shard_model: bool = False
     max_steps: int = -1  # > 0: train this many steps, whatever max_train_epoch says
+    attention: str = "fused"
+    compile: bool = False
     name: str = field(default="", compare=False)
     # Where each setting came from: FROM_FLAG, FROM_CONFIG, "data (<file>)" or
     # FROM_DEFAULT (see describe_settings).
@@ -88,7 +91,7 @@ _OPTIONAL = ("max_seq_length", "max_decoding_length", "max_steps", "checkpoint_s
              "min_lr_ratio", "gradient_accumulation_steps", "precision", "seed",
              "gradient_checkpointing", "trainable", "tensorboard_dir",
              "sample_steps", "sample_prompts", "early_stopping_patience", "lora",
-             "shard_model")
+             "shard_model", "attention", "compile")
 # Names the original examples used for the data directory.
 _DATA_DIR_ALIASES = ("tfrecord_data_dir", "pickle_data_dir")
 # The original example's texar data pipeline: accepted, so that its config
@@ -295,6 +298,11 @@ def check_train_config(cfg: TrainConfig) -> None:
         bad("precision", f"must be one of {', '.join(PRECISIONS)}")
     if not isinstance(cfg.gradient_checkpointing, bool):
         bad("gradient_checkpointing", "must be True or False")
+    if cfg.attention not in ATTENTIONS:
+        bad("attention", "must be 'fused' (PyTorch's scaled_dot_product_attention "
+                         "and one-kernel GELU) or 'texar' (texar's original forward)")
+    if not isinstance(cfg.compile, bool):
+        bad("compile", "must be True or False")
     if cfg.trainable not in TRAINABLE:
         bad("trainable", f"must be one of {', '.join(map(repr, TRAINABLE))} "
                          f"('transformer' freezes the embeddings)")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from utils.data.records import PreparedSplit
+from utils.training.fused_cross_entropy import cross_entropy_sum
 from utils.processor import EOS_ID
 
 IGNORE_INDEX = -100
@@ -56,8 +57,8 @@ def lm_nll(model, ids: torch.Tensor, lengths: torch.Tensor, per_token: bool = Fa
         nll = F.cross_entropy(flat_logits.float(), targets.reshape(-1),
                               ignore_index=IGNORE_INDEX, reduction="none")
         return nll.double().sum(), mask.sum()
-    nll = F.cross_entropy(flat_logits, targets.reshape(-1),
-                          ignore_index=IGNORE_INDEX, reduction="sum")
+    # Keeps the logits alone for backward, not their log-softmax too.
+    nll = cross_entropy_sum(flat_logits, targets.reshape(-1), IGNORE_INDEX)
     return nll, mask.sum()
 
 

@@ -52,6 +52,9 @@ from utils.errors import UserError
 from utils.training.lm import EvalResult, autocast, evaluate, lm_nll, lr_multiplier, perplexity
 from utils.training.memory_options import apply_memory_options, trainable_parameter_count
 from utils.training.metrics_log import MetricsLog
+from utils.fused_attention import set_attention
+from utils.fused_gelu import set_gelu
+from utils.training.compiled_forward import compile_forward
 from utils.model import has_memory
 from utils.training.optimizer import build_optimizer
 from utils.processor import EOS_ID, get_encoder
@@ -144,6 +147,9 @@ class Trainer:
         # optimizer: they all see only the trainable parameters.
         self.lora = LoraRun.start(model, lora_of(cfg), lora_base, resume, cfg.seed)
         apply_memory_options(model, cfg.gradient_checkpointing, cfg.trainable)
+        set_gelu(set_attention(model, cfg.attention), cfg.attention)
+        if cfg.compile:
+            compile_forward(model)
         if self.lora is not None:
             ctx.print(f"{self.lora.settings.describe()}: "
                       f"{trainable_parameter_count(model):,} trainable parameters, the "
@@ -180,7 +186,7 @@ class Trainer:
         self.evals_since_best = 0  # for early_stopping_patience
         self.last_eval: Optional[EvalResult] = None
         self.last_eval_step: Optional[int] = None
-        self.window = _Window(self.device)  # training loss since the last display
+        self.window = LossWindow(self.device)  # training loss since the last display
         self.last_saved_step: Optional[int] = None  # model.ckpt written by this run
         self.divergence = DivergenceWatch(self.device)
         if resume is not None:
@@ -415,7 +421,7 @@ class Trainer:
             self.ctx.print(f"Training done: {self.step} steps in "
                            f"{_clock_time(self.clock.elapsed())}; saved {last_path}.")
 
-    def _train_step(self, group: List[List[int]], window: "_Window") -> None:
+    def _train_step(self, group: List[List[int]], window: "LossWindow") -> None:
         """One optimizer step over `group` (micro-batches of example indices)."""
         ctx, cfg = self.ctx, self.cfg
         batches = [self._batch(ix) for ix in group]
@@ -522,7 +528,7 @@ class Trainer:
         starts = torch.cat([starts, torch.ones(empty, dtype=starts.dtype)])
         return ids, lengths, starts
 
-    def _after_step(self, window: "_Window", bar, stop: StopRequest,
+    def _after_step(self, window: "LossWindow", bar, stop: StopRequest,
                     last_path: str) -> Optional[str]:
         """Display, evaluate, checkpoint; the reason to stop, if any."""
         cfg, step = self.cfg, self.step
@@ -569,7 +575,7 @@ class Trainer:
         flag = torch.tensor([float(self.evals_since_best >= patience)], device=self.device)
         return bool(dist_utils.all_reduce_sum(flag, self.ctx)[0] > 0)
 
-    def _display(self, window: "_Window", bar) -> None:
+    def _display(self, window: "LossWindow", bar) -> None:
         nll = dist_utils.all_reduce_sum(window.nll.reshape(1).double(), self.ctx)
         loss = float(nll[0]) / window.tokens
         elapsed = max(time.perf_counter() - window.start, 1e-9)
@@ -691,7 +697,7 @@ def _clock_time(seconds: float) -> str:
     return (f"{days}d " if days else "") + f"{hours}:{minutes:02d}:{seconds:02d}"
 
 
-class _Window:
+class LossWindow:
     """Loss and token counts since the last display (kept on the device: no sync)."""
 
     def __init__(self, device):
