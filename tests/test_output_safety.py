@@ -14,6 +14,7 @@ import convert_checkpoint
 import gpt2_generate_main
 import prepare_data
 from utils.checkpoints.hf_dir import HF_DIR_FILES
+from utils.dir_claim import FileClaim
 from user_files import (REPO, TINY_A, assert_one_line_error, run_in_process, run_script,
                         snapshot, tiny_models)
 
@@ -187,6 +188,23 @@ def test_two_converts_into_one_new_dst_one_wins(models, tmp_path):
     assert_one_line_error(2, loser, "DST")
     assert "another run" in loser or "not empty" in loser, loser
     assert sorted(os.listdir(dst)) == sorted(convert_checkpoint_files("openai"))
+
+
+def test_a_ckpt_dst_has_one_writer_even_with_force(models, tmp_path, monkeypatch, capsys):
+    """While one run writes a .ckpt into a folder (its claim held), another
+    run writing there, --force or not, stops with one line and the file
+    stays as it was."""
+    ckpt, _ = models
+    dst = tmp_path / "model.ckpt"
+    dst.write_bytes(b"the user's earlier export")
+    with FileClaim(str(dst), "DST"):
+        code, _, err = convert([ckpt, str(dst), "--format", "ckpt", "--force"],
+                               monkeypatch, capsys)
+    assert_one_line_error(code, err, "another run is writing a file into")
+    assert dst.read_bytes() == b"the user's earlier export"
+    code, _, err = convert([ckpt, str(dst), "--format", "ckpt", "--force"], monkeypatch,
+                           capsys)
+    assert code == 0, err
 
 
 def convert_checkpoint_files(fmt):

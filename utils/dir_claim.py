@@ -14,6 +14,7 @@ convert_checkpoint.py writes a model directory (DST) this way:
   marker (the file that makes DST a model for readers) last.
 A run that created DST and fails leaves no DST behind.
 """
+import fcntl
 import os
 import re
 import shutil
@@ -123,3 +124,37 @@ class DirectoryClaim:
         for name in sorted(names, key=lambda n: n == marker):
             os.replace(os.path.join(stage, name), os.path.join(self.directory, name))
         os.rmdir(stage)
+
+
+class FileClaim:
+    """`with FileClaim(path, "DST"):` one writer for an output file at a time.
+
+    An exclusive, non-blocking flock on the folder that will hold `path`:
+    a second run writing into that folder meanwhile stops at once with one
+    line, so two runs never both replace the same file. The lock goes with
+    the process (a killed writer leaves nothing to clean up)."""
+
+    def __init__(self, path: str, what: str):
+        self.folder = os.path.dirname(os.path.abspath(path))
+        self.what = what
+        self._fd: Optional[int] = None
+
+    def __enter__(self):
+        try:
+            self._fd = os.open(self.folder, os.O_RDONLY)
+        except OSError as err:
+            raise UserError(f"cannot open the folder of {self.what}, {self.folder} "
+                            f"({err.strerror}): choose a writable path") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise UserError(f"another run is writing a file into {self.folder}, the "
+                            f"folder of {self.what}: wait for it to finish, or write "
+                            f"elsewhere") from None
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        return False

@@ -37,7 +37,6 @@ other format is still refused (the two would be ambiguous), as is a
 directory where a file of ours goes. A "ckpt" DST is one file, written
 atomically, replacing an existing one only with force.
 """
-import contextlib
 import json
 import os
 import shutil
@@ -83,7 +82,7 @@ from utils.dir_claim import is_bookkeeping
 from utils.output_safety import refuse_existing_output
 from utils.output_safety import refuse_outputs_on_inputs
 from utils.processor import SHIPPED_VOCAB_DIR
-from utils.dir_claim import DirectoryClaim
+from utils.dir_claim import DirectoryClaim, FileClaim
 
 FORMATS = ("hf", "openai", "ckpt")
 HfTensors = Iterator[Tuple[str, torch.Tensor]]
@@ -279,11 +278,11 @@ def check_destination(dst: str, fmt: str, force: bool, src: str,
 
 
 def claim_destination(dst: str, fmt: str):
-    """The exclusive claim on a directory DST (utils/dir_claim.py) to hold
-    while converting; a no-op for a ckpt file, which is published without
-    replacing a file another run created (atomic_write(replace=False))."""
+    """The exclusive claim on DST (utils/dir_claim.py) to hold while
+    converting: the directory itself, or for a ckpt file the folder it goes
+    in (so two runs never both replace it, even with --force)."""
     if fmt == "ckpt":
-        return contextlib.nullcontext()
+        return FileClaim(dst, "DST")
     return DirectoryClaim(dst, "DST")
 
 
