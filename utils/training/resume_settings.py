@@ -31,10 +31,16 @@ def config_snapshot(cfg) -> Dict[str, Any]:
     return _plain(values)
 
 
+# texar's hparams choose a class by a "type" key; a checkpoint names none
+# (tests/test_checkpoint_trust.py), so the snapshot spells it "class_name".
+_TYPE_KEY, _STORED_TYPE_KEY = "type", "class_name"
+
+
 def _plain(value: Any) -> Any:
     """`value` as dicts, lists and scalars; anything else as its repr."""
     if isinstance(value, dict):
-        return {str(key): _plain(item) for key, item in value.items()}
+        return {(_STORED_TYPE_KEY if key == _TYPE_KEY else str(key)): _plain(item)
+                for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     if value is None or isinstance(value, (bool, int, float, str)):
