@@ -317,7 +317,7 @@ def test_trainer_applies_the_configured_attention(tmp_path):
     from utils.training import distributed as dist_utils
     from utils.data.records import PreparedSplit
     from utils.training.config import load_train_config
-    from utils.training import Trainer
+    from utils.training.trainer import Trainer
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.txt").write_text("one two three\nfour five six seven\n")

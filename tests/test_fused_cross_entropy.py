@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils import fused_cross_entropy
+from utils.training import fused_cross_entropy
 from utils.training.fused_cross_entropy import cross_entropy_sum
 
 IGNORE = -100

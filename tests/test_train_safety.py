@@ -508,8 +508,14 @@ def test_a_config_module_that_exits_is_a_config_error(tmp_path, monkeypatch):
 def test_bare_config_names_are_found_in_configs():
     """The original example's `--config_train=config_train` restore command."""
     from utils.model import load_model_hparams
-    cfg = load_train_config("config_train")
+    cfg = load_train_config("config_train", {"max_seq_length": 128})
     assert cfg.data_dir == "data/toy" and cfg.name == "config_train"
+    # Without a length, the shipped config takes prepare_data.py's record of it:
+    # data/toy as shipped has none, which is one line saying what to run.
+    with pytest.raises(UserError, match=r"leaves max_seq_length to the data, but "
+                                        r"data/toy holds no prepared data: run "
+                                        r"prepare_data.py"):
+        load_train_config("config_train")
     assert load_model_hparams("config_model_tiny") == load_model_hparams(
         "configs.config_model_tiny")
     with pytest.raises(UserError, match=r"unknown config 'no_such_config' \(also tried "

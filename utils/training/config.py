@@ -174,6 +174,11 @@ def _length_from_data(cfg: TrainConfig) -> None:
     else:
         found = [split_data_path(cfg.data_dir, split) for split in SPLITS]
         found = [path for path in found if os.path.isfile(path)]
+        if cfg.max_seq_length is None and not found:
+            raise UserError(f"{cfg.name} leaves max_seq_length to the data, but "
+                            f"{cfg.data_dir} holds no prepared data: run prepare_data.py "
+                            f"on it first (it records the length), or give "
+                            f"--max_seq_length")
         if cfg.max_seq_length is not None or not found:
             return  # the splits, once opened, are checked against the config
         length, origin = PreparedSplit(found[0]).max_seq_length, found[0]
