@@ -41,6 +41,7 @@ from utils.checkpoints.weights import resolve_model
 from utils.samples.prompts import read_prompts
 from utils.decoding.int8_linear import require_int8
 from utils.decoding.engine import prepare_for_decoding
+from utils.decoding.load_targets import target_for
 from utils.decoding.compiling import freeze_garbage_collector, timed_compile_step
 from utils.samples.prompts import Prompt
 from utils.samples.prompts import encode_prompts
@@ -290,16 +291,20 @@ def main(argv=None) -> int:
     # Before the weights are read or downloaded.
     settings.check_lengths(resolved.sizes["n_ctx"], longest)
     settings.check_memory(resolved.sizes, longest, device, model=resolved.describe())
-    loaded = load_weights(resolved)
+    # On the CPU in float32 or int8 the weights land where decoding reads
+    # them as they load (utils/decoding/load_targets.py): no second copy.
+    in_place = device.type == "cpu" and args.dtype in ("float32", "int8")
+    loaded = load_weights(resolved, target_for(int8) if in_place else None)
     encoder = get_encoder(loaded.vocab_dir)
     with out_of_memory_as_user_error(f"moving the model to {device}",
                                      "use --dtype bfloat16 or a smaller model"):
-        float_dtype = "float32" if args.dtype == "int8" else args.dtype
-        model = loaded.model.to(device=device, dtype=getattr(torch, float_dtype))
+        model = loaded.model
+        if not in_place:
+            model = model.to(device=device, dtype=getattr(torch, args.dtype))
         # Generation only: frozen, so its weights may move into huge pages in
         # reading order (utils/decoding/weight_arena.py).
         model.requires_grad_(False)
-        prepare_for_decoding(model, int8=args.dtype == "int8")
+        prepare_for_decoding(model, int8=int8)
     print(f"Loaded {loaded.source} on {device} ({args.dtype}).", file=sys.stderr)
     prepare_compiled_step(model, args, device, len(prompts))
 
