@@ -4,6 +4,8 @@ Owns: our own `.ckpt` and the resolution of a run's weight flags (weights),
 OpenAI's TensorFlow files (tf_reader, tf_writer, crc32c, openai_files for the
 seven file names and what a usable file is, download, openai_weights for
 their mapping onto texar's names), Hugging Face directories and the hub
-(hf_dir, hf_names, hf_hub), and the conversions between them (convert).
+(hf_dir, hf_names, hf_hub), and the conversions between them (convert); streaming any of them into a
+model one tensor at a time, each checked, never held twice (streaming,
+pages).
 May import: the root modules (errors, atomic, memory, processor, model).
 """

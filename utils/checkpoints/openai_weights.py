@@ -20,7 +20,7 @@ from utils.checkpoints.openai_files import HPARAMS_FILE
 from utils.checkpoints.streaming import LoadTarget, ParameterFiller
 from utils.checkpoints.tf_reader import TFCheckpointReader
 from utils.checkpoints.tf_reader import resolve_checkpoint_prefix
-from utils.checkpoints.weight_checks import check_dtype, name_lists
+from utils.checkpoints.weight_checks import check_dtype, check_finite, name_lists
 
 # Bookkeeping a TF training run may leave beside the weights; never model parameters.
 _IGNORED_TF_SUFFIXES = ("/Adam", "/Adam_1")
@@ -133,8 +133,11 @@ def load_openai_weights(model: nn.Module, ckpt_prefix: str,
                               "the checkpoint files)")
         for tf_name, targets in plan.items():
             array = reader.read(tf_name)
+            # Checked once, as stored (contiguous), not part by part once transposed.
+            check_finite(tf_name, torch.from_numpy(array), filler.where)
             for texar_name, kind, part in targets:
-                filler.put(texar_name, torch.from_numpy(_convert(array, kind, part)))
+                filler.put(texar_name, torch.from_numpy(_convert(array, kind, part)),
+                           checked=True)
             del array
             reader.release(tf_name)
     filler.finish()

@@ -48,8 +48,19 @@ def check_dtype(name: str, dtype, where: str) -> None:
                         f"or not a GPT-2 model; use the model's floating-point weights")
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite. A NaN or inf anywhere makes the sum
+    NaN or inf, so a finite sum (one pass, no temporary) settles it; a
+    non-finite one may be an overflow of large finite values, so the values
+    are then checked one by one."""
+    with torch.no_grad():
+        if bool(torch.isfinite(tensor.sum())):
+            return True
+        return bool(torch.isfinite(tensor).all())
+
+
 def check_finite(name: str, tensor: torch.Tensor, where: str) -> None:
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise UserError(f"{where} has non-finite weights (NaN or inf), first in {name}: "
                         f"it cannot be used; load an earlier checkpoint saved before the "
                         f"loss went non-finite")

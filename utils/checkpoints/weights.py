@@ -414,8 +414,8 @@ def _stream_checkpoint(model: nn.Module, target: LoadTarget, resolved: ResolvedM
     each one's file pages given back once it is in."""
     filler = ParameterFiller(model, target, checkpoint_source(resolved.path))
     state, resolved.model_state = resolved.model_state, None  # the model holds them now
-    while state:
-        name, tensor = state.popitem()
+    for name in list(state):  # in the model's order: the embedding before its tie
+        tensor = state.pop(name)
         filler.put(name, tensor)
         release_pages(tensor)
     filler.finish()

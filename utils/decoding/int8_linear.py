@@ -51,7 +51,7 @@ def row_scales(weight: torch.Tensor) -> torch.Tensor:
     scales = torch.empty(weight.size(0), dtype=torch.float64)
     with torch.no_grad():
         for start in range(0, weight.size(0), QUANTIZE_ROWS):
-            rows = weight[start:start + QUANTIZE_ROWS].detach().float()
+            rows = weight[start:start + QUANTIZE_ROWS].detach().float().contiguous()
             scales[start:start + QUANTIZE_ROWS] = (
                 rows.abs().amax(dim=1) / 127.0).clamp_(min=1e-12).double()
     return scales
@@ -71,7 +71,9 @@ def quantize_rows(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     scales = row_scales(weight)
     for start in range(0, weight.size(0), QUANTIZE_ROWS):
         end = start + QUANTIZE_ROWS
-        values[start:end] = _quantize(weight[start:end], scales[start:end]).int_repr()
+        # contiguous: a transposed view (OpenAI's layout) quantizes far slower
+        rows = weight[start:end].detach().float().contiguous()
+        values[start:end] = _quantize(rows, scales[start:end]).int_repr()
     return values, scales
 
 
