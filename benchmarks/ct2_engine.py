@@ -9,7 +9,8 @@ quantizes to int8 as it loads).
 Also `python benchmarks/ct2_engine.py --stream MODEL_DIR MAX_LENGTH`: a small
 interactive generator on CTranslate2 that reads one prompt line, streams its
 greedy continuation the way gpt2_generate_main.py does (our tokenizer, whole
-characters printed as they settle), the CTranslate2 side of the CLI timing.
+characters printed as they settle), the CTranslate2 side of the CLI timing
+(COMPUTE_TYPE, float32 by default, int8 for CTranslate2's int8).
 
 Nothing here imports torch: with torch loaded in the same process (its
 OpenMP runtime beside CTranslate2's), CTranslate2 float32 ran 10-20x slower
@@ -69,13 +70,13 @@ def id_tokens(ids_rows):
     return [[decoder[i] for i in row] for row in ids_rows]
 
 
-def stream_main(model_dir: str, max_length: int) -> None:
+def stream_main(model_dir: str, max_length: int, compute_type: str = "float32") -> None:
     """Read one prompt line from stdin, stream its greedy continuation."""
     import ctranslate2
     from utils.samples.interactive import StreamPrinter
     from utils.processor import EOS_ID, get_encoder
     encoder = get_encoder()
-    generator = ctranslate2.Generator(model_dir, device="cpu", compute_type="float32",
+    generator = ctranslate2.Generator(model_dir, device="cpu", compute_type=compute_type,
                                       intra_threads=os.cpu_count())
     sys.stdout.write("Model input >>> ")
     sys.stdout.flush()
@@ -90,7 +91,7 @@ def stream_main(model_dir: str, max_length: int) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--stream":
-        stream_main(sys.argv[2], int(sys.argv[3]))
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--stream":
+        stream_main(sys.argv[2], int(sys.argv[3]), *sys.argv[4:])
     else:
-        sys.exit("usage: ct2_engine.py --stream CT2_MODEL_DIR MAX_LENGTH")
+        sys.exit("usage: ct2_engine.py --stream CT2_MODEL_DIR MAX_LENGTH [COMPUTE_TYPE]")

@@ -25,7 +25,7 @@ with `with_memory` recorded as a plain bool. A model without them refuses a
 """
 import copy
 import warnings
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -331,25 +331,63 @@ def build_model(hparams: Dict[str, Any], with_memory: bool = False,
     that fills every one of them (a strict load): texar's random start costs
     more than a second for GPT-2 124M and is thrown away by the load.
     """
+    if not initialize:
+        model = build_meta_model(hparams, with_memory, attention)
+        place_parameters(model, lambda name, param: torch.empty_like(param, device="cpu"))
+        return model
     GPT2Decoder = import_texar().modules.GPT2Decoder
     hparams = copy.deepcopy(hparams)
     hparams["pretrained_model_name"] = None
-    if initialize:
+    model = _drop_unused_blocks(GPT2Decoder(hparams=hparams), with_memory)
+    return set_gelu(set_attention(model, attention), attention)
+
+
+def build_meta_model(hparams: Dict[str, Any], with_memory: bool = False,
+                     attention: str = "fused") -> nn.Module:
+    """The GPT2Decoder of build_model with every parameter on the meta device:
+    shapes only, nothing allocated, nothing drawn. `place_parameters` gives
+    them storage (the weight loaders fill it tensor by tensor)."""
+    GPT2Decoder = import_texar().modules.GPT2Decoder
+    hparams = copy.deepcopy(hparams)
+    hparams["pretrained_model_name"] = None
+    with torch.device("meta"):
         model = GPT2Decoder(hparams=hparams)
-    else:
-        with torch.device("meta"):  # shapes only: nothing allocated, nothing drawn
-            model = GPT2Decoder(hparams=hparams)
+    model = _drop_unused_blocks(model, with_memory)
+    return set_gelu(set_attention(model, attention), attention)
+
+
+def _drop_unused_blocks(model: nn.Module, with_memory: bool) -> nn.Module:
     if not with_memory:
         # GPT-2 has no encoder: drop the cross-attention texar builds regardless.
         model.decoder.enc_dec_attns = nn.ModuleList()
         model.decoder.end_dec_attn_layer_norm = nn.ModuleList()
         model.register_forward_pre_hook(_refuse_memory, with_kwargs=True)
-    if not initialize:
-        model.to_empty(device="cpu")
-        # to_empty gives each module its own new tensor: tie the output layer
-        # to the token embedding again, as texar built it.
-        model.decoder._output_layer.weight = model.word_embedder._embedding
-    return set_gelu(set_attention(model, attention), attention)
+    return model
+
+
+def place_parameters(model: nn.Module,
+                     storage_for: Callable[[str, nn.Parameter], Optional[torch.Tensor]]
+                     ) -> None:
+    """Give `model`'s meta parameters storage: each becomes a Parameter over
+    `storage_for(name, param)` (a tensor of its shape and dtype, contents not
+    set), or stays on meta where that is None. A parameter shared by two
+    modules (the output layer tied to the token embedding) stays shared."""
+    placed: Dict[int, nn.Parameter] = {}
+    for prefix, module in model.named_modules():
+        for key, param in list(module._parameters.items()):
+            if param is None or param.device.type != "meta":
+                continue
+            if id(param) not in placed:
+                name = f"{prefix}.{key}" if prefix else key
+                storage = storage_for(name, param)
+                if storage is None:
+                    continue
+                if tuple(storage.shape) != tuple(param.shape) or storage.dtype != param.dtype:
+                    raise ValueError(f"storage for {name} is {storage.dtype} "
+                                     f"{list(storage.shape)}, not {param.dtype} "
+                                     f"{list(param.shape)}")
+                placed[id(param)] = nn.Parameter(storage, requires_grad=param.requires_grad)
+            module._parameters[key] = placed[id(param)]
 
 
 def has_memory(model: nn.Module) -> bool:

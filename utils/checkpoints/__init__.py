@@ -6,6 +6,8 @@ seven file names and what a usable file is, download, openai_weights for
 their mapping onto texar's names), Hugging Face directories and the hub
 (hf_dir, hf_names, hf_hub), the conversions between them (convert), and
 the one check every loaded tensor passes: dtype, names, shapes and
-finiteness (weight_checks).
+finiteness (weight_checks);
+streaming any of them into a model one tensor at a time, each checked,
+never held twice (streaming, pages).
 May import: the root modules (errors, atomic, memory, processor, model).
 """

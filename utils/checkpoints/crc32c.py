@@ -1,8 +1,9 @@
 """CRC-32C (Castagnoli), the checksum of LevelDB tables and TF tensor bundles.
 
-`crc32c` uses the maintained `google-crc32c` package when it is installed with
-its compiled extension (hardware CRC instructions, several GB/s; optional, see
-requirements-bench.txt), and otherwise `numpy_crc32c`, written here.
+`crc32c` uses the maintained `google-crc32c` package (a runtime requirement,
+see requirements.txt: hardware CRC instructions, several GB/s, so checking a
+checkpoint costs no start-up time) with its compiled extension, and only
+where that is missing falls back to `numpy_crc32c`, written here.
 
 The numpy version is vectorised: thousands of independent lanes each hash
 their own contiguous slice 8 bytes per step through 16-bit lookup tables, and

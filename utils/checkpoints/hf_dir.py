@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import struct
+import zipfile
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
@@ -39,6 +40,7 @@ from utils.checkpoints.tf_reader import STATE_FILE
 from utils.json_file import read_json
 from utils.model import check_sizes
 from utils.checkpoints.weight_checks import check_tensor
+from utils.checkpoints.pages import release_pages
 from utils.processor import (EOS_TOKEN, SHIPPED_VOCAB_FILES, Encoder, get_encoder,
                              vocab_files)
 
@@ -214,7 +216,9 @@ def _safetensors_tensors(path: str, expected) -> Iterator[Tuple[str, torch.Tenso
             for key in f.keys():
                 _check_shape(_hf_name(key), f.get_slice(key).get_shape(), expected, path)
             for key in f.keys():
-                yield _hf_name(key), f.get_tensor(key)
+                tensor = f.get_tensor(key)
+                yield _hf_name(key), tensor
+                release_pages(tensor)  # when mapped from the file: its pages go back
     except SafetensorError as err:
         raise UserError(f"{path} is not a readable safetensors file ({err}); it may be "
                         "truncated: download it again") from None
@@ -224,7 +228,7 @@ def _torch_bin_tensors(path: str, expected) -> Iterator[Tuple[str, torch.Tensor]
     if not os.path.isfile(path):
         raise UserError(f"weight file {path} is missing; download the model again")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state, mapped = _load_bin(path)
     except Exception as err:  # torch reports a bad archive in many types
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise UserError(f"{path} cannot be read as PyTorch weights with weights_only=True "
@@ -238,6 +242,18 @@ def _torch_bin_tensors(path: str, expected) -> Iterator[Tuple[str, torch.Tensor]
     while state:  # handed on one by one, so that a streaming caller frees each
         key, tensor = state.popitem()
         yield _hf_name(key), tensor
+        if mapped:  # copied out by now: its file pages go back
+            release_pages(tensor)
+
+
+def _load_bin(path: str) -> Tuple[dict, bool]:
+    """(torch.load of `path` with weights_only, whether its tensors are mapped
+    from the file): mapped when it is in torch's zip format, so that its
+    tensors are read one at a time as they are used; read whole otherwise
+    (the legacy format cannot be mapped)."""
+    if zipfile.is_zipfile(path):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
+    return torch.load(path, map_location="cpu", weights_only=True), False
 
 
 def iter_hf_tensors(directory: str, sizes: Mapping[str, int]

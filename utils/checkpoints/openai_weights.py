@@ -17,9 +17,10 @@ from utils.errors import UserError
 from utils.json_file import read_json
 from utils.model import is_memory_parameter
 from utils.checkpoints.openai_files import HPARAMS_FILE
+from utils.checkpoints.streaming import LoadTarget, ParameterFiller
 from utils.checkpoints.tf_reader import TFCheckpointReader
 from utils.checkpoints.tf_reader import resolve_checkpoint_prefix
-from utils.checkpoints.weight_checks import check_dtype, name_lists
+from utils.checkpoints.weight_checks import check_dtype, check_finite, name_lists
 
 # Bookkeeping a TF training run may leave beside the weights; never model parameters.
 _IGNORED_TF_SUFFIXES = ("/Adam", "/Adam_1")
@@ -97,16 +98,23 @@ def is_ignorable_tf_variable(name: str) -> bool:
     return name in _IGNORED_TF_NAMES or name.endswith(_IGNORED_TF_SUFFIXES)
 
 
-def load_openai_weights(model: nn.Module, ckpt_prefix: str) -> None:
+def load_openai_weights(model: nn.Module, ckpt_prefix: str,
+                        filler: Optional[ParameterFiller] = None) -> None:
     """Fill every parameter of `model` from an OpenAI GPT-2 TF checkpoint
     (all but memory mode's cross-attention, which OpenAI's models lack).
 
     Every OpenAI variable is used exactly once and every parameter assigned;
     otherwise one UserError lists the missing, unexpected and mis-shaped
     names. The output layer is tied to the token embedding, so it follows.
+    Tensors are streamed one at a time into `filler` (by default copied into
+    the model's parameters), each variable's file pages given back once it
+    is in (utils/checkpoints/streaming.py).
     """
 
     prefix = resolve_checkpoint_prefix(ckpt_prefix)
+    if filler is None:
+        filler = ParameterFiller(model, LoadTarget(), f"checkpoint {prefix}",
+                                 fresh_memory=True)
     # Memory mode's cross-attention has no OpenAI weights: it keeps its own start.
     params = {name: param for name, param in model.named_parameters()
               if not is_memory_parameter(name)}
@@ -123,14 +131,16 @@ def load_openai_weights(model: nn.Module, ckpt_prefix: str) -> None:
                             + "; ".join(problems)
                             + " (check --config_model and hparams.json against "
                               "the checkpoint files)")
-        with torch.no_grad():
-            for tf_name, targets in plan.items():
-                array = reader.read(tf_name)
-                for texar_name, kind, part in targets:
-                    value = torch.from_numpy(
-                        np.ascontiguousarray(_convert(array, kind, part)))
-                    params[texar_name].copy_(value)
-                del array
+        for tf_name, targets in plan.items():
+            array = reader.read(tf_name)
+            # Checked once, as stored (contiguous), not part by part once transposed.
+            check_finite(tf_name, torch.from_numpy(array), filler.where)
+            for texar_name, kind, part in targets:
+                filler.put(texar_name, torch.from_numpy(_convert(array, kind, part)),
+                           checked=True)
+            del array
+            reader.release(tf_name)
+    filler.finish()
 
 
 def _mapping_problems(plan: Dict[str, List[tuple]], variables: Dict[str, tuple],

@@ -30,6 +30,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from utils.checkpoints.crc32c import crc32c
+from utils.checkpoints.pages import inner_pages
 from utils.errors import UserError
 
 STATE_FILE = "checkpoint"      # TF's file naming a folder's latest checkpoint prefix
@@ -441,6 +442,19 @@ class TFCheckpointReader:
         if raw.dtype != entry.dtype:  # only on big-endian hosts
             raw = raw.astype(entry.dtype)
         return raw.reshape(entry.shape)
+
+    def release(self, name: str) -> None:
+        """Give back the resident pages of tensor `name`'s bytes once it has
+        been copied out: a streamed load then holds one tensor of the file at
+        a time. The map is private and never written, so reading the tensor
+        again reads the file again."""
+        entry = self._entry(name)
+        buf = self._maps[entry.shard] if self._maps is not None else None
+        if not isinstance(buf, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        span = inner_pages(entry.offset, entry.size)  # offsets: the map starts on a page
+        if span is not None:
+            buf.madvise(mmap.MADV_DONTNEED, *span)
 
     def close(self) -> None:
         """Release the maps; arrays already returned keep theirs alive."""

@@ -8,7 +8,7 @@ command refuses no other accepts:
   bool tensor is not a GPT-2 weight (a quantized or damaged file); casting it
   to float would run a model of nonsense, so it is refused, naming the tensor.
 - `check_tensor`: the dtype, and every value finite (a NaN makes every output NaN).
-- `check_checkpoint_weights`: our .ckpt's "model" dict holds exactly the
+- `check_checkpoint_names` / `check_checkpoint_weights`: our .ckpt's "model" dict holds exactly the
   tensors its model_sizes describe (names and shapes), no more, no fewer, and
   cross-attention only when it says with_memory; each passes `check_tensor`.
 """
@@ -48,8 +48,19 @@ def check_dtype(name: str, dtype, where: str) -> None:
                         f"or not a GPT-2 model; use the model's floating-point weights")
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite. A NaN or inf anywhere makes the sum
+    NaN or inf, so a finite sum (one pass, no temporary) settles it; a
+    non-finite one may be an overflow of large finite values, so the values
+    are then checked one by one."""
+    with torch.no_grad():
+        if bool(torch.isfinite(tensor.sum())):
+            return True
+        return bool(torch.isfinite(tensor).all())
+
+
 def check_finite(name: str, tensor: torch.Tensor, where: str) -> None:
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise UserError(f"{where} has non-finite weights (NaN or inf), first in {name}: "
                         f"it cannot be used; load an earlier checkpoint saved before the "
                         f"loss went non-finite")
@@ -86,15 +97,29 @@ def weight_name_problems(state: Mapping[str, torch.Tensor], sizes: Mapping[str, 
                                  tuple(state[n].shape) != expected[n])}
 
 
-def check_checkpoint_weights(state: Mapping[str, torch.Tensor], sizes: Mapping[str, int],
-                             with_memory: bool, path: str) -> None:
-    """Our .ckpt's model dict: exactly the tensors its sizes need, each a finite
-    float (see the module docstring); a UserError naming the file otherwise."""
+def check_checkpoint_names(state: Mapping[str, torch.Tensor], sizes: Mapping[str, int],
+                           with_memory: bool, path: str) -> None:
+    """Our .ckpt's model dict holds exactly the tensors its sizes need (names
+    and shapes; no value is read); a UserError naming the file otherwise."""
     problems = weight_name_problems(state, sizes, with_memory)
     parts = name_lists(tuple(problems.items()))
     if parts:
         raise UserError(f"{path} does not fit the model sizes it declares "
                         f"(n_layer={sizes['n_layer']}, n_embd={sizes['n_embd']}): "
                         + "; ".join(parts))
+
+
+def check_checkpoint_weights(state: Mapping[str, torch.Tensor], sizes: Mapping[str, int],
+                             with_memory: bool, path: str) -> None:
+    """Our .ckpt's model dict: exactly the tensors its sizes need, each a finite
+    float (see the module docstring); a UserError naming the file otherwise.
+    A streamed load checks the names first and each tensor as it arrives
+    (utils/checkpoints/streaming.py), with the same `check_tensor`."""
+    check_checkpoint_names(state, sizes, with_memory, path)
     for name, tensor in state.items():
-        check_tensor(name, tensor, f"fine-tuned checkpoint {path}")
+        check_tensor(name, tensor, checkpoint_source(path))
+
+
+def checkpoint_source(path: str) -> str:
+    """How messages name our checkpoint at `path`."""
+    return f"fine-tuned checkpoint {path}"

@@ -43,10 +43,14 @@ from utils.checkpoints import openai_weights
 from utils.atomic import atomic_write
 from utils.errors import UserError
 from utils.memory import require_memory
-from utils.checkpoints.weight_checks import check_checkpoint_weights, check_finite
-from utils.model import (build_model, build_peak_bytes, check_dropout, check_sizes,
+from utils.checkpoints.weight_checks import (check_checkpoint_names, check_finite,
+                                             checkpoint_source)
+from utils.checkpoints.streaming import CPUTarget, LoadTarget, ParameterFiller
+from utils.checkpoints.pages import release_pages
+from utils.checkpoints.hf_names import texar_of_hf_tensor
+from utils.model import (build_meta_model, build_model, build_peak_bytes, check_dropout, check_sizes,
                          check_sizes_agree, config_with_memory, hparams_from_openai,
-                         hparams_from_sizes, is_memory_parameter, load_model_hparams,
+                         hparams_from_sizes, load_model_hparams,
                          model_dropout, model_size)
 from utils.checkpoints.openai_files import DEFAULT_MODEL, default_model_dir
 from utils.checkpoints.hf_dir import CONFIG
@@ -60,7 +64,7 @@ from utils.checkpoints.openai_files import HPARAMS_FILE
 from utils.checkpoints.tf_reader import DEFAULT_PREFIX
 from utils.checkpoints.openai_files import MODEL_FILES
 from utils.checkpoints.openai_files import file_problems
-from utils.checkpoints.hf_dir import read_hf_weights
+from utils.checkpoints.hf_dir import iter_hf_tensors
 from utils.processor import get_encoder
 
 CHECKPOINT_FORMAT = "gpt2-texar-train-1"
@@ -107,7 +111,9 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
                 "not --checkpoint)" if os.path.isfile(path + ".index") else "")
         raise UserError(f"checkpoint not found: {path}{hint}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # Mapped, not read: the weights are read as they are copied into the
+        # model, and a training state a run does not use is never read.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # truncated, corrupt, or not ours
         raise UserError(f"cannot read checkpoint {path}: it is corrupt or not a "
                         f"checkpoint written by gpt2_train_main.py "
@@ -452,12 +458,21 @@ def _check_weight_paths(pretrain_model_dir: Optional[str],
 # ---------------------------------------------------------------------------
 # Step 2: build the model and fill its weights
 
-def load_weights(resolved: ResolvedModel, apply_adapters: bool = True) -> LoadedModel:
+def load_weights(resolved: ResolvedModel, target: Optional[LoadTarget] = None,
+                 apply_adapters: bool = True) -> LoadedModel:
     """Build the resolved model and fill its weights (downloading OpenAI's
     files when missing): once memory allows it and the tokenizer's ids fit;
     every weight loaded must be finite. The model is on CPU in eval mode.
+
+    Weights from files are streamed one tensor at a time into a model built
+    on the meta device, through `target` (utils/checkpoints/streaming.py;
+    CPUTarget when None): the weights are never held twice. A model that
+    needs a random start (from scratch, or memory mode's fresh
+    cross-attention) is built initialised on the CPU and `target` is not used.
     An adapter checkpoint's adapters are checked against the base and merged
-    into it, unless not `apply_adapters` (a trainer that resumes them)."""
+    into it, unless not `apply_adapters` (a trainer that resumes them); its
+    base is loaded in float (a caller does not pass an int8 target for it).
+    """
     sizes, source = resolved.sizes, resolved.source
     # Before downloading gigabytes of weights that could not be used.
     _require_build_memory(sizes, source)
@@ -467,29 +482,32 @@ def load_weights(resolved: ResolvedModel, apply_adapters: bool = True) -> Loaded
         hf_hub.fetch_hub_model(resolved.hub_name, weights=True,
                                revision=hf_hub.snapshot_revision(resolved.path))
     _check_vocabulary(sizes["n_vocab"], resolved.vocab_dir, source)
-    if resolved.origin == FROM_CHECKPOINT:  # convert_checkpoint.py checks the same
-        check_checkpoint_weights(resolved.model_state, sizes, resolved.with_memory,
-                                 resolved.path)
-    # Where every weight comes from files (strict loads below), texar's random
-    # start is skipped; a random model and memory mode's fresh cross-attention
-    # need it.
-    from_files = resolved.origin in (FROM_OPENAI, FROM_CHECKPOINT, FROM_HF)
-    model = build_model(resolved.hparams, resolved.with_memory,
-                        initialize=resolved.with_memory or not from_files)
+    if resolved.origin == FROM_CHECKPOINT:  # names and shapes; values as they stream
+        check_checkpoint_names(resolved.model_state, sizes, resolved.with_memory,
+                               resolved.path)
+    # Memory mode's cross-attention is not in OpenAI's or Hugging Face's files:
+    # it keeps texar's random start.
+    fresh_memory = resolved.with_memory and resolved.origin in (FROM_OPENAI, FROM_HF)
+    if resolved.origin == FROM_SCRATCH or fresh_memory:
+        model, target = build_model(resolved.hparams, resolved.with_memory), LoadTarget()
+    else:
+        target = target or CPUTarget()
+        model = build_meta_model(resolved.hparams, resolved.with_memory)
+        target.place(model)
     if resolved.origin == FROM_OPENAI:
-        openai_weights.load_openai_weights(model, resolved.path)
+        openai_weights.load_openai_weights(
+            model, resolved.path,
+            ParameterFiller(model, target, source, fresh_memory=True))
     elif resolved.origin == FROM_CHECKPOINT:
-        _load_state_dict(model, resolved.model_state, resolved.path)
-        resolved.model_state = None  # the model holds the weights now, once
+        _stream_checkpoint(model, target, resolved)
     elif resolved.origin == FROM_HF:
-        # Memory mode's cross-attention is not in GPT-2's files: it stays fresh.
-        _load_state_dict(model, read_hf_weights(resolved.path, resolved.sizes),
-                         resolved.path, fresh_memory=resolved.with_memory)
+        _stream_hf(model, target, resolved, fresh_memory)
     if resolved.adapters is not None:
         _check_adapters_fit(model, resolved)
         if apply_adapters:
             _merge_adapters(model, resolved.adapters)
-    _refuse_non_finite(model, source)
+            for name, param in model.named_parameters():  # the merged weights
+                check_finite(name, param.detach(), source)
     model.eval()
     return LoadedModel(model=model, hparams=resolved.hparams,
                        vocab_dir=resolved.vocab_dir, source=source,
@@ -509,6 +527,30 @@ def _merge_adapters(model: nn.Module, adapters: Adapters) -> None:
     model.requires_grad_(True)  # add_adapters froze the base
 
 
+def _stream_checkpoint(model: nn.Module, target: LoadTarget, resolved: ResolvedModel) -> None:
+    """Our checkpoint's tensors (mapped by load_checkpoint) into the model,
+    each one's file pages given back once it is in."""
+    filler = ParameterFiller(model, target, checkpoint_source(resolved.path))
+    state, resolved.model_state = resolved.model_state, None  # the model holds them now
+    for name in list(state):  # in the model's order: the embedding before its tie
+        tensor = state.pop(name)
+        filler.put(name, tensor)
+        release_pages(tensor)
+    filler.finish()
+
+
+def _stream_hf(model: nn.Module, target: LoadTarget, resolved: ResolvedModel,
+               fresh_memory: bool) -> None:
+    """A Hugging Face directory's tensors into the model, one at a time
+    (iter_hf_tensors has checked each)."""
+    filler = ParameterFiller(model, target, resolved.path, fresh_memory=fresh_memory)
+    n_layer = resolved.sizes["n_layer"]
+    for hf_name, tensor in iter_hf_tensors(resolved.path, resolved.sizes):
+        for name, piece in texar_of_hf_tensor(hf_name, tensor, n_layer):
+            filler.put(name, piece, checked=True)
+    filler.finish()
+
+
 def _check_vocabulary(n_vocab: int, vocab_dir: Optional[str], source: str) -> None:
     """The GPT-2 tokenizer's ids must all exist in the model's embedding."""
     tokens = len(get_encoder(vocab_dir))
@@ -523,29 +565,3 @@ def _require_build_memory(sizes: Dict[str, int], source: str) -> None:
     require_memory(build_peak_bytes(sizes),
                    f"building the model of {describe_sizes(sizes, source)}",
                    "use a smaller model, or a machine with more memory")
-
-
-def _refuse_non_finite(model: nn.Module, source: str) -> None:
-    """A NaN or inf weight makes every output NaN: refuse it at load time."""
-    for name, param in model.named_parameters():
-        check_finite(name, param, source)
-
-
-def _load_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
-                     path: str, fresh_memory: bool = False) -> None:
-    """load_state_dict with one readable error instead of torch's traceback;
-    `fresh_memory`: the cross-attention is not in `state_dict` (it keeps its
-    initialisation)."""
-    own = {name: tensor for name, tensor in model.state_dict().items()
-           if not (fresh_memory and is_memory_parameter(name))}
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    misshaped = sorted(k for k in set(own) & set(state_dict)
-                       if tuple(own[k].shape) != tuple(state_dict[k].shape))
-    if missing or unexpected or misshaped:
-        parts = openai_weights.name_lists((("missing", missing),
-                                           ("unexpected", unexpected),
-                                           ("mis-shaped", misshaped)))
-        raise UserError(f"{path} does not fit the model sizes it declares: "
-                        + "; ".join(parts))
-    model.load_state_dict(state_dict, strict=not fresh_memory)

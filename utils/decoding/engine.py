@@ -19,7 +19,9 @@ the order a step reads them (utils/decoding/weight_arena.py): the stream of
 weights is faster to read, and Q, K and V lie back to back, so their fused
 matrix is a view instead of a copy. With `--dtype int8` it marks the model
 for 8-bit layers instead; either way the engine is built there, at load
-time, rather than on the first prompt.
+time, rather than on the first prompt. A model streamed from its files
+through utils/decoding/load_targets.py is already laid out (or quantized)
+as it loaded: nothing is copied here.
 """
 import weakref
 from typing import List, Optional, Tuple

@@ -9,11 +9,15 @@ batch-1 step is bound by. Layer norms, attention, the embeddings and the KV
 cache stay float32; the output layer (tied to the word embedding) gets its own
 int8 copy, the largest single saving.
 
-The model's float32 parameters are kept (the embedding lookups and any later
-float32 use read them), so memory grows by about a quarter of the weights.
+A model quantized after loading keeps its float32 parameters (the embedding
+lookups and any later float32 use read them), so memory grows by about a
+quarter of the weights. A model loaded for int8 decoding from a file
+(utils/decoding/load_targets.py) has its linear weights quantized tensor by
+tensor as they arrive and never holds them in float32: the embeddings, layer
+norms and biases stay float32, the rest is int8.
 """
 import warnings
-from typing import Optional, Sequence
+from typing import Dict, Sequence, Tuple
 
 import torch
 
@@ -36,22 +40,74 @@ def require_int8(device: torch.device) -> None:
                         f"{INT8_FIX}")
 
 
-class Int8Linear:
-    """y = act(x W^T + b) with W in int8 (one scale per output row)."""
+# Rows quantized at a time: the float32 temporaries of a quantization stay
+# a few MiB, whatever the matrix (the output layer is 50257 rows).
+QUANTIZE_ROWS = 4096
 
-    def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+
+def row_scales(weight: torch.Tensor) -> torch.Tensor:
+    """float64 per-row scales max |w| / 127 of `weight` [out, in], computed
+    QUANTIZE_ROWS rows at a time (no float temporary of the whole matrix)."""
+    scales = torch.empty(weight.size(0), dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, weight.size(0), QUANTIZE_ROWS):
+            rows = weight[start:start + QUANTIZE_ROWS].detach().float().contiguous()
+            scales[start:start + QUANTIZE_ROWS] = (
+                rows.abs().amax(dim=1) / 127.0).clamp_(min=1e-12).double()
+    return scales
+
+
+def _quantize(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings(), torch.no_grad():  # quantized tensors are deprecated
+        warnings.simplefilter("ignore")
+        return torch.quantize_per_channel(weight.detach().float(), scales, torch.zeros_like(
+            scales, dtype=torch.long), 0, torch.qint8)
+
+
+def quantize_rows(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, float64 scales) of `weight` [out, in], per output row,
+    as Int8Linear quantizes a float weight; QUANTIZE_ROWS rows at a time."""
+    values = torch.empty(weight.shape, dtype=torch.int8)
+    scales = row_scales(weight)
+    for start in range(0, weight.size(0), QUANTIZE_ROWS):
+        end = start + QUANTIZE_ROWS
+        # contiguous: a transposed view (OpenAI's layout) quantizes far slower
+        rows = weight[start:end].detach().float().contiguous()
+        values[start:end] = _quantize(rows, scales[start:end]).int_repr()
+    return values, scales
+
+
+class Int8Linear:
+    """y = act(x W^T + b) with W in int8 (one scale per output row).
+
+    `weights` are float tensors, or (int8 values, scales) pairs already made
+    by `quantize_rows` (a model quantized as it loaded,
+    utils/decoding/load_targets.py)."""
+
+    def __init__(self, weights: Sequence, biases: Sequence[torch.Tensor],
                  gelu: bool = False, activation=None):
-        weight = torch.cat([w.detach().float() for w in weights])
+        if any(isinstance(w, tuple) for w in weights):
+            parts = [w if isinstance(w, tuple) else quantize_rows(w) for w in weights]
+            values = torch.cat([v for v, _ in parts]) if len(parts) > 1 else parts[0][0]
+            scale = torch.cat([s for _, s in parts]) if len(parts) > 1 else parts[0][1]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                q = torch._make_per_channel_quantized_tensor(
+                    values, scale, torch.zeros_like(scale, dtype=torch.long), 0)
+        else:  # one float matrix (the output layer: no float copy of it is made)
+            weight = torch.cat(list(weights)) if len(weights) > 1 else weights[0]
+            scale = row_scales(weight)
+            q = _quantize(weight, scale)
+        rows = q.size(0)
         bias = torch.cat([b.detach().float() if b is not None
-                          else torch.zeros(w.size(0)) for w, b in zip(weights, biases)])
-        scale = (weight.abs().amax(dim=1) / 127.0).clamp_(min=1e-12).double()
+                          else torch.zeros(w.size(0) if not isinstance(w, tuple) else
+                                           w[0].size(0))
+                          for w, b in zip(weights, biases)])
         with warnings.catch_warnings():  # quantized tensors are deprecated, still work
             warnings.simplefilter("ignore")
-            q = torch.quantize_per_channel(weight, scale, torch.zeros_like(
-                scale, dtype=torch.long), 0, torch.qint8)
             self.packed = torch.ops.quantized.linear_prepack(q, bias)
         self.gelu, self.activation = gelu, activation
-        self.extra_bytes = weight.numel() + 8 * scale.numel() + 4 * bias.numel()
+        self.extra_bytes = q.numel() + 8 * rows + 4 * bias.numel()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -69,10 +125,36 @@ class Int8Layers:
     linear = Int8Linear
 
 
+class PrequantizedInt8Layers:
+    """Int8Layers for a model whose linear weights were quantized as they
+    loaded and never kept in float32 (they stay on the meta device): the
+    engine's layers take their int8 rows from `quantized` (parameter id ->
+    quantize_rows' pair), each handed over once."""
+
+    def __init__(self, quantized: Dict[int, Tuple[torch.Tensor, torch.Tensor]]):
+        self.quantized = quantized
+
+    def linear(self, weights, biases, **kwargs) -> Int8Linear:
+        return Int8Linear([self._take(w) for w in weights], biases, **kwargs)
+
+    def _take(self, weight: torch.Tensor):
+        if weight.device.type != "meta":
+            return weight
+        try:  # once packed, the pair is not kept twice
+            return self.quantized.pop(id(weight))
+        except KeyError:
+            raise UserError("this model's int8 weights were packed when it loaded and "
+                            "its float32 weights were never kept: load it again to "
+                            "rebuild its engine") from None
+
+
 def quantize_for_decoding(model: torch.nn.Module) -> torch.nn.Module:
     """Mark `model` (a float32 GPT2Decoder on the CPU) for int8 decoding:
     the engine built for it from now on (utils/decoding/engine.py) quantizes
-    its linear layers into 8-bit copies. Returns the model."""
+    its linear layers into 8-bit copies. Returns the model. A model already
+    quantized as it loaded keeps its marks."""
+    if isinstance(decoding_layers(model), PrequantizedInt8Layers):
+        return model
     require_int8(next(model.parameters()).device)
     if next(model.parameters()).dtype != torch.float32:
         raise UserError("int8 decoding starts from float32 weights: load the "
@@ -81,5 +163,5 @@ def quantize_for_decoding(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def decoding_layers(model: torch.nn.Module) -> Optional[type]:
+def decoding_layers(model: torch.nn.Module):
     return getattr(model, "_decoding_layers", None)

@@ -11,6 +11,7 @@ from utils.decoding.compiling import freeze_garbage_collector, timed_compile_ste
 from utils.decoding.engine import prepare_for_decoding
 from utils.decoding.int8_linear import require_int8
 from utils.decoding.limits import out_of_memory_as_user_error
+from utils.decoding.load_targets import target_for
 from utils.device import resolve_device
 from utils.errors import UserError
 from utils.processor import get_encoder
@@ -34,17 +35,26 @@ def decoding_device(dtype: str, device_flag: str) -> torch.device:
 
 def load_for_decoding(resolved, dtype: str, device: torch.device):
     """(model, encoder): the resolved weights on `device` in `dtype`, frozen
-    for generation and prepared for the engine (utils/decoding/engine.py)."""
-    loaded = load_weights(resolved)
+    for generation and prepared for the engine (utils/decoding/engine.py).
+
+    On the CPU in float32 or int8 the weights land where decoding reads them
+    as they load (utils/decoding/load_targets.py): no second copy. Adapters
+    (a LoRA checkpoint) merge into float weights, so their base loads plainly."""
+    int8 = dtype == "int8"
+    in_place = (device.type == "cpu" and dtype in ("float32", "int8")
+                and resolved.adapters is None)
+    loaded = load_weights(resolved, target_for(int8) if in_place else None)
     encoder = get_encoder(loaded.vocab_dir)
     with out_of_memory_as_user_error(f"moving the model to {device}",
                                      "use --dtype bfloat16 or a smaller model"):
-        float_dtype = "float32" if dtype == "int8" else dtype
-        model = loaded.model.to(device=device, dtype=getattr(torch, float_dtype))
+        model = loaded.model
+        if not in_place:
+            float_dtype = "float32" if int8 else dtype
+            model = model.to(device=device, dtype=getattr(torch, float_dtype))
         # Generation only: frozen, so its weights may move into huge pages in
         # reading order (utils/decoding/weight_arena.py).
         model.requires_grad_(False)
-        prepare_for_decoding(model, int8=dtype == "int8")
+        prepare_for_decoding(model, int8=int8)
     print(f"Loaded {loaded.source} on {device} ({dtype}).", file=sys.stderr)
     return model, encoder
 

@@ -21,7 +21,7 @@ Q, K and V is a view of the block, not a copy.
 import functools
 import math
 import mmap
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -105,21 +105,36 @@ def pack_parameters(groups: Sequence[Sequence[torch.nn.Parameter]]
     if _already_packed(groups):
         return [joined(g) for g in groups]
 
+    views = allocate([[(p.shape, p.dtype) for p in g] for g in groups])
+    # Plain tensors even when called under inference mode: the model may be
+    # unfrozen and trained later.
+    with torch.inference_mode(False), torch.no_grad():
+        for g, g_views in zip(groups, views):
+            for p, view in zip(g, g_views):
+                view.copy_(p)
+                p.data = view  # the old storage goes now, not at the end
+    return [joined(g) for g in groups]
+
+
+def allocate(groups: Sequence[Sequence[Tuple[Sequence[int], torch.dtype]]]
+             ) -> List[List[torch.Tensor]]:
+    """One huge-page block laid out for `groups` of (shape, dtype): a view of
+    the block for each, contents unset, a group's tensors back to back and
+    each group starting on a cache line (callers check huge_pages_available).
+    A loader fills the views directly: the weights land in place, once."""
     starts, end = [], 0
     for g in groups:
         end = -(-end // ALIGN) * ALIGN
         starts.append(end)
-        end += sum(p.numel() * p.element_size() for p in g)
-    # Plain tensors even when called under inference mode: the model may be
-    # unfrozen and trained later.
-    with torch.inference_mode(False), torch.no_grad():
+        end += sum(math.prod(shape) * dtype.itemsize for shape, dtype in g)
+    with torch.inference_mode(False):
         arena = _huge_block(end)
+        views = []
         for g, start in zip(groups, starts):
-            pos = start
-            for p in g:
-                n = p.numel() * p.element_size()
-                view = arena[pos:pos + n].view(p.dtype).view(p.shape)
-                view.copy_(p)
-                p.data = view  # the old storage goes now, not at the end
+            pos, g_views = start, []
+            for shape, dtype in g:
+                n = math.prod(shape) * dtype.itemsize
+                g_views.append(arena[pos:pos + n].view(dtype).view(tuple(shape)))
                 pos += n
-    return [joined(g) for g in groups]
+            views.append(g_views)
+    return views
