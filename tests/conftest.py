@@ -9,6 +9,7 @@ if REPO_ROOT not in sys.path:
 import json  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 TF_FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures", "tf_gpt2")
 
@@ -26,3 +27,14 @@ def tf_gpt2_model():
         load_openai_weights(model, os.path.join(TF_FIXTURES, "models", name, "model.ckpt"))
         return model, meta
     return load
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (modules opt in with
+    pytestmark = pytest.mark.usefixtures("one_thread")): training steps on 2
+    shared cores stall when threads contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,16 +24,10 @@ from utils.model import build_model, gpt2_hparams, hparams_from_openai
 from utils.checkpoints.openai_weights import load_openai_weights
 from utils.processor import EOS_ID
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tf_gpt2")
 HPARAMS = gpt2_hparams(50257, 64, 32, 4, 2)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def use(model, kind):
@@ -79,6 +73,7 @@ def logits_and_grads(model, attention, ids, lengths, **forward):
         logits.reshape(-1, logits.size(-1)),
         targets.masked_fill(~mask, IGNORE_INDEX).reshape(-1),
         ignore_index=IGNORE_INDEX, reduction="sum")
+
     (nll / mask.sum()).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     return logits.detach(), nll.detach(), grads

@@ -4,11 +4,14 @@ import math
 import pytest
 import torch
 
-from test_train import _write_split, one_thread  # noqa: F401
+from test_train import _write_split  # noqa: F401
+
 from utils.data.records import PreparedSplit
 from utils.training.lm import evaluate, lm_nll, lr_multiplier, target_mask
 from utils.model import build_model, gpt2_hparams
 from utils.processor import EOS_ID
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_dev_perplexity_is_corpus_level_as_computed_by_hand(tmp_path):

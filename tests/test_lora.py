@@ -17,13 +17,16 @@ import torch
 import convert_checkpoint
 import gpt2_generate_main
 import gpt2_train_main
-from tests.test_train import SUBPROCESS_ENV, data_dir, one_thread, train_config  # noqa: F401
+from tests.test_train import SUBPROCESS_ENV, data_dir, train_config  # noqa: F401
+
 from utils import lora
 from utils.checkpoints.weights import (CHECKPOINT_FORMAT, checkpoint_model_fields,
                                        load_weights, resolve_model, save_checkpoint)
 from utils.errors import UserError
 from utils.model import build_model, gpt2_hparams
 from utils.training.config import load_train_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["attention", "mlp"]}

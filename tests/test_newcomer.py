@@ -18,6 +18,8 @@ import gpt2_train_main
 import prepare_data
 from utils.errors import UserError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 TRAIN_LINES = ["The bakery opens at six every morning.",
                "Fishing boats return when the tide comes in.",
                "Sheep graze on the hills.", "Snow covers the rooftops in winter.",
@@ -27,14 +29,6 @@ DEV_LINES = ["The bakery sells fresh bread.", "Snow falls."]
 # Model: 2 layers of width 16 (fast on one thread).
 TINY_MODEL = ("from utils.model import gpt2_hparams\n"
               "hparams = gpt2_hparams(50257, 32, 16, 2, 2, dropout=0.0)\n")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_lines(path, lines):
@@ -81,6 +75,7 @@ def test_training_from_flags_alone(tmp_path, text_dir, capsys):
                  "--lr", 2e-3, "--train_batch_size", 2, "--set", "display_steps=1",
                  "--set", "eval_steps=-1", "--set", "sample_prompts=['', 'Snow']",
                  "--output_dir", out_dir) == 0
+
     out = capsys.readouterr().out
     table = settings_table(out)
     assert table["data_dir"] == (repr(str(text_dir)), "flag")

@@ -13,9 +13,12 @@ import pytest
 import torch
 
 from tests.test_lora import REPO_ROOT, base, load, train  # noqa: F401
-from tests.test_train import SUBPROCESS_ENV, data_dir, one_thread, train_config  # noqa: F401
+from tests.test_train import SUBPROCESS_ENV, data_dir, train_config  # noqa: F401
+
 from utils.errors import UserError
 from utils.training.config import load_train_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # A max_norm well under the gradients' norm: every step is clipped, so equal
 # weights need the norm of the whole (sharded) gradient.

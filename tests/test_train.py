@@ -24,6 +24,8 @@ from utils.processor import EOS_ID
 from utils.samples.test_split import sampling_for_test_split, tsv_field, write_test_samples
 from utils.training.config import load_train_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures", "tf_gpt2")
 
@@ -43,6 +45,7 @@ DEV_LINES = ["The bakery sells fresh bread.", "Boats leave the harbour at dawn."
              "Snow falls."]
 TEST_LINES = ["The bakery", "Every evening\tthe keeper", "In winter\u2028the children",
               "A form\x0bfeed and a\rcarriage return"]
+
 # prepare_data ends a line wherever str.splitlines does (\u2028, \x0b, \r ...),
 # so the test split holds these examples; tabs stay inside an example.
 TEST_EXAMPLES = "\n".join(TEST_LINES).splitlines()
@@ -51,14 +54,6 @@ TEST_EXAMPLES = "\n".join(TEST_LINES).splitlines()
 # Tiny models run as fast on one thread, and a CPU shared with other jobs
 # makes multi-threaded steps stall; the subprocesses get the same setting.
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_lines(path, lines):

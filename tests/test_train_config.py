@@ -2,9 +2,12 @@
 import pytest
 import torch
 
-from test_train import data_dir, one_thread, train, train_config  # noqa: F401
+from test_train import data_dir, train, train_config  # noqa: F401
+
 from utils.errors import UserError
 from utils.training.config import check_precision, load_train_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -4,11 +4,14 @@ import json
 import pytest
 
 import prepare_data
-from test_train import data_dir, model_config, one_thread, train, train_config  # noqa: F401
+from test_train import data_dir, model_config, train, train_config  # noqa: F401
+
 from utils.training import trainer as training
 from utils.errors import UserError
 from utils.training.lm import EvalResult
 from utils.training.config import load_train_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run(tmp_path, data_dir, out, **overrides):  # noqa: F811
