@@ -18,7 +18,9 @@ from utils.training.lm import lm_nll
 from utils.training.memory_options import (apply_memory_options, enable_gradient_checkpointing)
 from utils.model import build_model, gpt2_hparams
 from tests.test_train import (REPO_ROOT, SUBPROCESS_ENV, data_dir, load_ckpt,  # noqa: F401
-                              model_config, one_thread, read_metrics, train, train_config)
+                              model_config, read_metrics, train, train_config)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 ADAFACTOR = {"optimizer": {"type": "Adafactor", "kwargs": {"lr": 1e-2}},
              "gradient_clip": {"type": "clip_grad_norm_", "kwargs": {"max_norm": 1.0}}}

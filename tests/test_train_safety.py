@@ -22,12 +22,14 @@ import torch
 import gpt2_train_main
 from test_train import (REPO_ROOT, SUBPROCESS_ENV, _start_long_training,  # noqa: F401
                         _train_steps_logged, _wait_for, _write_split, data_dir,
-                        interrupt, load_ckpt, model_config, one_thread, read_metrics,
+                        interrupt, load_ckpt, model_config, read_metrics,
                         train, train_config)
 from utils.training import trainer as training
 from utils.atomic import OutputDirLock, remove_stale_temp_files
 from utils.errors import UserError, run_main
 from utils.training.config import load_train_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run_cli(capsys, *args):

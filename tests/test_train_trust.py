@@ -28,9 +28,11 @@ import torch
 
 import prepare_data
 from test_train import (DEV_LINES, REPO_ROOT, SUBPROCESS_ENV, TEST_LINES,  # noqa: F401
-                        TRAIN_LINES, load_ckpt, model_config, one_thread, read_metrics,
+                        TRAIN_LINES, load_ckpt, model_config, read_metrics,
                         train, train_config, write_lines)
 from test_train_safety import run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 LIKELY_CAUSE = ("Likely cause: a learning rate too high for this model (peak lr 1e+30 "
                 "in {cfg}): lower it, lengthen warmup_steps or clip gradients "
