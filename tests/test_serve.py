@@ -283,6 +283,7 @@ def test_bad_request_is_a_400_with_openai_error_json(tiny, fields, param, messag
     (b'{"model": "tiny_a", "prompt": ', "not valid JSON"),
     (b'{"model": "tiny_a", "prompt": "\xff"}', "not valid UTF-8"),
     (b'["tiny_a"]', "must be a JSON object"),
+    (b"[" * 200000, "more than 64 levels deep"),
     (b'{"model": "tiny_a", "prompt": "' + b"a" * (1024 * 1024) + b'"}',
      "larger than 1048576 bytes"),
 ])

@@ -7,10 +7,10 @@ is checked here, before anything reaches the engine: a request the engine
 cannot run is a 4xx naming the field, never a 500.
 """
 import dataclasses
-import json
 import math
 from typing import Any, Dict, List, Optional, Tuple
 
+from utils import json_file
 from utils.decoding.limits import MAX_SEED
 from utils.decoding.sampling import SMALLEST_TEMPERATURE
 
@@ -92,9 +92,9 @@ def parse_json(body: bytes) -> Dict[str, Any]:
         raise bad(f"the request body is not valid UTF-8 (byte {err.start}): send "
                   f"JSON encoded as UTF-8") from None
     try:
-        data = json.loads(text)
-    except ValueError as err:
-        raise bad(f"the request body is not valid JSON ({err}): send a JSON object "
+        data = json_file.parse_json(text)  # the project's reader: nesting bounded
+    except json_file.JSONProblem as err:
+        raise bad(f"the request body {err}: send a JSON object "
                   f"such as {{\"model\": ..., \"prompt\": \"Hello\"}}") from None
     if not isinstance(data, dict):
         raise bad("the request body must be a JSON object, not "
