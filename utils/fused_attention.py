@@ -93,15 +93,26 @@ def set_attention(model: nn.Module, attention: str) -> nn.Module:
     `model`. Parameters and state_dict keys are the same either way."""
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, not {attention!r}")
-    for layer in _attention_layers(model):
-        if attention == "fused":
-            layer.forward = types.MethodType(fused_forward, layer)
-        else:
-            vars(layer).pop("forward", None)
+    switch_forward(_attention_layers(model), fused_forward, attention == "fused")
     return model
 
 
 def attention_of(model: nn.Module) -> str:
     """"fused" or "texar": which forward `model`'s attention layers run."""
-    fused = {"forward" in vars(layer) for layer in _attention_layers(model)}
+    return forward_of(_attention_layers(model))
+
+
+def switch_forward(layers, forward, fused: bool) -> None:
+    """Give each of `layers` `forward` as its own (fused), or take it away so
+    the class's (texar's) runs again."""
+    for layer in layers:
+        if fused:
+            layer.forward = types.MethodType(forward, layer)
+        else:
+            vars(layer).pop("forward", None)
+
+
+def forward_of(layers) -> str:
+    """"fused" when every one of `layers` runs a forward of its own, else "texar"."""
+    fused = {"forward" in vars(layer) for layer in layers}
     return "fused" if fused == {True} else "texar"

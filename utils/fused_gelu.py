@@ -12,11 +12,11 @@ for attention); `set_gelu(model, "texar")` removes it. No parameters change.
 build_model and the training config's `attention` choose both together:
 "fused" (both kernels) or "texar" (texar's original forward throughout).
 """
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from utils.fused_attention import forward_of, switch_forward
 
 GELUS = ("fused", "texar")
 
@@ -36,14 +36,9 @@ def set_gelu(model: nn.Module, gelu: str) -> nn.Module:
     restore texar's ("texar"), in place; returns `model`."""
     if gelu not in GELUS:
         raise ValueError(f"gelu must be one of {GELUS}, not {gelu!r}")
-    for layer in _gelu_layers(model):
-        if gelu == "fused":
-            layer.forward = types.MethodType(fused_gelu_forward, layer)
-        else:
-            vars(layer).pop("forward", None)
+    switch_forward(_gelu_layers(model), fused_gelu_forward, gelu == "fused")
     return model
 
 
 def gelu_of(model: nn.Module) -> str:
-    fused = {"forward" in vars(layer) for layer in _gelu_layers(model)}
-    return "fused" if fused == {True} else "texar"
+    return forward_of(_gelu_layers(model))
