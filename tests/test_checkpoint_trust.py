@@ -25,6 +25,7 @@ from utils.checkpoints.weights import checkpoint_model_fields, load_weights, res
 from utils.errors import UserError, run_main
 from utils.model import (build_model, build_peak_bytes, count_parameters,
                          gpt2_hparams, hparams_from_sizes, parameter_count)
+import script_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -169,7 +170,7 @@ def test_poisoned_old_checkpoint_runs_nothing_under_generate(tmp_path, poison):
     marker = tmp_path / "MARKER"
     ckpt = old_format_checkpoint(tmp_path / "x.ckpt",
                                  POISONS[poison](gpt2_hparams(**TINY), marker))
-    proc = subprocess.run(
+    proc = script_server.run(
         [sys.executable, "gpt2_generate_main.py", "--checkpoint", ckpt,
          "--max_decoding_length", "8", "--seed", "0"],
         cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
@@ -186,7 +187,7 @@ def test_poisoned_old_checkpoint_runs_nothing_under_train_do_test(tmp_path, data
     ckpt = old_format_checkpoint(tmp_path / "x.ckpt",
                                  POISONS[poison](gpt2_hparams(**TINY), marker))
     out = tmp_path / "out"
-    proc = subprocess.run(
+    proc = script_server.run(
         [sys.executable, "gpt2_train_main.py", "--do_test", "--checkpoint", ckpt,
          "--config_train", train_config(tmp_path, data_dir), "--output_dir", str(out),
          "--quiet"],
@@ -412,7 +413,7 @@ def test_generate_refuses_nan_weights_in_one_line(tmp_path):
         model.decoder.self_attns[1].V_dense.weight[3, 5] = float("nan")
     ckpt = new_format_checkpoint(tmp_path / "nan.ckpt", model=model)
     before = snapshot(tmp_path)
-    proc = subprocess.run(
+    proc = script_server.run(
         [sys.executable, "gpt2_generate_main.py", "--checkpoint", ckpt,
          "--max_decoding_length", "8"],
         cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)

@@ -6,7 +6,6 @@ TF-written fixtures, the greedy continuations Hugging Face transformers
 computed from the same TensorFlow files."""
 import copy
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ from utils.decoding import compiled_step, compiling
 from utils.decoding.generation import generate
 from utils.decoding.engine import engine_for
 from utils.model import build_model, gpt2_hparams
+import script_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "tf_gpt2")
@@ -112,7 +112,7 @@ def test_a_failing_compile_falls_back_to_the_eager_step(monkeypatch):
 
 
 def run_cli(args):
-    return subprocess.run([sys.executable, "gpt2_generate_main.py", *args],
+    return script_server.run([sys.executable, "gpt2_generate_main.py", *args],
                           input="Hello world\n", capture_output=True, text=True,
                           cwd=REPO, timeout=300)
 

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -29,6 +28,7 @@ from utils.errors import UserError
 from utils.checkpoints.hf_names import openai_of_hf, texar_to_hf_tensors
 from utils.checkpoints.tf_reader import TFCheckpointReader
 from utils.checkpoints.weights import load_weights, resolve_model
+import script_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "tf_gpt2")
@@ -156,7 +156,7 @@ def test_fine_tuned_checkpoint_opens_in_transformers_after_one_command(tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def run(*cmd):
-        proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO, env=env,
+        proc = script_server.run([sys.executable, *map(str, cmd)], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
     run("prepare_data.py", "--quiet", "--data_dir", data, "--max_seq_length", "16")

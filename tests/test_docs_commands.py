@@ -7,7 +7,7 @@ gpt2_pretrained_models/model_117M, and my_text/train.txt is a few KB of our
 toy sentences. A block that cannot run offline (a download, GPUs, several
 machines) carries `<!-- docs-test: skip (reason) -->` on the line before it.
 
-`python X.py ...` in a block goes through tests/docs_runner.py, a fork server
+`python X.py ...` in a block goes through tests/script_server.py, a fork server
 that imports torch and texar once, so the whole walk takes seconds of work
 per command rather than seconds of imports.
 
@@ -26,7 +26,7 @@ import time
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNNER = os.path.join(REPO_ROOT, "tests", "docs_runner.py")
+RUNNER = os.path.join(REPO_ROOT, "tests", "script_server.py")
 SKIP_MARK = re.compile(r"^<!-- docs-test: skip \((.+)\) -->$")
 FENCE = re.compile(r"^```(\S*)\s*$")
 RUN_LANGUAGES = ("bash", "sh", "python")
@@ -198,7 +198,7 @@ def make_stand_in_gpt2(root, work):
 def fork_server(sandbox, tmp_path_factory):
     socket_path = str(tmp_path_factory.mktemp("sock") / "docs.sock")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    server = subprocess.Popen([sys.executable, RUNNER, "serve", socket_path], cwd=sandbox,
+    server = subprocess.Popen([sys.executable, RUNNER, "serve", socket_path, "--no-compile"], cwd=sandbox,
                               env=env, stdout=subprocess.PIPE, text=True)
     assert server.stdout.readline().strip() == "ready"
     yield socket_path

@@ -10,7 +10,6 @@ so no test waits out a real back-off.
 """
 import os
 import socket
-import subprocess
 import sys
 import threading
 
@@ -22,6 +21,7 @@ from utils.checkpoints import download
 from utils.checkpoints.download import download_model
 from utils.errors import UserError
 from utils.checkpoints.openai_files import MODEL_FILES, file_problems
+import script_server
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -309,7 +309,7 @@ def run_cli(args, cwd, env_extra=None, script=False):
                **(env_extra or {}))
     cmd = (["sh", os.path.join(REPO_ROOT, "download_model.sh")] if script
            else [sys.executable, "-m", "utils.checkpoints.download"])
-    return subprocess.run(cmd + args, cwd=cwd, env=env, capture_output=True,
+    return script_server.run(cmd + args, cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=60)
 
 

@@ -20,6 +20,7 @@ from utils.checkpoints.weights import checkpoint_model_fields, save_checkpoint
 from utils.errors import UserError
 from utils.model import build_model, gpt2_hparams
 from utils.processor import get_encoder
+import script_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "tf_gpt2")
@@ -32,7 +33,7 @@ def fixture(name):
 
 
 def run_cli(args, stdin="", env=None):
-    return subprocess.run([sys.executable, "gpt2_generate_main.py", *args],
+    return script_server.run([sys.executable, "gpt2_generate_main.py", *args],
                           input=stdin, capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, **(env or {})}, timeout=300)
 
@@ -42,7 +43,9 @@ def samples(stdout):
 
 
 def test_interactive_top_k_1_prints_the_reference_greedy_continuation():
-    """The 'done when' of the generation issue, through a real subprocess."""
+    """The 'done when' of the generation issue, through a real subprocess.
+    Uncompiled: tests/test_compiled_step.py runs the interactive default
+    (--compile auto) against the same references."""
     encoder = get_encoder()
     for name in ("tiny_a", "tiny_b"):
         model_dir, ref = fixture(name)
@@ -51,7 +54,7 @@ def test_interactive_top_k_1_prints_the_reference_greedy_continuation():
         stdin = prompts[0] + "\n\n" + prompts[1] + "\n"  # an empty line in between
         result = run_cli(["--pretrain_model_dir", model_dir,
                           "--pretrain_checkpoint", os.path.join(model_dir, "model.ckpt"),
-                          "--is_interactive", "--top_k", "1",
+                          "--is_interactive", "--top_k", "1", "--compile", "off",
                           "--max_decoding_length", str(n_ctx)], stdin)
         assert result.returncode == 0, result.stderr
         assert "Prompt should not be empty!" in result.stdout

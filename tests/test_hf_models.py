@@ -8,7 +8,6 @@ and offline with nothing cached.
 import builtins
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -20,6 +19,7 @@ from tests.test_convert_checkpoint import write_train_config
 from utils.errors import UserError
 from utils.processor import SHIPPED_VOCAB_DIR, get_encoder
 from utils.checkpoints.weights import FROM_HF, load_weights, resolve_model
+import script_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"n_vocab": 50257, "n_ctx": 24, "n_embd": 16, "n_head": 4, "n_layer": 2}
@@ -51,7 +51,7 @@ def hf_dir(tmp_path_factory):
 
 
 def run(script, *args, env=ENV):
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env,
+    return script_server.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -10,6 +10,7 @@ from utils.errors import UserError
 from utils.decoding.generation import forward_logits, generate
 from utils.decoding.int8_linear import Int8Linear, int8_available, quantize_for_decoding, require_int8
 from utils.model import build_model, gpt2_hparams
+import script_server
 
 pytestmark = pytest.mark.skipif(not int8_available(),
                                 reason="this PyTorch build has no fbgemm int8 kernels")
@@ -92,7 +93,7 @@ def test_cli_dtype_int8_generates_from_a_tf_checkpoint():
     import sys
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     model_dir = os.path.join(FIXTURES, "models", "tiny_a")
-    result = subprocess.run(
+    result = script_server.run(
         [sys.executable, "gpt2_generate_main.py", "--pretrain_model_dir", model_dir,
          "--pretrain_checkpoint", os.path.join(model_dir, "model.ckpt"),
          "--dtype", "int8", "--prompt", "Hello there", "--top_k", "1",

@@ -19,6 +19,7 @@ from utils.training.memory_options import (apply_memory_options, enable_gradient
 from utils.model import build_model, gpt2_hparams
 from tests.test_train import (REPO_ROOT, SUBPROCESS_ENV, data_dir, load_ckpt,  # noqa: F401
                               model_config, read_metrics, train, train_config)
+import script_server
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -203,7 +204,7 @@ def test_bad_option_values_are_one_line_errors(tmp_path, data_dir, setting, valu
                     reason="tensorboard is installed: the missing-package path cannot run")
 def test_tensorboard_dir_without_the_package_says_how_to_install(tmp_path, data_dir):
     cfg = train_config(tmp_path, data_dir, tensorboard_dir=str(tmp_path / "tb"))
-    proc = subprocess.run([sys.executable, "gpt2_train_main.py", "--do_train",
+    proc = script_server.run([sys.executable, "gpt2_train_main.py", "--do_train",
                            "--from_scratch", "--config_train", cfg,
                            "--output_dir", str(tmp_path / "out")],
                           cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True,

@@ -20,6 +20,7 @@ from utils.data import text_lines
 from utils.data.records import PreparedSplit
 from utils.errors import UserError
 from utils.processor import EOS_ID, get_encoder
+import script_server
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # OpenAI's GPT-2 ids for "Hello world" (also in tests/fixtures/tf_gpt2/README.md).
@@ -176,7 +177,7 @@ def test_damaged_prepared_file_is_an_error(tmp_path):
 
 def test_command_line_error_is_one_line_and_exit_2(tmp_path):
     write(tmp_path / "test.txt", b"\xff\xfe\n", "wb")
-    proc = subprocess.run([sys.executable, "prepare_data.py", "--data_dir", str(tmp_path)],
+    proc = script_server.run([sys.executable, "prepare_data.py", "--data_dir", str(tmp_path)],
                           cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -381,7 +382,7 @@ def test_every_splitlines_boundary_ends_a_line(tmp_path, capsys):
 def test_non_utf8_line_number_counts_every_kind_of_line_end(tmp_path):
     write(tmp_path / "train.txt", "one\rtwo\u2028three\r\nfour\x85caf\xe9\n".encode("utf-8")
           .replace(b"caf\xc3\xa9", b"caf\xe9"), "wb")
-    proc = subprocess.run([sys.executable, "prepare_data.py", "--data_dir", str(tmp_path)],
+    proc = script_server.run([sys.executable, "prepare_data.py", "--data_dir", str(tmp_path)],
                           cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -509,7 +510,7 @@ def _setup_bad_input(tmp_path, case):
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, case, message):
     args = _setup_bad_input(tmp_path, case)
     before = sorted(os.listdir(tmp_path))
-    proc = subprocess.run([sys.executable, "prepare_data.py", "--quiet", "--data_dir",
+    proc = script_server.run([sys.executable, "prepare_data.py", "--quiet", "--data_dir",
                            str(tmp_path), *map(str, args)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr

@@ -24,6 +24,7 @@ import torch
 from utils.model import build_model, gpt2_hparams
 from utils.processor import get_encoder
 from utils.checkpoints.weights import checkpoint_model_fields, save_checkpoint
+import script_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "tf_gpt2")
@@ -128,7 +129,7 @@ def small(tmp_path_factory):
 
 
 def run_cli(args):
-    result = subprocess.run([sys.executable, "gpt2_generate_main.py", *args],
+    result = script_server.run([sys.executable, "gpt2_generate_main.py", *args],
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     return re.findall(r"=+ SAMPLE \d+ =+\n(.*?)\n(?==+)", result.stdout, re.S)

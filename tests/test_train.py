@@ -23,6 +23,7 @@ from utils.model import build_model, gpt2_hparams
 from utils.processor import EOS_ID
 from utils.samples.test_split import sampling_for_test_split, tsv_field, write_test_samples
 from utils.training.config import load_train_config
+import script_server
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -120,7 +121,7 @@ def test_pipeline_end_to_end_on_the_command_line(tmp_path, data_dir):
            "--from_scratch", "--config_model", model_config(tmp_path),
            "--config_train", train_config(tmp_path, data_dir),
            "--output_dir", str(out), "--quiet"]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    proc = script_server.run(cmd, cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     # 10 examples, batch 4: 3 steps per epoch, 2 epochs.
     assert "Training done: 6 steps" in proc.stdout
@@ -395,7 +396,7 @@ def test_do_eval_matches_reference_gpt2_on_a_tensorflow_checkpoint(tmp_path):
     _write_split(data / "dev.npy", ref["sequences"], 32)
     cfg = train_config(tmp_path, data, max_seq_length=32)
 
-    proc = subprocess.run([sys.executable, "gpt2_train_main.py", "--do_eval", "--quiet",
+    proc = script_server.run([sys.executable, "gpt2_train_main.py", "--do_eval", "--quiet",
                            "--pretrain_model_dir", str(model_dir), "--config_train", cfg],
                           cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -527,7 +528,7 @@ def test_corrupt_checkpoint_is_an_error(tmp_path, data_dir):
 
 
 def test_command_line_error_is_one_line_and_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "gpt2_train_main.py", "--do_eval",
+    proc = script_server.run([sys.executable, "gpt2_train_main.py", "--do_eval",
                            "--config_train", "configs.no_such_config"],
                           cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

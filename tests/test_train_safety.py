@@ -28,6 +28,7 @@ from utils.training import trainer as training
 from utils.atomic import OutputDirLock, remove_stale_temp_files
 from utils.errors import UserError, run_main
 from utils.training.config import load_train_config
+import script_server
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -82,7 +83,7 @@ def test_a_new_run_refuses_an_output_dir_holding_an_earlier_run(tmp_path, job):
     train_once(job, out)
     before = snapshot(out)
     assert set(before) == {"model.ckpt", "model_best.ckpt", "metrics.jsonl"}
-    proc = subprocess.run([sys.executable, "gpt2_train_main.py", "--do_train", "--quiet",
+    proc = script_server.run([sys.executable, "gpt2_train_main.py", "--do_train", "--quiet",
                            *job["common"], "--output_dir", str(out)],
                           cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True,
                           text=True, timeout=300)
@@ -330,7 +331,7 @@ def test_diverging_run_exits_non_zero_on_the_command_line(tmp_path, data_dir):
     out = tmp_path / "out"
     cfg = train_config(tmp_path, data_dir, checkpoint_steps=1, eval_steps=1,
                        opt={"optimizer": {"type": "SGD", "kwargs": {"lr": 1e30}}})
-    proc = subprocess.run([sys.executable, "gpt2_train_main.py", "--do_train", "--quiet",
+    proc = script_server.run([sys.executable, "gpt2_train_main.py", "--do_train", "--quiet",
                            "--from_scratch", "--config_model", model_config(tmp_path),
                            "--config_train", cfg, "--output_dir", str(out)],
                           cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True,
@@ -486,7 +487,7 @@ def test_helper_names_in_a_config_are_not_typos(tmp_path, data_dir):
 def test_a_config_that_exits_or_raises_is_a_config_error(tmp_path, body, match):
     path = tmp_path / "bad_cfg.py"
     path.write_text(body)
-    proc = subprocess.run([sys.executable, "gpt2_train_main.py", "--do_eval",
+    proc = script_server.run([sys.executable, "gpt2_train_main.py", "--do_eval",
                            "--config_train", str(path)], cwd=REPO_ROOT, env=SUBPROCESS_ENV,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2  # not the config's own exit code, and not 0

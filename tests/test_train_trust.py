@@ -31,6 +31,7 @@ from test_train import (DEV_LINES, REPO_ROOT, SUBPROCESS_ENV, TEST_LINES,  # noq
                         TRAIN_LINES, load_ckpt, model_config, read_metrics,
                         train, train_config, write_lines)
 from test_train_safety import run_cli
+import script_server
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -88,7 +89,7 @@ def digests(*paths):
 
 def cli(*args):
     """gpt2_train_main.py run as the user runs it."""
-    return subprocess.run([sys.executable, "gpt2_train_main.py", "--quiet",
+    return script_server.run([sys.executable, "gpt2_train_main.py", "--quiet",
                            *map(str, args)], cwd=REPO_ROOT, env=SUBPROCESS_ENV,
                           capture_output=True, text=True, timeout=300)
 

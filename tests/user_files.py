@@ -4,12 +4,12 @@ check that the files it was given are byte-identical afterwards."""
 import hashlib
 import io
 import os
-import subprocess
 import sys
 
 import pytest
 
 from utils.errors import run_main
+import script_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_A = os.path.join(REPO, "tests", "fixtures", "tf_gpt2", "models", "tiny_a")
@@ -39,7 +39,7 @@ def run_in_process(main, argv, monkeypatch, capsys, stdin=""):
 
 
 def run_script(script, argv, **kwargs):
-    return subprocess.run([sys.executable, os.path.join(REPO, script),
+    return script_server.run([sys.executable, os.path.join(REPO, script),
                            *[str(a) for a in argv]], capture_output=True, cwd=REPO,
                           timeout=kwargs.pop("timeout", 120), **kwargs)
 

@@ -1,0 +1,99 @@
+"""tests/script_server.py runs `python SCRIPT.py` as a real process would:
+the same exit status, output, working directory, environment and stdin as
+subprocess.run gives, for the cases the CLI tests rely on."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import script_server
+
+SCRIPT = r'''
+import os, sys
+print("argv", sys.argv[1:])
+print("cwd", os.path.basename(os.getcwd()))
+print("env", os.environ.get("SCRIPT_SERVER_TEST"))
+print("path0", os.path.basename(sys.path[0]))
+print("main", __name__)
+print("stdin", repr(sys.stdin.read()))
+print("to stderr", file=sys.stderr)
+how = sys.argv[1]
+if how == "code":
+    sys.exit(3)
+if how == "message":
+    sys.exit("error: bad thing")
+if how == "raise":
+    raise ValueError("boom")
+if how == "atexit":
+    import atexit
+    atexit.register(lambda: print("at exit"))
+if how == "sleep":
+    import time
+    time.sleep(60)
+'''
+
+
+@pytest.fixture
+def script(tmp_path):
+    folder = tmp_path / "scripts"
+    folder.mkdir()
+    path = folder / "probe.py"
+    path.write_text(SCRIPT, encoding="utf-8")
+    return str(path)
+
+
+def both(script, how, tmp_path, **kwargs):
+    cmd = [sys.executable, script, how, "ü x"]
+    env = dict(os.environ, SCRIPT_SERVER_TEST="yes")
+    options = dict(cwd=str(tmp_path), env=env, capture_output=True, timeout=60, **kwargs)
+    assert script_server._served(cmd, options)
+    return subprocess.run(cmd, **options), script_server.run(cmd, **options)
+
+
+@pytest.mark.parametrize("how", ["ok", "code", "message", "atexit"])
+@pytest.mark.parametrize("text", [True, False])
+def test_same_status_output_and_environment_as_a_real_process(script, tmp_path, how, text):
+    real, served = both(script, how, tmp_path, text=text, input="typed in" if text else b"b")
+    assert (served.returncode, served.stdout, served.stderr) == (
+        real.returncode, real.stdout, real.stderr)
+
+
+def test_a_traceback_and_exit_1_like_python(script, tmp_path):
+    real, served = both(script, "raise", tmp_path, text=True)
+    assert served.returncode == real.returncode == 1
+    assert served.stdout == real.stdout
+    assert served.stderr.splitlines()[-1] == real.stderr.splitlines()[-1] == "ValueError: boom"
+
+
+def test_stderr_into_stdout_and_devnull(script, tmp_path):
+    cmd = [sys.executable, script, "ok", "x"]
+    for options in ({"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT},
+                    {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE,
+                     "stdin": subprocess.DEVNULL}):
+        real = subprocess.run(cmd, cwd=str(tmp_path), text=True, **options)
+        served = script_server.run(cmd, cwd=str(tmp_path), text=True, **options)
+        assert (served.returncode, served.stdout, served.stderr) == (
+            real.returncode, real.stdout, real.stderr)
+
+
+def test_timeout_kills_the_run(script, tmp_path):
+    with pytest.raises(subprocess.TimeoutExpired):
+        script_server.run([sys.executable, script, "sleep", "x"], cwd=str(tmp_path),
+                          capture_output=True, timeout=1)
+
+
+def test_what_it_cannot_serve_goes_to_subprocess():
+    cmd = [sys.executable, "-c", "print('plain')"]
+    assert not script_server._served(cmd, {"capture_output": True})
+    assert script_server.run(cmd, capture_output=True, text=True).stdout == "plain\n"
+
+
+def test_a_module_runs_like_python_dash_m(tmp_path):
+    (tmp_path / "probe_module.py").write_text(
+        "import sys\nprint(sys.argv, __name__)\nsys.exit(4)\n", encoding="utf-8")
+    cmd = [sys.executable, "-m", "probe_module", "a", "b"]
+    real = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True)
+    served = script_server.run(cmd, cwd=str(tmp_path), capture_output=True, text=True)
+    assert (served.returncode, served.stdout, served.stderr) == (
+        real.returncode, real.stdout, real.stderr) == (4, str([str(tmp_path / "probe_module.py"), "a", "b"]) + " __main__\n", "")
