@@ -22,6 +22,8 @@ from tests.test_train import SUBPROCESS_ENV, data_dir, train_config  # noqa: F40
 
 from utils.errors import UserError
 from utils.model import build_model
+from utils.processor import get_encoder
+from utils.samples.during_training import SAMPLES_LOG, write_training_samples
 from utils.training import sharding
 from utils.training.config import load_train_config
 from utils.training.lm import lm_nll
@@ -107,14 +109,37 @@ def test_sgd_and_frozen_embeddings_shard_like_one_process(tmp_path, data_dir, ba
                        load(base)["model"]["word_embedder._embedding"])
 
 
+def test_samples_and_do_test_decode_the_gathered_model(tmp_path, data_dir, base):
+    """sample_steps and --do_test in a sharded run decode a whole copy gathered
+    on rank 0: the same text as decoding the run's model.ckpt in one process."""
+    prompts = ["The", ""]
+    _, two = configs(tmp_path, data_dir, sample_steps=2, sample_prompts=prompts)
+    run = tmp_path / "run"
+    torchrun("--do_train", "--do_test", "--checkpoint", base, "--config_train", two,
+             "--output_dir", run)
+    saved = load(run / "model.ckpt")
+    assert saved["step"] == 4
+    lines = (run / SAMPLES_LOG).read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 * len(prompts)  # steps 2 and 4
+    model = build_model(HPARAMS)
+    model.load_state_dict(saved["model"])
+    write_training_samples(model, get_encoder(), prompts, step=4, seed=3,
+                           max_decoding_length=20, output_dir=str(tmp_path))
+    assert lines[-len(prompts):] == (tmp_path / SAMPLES_LOG).read_text(
+        encoding="utf-8").splitlines()
+
+    assert train("--do_test", "--checkpoint", run / "model.ckpt", "--config_train", two,
+                 "--output_dir", tmp_path / "alone") == 0
+    sharded = (run / "test_samples.tsv").read_text(encoding="utf-8")
+    assert sharded and sharded == (tmp_path / "alone" / "test_samples.tsv").read_text(
+        encoding="utf-8")
+
+
 def test_shard_model_refusals(tmp_path, data_dir, base):
     _, two = configs(tmp_path, data_dir)
     with pytest.raises(UserError, match="launch with torchrun or mpirun and --distributed"):
         train("--do_train", "--checkpoint", base, "--config_train", two,
               "--output_dir", tmp_path / "x")
-    with pytest.raises(UserError, match="sample_steps"):
-        load_train_config(train_config(tmp_path, data_dir, name="s", shard_model=True,
-                                       sample_steps=2))
     with pytest.raises(UserError, match="Adafactor cannot update sharded"):
         load_train_config(train_config(tmp_path, data_dir, name="a", shard_model=True,
                                        opt={"optimizer": {"type": "Adafactor",

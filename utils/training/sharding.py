@@ -26,14 +26,14 @@ resumes from them with any number of ranks, sharded or not: each rank loads
 the full state and keeps its shard.
 """
 import warnings
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
 from utils.checkpoints.streamed_save import save_streamed
 from utils.errors import UserError
-from utils.model import has_memory
+from utils.model import build_meta_model, has_memory, place_parameters
 
 # FSDP2 warns whenever a unit returns a view, because an in-place op on it
 # would skip a hook; texar's blocks only use their outputs out of place.
@@ -97,6 +97,24 @@ def save_gathered(path: str, state: Dict[str, Any], ctx) -> None:
     ordinary .ckpt at `path`, written by rank 0 while the tensors are gathered
     one at a time. Every rank calls, with the same structure."""
     save_streamed(path, state, gather_full, write=ctx.is_main)
+
+
+def gathered_model(model: nn.Module, hparams: Dict[str, Any], ctx,
+                   attention: str) -> Optional[nn.Module]:
+    """An unsharded copy of the sharded `model` on rank 0 (None on the other
+    ranks), in eval mode, for decoding (samples, --do_test: the decoding
+    engine reads whole weights); its weights are gathered one tensor at a
+    time. Every rank calls."""
+    weights = {}
+    for name, tensor in model.state_dict().items():
+        full = gather_full(tensor)
+        if ctx.is_main:
+            weights[name] = full.to(ctx.device)
+    if not ctx.is_main:
+        return None
+    copy = build_meta_model(hparams, attention=attention)
+    place_parameters(copy, lambda name, param: weights[name])
+    return copy.eval()
 
 
 def _names(model: nn.Module) -> Dict[int, str]:

@@ -133,6 +133,7 @@ class Trainer:
                  lora_base: Optional[Tuple[str, str]] = None):
         self.cfg, self.ctx = cfg, ctx
         # Checkpoints store the model's sizes as plain numbers, never texar hparams.
+        self.model_hparams = model_hparams
         self.model_fields = checkpoint_model_fields(model_hparams, has_memory(model))
         self.train_split, self.dev_split = train_split, dev_split
         self.output_dir = output_dir
@@ -545,13 +546,8 @@ class Trainer:
         paused = time.perf_counter()  # evaluation and saving do not count in tok/s
         if eval_due:
             self.evaluate_and_track(should_stop=stop)
-        if sample_due and self.ctx.is_main:
-            # The decoding engine reads the weights, not the layers' hooks.
-            with merged_view(self.plain_model):
-                write_training_samples(self.plain_model, self.encoder, cfg.sample_prompts,
-                                       step=step, seed=cfg.seed,
-                                       max_decoding_length=cfg.max_decoding_length,
-                                       output_dir=self.output_dir)
+        if sample_due:
+            self._write_samples(step)
         if save_due:
             self.save(last_path)
         window.start += time.perf_counter() - paused
@@ -565,6 +561,29 @@ class Trainer:
         if self.stop_after_steps is not None and step >= self.stop_after_steps:
             return "stop_after_steps"
         return None
+
+    def _write_samples(self, step: int) -> None:
+        """samples.jsonl at `step`, written by rank 0 (all ranks call)."""
+        cfg = self.cfg
+        model = self.unsharded_model() if self.sharded else self.plain_model
+        if self.ctx.is_main:
+            # The decoding engine reads the weights, not the layers' hooks.
+            with merged_view(model):
+                write_training_samples(model, self.encoder, cfg.sample_prompts,
+                                       step=step, seed=cfg.seed,
+                                       max_decoding_length=cfg.max_decoding_length,
+                                       output_dir=self.output_dir)
+        if self.sharded:  # the copy is rank 0's alone: the others wait
+            dist_utils.barrier(self.ctx)
+
+    def unsharded_model(self):
+        """The model as decoding needs it: a sharded one gathered into a whole
+        copy on rank 0 (None on the other ranks; every rank calls), any other
+        as it is."""
+        if not self.sharded:
+            return self.plain_model
+        return sharding.gathered_model(self.plain_model, self.model_hparams, self.ctx,
+                                       self.cfg.attention)
 
     def _patience_exhausted(self) -> bool:
         """early_stopping_patience evaluations in a row without a better dev
