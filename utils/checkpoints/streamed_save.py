@@ -141,6 +141,7 @@ def _write_at(fd: int, offset: int, tensor: torch.Tensor, size: int, crc_at: int
 def _write_crcs(fd: int, f, crcs: Dict[str, int]) -> None:
     """The central directory's CRC-32 of each record in `crcs`."""
     with zipfile.ZipFile(f) as archive:
+        # start_dir: where zipfile found the central directory (set on opening).
         position, count = archive.start_dir, len(archive.infolist())
     for _ in range(count):
         entry = os.pread(fd, _CENTRAL_SIZE, position)
