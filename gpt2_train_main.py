@@ -245,10 +245,6 @@ def main(argv=None) -> int:
     choices = check_args(args)
 
     cfg = load_train_config(args.config_train, setting_overrides(args))
-    if cfg.shard_model and args.do_train and args.do_test:
-        raise UserError("--do_test after a shard_model = True run would need the whole "
-                        "model on rank 0: train first, then run --do_test --checkpoint "
-                        "<output_dir>/model.ckpt without --distributed")
     if args.config_model:  # refused before any output directory is made
         load_model_hparams(args.config_model)
     splits = open_splits(args, cfg)
@@ -297,6 +293,9 @@ def run(args, cfg, splits, ctx, sampling: SamplingSettings) -> int:
     written = trainer.outputs() if trainer is not None else []
     if has_adapters(model):  # saved; the decoding engine reads merged weights
         merge_adapters(model)
+    if args.do_test and trainer is not None:
+        # Sharded: rank 0 decodes a whole copy, gathered tensor by tensor.
+        model = trainer.unsharded_model()
     if args.do_test:
         written += run_test(args, cfg, splits["test"], ctx, model, loaded.vocab_dir,
                             sampling)

@@ -8,15 +8,25 @@ Runs under torchrun like tests/test_distributed.py; a tiny GPT-2 (width 16,
 """
 import subprocess
 import sys
+import types
+import weakref
+import zipfile
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from tests.test_lora import REPO_ROOT, base, load, train  # noqa: F401
+from tests.test_lora import HPARAMS, REPO_ROOT, base, load, train  # noqa: F401
 from tests.test_train import SUBPROCESS_ENV, data_dir, train_config  # noqa: F401
 
 from utils.errors import UserError
+from utils.model import build_model
+from utils.processor import get_encoder
+from utils.samples.during_training import SAMPLES_LOG, write_training_samples
+from utils.training import sharding
 from utils.training.config import load_train_config
+from utils.training.lm import lm_nll
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -73,6 +83,8 @@ def test_sharded_equals_one_process_and_resumes_sharded_or_not(tmp_path, data_di
     # An ordinary checkpoint: full tensors under their usual names.
     assert saved["model"]["decoder.self_attns.0.Q_dense.weight"].shape == (16, 16)
     assert set(saved["optimizer"]["state"]) == set(range(len(saved["model"]) - 1))
+    with zipfile.ZipFile(part / "model.ckpt") as archive:
+        assert archive.testzip() is None  # written record by record, CRCs and all
 
     out = torchrun("--do_train", "--do_eval", "--checkpoint", part / "model.ckpt",
                    "--config_train", two, "--output_dir", resumed)
@@ -97,17 +109,96 @@ def test_sgd_and_frozen_embeddings_shard_like_one_process(tmp_path, data_dir, ba
                        load(base)["model"]["word_embedder._embedding"])
 
 
+def test_samples_and_do_test_decode_the_gathered_model(tmp_path, data_dir, base):
+    """sample_steps and --do_test in a sharded run decode a whole copy gathered
+    on rank 0: the same text as decoding the run's model.ckpt in one process."""
+    prompts = ["The", ""]
+    _, two = configs(tmp_path, data_dir, sample_steps=2, sample_prompts=prompts)
+    run = tmp_path / "run"
+    torchrun("--do_train", "--do_test", "--checkpoint", base, "--config_train", two,
+             "--output_dir", run)
+    saved = load(run / "model.ckpt")
+    assert saved["step"] == 4
+    lines = (run / SAMPLES_LOG).read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 * len(prompts)  # steps 2 and 4
+    model = build_model(HPARAMS)
+    model.load_state_dict(saved["model"])
+    write_training_samples(model, get_encoder(), prompts, step=4, seed=3,
+                           max_decoding_length=20, output_dir=str(tmp_path))
+    assert lines[-len(prompts):] == (tmp_path / SAMPLES_LOG).read_text(
+        encoding="utf-8").splitlines()
+
+    assert train("--do_test", "--checkpoint", run / "model.ckpt", "--config_train", two,
+                 "--output_dir", tmp_path / "alone") == 0
+    sharded = (run / "test_samples.tsv").read_text(encoding="utf-8")
+    assert sharded and sharded == (tmp_path / "alone" / "test_samples.tsv").read_text(
+        encoding="utf-8")
+
+
 def test_shard_model_refusals(tmp_path, data_dir, base):
     _, two = configs(tmp_path, data_dir)
     with pytest.raises(UserError, match="launch with torchrun or mpirun and --distributed"):
         train("--do_train", "--checkpoint", base, "--config_train", two,
               "--output_dir", tmp_path / "x")
-    with pytest.raises(UserError, match="sample_steps"):
-        load_train_config(train_config(tmp_path, data_dir, name="s", shard_model=True,
-                                       sample_steps=2))
     with pytest.raises(UserError, match="Adafactor cannot update sharded"):
         load_train_config(train_config(tmp_path, data_dir, name="a", shard_model=True,
                                        opt={"optimizer": {"type": "Adafactor",
                                                           "kwargs": {"lr": 1e-2}}}))
     with pytest.raises(UserError, match="shard_model = 1 .* must be True or False"):
         load_train_config(train_config(tmp_path, data_dir, name="t", shard_model=1))
+
+
+def _save_on_two_ranks(rank, store, path):
+    """One rank of test_sharded_save_gathers_one_tensor_at_a_time: shard, take
+    an AdamW step, save with every gathered tensor watched."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        ctx = types.SimpleNamespace(device=torch.device("cpu"), is_main=rank == 0)
+        model = sharding.shard(build_model(HPARAMS).train(), ctx, "fp32")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        ids = torch.randint(0, 50257, (2, 8))
+        nll, _ = lm_nll(model, ids, torch.tensor([8, 8]))
+        nll.backward()
+        optimizer.step()
+        made, peak = [], [0]
+        gather = sharding.gather_full
+
+        def watched(tensor):  # bytes of gathered tensors alive at once
+            full = gather(tensor)
+            made.append(weakref.ref(full))
+            peak[0] = max(peak[0], sum(t.numel() * t.element_size()
+                                       for t in (r() for r in made) if t is not None))
+            return full
+
+        sharding.gather_full = watched
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        sharding.save_gathered(path, state, ctx)
+        sharding.gather_full = gather
+        full = [gather(t) for t in (*state["model"].values(),
+                                    *(v for s in state["optimizer"]["state"].values()
+                                      for v in s.values()))]
+        if rank == 0:
+            largest = max(t.numel() * t.element_size() for t in full)
+            # Never two gathered tensors at once: the largest one, not the sum.
+            assert peak[0] == largest < sum(t.numel() * t.element_size() for t in full)
+            saved = torch.load(path, weights_only=True)
+            names = list(state["model"])
+            for name, tensor in zip(names, full):
+                assert torch.equal(saved["model"][name], tensor), name
+            moments = [v for s in saved["optimizer"]["state"].values() for v in s.values()]
+            for got, want in zip(moments, full[len(names):]):
+                assert torch.equal(got, want)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_save_gathers_one_tensor_at_a_time(tmp_path):
+    """The .ckpt of a 2-rank sharded model and AdamW state holds the gathered
+    tensors, and rank 0 never held two of them at once (the issue: never more
+    than the model plus one block)."""
+    mp.spawn(_save_on_two_ranks, args=(str(tmp_path / "store"), str(tmp_path / "s.ckpt")),
+             nprocs=2)
+    assert load(tmp_path / "s.ckpt")["model"]["decoder.self_attns.0.Q_dense.weight"].shape == (
+        16, 16)

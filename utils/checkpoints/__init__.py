@@ -8,6 +8,7 @@ their mapping onto texar's names), Hugging Face directories and the hub
 the one check every loaded tensor passes: dtype, names, shapes and
 finiteness (weight_checks);
 streaming any of them into a model one tensor at a time, each checked,
-never held twice (streaming, pages).
+never held twice (streaming, pages); writing a .ckpt one tensor at a time
+(streamed_save).
 May import: the root modules (errors, atomic, memory, processor, model).
 """

@@ -315,10 +315,6 @@ def check_train_config(cfg: TrainConfig) -> None:
         lora_of(cfg)
     if not isinstance(cfg.shard_model, bool):
         bad("shard_model", "must be True or False")
-    if cfg.shard_model and cfg.sample_steps > 0:
-        bad("sample_steps", "samples need the whole model on one rank, which "
-                            "shard_model = True never gathers: set sample_steps = -1, "
-                            "or sample from model.ckpt with gpt2_generate_main.py")
     if cfg.tensorboard_dir is not None:
         if not isinstance(cfg.tensorboard_dir, str) or not cfg.tensorboard_dir:
             bad("tensorboard_dir", "must be a directory path, or None for no TensorBoard log")

@@ -16,19 +16,24 @@ in float32 (the shards stay the float32 master weights). On CPU the weights
 stay float32 and `precision` works through autocast as unsharded.
 
 Checkpoints are the ordinary .ckpt of an unsharded run: "model" is the full
-state dict (gathered tensor by tensor into rank 0's CPU memory), "optimizer"
-torch's usual layout (parameters numbered in model.parameters() order). So
-any command reads them, and a run resumes from them with any number of ranks,
-sharded or not: each rank loads the full state and keeps its shard.
+state dict, "optimizer" torch's usual layout (parameters numbered in
+param_groups order, as optimizer.state_dict() numbers them). They are written
+as they are gathered (utils/checkpoints/streamed_save.py): one tensor at a
+time is gathered from the ranks, written by rank 0 and dropped, so rank 0
+never holds more than its shards plus one full tensor (at most one block's
+largest weight or optimizer moment). Any command reads them, and a run
+resumes from them with any number of ranks, sharded or not: each rank loads
+the full state and keeps its shard.
 """
 import warnings
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
+from utils.checkpoints.streamed_save import save_streamed
 from utils.errors import UserError
-from utils.model import has_memory
+from utils.model import build_meta_model, has_memory, place_parameters
 
 # FSDP2 warns whenever a unit returns a view, because an in-place op on it
 # would skip a hook; texar's blocks only use their outputs out of place.
@@ -77,34 +82,43 @@ def _options(**kwargs):
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **kwargs)
 
 
-def full_model_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The unsharded state dict on rank 0's CPU (empty elsewhere); every rank calls."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    return get_model_state_dict(model, options=_options())
+def gather_full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of `tensor` on the CPU: a sharded (DTensor) one gathered from
+    every rank (so every rank calls, in the same order), any other as it is."""
+    from torch.distributed.tensor import DTensor
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu()
+
+
+def save_gathered(path: str, state: Dict[str, Any], ctx) -> None:
+    """`state` (a checkpoint whose model and optimizer entries hold the
+    sharded tensors: model.state_dict(), optimizer.state_dict()) as one
+    ordinary .ckpt at `path`, written by rank 0 while the tensors are gathered
+    one at a time. Every rank calls, with the same structure."""
+    save_streamed(path, state, gather_full, write=ctx.is_main)
+
+
+def gathered_model(model: nn.Module, hparams: Dict[str, Any], ctx,
+                   attention: str) -> Optional[nn.Module]:
+    """An unsharded copy of the sharded `model` on rank 0 (None on the other
+    ranks), in eval mode, for decoding (samples, --do_test: the decoding
+    engine reads whole weights); its weights are gathered one tensor at a
+    time. Every rank calls."""
+    weights = {}
+    for name, tensor in model.state_dict().items():
+        full = gather_full(tensor)
+        if ctx.is_main:
+            weights[name] = full.to(ctx.device)
+    if not ctx.is_main:
+        return None
+    copy = build_meta_model(hparams, attention=attention)
+    place_parameters(copy, lambda name, param: weights[name])
+    return copy.eval()
 
 
 def _names(model: nn.Module) -> Dict[int, str]:
     return {id(param): name for name, param in model.named_parameters()}
-
-
-def full_optimizer_state(model: nn.Module, optimizer) -> Dict[str, Any]:
-    """The optimizer state in torch's unsharded layout (parameter numbers in
-    param_groups order) on rank 0 (empty elsewhere); every rank calls."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    by_name = get_optimizer_state_dict(model, optimizer, options=_options(
-        flatten_optimizer_state_dict=False))
-    if not by_name:
-        return {}
-    names = _names(model)
-    number, groups = {}, []
-    for group, saved in zip(optimizer.param_groups, by_name["param_groups"]):
-        ids = []
-        for param in group["params"]:
-            number[names[id(param)]] = len(number)
-            ids.append(number[names[id(param)]])
-        groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": ids})
-    return {"state": {number[name]: value for name, value in by_name["state"].items()},
-            "param_groups": groups}
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer, state: Dict[str, Any]) -> None:

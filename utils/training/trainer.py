@@ -133,6 +133,7 @@ class Trainer:
                  lora_base: Optional[Tuple[str, str]] = None):
         self.cfg, self.ctx = cfg, ctx
         # Checkpoints store the model's sizes as plain numbers, never texar hparams.
+        self.model_hparams = model_hparams
         self.model_fields = checkpoint_model_fields(model_hparams, has_memory(model))
         self.train_split, self.dev_split = train_split, dev_split
         self.output_dir = output_dir
@@ -200,18 +201,16 @@ class Trainer:
 
     # -- state -----------------------------------------------------------
 
-    def state_dict(self, rng: Dict[str, Any], window_nll: float = 0.0,
-                   weights: Optional[Dict[str, Any]] = None,
-                   optimizer: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    def state_dict(self, rng: Dict[str, Any], window_nll: float = 0.0) -> Dict[str, Any]:
         """Everything to continue exactly; `window_nll` is the display window's
-        loss summed over all ranks; `weights` and `optimizer`, when gathered
-        already (a sharded run: every rank takes part), the model's entries and
-        the optimizer state."""
+        loss summed over all ranks. In a sharded run the model's and the
+        optimizer's tensors are this rank's shards (DTensors): _write gathers
+        them."""
         return {
             "format": CHECKPOINT_FORMAT,
-            **(weights if weights is not None else self._weights()),
+            **self._weights(),
             **self.model_fields,
-            "optimizer": optimizer if optimizer is not None else self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
             "optimizer_type": type(self.optimizer).__name__,
             "grad_scaler": self.scaler.state_dict() if self.scaler else None,
             "schedule": {"base_lrs": self.base_lrs, "warmup_steps": self.cfg.warmup_steps,
@@ -235,9 +234,16 @@ class Trainer:
         adapters and base record (utils/lora.py)."""
         if self.lora is not None:
             return self.lora.checkpoint_fields(self.plain_model)
-        if self.sharded:  # gathered onto rank 0: every rank calls
-            return {"model": sharding.full_model_state(self.plain_model)}
         return {"model": self.plain_model.state_dict()}
+
+    def _write(self, path: str, state) -> None:
+        """Save the checkpoint `state()` builds: rank 0 writes; in a sharded run
+        every rank calls (each tensor is gathered from all of them as it is
+        written), otherwise only rank 0 needs to."""
+        if self.sharded:
+            sharding.save_gathered(path, state(), self.ctx)
+        elif self.ctx.is_main:
+            save_checkpoint(path, state())
 
     def _data_settings(self) -> Dict[str, Any]:
         """What decides the order and grouping of the training examples."""
@@ -323,12 +329,7 @@ class Trainer:
         rng = gather_rng_states(self.ctx)
         nll = dist_utils.all_reduce_sum(
             self.window.nll.detach().reshape(1).double().cpu(), self.ctx)
-        weights = optimizer = None
-        if self.sharded:  # gathering the shards takes every rank
-            weights = self._weights()
-            optimizer = sharding.full_optimizer_state(self.plain_model, self.optimizer)
-        if self.ctx.is_main:
-            save_checkpoint(path, self.state_dict(rng, float(nll[0]), weights, optimizer))
+        self._write(path, lambda: self.state_dict(rng, float(nll[0])))
         dist_utils.barrier(self.ctx)
         self.last_saved_step = self.step
 
@@ -545,13 +546,8 @@ class Trainer:
         paused = time.perf_counter()  # evaluation and saving do not count in tok/s
         if eval_due:
             self.evaluate_and_track(should_stop=stop)
-        if sample_due and self.ctx.is_main:
-            # The decoding engine reads the weights, not the layers' hooks.
-            with merged_view(self.plain_model):
-                write_training_samples(self.plain_model, self.encoder, cfg.sample_prompts,
-                                       step=step, seed=cfg.seed,
-                                       max_decoding_length=cfg.max_decoding_length,
-                                       output_dir=self.output_dir)
+        if sample_due:
+            self._write_samples(step)
         if save_due:
             self.save(last_path)
         window.start += time.perf_counter() - paused
@@ -565,6 +561,29 @@ class Trainer:
         if self.stop_after_steps is not None and step >= self.stop_after_steps:
             return "stop_after_steps"
         return None
+
+    def _write_samples(self, step: int) -> None:
+        """samples.jsonl at `step`, written by rank 0 (all ranks call)."""
+        cfg = self.cfg
+        model = self.unsharded_model() if self.sharded else self.plain_model
+        if self.ctx.is_main:
+            # The decoding engine reads the weights, not the layers' hooks.
+            with merged_view(model):
+                write_training_samples(model, self.encoder, cfg.sample_prompts,
+                                       step=step, seed=cfg.seed,
+                                       max_decoding_length=cfg.max_decoding_length,
+                                       output_dir=self.output_dir)
+        if self.sharded:  # the copy is rank 0's alone: the others wait
+            dist_utils.barrier(self.ctx)
+
+    def unsharded_model(self):
+        """The model as decoding needs it: a sharded one gathered into a whole
+        copy on rank 0 (None on the other ranks; every rank calls), any other
+        as it is."""
+        if not self.sharded:
+            return self.plain_model
+        return sharding.gathered_model(self.plain_model, self.model_hparams, self.ctx,
+                                       self.cfg.attention)
 
     def _patience_exhausted(self) -> bool:
         """early_stopping_patience evaluations in a row without a better dev
@@ -626,11 +645,9 @@ class Trainer:
             self.evals_since_best = 0 if improved else self.evals_since_best + 1
             if improved:
                 self.best_dev_ppl = result.perplexity
-                weights = self._weights()
-                if self.ctx.is_main:
-                    save_checkpoint(os.path.join(self.output_dir, BEST_CHECKPOINT), {
-                        "format": CHECKPOINT_FORMAT, **weights, **self.model_fields,
-                        "step": self.step, "dev_perplexity": result.perplexity})
+                self._write(os.path.join(self.output_dir, BEST_CHECKPOINT), lambda: {
+                    "format": CHECKPOINT_FORMAT, **self._weights(), **self.model_fields,
+                    "step": self.step, "dev_perplexity": result.perplexity})
         if result is not None or not self.ctx.is_main:
             self.last_eval_step = self.step  # an interrupted one is still owed
         dist_utils.barrier(self.ctx)
