@@ -8,7 +8,6 @@ The base model is a tiny GPT-2 (width 16, 2 layers) saved as our .ckpt, so
 every run takes a second or two.
 """
 import os
-import subprocess
 import sys
 
 import pytest
@@ -25,6 +24,7 @@ from utils.checkpoints.weights import (CHECKPOINT_FORMAT, checkpoint_model_field
 from utils.errors import UserError
 from utils.model import build_model, gpt2_hparams
 from utils.training.config import load_train_config
+import script_server
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -303,7 +303,7 @@ def test_two_ddp_ranks_train_the_adapters_of_one_process(tmp_path, data_dir, bas
                           max_train_epoch=1)
     assert train("--do_train", "--checkpoint", base, "--config_train", cfg_one,
                  "--output_dir", one) == 0
-    proc = subprocess.run(
+    proc = script_server.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
          "2", "gpt2_train_main.py", "--do_train", "--distributed", "--quiet",
          "--checkpoint", base, "--config_train", cfg_two, "--output_dir", str(two)],

@@ -6,7 +6,6 @@ the one ordinary .ckpt it writes, and the refusals.
 Runs under torchrun like tests/test_distributed.py; a tiny GPT-2 (width 16,
 2 layers) from a random base checkpoint keeps each run to seconds.
 """
-import subprocess
 import sys
 import types
 import weakref
@@ -27,6 +26,7 @@ from utils.samples.during_training import SAMPLES_LOG, write_training_samples
 from utils.training import sharding
 from utils.training.config import load_train_config
 from utils.training.lm import lm_nll
+import script_server
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -55,7 +55,7 @@ def configs(tmp_path, data, opt="AdamW", **extra):
 
 
 def torchrun(*args):
-    proc = subprocess.run(
+    proc = script_server.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
          "2", "gpt2_train_main.py", "--distributed", "--quiet", *map(str, args)],
         cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
