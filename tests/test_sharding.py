@@ -7,13 +7,10 @@ Runs under torchrun like tests/test_distributed.py; a tiny GPT-2 (width 16,
 2 layers) from a random base checkpoint keeps each run to seconds.
 """
 import sys
-import types
-import weakref
 import zipfile
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.test_lora import HPARAMS, REPO_ROOT, base, load, train  # noqa: F401
@@ -23,10 +20,9 @@ from utils.errors import UserError
 from utils.model import build_model
 from utils.processor import get_encoder
 from utils.samples.during_training import SAMPLES_LOG, write_training_samples
-from utils.training import sharding
 from utils.training.config import load_train_config
-from utils.training.lm import lm_nll
 import script_server
+import sharded_save_rank
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -148,57 +144,11 @@ def test_shard_model_refusals(tmp_path, data_dir, base):
         load_train_config(train_config(tmp_path, data_dir, name="t", shard_model=1))
 
 
-def _save_on_two_ranks(rank, store, path):
-    """One rank of test_sharded_save_gathers_one_tensor_at_a_time: shard, take
-    an AdamW step, save with every gathered tensor watched."""
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        torch.set_num_threads(1)
-        torch.manual_seed(0)
-        ctx = types.SimpleNamespace(device=torch.device("cpu"), is_main=rank == 0)
-        model = sharding.shard(build_model(HPARAMS).train(), ctx, "fp32")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        ids = torch.randint(0, 50257, (2, 8))
-        nll, _ = lm_nll(model, ids, torch.tensor([8, 8]))
-        nll.backward()
-        optimizer.step()
-        made, peak = [], [0]
-        gather = sharding.gather_full
-
-        def watched(tensor):  # bytes of gathered tensors alive at once
-            full = gather(tensor)
-            made.append(weakref.ref(full))
-            peak[0] = max(peak[0], sum(t.numel() * t.element_size()
-                                       for t in (r() for r in made) if t is not None))
-            return full
-
-        sharding.gather_full = watched
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        sharding.save_gathered(path, state, ctx)
-        sharding.gather_full = gather
-        full = [gather(t) for t in (*state["model"].values(),
-                                    *(v for s in state["optimizer"]["state"].values()
-                                      for v in s.values()))]
-        if rank == 0:
-            largest = max(t.numel() * t.element_size() for t in full)
-            # Never two gathered tensors at once: the largest one, not the sum.
-            assert peak[0] == largest < sum(t.numel() * t.element_size() for t in full)
-            saved = torch.load(path, weights_only=True)
-            names = list(state["model"])
-            for name, tensor in zip(names, full):
-                assert torch.equal(saved["model"][name], tensor), name
-            moments = [v for s in saved["optimizer"]["state"].values() for v in s.values()]
-            for got, want in zip(moments, full[len(names):]):
-                assert torch.equal(got, want)
-    finally:
-        dist.destroy_process_group()
-
-
 def test_sharded_save_gathers_one_tensor_at_a_time(tmp_path):
     """The .ckpt of a 2-rank sharded model and AdamW state holds the gathered
     tensors, and rank 0 never held two of them at once (the issue: never more
     than the model plus one block)."""
-    mp.spawn(_save_on_two_ranks, args=(str(tmp_path / "store"), str(tmp_path / "s.ckpt")),
-             nprocs=2)
+    mp.spawn(sharded_save_rank.save_on_two_ranks,
+             args=(str(tmp_path / "store"), str(tmp_path / "s.ckpt")), nprocs=2)
     assert load(tmp_path / "s.ckpt")["model"]["decoder.self_attns.0.Q_dense.weight"].shape == (
         16, 16)
