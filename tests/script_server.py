@@ -6,6 +6,8 @@ CLI test's time).
     python -S tests/script_server.py run SOCKET SCRIPT ARGS...   # a shell's `python SCRIPT`
     python -S tests/script_server.py stop SOCKET
 
+torchrun_command() makes a torchrun command whose ranks are served the same way.
+
 From a test, `run([sys.executable, "gpt2_generate_main.py", ...], cwd=...,
 capture_output=True, ...)` is subprocess.run for `python SCRIPT.py ARGS`: it
 starts this process's server on first use and returns a CompletedProcess.
@@ -27,6 +29,7 @@ import atexit
 import io
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -124,8 +127,18 @@ def _handle(conn):
     for fd in fds:
         os.close(fd)
     conn.sendall(struct.pack("i", pid))
+    # A client that goes away (killed, even with SIGKILL) takes its run with
+    # it, as a process's death would.
+    ended = os.pidfd_open(pid)
+    while ended not in select.select([ended, conn], [], [])[0]:
+        if not conn.recv(1):
+            os.kill(pid, signal.SIGKILL)
+            break
     _, status = os.waitpid(pid, 0)
-    conn.sendall(struct.pack("i", os.waitstatus_to_exitcode(status)))
+    try:
+        conn.sendall(struct.pack("i", os.waitstatus_to_exitcode(status)))
+    except OSError:
+        pass
     conn.close()
 
 
@@ -183,16 +196,45 @@ def _recv_exactly(conn, size):
     return reply
 
 
-def _status(code):
-    return 128 - code if code < 0 else code  # killed by a signal: 128 + its number
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1,
+                     signal.SIGUSR2)
 
 
 def run_from_shell(path, argv):
-    conn, _ = _send_run(path, argv, os.getcwd(), dict(os.environ), [0, 1, 2])
+    """The client a shell (or torchrun --no-python) starts in place of
+    `python SCRIPT`: the run gets its signals, and the client ends as the run
+    did (the same exit status, or killed by the same signal)."""
+    conn, pid = _send_run(path, argv, os.getcwd(), dict(os.environ), [0, 1, 2])
+    for number in FORWARDED_SIGNALS:
+        signal.signal(number, lambda received, frame: os.kill(pid, received))
     try:
-        return _status(struct.unpack("i", _recv_exactly(conn, 4))[0])
+        code = struct.unpack("i", _recv_exactly(conn, 4))[0]
     except ConnectionError:
         return 1
+    if code < 0:  # die of the same signal
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return code
+
+
+def client_command(socket_path):
+    """The argv prefix that runs `python SCRIPT ARGS` through the server at
+    socket_path: prefix + [SCRIPT, *ARGS]."""
+    return [sys.executable, "-S", os.path.abspath(__file__), "run", socket_path]
+
+
+def torchrun_command(nproc, script, *args):
+    """`torchrun --standalone --nproc_per_node N SCRIPT ARGS` whose ranks are
+    runs of this process's server (torchrun starts the client in their place,
+    with --no-python); run it with run() and the launcher is served too."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node", str(nproc), "--no-python",
+            *client_command(server_socket()), script, *map(str, args)]
+
+
+def server_socket():
+    """This process's server (started on first use)."""
+    return _SERVER.socket_path()
 
 
 def stop(path):

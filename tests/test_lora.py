@@ -304,9 +304,9 @@ def test_two_ddp_ranks_train_the_adapters_of_one_process(tmp_path, data_dir, bas
     assert train("--do_train", "--checkpoint", base, "--config_train", cfg_one,
                  "--output_dir", one) == 0
     proc = script_server.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-         "2", "gpt2_train_main.py", "--do_train", "--distributed", "--quiet",
-         "--checkpoint", base, "--config_train", cfg_two, "--output_dir", str(two)],
+        script_server.torchrun_command(2, "gpt2_train_main.py", "--do_train", "--distributed",
+                                       "--quiet", "--checkpoint", base, "--config_train",
+                                       cfg_two, "--output_dir", two),
         cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     a, b = load(one / "model.ckpt"), load(two / "model.ckpt")

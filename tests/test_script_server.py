@@ -2,8 +2,10 @@
 the same exit status, output, working directory, environment and stdin as
 subprocess.run gives, for the cases the CLI tests rely on."""
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -97,3 +99,45 @@ def test_a_module_runs_like_python_dash_m(tmp_path):
     served = script_server.run(cmd, cwd=str(tmp_path), capture_output=True, text=True)
     assert (served.returncode, served.stdout, served.stderr) == (
         real.returncode, real.stdout, real.stderr) == (4, str([str(tmp_path / "probe_module.py"), "a", "b"]) + " __main__\n", "")
+
+
+def served_by_the_client(script, how, tmp_path):
+    """`python SCRIPT how x` started as a shell would, through the client."""
+    return subprocess.Popen(script_server.client_command(script_server.server_socket())
+                            + [script, how, "x"], cwd=str(tmp_path),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_the_client_forwards_signals_and_dies_of_them(script, tmp_path):
+    (tmp_path / "scripts" / "pid.py").write_text(
+        "import os, time\nprint('pid', os.getpid(), flush=True)\ntime.sleep(60)\n")
+    client = served_by_the_client(str(tmp_path / "scripts" / "pid.py"), "sleep", tmp_path)
+    line = client.stdout.readline().split()
+    assert line[0] == "pid" and int(line[1]) != client.pid  # the run is another process
+    client.send_signal(signal.SIGTERM)
+    assert client.wait(timeout=30) == -signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while pid_alive(int(line[1])) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(int(line[1]))
+
+
+def test_a_killed_client_takes_its_run_with_it(tmp_path):
+    (tmp_path / "pid.py").write_text(
+        "import os, time\nprint('pid', os.getpid(), flush=True)\ntime.sleep(60)\n")
+    client = served_by_the_client(str(tmp_path / "pid.py"), "sleep", tmp_path)
+    run_pid = int(client.stdout.readline().split()[1])
+    client.kill()
+    client.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while pid_alive(run_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(run_pid)

@@ -6,7 +6,6 @@ the one ordinary .ckpt it writes, and the refusals.
 Runs under torchrun like tests/test_distributed.py; a tiny GPT-2 (width 16,
 2 layers) from a random base checkpoint keeps each run to seconds.
 """
-import sys
 import zipfile
 
 import pytest
@@ -52,8 +51,8 @@ def configs(tmp_path, data, opt="AdamW", **extra):
 
 def torchrun(*args):
     proc = script_server.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-         "2", "gpt2_train_main.py", "--distributed", "--quiet", *map(str, args)],
+        script_server.torchrun_command(2, "gpt2_train_main.py", "--distributed", "--quiet",
+                                       *args),
         cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
