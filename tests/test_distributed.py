@@ -6,6 +6,9 @@ Multi-process tests start real processes talking Gloo over 127.0.0.1:
   variables so no launcher cleans up after a failure;
 - end to end: gpt2_train_main.py under torchrun and under the original example's
   mpirun command, against one process (weights, losses, dev perplexity, resume).
+Ranks and runs are processes of tests/script_server.py (started through its
+client, which torchrun runs with --no-python), except under mpirun, where
+they are plain `python` processes.
 """
 import os
 import shutil
@@ -15,6 +18,7 @@ import sys
 import time
 
 import pytest
+import script_server
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,6 +76,13 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def served_python():
+    """`python` for a rank or a run: the script server's client
+    (tests/script_server.py), so that it does not import torch anew. The
+    mpirun resume keeps real python processes."""
+    return script_server.client_command(script_server.server_socket())
 
 
 def worker_env(**extra):
@@ -281,7 +292,7 @@ def test_user_error_is_one_line_exit_2(monkeypatch, capsys):
 def start_pair(mode, tmp_path, timeout_s):
     """Two ranks started by hand with torchrun's variables (no launcher to clean up)."""
     port = free_port()
-    return [subprocess.Popen([sys.executable, THIS_FILE, mode, str(tmp_path), str(timeout_s)],
+    return [subprocess.Popen(served_python() + [THIS_FILE, mode, str(tmp_path), str(timeout_s)],
                              env=worker_env(RANK=r, WORLD_SIZE=2, LOCAL_RANK=r,
                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -447,12 +458,13 @@ def original_mpirun_shape(n):
 
 def run_a_b_c(job, have_mpirun):
     """The three runs (A alongside B; C after B); the stdout of each."""
-    single = start([sys.executable] + trainer_args(job, "single_cfg.py", "A"), worker_env())
+    single = start(served_python() + trainer_args(job, "single_cfg.py", "A"), worker_env())
     try:   # A runs while B does: neither needs the other
         port = free_port()
         torchrun = run_ok([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
                            "--nproc_per_node", "2", "--rdzv_backend", "c10d",
-                           "--rdzv_endpoint", f"127.0.0.1:{port}", "--max_restarts", "0"]
+                           "--rdzv_endpoint", f"127.0.0.1:{port}", "--max_restarts", "0",
+                           "--no-python", *served_python()]
                           + trainer_args(job, "dist_cfg.py", "B", "--stop_after_steps", "2",
                                          "--distributed"),
                           worker_env())
@@ -539,11 +551,11 @@ def test_two_ranks_with_memory_options_train_like_one_process(toy_job):
     options = 'gradient_checkpointing = True\ntrainable = "transformer"\n'
     for name in ("single_cfg.py", "dist_cfg.py"):
         (job / f"mem_{name}").write_text((job / name).read_text() + options)
-    single = start([sys.executable] + trainer_args(job, "mem_single_cfg.py", "mem_A",
+    single = start(served_python() + trainer_args(job, "mem_single_cfg.py", "mem_A",
                                                    "--stop_after_steps", "2"), worker_env())
     try:
         run_ok([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node", "2"]
+                "--nproc_per_node", "2", "--no-python", *served_python()]
                + trainer_args(job, "mem_dist_cfg.py", "mem_B", "--stop_after_steps", "2",
                               "--distributed"), worker_env())
         finished_ok(single)
