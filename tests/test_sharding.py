@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from tests.test_lora import HPARAMS, REPO_ROOT, base, load, train  # noqa: F401
 from tests.test_train import SUBPROCESS_ENV, data_dir, train_config  # noqa: F401
 
+from tests.tolerances import summation_tolerance, unit_roundoff
 from utils.errors import UserError
 from utils.model import build_model
 from utils.processor import get_encoder
@@ -32,6 +33,9 @@ OPTS = {
               "gradient_clip": {"type": "clip_grad_norm_", "kwargs": {"max_norm": 0.05}}},
     "SGD": {"optimizer": {"type": "SGD", "kwargs": {"lr": 0.5, "momentum": 0.9}},
             "gradient_clip": {"type": "clip_grad_norm_", "kwargs": {"max_norm": 0.05}}},
+    "Adafactor": {"optimizer": {"type": "Adafactor",
+                                "kwargs": {"lr": 1e-2, "weight_decay": 0.01}},
+                  "gradient_clip": {"type": "clip_grad_norm_", "kwargs": {"max_norm": 0.05}}},
 }
 # Two ranks sum gradients in another order than one process: float32 rounding
 # grows with the steps, well under the issue's 1e-4.
@@ -104,6 +108,72 @@ def test_sgd_and_frozen_embeddings_shard_like_one_process(tmp_path, data_dir, ba
                        load(base)["model"]["word_embedder._embedding"])
 
 
+def assert_same_adafactor_state(a, b):
+    """The same Adafactor state (torch's layout, each tensor whole), within
+    the rounding of clipping: the clip coefficient divides by the gradients'
+    global norm, a float32 sum of squares over every parameter that two ranks
+    add in another grouping, and second moments go with its square; so each
+    value agrees within the sum's relative error bound. The key projection's
+    bias gets no gradient in exact arithmetic (softmax ignores a constant added
+    to all of a query's scores), so its moments are rounding noise: values are
+    also allowed the float32 rounding of the largest moment."""
+    assert a["optimizer_type"] == b["optimizer_type"]
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert set(a["optimizer"]["state"]) == set(b["optimizer"]["state"])
+    states = a["optimizer"]["state"].values()
+    # Adafactor's state: a (rows, 1) and a (1, columns) factor per matrix.
+    terms = sum(s["row_var"].numel() * s["col_var"].numel() if "row_var" in s
+                else s["variance"].numel() for s in states)
+    rtol = summation_tolerance(torch.float32, terms)
+    atol = unit_roundoff(torch.float32) * max(float(t.abs().max()) for s in states
+                                              for n, t in s.items() if n != "step")
+    for key, fields in a["optimizer"]["state"].items():
+        assert set(fields) == set(b["optimizer"]["state"][key]), key
+        for field, tensor in fields.items():
+            torch.testing.assert_close(b["optimizer"]["state"][key][field], tensor,
+                                       rtol=rtol, atol=atol,
+                                       msg=lambda m: f"{key} {field}: {m}")
+
+
+def test_adafactor_shards_like_one_process_and_resumes_unsharded(tmp_path, data_dir, base):
+    """Adafactor's factored state is kept whole on every rank: two ranks step
+    like one process (weights and state, every step clipped), and checkpoints
+    in torch's Adafactor layout continue across the two, sharded or not, like
+    the uninterrupted one-process run."""
+    one, two = configs(tmp_path, data_dir, "Adafactor")
+    whole, one_part, part, alone, sharded = (
+        tmp_path / n for n in ("whole", "one_part", "part", "alone", "sharded"))
+    assert train("--do_train", "--checkpoint", base, "--config_train", one,
+                 "--output_dir", whole) == 0
+    assert train("--do_train", "--checkpoint", base, "--config_train", one,
+                 "--output_dir", one_part, "--stop_after_steps", 2) == 0
+    torchrun("--do_train", "--checkpoint", base, "--config_train", two,
+             "--output_dir", part, "--stop_after_steps", 2)
+    a, b = load(one_part / "model.ckpt"), load(part / "model.ckpt")
+    assert b["step"] == 2 and b["optimizer_type"] == "Adafactor"
+    assert_same_model(a, b)
+    assert_same_adafactor_state(a, b)
+    # Factored, and whole rather than one rank's part: a (rows, 1) and a
+    # (1, columns) vector per matrix, the embedding's with every token's row.
+    factored = [s for s in b["optimizer"]["state"].values() if "row_var" in s]
+    assert all(s["row_var"].shape[1] == 1 and s["col_var"].shape[0] == 1 for s in factored)
+    vocab, width = b["model"]["word_embedder._embedding"].shape
+    assert ((vocab, 1), (1, width)) in [(s["row_var"].shape, s["col_var"].shape)
+                                        for s in factored]
+
+    # The sharded checkpoint resumed in one process, and the one-process
+    # checkpoint resumed on two ranks (each loads the whole state).
+    assert train("--do_train", "--checkpoint", part / "model.ckpt", "--config_train", one,
+                 "--output_dir", alone) == 0
+    torchrun("--do_train", "--checkpoint", one_part / "model.ckpt", "--config_train", two,
+             "--output_dir", sharded)
+    reference = load(whole / "model.ckpt")
+    for resumed in (load(alone / "model.ckpt"), load(sharded / "model.ckpt")):
+        assert reference["step"] == resumed["step"] == 4
+        assert_same_model(reference, resumed)
+        assert_same_adafactor_state(reference, resumed)
+
+
 def test_samples_and_do_test_decode_the_gathered_model(tmp_path, data_dir, base):
     """sample_steps and --do_test in a sharded run decode a whole copy gathered
     on rank 0: the same text as decoding the run's model.ckpt in one process."""
@@ -135,10 +205,6 @@ def test_shard_model_refusals(tmp_path, data_dir, base):
     with pytest.raises(UserError, match="launch with torchrun or mpirun and --distributed"):
         train("--do_train", "--checkpoint", base, "--config_train", two,
               "--output_dir", tmp_path / "x")
-    with pytest.raises(UserError, match="Adafactor cannot update sharded"):
-        load_train_config(train_config(tmp_path, data_dir, name="a", shard_model=True,
-                                       opt={"optimizer": {"type": "Adafactor",
-                                                          "kwargs": {"lr": 1e-2}}}))
     with pytest.raises(UserError, match="shard_model = 1 .* must be True or False"):
         load_train_config(train_config(tmp_path, data_dir, name="t", shard_model=1))
 

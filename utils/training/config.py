@@ -320,10 +320,6 @@ def check_train_config(cfg: TrainConfig) -> None:
             bad("tensorboard_dir", "must be a directory path, or None for no TensorBoard log")
         check_tensorboard_installed(f"tensorboard_dir in training config {cfg.name}")
     _check_opt(cfg)
-    if cfg.shard_model and opt_hparams(cfg.opt).optimizer.type in (
-            "Adafactor", "torch.optim.Adafactor"):
-        bad("shard_model", "torch's Adafactor cannot update sharded (DTensor) weights: "
-                           "use AdamW or SGD with shard_model, or Adafactor unsharded")
 
 
 def lora_of(cfg: TrainConfig) -> Optional[LoraSettings]:

@@ -2,13 +2,15 @@
 
 texar builds the optimizer and the gradient clipping; here they get weight
 decay on matrices only, torch's fused Adam/AdamW kernel where it exists, and
-the loss scaler fp16 needs.
+the loss scaler fp16 needs; a sharded model's Adafactor steps through
+ShardedAdafactor (utils/training/sharded_adafactor.py).
 """
 from typing import Any, Dict, List
 
 import torch
 
 from utils.model import import_texar
+from utils.training.sharded_adafactor import ShardedAdafactor
 
 
 def opt_hparams(opt: Dict[str, Any]):
@@ -18,16 +20,30 @@ def opt_hparams(opt: Dict[str, Any]):
 
 
 def build_optimizer(model: torch.nn.Module, opt: Dict[str, Any], precision: str,
-                    device: torch.device, fused: bool = True):
+                    device: torch.device, sharded: bool = False):
     """(optimizer, gradient clipping function or None, fp16 loss scaler or None)
-    for `model`, as the training config's `opt` and `precision` say. `fused`
-    False keeps torch's default kernels (a sharded model's DTensors)."""
+    for `model`, as the training config's `opt` and `precision` say. `sharded`
+    (the model's weights are FSDP shards, DTensors): torch's default kernels,
+    and Adafactor as ShardedAdafactor, which steps whole tensors."""
     tx = import_texar()
     hparams = opt_hparams(opt)
-    optimizer = (_make_optimizer(tx, _param_groups(model), hparams, device) if fused
-                 else tx.core.get_optimizer(_param_groups(model), hparams))
+    if sharded:
+        optimizer = tx.core.get_optimizer(_param_groups(model), hparams)
+        if type(optimizer) is torch.optim.Adafactor:
+            optimizer = ShardedAdafactor(optimizer.param_groups, **optimizer.defaults)
+    else:
+        optimizer = _make_optimizer(tx, _param_groups(model), hparams, device)
     scaler = _grad_scaler() if precision == "fp16" else None
     return optimizer, tx.core.get_grad_clip_fn(hparams), scaler
+
+
+def optimizer_type(optimizer) -> str:
+    """The optimizer's name in checkpoints: ShardedAdafactor keeps torch's
+    Adafactor state layout, so it is saved as "Adafactor" and its checkpoints
+    resume sharded or not."""
+    if isinstance(optimizer, ShardedAdafactor):
+        return torch.optim.Adafactor.__name__
+    return type(optimizer).__name__
 
 
 def _param_groups(model) -> List[Dict[str, Any]]:

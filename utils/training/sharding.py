@@ -2,7 +2,8 @@
 
 Each of the W ranks keeps 1/W of every weight, gradient and optimizer state
 (torch.distributed.fsdp.fully_shard, FSDP2: parameters become DTensors
-sharded on their first dimension). A transformer block's weights are
+sharded on their first dimension); Adafactor's small factored state is kept
+whole on every rank instead (utils/training/sharded_adafactor.py). A transformer block's weights are
 gathered just before the block runs, forward and backward (and again when
 gradient checkpointing recomputes it), and freed after; gradients are
 reduce-scattered, averaged over ranks as DDP averages them, so the trainer's
@@ -34,6 +35,7 @@ from torch import nn
 from utils.checkpoints.streamed_save import save_streamed
 from utils.errors import UserError
 from utils.model import build_meta_model, has_memory, place_parameters
+from utils.training.sharded_adafactor import ShardedAdafactor
 
 # FSDP2 warns whenever a unit returns a view, because an in-place op on it
 # would skip a hook; texar's blocks only use their outputs out of place.
@@ -123,7 +125,8 @@ def _names(model: nn.Module) -> Dict[int, str]:
 
 def load_full_optimizer_state(model: nn.Module, optimizer, state: Dict[str, Any]) -> None:
     """Load an unsharded-layout optimizer state (any world size wrote it):
-    every rank passes the full state and keeps its shard."""
+    every rank passes the full state and keeps its shard (ShardedAdafactor,
+    which keeps its small state whole, keeps all of it)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
     names = _names(model)
     ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
@@ -131,6 +134,9 @@ def load_full_optimizer_state(model: nn.Module, optimizer, state: Dict[str, Any]
     if (len(saved_groups) != len(optimizer.param_groups)
             or sum(len(g["params"]) for g in saved_groups) != len(ordered)):
         raise ValueError("the saved optimizer has other parameter groups")
+    if isinstance(optimizer, ShardedAdafactor):
+        optimizer.load_state_dict(state)
+        return
     by_name = {"state": {ordered[int(i)]: value for i, value in state["state"].items()},
                "param_groups": [{**g, "params": [ordered[int(i)] for i in g["params"]]}
                                 for g in saved_groups]}

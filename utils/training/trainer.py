@@ -56,7 +56,7 @@ from utils.fused_attention import set_attention
 from utils.fused_gelu import set_gelu
 from utils.training.compiled_forward import compile_forward
 from utils.model import has_memory
-from utils.training.optimizer import build_optimizer
+from utils.training.optimizer import build_optimizer, optimizer_type
 from utils.processor import EOS_ID, get_encoder
 from utils.training.resume_settings import (apply_optimizer_settings, changed_optimizer_settings,
                                             changed_settings, config_snapshot, describe_changes,
@@ -162,7 +162,7 @@ class Trainer:
         else:
             self.model = dist_utils.wrap_model(model, ctx)
         self.optimizer, self.clip_grad, self.scaler = build_optimizer(
-            model, cfg.opt, cfg.precision, self.device, fused=not self.sharded)
+            model, cfg.opt, cfg.precision, self.device, sharded=self.sharded)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
 
         self.sampler = ShardSampler(len(train_split), ctx.rank, ctx.world_size, cfg.seed)
@@ -211,7 +211,7 @@ class Trainer:
             **self._weights(),
             **self.model_fields,
             "optimizer": self.optimizer.state_dict(),
-            "optimizer_type": type(self.optimizer).__name__,
+            "optimizer_type": optimizer_type(self.optimizer),
             "grad_scaler": self.scaler.state_dict() if self.scaler else None,
             "schedule": {"base_lrs": self.base_lrs, "warmup_steps": self.cfg.warmup_steps,
                          "total_steps": self.total_steps, "lr_decay": self.cfg.lr_decay,
@@ -256,7 +256,7 @@ class Trainer:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise UserError("the --checkpoint was not written by this version of "
                             "gpt2_train_main.py, so training cannot resume from it")
-        saved_type, mine = state.get("optimizer_type"), type(self.optimizer).__name__
+        saved_type, mine = state.get("optimizer_type"), optimizer_type(self.optimizer)
         if saved_type is not None and saved_type != mine:
             raise UserError(f"the --checkpoint was trained with {saved_type} but "
                             f"{self.cfg.name} configures {mine}: resume with the same "
