@@ -127,9 +127,9 @@ trainable = "all"
 lora = None
 # With --distributed: shard weights, gradients and optimizer state across the
 # processes (PyTorch FSDP, utils/training/sharding.py) instead of a full copy
-# each. AdamW or SGD (not Adafactor, not lora: docs/distributed.md says why);
-# model.ckpt stays an ordinary checkpoint that resumes with any number of
-# processes.
+# each. AdamW, SGD or Adafactor (Adafactor's small state is kept whole on
+# every process); not lora (docs/distributed.md says why). model.ckpt stays
+# an ordinary checkpoint that resumes with any number of processes.
 shard_model = False
 
 # ----------------------------------------------------------------- speed

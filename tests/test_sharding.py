@@ -1,7 +1,8 @@
 """shard_model = True (utils/training/sharding.py, FSDP2) on 2 CPU processes (Gloo):
-the same weights as one process with the same global batch, clipping by the
-global norm of the sharded gradients, exact resume sharded and unsharded from
-the one ordinary .ckpt it writes, and the refusals.
+the same weights (and, for Adafactor, optimizer state) as one process with the
+same global batch, clipping by the global norm of the sharded gradients, exact
+resume sharded and unsharded from the one ordinary .ckpt it writes, and the
+refusals.
 
 Runs under torchrun like tests/test_distributed.py; a tiny GPT-2 (width 16,
 2 layers) from a random base checkpoint keeps each run to seconds.

@@ -7,7 +7,7 @@ exact resume (rng_state), the metrics log (metrics_log), memory options
 (memory_options), the output directory's rules (output_dir), the prepared
 splits a run reads (train_data), what a resumed run changed
 (resume_settings), distributed launch (distributed), sharded data parallel
-with FSDP (sharding), a LoRA run's adapters and resume rules
+with FSDP (sharding) and its Adafactor (sharded_adafactor), a LoRA run's adapters and resume rules
 (lora_training), the training loss's fused cross-entropy
 (fused_cross_entropy) and `compile = True` (compiled_forward).
 May import: the root modules and every other package (checkpoints, data,
