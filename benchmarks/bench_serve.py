@@ -85,9 +85,11 @@ class ServerProcess:
         self.proc.wait(timeout=60)
 
 
-def stream_completion(port: int, prompt: str, tokens: int, start_gate=None):
+def stream_completion(port: int, prompt: str, tokens: int, start_gate=None,
+                      first_chunk=None):
     """(text, seconds to the first chunk, seconds in all) of one streamed
-    greedy completion."""
+    greedy completion; `first_chunk` (a threading.Event) is set when the
+    first chunk arrives."""
     body = json.dumps({"model": MODEL_NAME, "prompt": prompt, "max_tokens": tokens,
                        "temperature": 0, "stream": True})
     if start_gate is not None:
@@ -111,6 +113,8 @@ def stream_completion(port: int, prompt: str, tokens: int, start_gate=None):
             raise RuntimeError(chunk["error"]["message"])
         if first is None:
             first = time.perf_counter() - start
+            if first_chunk is not None:
+                first_chunk.set()
         pieces.append(chunk["choices"][0]["text"])
     conn.close()
     return "".join(pieces), first, time.perf_counter() - start
@@ -123,12 +127,16 @@ def run_sequential(port, prompts, tokens):
 
 
 def run_concurrent(port, prompts, tokens):
-    """All requests at once; a probe request once all have started."""
+    """All requests at once; a probe request once all have their first token."""
     results = [None] * len(prompts)
     gate = threading.Barrier(len(prompts) + 1)
+    started = [threading.Event() for _ in prompts]
 
     def one(i):
-        results[i] = stream_completion(port, prompts[i], tokens, gate)
+        try:
+            results[i] = stream_completion(port, prompts[i], tokens, gate, started[i])
+        finally:
+            started[i].set()  # an error still lets the probe go
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
     for thread in threads:
         thread.start()
@@ -136,20 +144,12 @@ def run_concurrent(port, prompts, tokens):
     start = time.perf_counter()
     probe = None
     if len(prompts) > 1:
-        while _rows(port) < len(prompts) and any(r is None for r in results):
-            time.sleep(0.01)  # until every request is in the server
+        for event in started:  # every request is decoding
+            event.wait()
         probe = stream_completion(port, prompts[0], 8)[1]
     for thread in threads:
         thread.join()
     return results, time.perf_counter() - start, probe
-
-
-def _rows(port: int) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("GET", "/health")
-    rows = json.loads(conn.getresponse().read())["rows"]
-    conn.close()
-    return rows
 
 
 def cli_seconds(checkpoint: str, prompt: str, tokens: int):

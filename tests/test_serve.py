@@ -6,6 +6,7 @@ Greedy texts are checked against Hugging Face transformers' greedy
 continuations of the TF-written fixtures and against gpt2_generate_main.py;
 sampled ones against the CLI with the same seed.
 """
+import asyncio
 import concurrent.futures
 import http.client
 import json
@@ -21,8 +22,11 @@ import openai
 import pytest
 import torch
 
+from utils.decoding.generation import generate
 from utils.model import build_model, gpt2_hparams
-from utils.processor import get_encoder
+from utils.processor import EOS_ID, get_encoder
+from utils.serving.request import parse_completion
+from utils.serving.scheduler import Job, Scheduler
 from utils.checkpoints.weights import checkpoint_model_fields, save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -249,6 +253,78 @@ def test_concurrent_requests_give_the_sequential_texts(small):
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         concurrent_ = list(pool.map(complete, requests))
     assert concurrent_ == sequential
+
+
+def test_rows_admitted_mid_decode_keep_their_greedy_texts():
+    """The scheduler in-process: requests with prompts of different lengths
+    (one with n=2, whose rows share one prefill; one longer than the running
+    row has usually reached, so the batch's slots move) join a batch whose
+    row is mid-decode, at one step boundary; every text equals the same
+    request served alone and generate()'s greedy continuation (the CLI's)."""
+    torch.manual_seed(0)
+    hparams = gpt2_hparams(50257, 1024, 64, 2, 2)
+    model = build_model(hparams).eval().requires_grad_(False)
+    encoder = get_encoder()
+    words = "the quick brown fox jumps over a lazy dog while it rains and".split()
+    prompts = {"running": "Once upon a time", "long": " ".join(words * 4),
+               "short": "Hi", "pair": "A lazy dog"}
+    lengths = {name: len(encoder.encode(p)) for name, p in prompts.items()}
+    assert lengths["long"] > 40 > lengths["running"] > lengths["short"]
+    max_tokens = {"running": 400, "long": 30, "short": 25, "pair": 20}
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    scheduler = Scheduler(model, encoder, max_batch_size=6, max_queue=8,
+                          end_token=EOS_ID)
+    scheduler.start()
+
+    def job(name):
+        data = {"model": "m", "prompt": prompts[name], "temperature": 0,
+                "max_tokens": max_tokens[name], "n": 2 if name == "pair" else 1}
+        return Job(parse_completion(data, model_name="m", encoder=encoder,
+                                    n_ctx=1024, n_vocab=50257, end_token=EOS_ID), loop)
+
+    async def texts(job, first_piece=None):
+        """Each choice's text, once every choice has finished."""
+        done, out = 0, [""] * job.request.rows
+        while done < job.request.rows:
+            for piece in await job.events.get():
+                out[piece.choice] += piece.text
+                done += piece.finish_reason is not None
+                if first_piece is not None:
+                    first_piece.set()
+        return out
+
+    def collect(jobs):
+        futures = [asyncio.run_coroutine_threadsafe(texts(j), loop) for j in jobs]
+        return [f.result(timeout=300) for f in futures]
+
+    def alone(name):
+        one = job(name)
+        scheduler.submit(one)
+        return collect([one])[0]
+
+    try:
+        by_itself = {name: alone(name) for name in prompts}
+        running, decoding = job("running"), threading.Event()
+        running_texts = asyncio.run_coroutine_threadsafe(texts(running, decoding), loop)
+        scheduler.submit(running)
+        assert decoding.wait(timeout=120)
+        others = {name: job(name) for name in ("long", "short", "pair")}
+        with scheduler.lock:  # the engine waits at the next step boundary
+            assert [row.job for row in scheduler.rows] == [running]  # mid-decode
+            for other in others.values():
+                scheduler.submit(other)
+        together = dict(zip(others, collect(others.values())))
+        together["running"] = running_texts.result(timeout=300)
+    finally:
+        scheduler.close()
+        loop.call_soon_threadsafe(loop.stop)
+    assert together == by_itself
+    for name, prompt in prompts.items():
+        context = encoder.encode(prompt)
+        ids = generate(model, [context], len(context) + max_tokens[name],
+                       strategy="greedy", end_token=EOS_ID)[0]
+        assert by_itself[name] == [encoder.decode(ids)] * (2 if name == "pair" else 1)
 
 
 # ------------------------------------------------------------- bad requests

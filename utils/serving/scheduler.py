@@ -4,10 +4,11 @@ One thread owns the engine (utils/decoding/engine.py). Between two decoding step
 it admits waiting rows and drops finished or abandoned ones:
 
 - Admit: the new rows' prompts run through the network together (left-
-  padded, as utils/decoding/generation.py prefills a batch), each row picks its first
-  token from its prompt's last logits, and the prompts' keys and values are
-  copied into free rows of the running cache so that they end at the slot
-  the batch writes next. All rows then advance one slot per step.
+  padded, as utils/decoding/generation.py prefills a batch), their keys and
+  values written straight into free rows of the running cache so that they
+  end at the slot the batch writes next; each row picks its first token from
+  its prompt's last logits, and it goes out before the next step. All rows
+  then advance one slot per step.
 - Step: every row feeds its last token at the same cache slot, with its own
   position id; a row attends only to its own slots (a mask, when the rows
   start at different slots). Each row picks its token with its own settings,
@@ -112,6 +113,12 @@ class Scheduler:
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.capacity = self.cache_slots(self.net.n_ctx)
         self.cache = self.net.new_cache(max_batch_size, self.capacity)
+        # Fault every page in now, at start-up: the first write to fresh
+        # (huge-page) memory costs far more than the write, and would land on
+        # the first token of whichever request first uses a row or slot
+        # (benchmarks/README.md, "Serving").
+        for part in self.cache:
+            part.zero_()
         self.rows: List[_Row] = []
         self.next_slot = 0  # the slot every row writes at the next step
         self.waiting: "collections.deque[_Row]" = collections.deque()
@@ -209,35 +216,43 @@ class Scheduler:
         return taken
 
     def _admit(self, new: List[_Row]) -> None:
-        """Prefill the new rows' prompts, join them to the batch, and pick
-        their first tokens."""
+        """Prefill the new rows' prompts straight into free rows of the
+        cache, ending at the slot the batch writes next, and pick their first
+        tokens. Rows sharing a prompt (n > 1) prefill it once: the first of
+        them is computed, the others get a copy of its cache row."""
         net = self.net
-        unique: Dict[tuple, int] = {}
+        unique: Dict[tuple, int] = {}  # prompt -> its row among `firsts`
+        firsts, copies = [], []
         for row in new:
-            unique.setdefault(tuple(row.context), len(unique))
-        contexts = [list(c) for c in unique]
+            key = tuple(row.context)
+            if key in unique:
+                copies.append(row)
+            else:
+                unique[key] = len(firsts)
+                firsts.append(row)
+        contexts = [r.context for r in firsts]
         width = max(len(c) for c in contexts)
-        batch = PaddedBatch(net, contexts, 1, width)
-        shape = (len(net.layers), len(contexts), net.n_head, width, net.head_dim)
-        prompt_cache = (torch.empty(shape, dtype=net.dtype, device=net.device),
-                        torch.empty(shape, dtype=net.dtype, device=net.device))
-        logits = net.next_logits(batch.ids, batch.positions, prompt_cache, 0,
-                                 batch.prefill_mask)
         if not self.rows:
             self.next_slot = width
         elif self.next_slot < width:
             self._move_window(width - self.next_slot)
-        end = self.next_slot
-        for row in new:
-            u = unique[tuple(row.context)]
-            index = len(self.rows)
-            for part, prompt_part in zip(self.cache, prompt_cache):
-                part[:, index, :, end - width:end] = prompt_part[:, u]
+        end, first = self.next_slot, len(self.rows)
+        batch = PaddedBatch(net, contexts, 1, width)
+        prompts = tuple(part[:, first:first + len(firsts), :, end - width:]
+                        for part in self.cache)
+        logits = net.next_logits(batch.ids, batch.positions, prompts, 0,
+                                 batch.prefill_mask)
+        for j, row in enumerate(copies):
+            index, source = first + len(firsts) + j, first + unique[tuple(row.context)]
+            for part in self.cache:
+                part[:, index, :, end - width:end] = part[:, source, :, end - width:end]
+        joined = firsts + copies  # their order in the batch
+        for row in joined:
             row.start, row.position = end - len(row.context), len(row.context)
             self.rows.append(row)
             if row.job.request.echo:
                 self._echo(row)
-        self._pick([logits[unique[tuple(row.context)]] for row in new], new)
+        self._pick([logits[unique[tuple(row.context)]] for row in joined], joined)
 
     def _step(self) -> None:
         """Feed every row its last token at the next slot; pick the next ones."""
