@@ -257,10 +257,11 @@ def test_concurrent_requests_give_the_sequential_texts(small):
 
 def test_rows_admitted_mid_decode_keep_their_greedy_texts():
     """The scheduler in-process: requests with prompts of different lengths
-    (one with n=2, whose rows share one prefill; one longer than the running
-    row has usually reached, so the batch's slots move) join a batch whose
-    row is mid-decode, at one step boundary; every text equals the same
-    request served alone and generate()'s greedy continuation (the CLI's)."""
+    join a batch whose row is mid-decode: two (one with n=2, whose rows share
+    one prefill) arrive while a step is between two layers and join there;
+    one, longer than the slots the running row has reached, joins at the
+    step's end, when the slots can move. Every text equals the same request
+    served alone and generate()'s greedy continuation (the CLI's)."""
     torch.manual_seed(0)
     hparams = gpt2_hparams(50257, 1024, 64, 2, 2)
     model = build_model(hparams).eval().requires_grad_(False)
@@ -276,6 +277,25 @@ def test_rows_admitted_mid_decode_keep_their_greedy_texts():
     scheduler = Scheduler(model, encoder, max_batch_size=6, max_queue=8,
                           end_token=EOS_ID)
     scheduler.start()
+    # The engine's forward, pausing once at its first layer boundary after
+    # `hold` is set, until `resume` is.
+    hold, paused, resume = threading.Event(), threading.Event(), threading.Event()
+    whole_forward = scheduler.net.next_logits_by_layer
+
+    def pausing_forward(*args):
+        forward = whole_forward(*args)
+        while True:
+            try:
+                next(forward)
+            except StopIteration as finished:
+                return finished.value
+            if hold.is_set():
+                hold.clear()
+                paused.set()
+                resume.wait()
+            yield
+
+    scheduler.net.next_logits_by_layer = pausing_forward
 
     def job(name):
         data = {"model": "m", "prompt": prompts[name], "temperature": 0,
@@ -309,16 +329,25 @@ def test_rows_admitted_mid_decode_keep_their_greedy_texts():
         running_texts = asyncio.run_coroutine_threadsafe(texts(running, decoding), loop)
         scheduler.submit(running)
         assert decoding.wait(timeout=120)
-        others = {name: job(name) for name in ("long", "short", "pair")}
-        with scheduler.lock:  # the engine waits at the next step boundary
-            assert [row.job for row in scheduler.rows] == [running]  # mid-decode
-            for other in others.values():
-                scheduler.submit(other)
-        together = dict(zip(others, collect(others.values())))
+        hold.set()
+        assert paused.wait(timeout=120)  # a step is between two layers
+        assert [row.job for row in scheduler.rows] == [running]
+        others = {name: job(name) for name in ("short", "pair", "long")}
+        joined = threading.Event()
+        short_texts = asyncio.run_coroutine_threadsafe(texts(others["short"], joined),
+                                                       loop)
+        scheduler.submit(others["short"])
+        scheduler.submit(others["pair"])
+        resume.set()
+        assert joined.wait(timeout=120)
+        scheduler.submit(others["long"])
+        together = dict(zip(("pair", "long"), collect([others["pair"], others["long"]])))
+        together["short"] = short_texts.result(timeout=300)
         together["running"] = running_texts.result(timeout=300)
     finally:
         scheduler.close()
         loop.call_soon_threadsafe(loop.stop)
+        del scheduler.net.next_logits_by_layer  # the engine's own again
     assert together == by_itself
     for name, prompt in prompts.items():
         context = encoder.encode(prompt)

@@ -188,8 +188,7 @@ class Scheduler:
                 with torch.inference_mode():
                     self._leave([i for i, r in enumerate(self.rows) if r.job.cancelled])
                     if new:
-                        self._admit(new)
-                        self._send()  # first tokens go out before the next step
+                        self._join(new)
                     if self.rows:
                         self._step()
             except Exception:  # a bug or out of memory: fail these rows, keep serving
@@ -215,11 +214,41 @@ class Scheduler:
                 taken.append(row)
         return taken
 
-    def _admit(self, new: List[_Row]) -> None:
+    def _join(self, new: List[_Row]) -> None:
+        """Admit rows between two steps: room for their prompts before the
+        slot the batch writes next, and their first tokens out at once."""
+        width = max(len(r.context) for r in new)
+        if not self.rows:
+            self.next_slot = width
+        elif self.next_slot < width:
+            self._move_window(width - self.next_slot)
+        self._admit(new, self.next_slot)
+        self._leave([i for i, r in enumerate(self.rows) if r.finish_reason])
+        self._send()
+
+    def _join_mid_step(self, end: int) -> None:
+        """Admit waiting rows while a step is under way (between two of its
+        layers), so that a request does not wait for the step to end: their
+        prompts end at the slot the step writes (`end` - 1, in other rows),
+        and they join the next step with the others. Rows whose prompts do
+        not fit before `end` wait for the step's end (the window moves only
+        between steps). Rows that finish at once leave after the step."""
+        with self.lock:
+            if self.stopping:
+                return
+            new = self._take_waiting()
+            if new and max(len(r.context) for r in new) > end:
+                self.waiting.extendleft(reversed(new))
+                return
+        if new:
+            self._admit(new, end)
+            self._send()
+
+    def _admit(self, new: List[_Row], end: int) -> None:
         """Prefill the new rows' prompts straight into free rows of the
-        cache, ending at the slot the batch writes next, and pick their first
-        tokens. Rows sharing a prompt (n > 1) prefill it once: the first of
-        them is computed, the others get a copy of its cache row."""
+        cache, ending before slot `end`, and pick their first tokens. Rows
+        sharing a prompt (n > 1) prefill it once: the first of them is
+        computed, the others get a copy of its cache row."""
         net = self.net
         unique: Dict[tuple, int] = {}  # prompt -> its row among `firsts`
         firsts, copies = [], []
@@ -231,12 +260,7 @@ class Scheduler:
                 unique[key] = len(firsts)
                 firsts.append(row)
         contexts = [r.context for r in firsts]
-        width = max(len(c) for c in contexts)
-        if not self.rows:
-            self.next_slot = width
-        elif self.next_slot < width:
-            self._move_window(width - self.next_slot)
-        end, first = self.next_slot, len(self.rows)
+        width, first = max(len(c) for c in contexts), len(self.rows)
         batch = PaddedBatch(net, contexts, 1, width)
         prompts = tuple(part[:, first:first + len(firsts), :, end - width:]
                         for part in self.cache)
@@ -255,10 +279,11 @@ class Scheduler:
         self._pick([logits[unique[tuple(row.context)]] for row in joined], joined)
 
     def _step(self) -> None:
-        """Feed every row its last token at the next slot; pick the next ones."""
+        """Feed every row its last token at the next slot; pick the next ones.
+        Requests that arrive meanwhile join between two layers."""
         if self.next_slot == self.capacity:
             self._move_window(-min(r.start for r in self.rows))
-        rows, slot = self.rows, self.next_slot
+        rows, slot = list(self.rows), self.next_slot
         base = min(r.start for r in rows)
         starts = torch.tensor([r.start - base for r in rows], device=self.net.device)
         mask = None
@@ -268,14 +293,23 @@ class Scheduler:
         ids = torch.tensor([[r.last] for r in rows], device=self.net.device)
         positions = torch.tensor([[r.position] for r in rows], device=self.net.device)
         cache = tuple(part[:, :len(rows), :, base:] for part in self.cache)
-        logits = self.net.next_logits(ids, positions, cache, slot - base, mask)
+        forward = self.net.next_logits_by_layer(ids, positions, cache, slot - base, mask)
+        while True:
+            try:
+                next(forward)
+            except StopIteration as finished:
+                logits = finished.value
+                break
+            if self.waiting:
+                self._join_mid_step(slot + 1)
         self.next_slot += 1
         for row in rows:
             row.position += 1
         self._pick(list(logits), rows)
+        self._leave([i for i, r in enumerate(self.rows) if r.finish_reason])
 
     def _pick(self, logits: List[torch.Tensor], rows: List[_Row]) -> None:
-        """Each row's next token from its logits [V]; finished rows leave."""
+        """Each row's next token from its logits [V]."""
         greedy = [i for i, r in enumerate(rows) if r.sampler.plain_greedy]
         argmax = {}
         if greedy:
@@ -287,7 +321,6 @@ class Scheduler:
                 token = row.sampler.choose(logits[i][None])
             row.sampler.chosen(token)
             self._advance(row, token, logits[i])
-        self._leave([i for i, r in enumerate(self.rows) if r.finish_reason])
 
     def _advance(self, row: _Row, token: int, logits: torch.Tensor) -> None:
         row.generated += 1
