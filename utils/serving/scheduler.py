@@ -1,14 +1,16 @@
 """Continuous batching: many requests' rows decoded as one KV-cached batch.
 
-One thread owns the engine (utils/decoding/engine.py). Between two decoding steps
-it admits waiting rows and drops finished or abandoned ones:
+One thread owns the engine (utils/decoding/engine.py). It admits waiting rows
+between two decoding steps and also between two layers of a step (so that a
+new request waits for one layer, not a whole step, before its prefill), and
+drops finished or abandoned ones between steps:
 
 - Admit: the new rows' prompts run through the network together (left-
   padded, as utils/decoding/generation.py prefills a batch), their keys and
   values written straight into free rows of the running cache so that they
-  end at the slot the batch writes next; each row picks its first token from
-  its prompt's last logits, and it goes out before the next step. All rows
-  then advance one slot per step.
+  end where the running rows' next token goes (mid-step: at the slot that
+  step writes); each row picks its first token from its prompt's last
+  logits, and it goes out at once. All rows then advance one slot per step.
 - Step: every row feeds its last token at the same cache slot, with its own
   position id; a row attends only to its own slots (a mask, when the rows
   start at different slots). Each row picks its token with its own settings,
