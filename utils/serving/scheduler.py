@@ -243,7 +243,11 @@ class Scheduler:
                 self.waiting.extendleft(reversed(new))
                 return
         if new:
-            self._admit(new, end)
+            try:
+                self._admit(new, end)
+            except Exception:  # _run fails the batch's jobs: these rows' too
+                self.rows += [r for r in new if r not in self.rows]
+                raise
             self._send()
 
     def _admit(self, new: List[_Row], end: int) -> None:
