@@ -7,13 +7,15 @@ saved as a checkpoint in a temporary folder; greedy completions of
 data/toy/train.txt. For each number of clients N, in every round (the order
 of the two alternating between rounds, so a slower period of a shared machine
 hits both alike):
+  - idle: PROBES streamed 8-token requests (the probe: the first prompt), one
+    after another, to the idle server;
   - concurrent: N streaming requests sent at once; once every one has its first
-    token, one more streaming request (the probe) measures the time to first
-    token under that load;
+    token, up to PROBES probes one after another while none of the N has
+    finished measure the time to first token under that load;
   - sequential: the same N requests, one after another, to the same server.
 Reported: wall time for all N, aggregate tokens/s, time to first token (TTFT)
-and per-request latency (p50/p95), the probe's TTFT against an idle server's
-(the N=1 sequential TTFT), whether the concurrent texts equal the sequential
+and per-request latency (p50/p95), the probes' median TTFT under load against
+the idle probes' median, whether the concurrent texts equal the sequential
 ones, and one CLI run per request (--cli_requests of them timed, process start
 and model loading included; the total for N is their mean x N).
 
@@ -37,6 +39,8 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 MODEL_NAME = "bench"
+PROBES = 3  # probe requests per measurement (idle, or under each load)
+PROBE_TOKENS = 8
 
 
 def write_checkpoint(directory: str) -> str:
@@ -85,9 +89,11 @@ class ServerProcess:
         self.proc.wait(timeout=60)
 
 
-def stream_completion(port: int, prompt: str, tokens: int, start_gate=None):
+def stream_completion(port: int, prompt: str, tokens: int, start_gate=None,
+                      first_chunk=None):
     """(text, seconds to the first chunk, seconds in all) of one streamed
-    greedy completion."""
+    greedy completion; `first_chunk` (a threading.Event) is set when the
+    first chunk arrives."""
     body = json.dumps({"model": MODEL_NAME, "prompt": prompt, "max_tokens": tokens,
                        "temperature": 0, "stream": True})
     if start_gate is not None:
@@ -111,6 +117,8 @@ def stream_completion(port: int, prompt: str, tokens: int, start_gate=None):
             raise RuntimeError(chunk["error"]["message"])
         if first is None:
             first = time.perf_counter() - start
+            if first_chunk is not None:
+                first_chunk.set()
         pieces.append(chunk["choices"][0]["text"])
     conn.close()
     return "".join(pieces), first, time.perf_counter() - start
@@ -123,33 +131,34 @@ def run_sequential(port, prompts, tokens):
 
 
 def run_concurrent(port, prompts, tokens):
-    """All requests at once; a probe request once all have started."""
+    """All requests at once; probes once all have their first token."""
     results = [None] * len(prompts)
     gate = threading.Barrier(len(prompts) + 1)
+    started = [threading.Event() for _ in prompts]
 
     def one(i):
-        results[i] = stream_completion(port, prompts[i], tokens, gate)
+        try:
+            results[i] = stream_completion(port, prompts[i], tokens, gate, started[i])
+        finally:
+            started[i].set()  # an error still lets the probe go
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
     for thread in threads:
         thread.start()
     gate.wait()
     start = time.perf_counter()
-    probe = None
+    probes = []
     if len(prompts) > 1:
-        while _rows(port) < len(prompts) and any(r is None for r in results):
-            time.sleep(0.01)  # until every request is in the server
-        probe = stream_completion(port, prompts[0], 8)[1]
+        for event in started:  # every request is decoding
+            event.wait()
+        while len(probes) < PROBES and all(r is None for r in results):
+            probes.append(stream_completion(port, prompts[0], PROBE_TOKENS)[1])
     for thread in threads:
         thread.join()
-    return results, time.perf_counter() - start, probe
+    return results, time.perf_counter() - start, probes
 
 
-def _rows(port: int) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("GET", "/health")
-    rows = json.loads(conn.getresponse().read())["rows"]
-    conn.close()
-    return rows
+def idle_probes(port, prompt):
+    return [stream_completion(port, prompt, PROBE_TOKENS)[1] for _ in range(PROBES)]
 
 
 def cli_seconds(checkpoint: str, prompt: str, tokens: int):
@@ -197,7 +206,9 @@ def main() -> None:
     try:
         stream_completion(server.port, prompts[0], 4)  # warm-up
         measured = {n: {"seq": [], "con": []} for n in clients}
+        idle = []
         for r in range(args.rounds):
+            idle += idle_probes(server.port, prompts[0])
             for n in clients:
                 order = ("seq", "con") if r % 2 == 0 else ("con", "seq")
                 for kind in order:
@@ -207,7 +218,7 @@ def main() -> None:
                     else:
                         measured[n]["con"].append(
                             run_concurrent(server.port, prompts[:n], args.tokens))
-        idle_ttft = statistics.median(res[0][1] for res, _, _ in measured[clients[0]]["seq"])
+        idle_ttft = statistics.median(idle)
         for n in clients:
             seq = measured[n]["seq"]
             con = measured[n]["con"]
@@ -217,7 +228,7 @@ def main() -> None:
                        for res, _, _ in seq + con)
             ttfts = [f for res, _, _ in con for _, f, _ in res]
             latencies = [s for res, _, _ in con for _, _, s in res]
-            probes = [p for _, _, p in con if p is not None]
+            probes = [p for _, _, ps in con for p in ps]
             row = {"clients": n, "tokens": args.tokens, "sequential_s": seq_wall,
                    "concurrent_s": con_wall, "speedup": seq_wall / con_wall,
                    "tok_s": n * args.tokens / con_wall,

@@ -6,6 +6,7 @@ Greedy texts are checked against Hugging Face transformers' greedy
 continuations of the TF-written fixtures and against gpt2_generate_main.py;
 sampled ones against the CLI with the same seed.
 """
+import asyncio
 import concurrent.futures
 import http.client
 import json
@@ -21,8 +22,11 @@ import openai
 import pytest
 import torch
 
+from utils.decoding.generation import generate
 from utils.model import build_model, gpt2_hparams
-from utils.processor import get_encoder
+from utils.processor import EOS_ID, get_encoder
+from utils.serving.request import APIError, parse_completion
+from utils.serving.scheduler import Job, Scheduler
 from utils.checkpoints.weights import checkpoint_model_fields, save_checkpoint
 import script_server
 
@@ -250,6 +254,158 @@ def test_concurrent_requests_give_the_sequential_texts(small):
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         concurrent_ = list(pool.map(complete, requests))
     assert concurrent_ == sequential
+
+
+class InProcess:
+    """A Scheduler of a random 2-layer, 1024-position GPT-2 on an asyncio loop
+    thread, without HTTP. Its engine's forward pauses once at its first layer
+    boundary after `hold` is set (then `paused` is set), until `resume` is;
+    with `fail_prefill` set, the next prefill raises instead."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.model = build_model(gpt2_hparams(50257, 1024, 64, 2, 2)).eval()
+        self.model.requires_grad_(False)
+        self.encoder = get_encoder()
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.scheduler = Scheduler(self.model, self.encoder, max_batch_size=6,
+                                   max_queue=8, end_token=EOS_ID)
+        self.hold, self.paused = threading.Event(), threading.Event()
+        self.resume, self.fail_prefill = threading.Event(), threading.Event()
+        self.whole_forward = self.scheduler.net.next_logits_by_layer
+        self.scheduler.net.next_logits_by_layer = self.pausing_forward
+        self.scheduler.start()
+
+    def pausing_forward(self, ids, *args):
+        if ids.shape[1] > 1 and self.fail_prefill.is_set():
+            self.fail_prefill.clear()
+            raise RuntimeError("a prefill failed (on purpose)")
+        forward = self.whole_forward(ids, *args)
+        while True:
+            try:
+                next(forward)
+            except StopIteration as finished:
+                return finished.value
+            if self.hold.is_set():
+                self.hold.clear()
+                self.paused.set()
+                self.resume.wait()
+            yield
+
+    def job(self, prompt, max_tokens, n=1):
+        data = {"model": "m", "prompt": prompt, "temperature": 0,
+                "max_tokens": max_tokens, "n": n}
+        return Job(parse_completion(data, model_name="m", encoder=self.encoder,
+                                    n_ctx=1024, n_vocab=50257, end_token=EOS_ID),
+                   self.loop)
+
+    async def _texts(self, job, first_piece):
+        done, out = 0, [""] * job.request.rows
+        while done < job.request.rows:
+            items = await job.events.get()
+            if isinstance(items, APIError):
+                return items
+            for piece in items:
+                out[piece.choice] += piece.text
+                done += piece.finish_reason is not None
+                if first_piece is not None:
+                    first_piece.set()
+        return out
+
+    def texts(self, job, first_piece=None) -> concurrent.futures.Future:
+        """A future of each choice's text once all have finished (or of the
+        job's APIError); `first_piece` is set when the first piece arrives."""
+        return asyncio.run_coroutine_threadsafe(self._texts(job, first_piece), self.loop)
+
+    def alone(self, job):
+        future = self.texts(job)
+        self.scheduler.submit(job)
+        return future.result(timeout=300)
+
+    def running(self, prompt, max_tokens):
+        """(a job submitted and decoding, its texts' future)."""
+        job, decoding = self.job(prompt, max_tokens), threading.Event()
+        future = self.texts(job, decoding)
+        self.scheduler.submit(job)
+        assert decoding.wait(timeout=120)
+        return job, future
+
+    def close(self):
+        self.scheduler.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        del self.scheduler.net.next_logits_by_layer  # the engine's own again
+
+
+def test_rows_admitted_mid_decode_keep_their_greedy_texts():
+    """The scheduler in-process: requests with prompts of different lengths
+    join a batch whose row is mid-decode: two (one with n=2, whose rows share
+    one prefill) arrive while a step is between two layers and join there;
+    one, longer than the slots the running row has reached, joins at the
+    step's end, when the slots can move. Every text equals the same request
+    served alone and generate()'s greedy continuation (the CLI's)."""
+    server = InProcess()
+    encoder = server.encoder
+    words = "the quick brown fox jumps over a lazy dog while it rains and".split()
+    prompts = {"running": "Once upon a time", "long": " ".join(words * 4),
+               "short": "Hi", "pair": "A lazy dog"}
+    lengths = {name: len(encoder.encode(p)) for name, p in prompts.items()}
+    assert lengths["long"] > 40 > lengths["running"] > lengths["short"]
+    max_tokens = {"running": 400, "long": 30, "short": 25, "pair": 20}
+    n = {"pair": 2}
+
+    def job(name):
+        return server.job(prompts[name], max_tokens[name], n.get(name, 1))
+
+    try:
+        by_itself = {name: server.alone(job(name)) for name in prompts}
+        running, running_texts = server.running(prompts["running"], max_tokens["running"])
+        server.hold.set()
+        assert server.paused.wait(timeout=120)  # a step is between two layers
+        assert [row.job for row in server.scheduler.rows] == [running]
+        others = {name: job(name) for name in ("short", "pair", "long")}
+        joined = threading.Event()
+        futures = {"short": server.texts(others["short"], joined),
+                   "pair": server.texts(others["pair"])}
+        server.scheduler.submit(others["short"])
+        server.scheduler.submit(others["pair"])
+        server.resume.set()
+        assert joined.wait(timeout=120)
+        futures["long"] = server.texts(others["long"])
+        server.scheduler.submit(others["long"])
+        together = {name: f.result(timeout=300) for name, f in futures.items()}
+        together["running"] = running_texts.result(timeout=300)
+    finally:
+        server.close()
+    assert together == by_itself
+    for name, prompt in prompts.items():
+        context = encoder.encode(prompt)
+        ids = generate(server.model, [context], len(context) + max_tokens[name],
+                       strategy="greedy", end_token=EOS_ID)[0]
+        assert by_itself[name] == [encoder.decode(ids)] * n.get(name, 1)
+
+
+def test_a_failure_while_joining_mid_step_fails_those_requests_too():
+    """A prefill that raises while a step is between two layers: the request
+    being admitted gets the 500 error like the running one (none waits for
+    ever), and the scheduler serves the next request."""
+    server = InProcess()
+    try:
+        running, running_texts = server.running("Once upon a time", 400)
+        server.hold.set()
+        assert server.paused.wait(timeout=120)
+        joining = server.job("Hi there", 10)
+        joining_texts = server.texts(joining)
+        server.fail_prefill.set()
+        server.scheduler.submit(joining)
+        server.resume.set()
+        for future in (joining_texts, running_texts):
+            error = future.result(timeout=120)
+            assert isinstance(error, APIError) and error.status == 500
+        assert not server.fail_prefill.is_set()  # the failing prefill ran
+        assert server.alone(server.job("Hi", 10)) == server.alone(server.job("Hi", 10))
+    finally:
+        server.close()
 
 
 # ------------------------------------------------------------- bad requests

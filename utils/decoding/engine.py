@@ -24,7 +24,7 @@ through utils/decoding/load_targets.py is already laid out (or quantized)
 as it loaded: nothing is copied here.
 """
 import weakref
-from typing import List, Optional, Tuple
+from typing import Generator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -166,6 +166,15 @@ class GPT2Net:
         `mask` (bool, True = may attend) is [B, 1, T, start+T] or None for
         plain causal attention over every slot.
         """
+        return run_through(self.hidden_by_layer(ids, positions, cache, start, mask))
+
+    def hidden_by_layer(self, ids: torch.Tensor, positions: torch.Tensor,
+                        cache: Optional[Tuple[torch.Tensor, torch.Tensor]], start: int,
+                        mask: Optional[torch.Tensor]) -> Generator[None, None, torch.Tensor]:
+        """`hidden` as a generator that yields after each layer but the last,
+        so that its caller can run other work in between (the server
+        prefills a new request there, in other cache rows); it returns the
+        final hidden states."""
         B, T = ids.shape
         H, hd, D = self.n_head, self.head_dim, self.n_embd
         x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
@@ -183,6 +192,8 @@ class GPT2Net:
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
             x = x + layer.o(a.transpose(1, 2).reshape(B, T, D))
             x = x + layer.fc2(layer.fc1(F.layer_norm(x, *layer.ln2)))
+            if i + 1 < len(self.layers):
+                yield
         return F.layer_norm(x, *self.final_ln)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -194,7 +205,26 @@ class GPT2Net:
         """Logits [B, V] after the last of tokens `ids` [B, T] (arguments as
         for hidden). A batch-1 step of one token runs compiled when enabled
         (utils/decoding/compiled_step.py)."""
+        return run_through(self.next_logits_by_layer(ids, positions, cache, start, mask))
+
+    def next_logits_by_layer(self, ids: torch.Tensor, positions: torch.Tensor,
+                             cache: Optional[Tuple[torch.Tensor, torch.Tensor]],
+                             start: int, mask: Optional[torch.Tensor]
+                             ) -> Generator[None, None, torch.Tensor]:
+        """`next_logits` as a generator, as hidden_by_layer (a compiled step
+        runs whole, without yielding)."""
         B, T = ids.shape
         if self.compiled and B == 1 and T == 1 and cache is not None and mask is None:
             return compiled_step.next_logits(self, ids, positions, cache, start)
-        return self.logits(self.hidden(ids, positions, cache, start, mask)[:, -1])
+        hidden = yield from self.hidden_by_layer(ids, positions, cache, start, mask)
+        return self.logits(hidden[:, -1])
+
+
+def run_through(steps: Generator[None, None, torch.Tensor]) -> torch.Tensor:
+    """The return value of a generator of the engine's `*_by_layer` methods,
+    run without pausing."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as finished:
+            return finished.value

@@ -1,13 +1,16 @@
 """Continuous batching: many requests' rows decoded as one KV-cached batch.
 
-One thread owns the engine (utils/decoding/engine.py). Between two decoding steps
-it admits waiting rows and drops finished or abandoned ones:
+One thread owns the engine (utils/decoding/engine.py). It admits waiting rows
+between two decoding steps and also between two layers of a step (so that a
+new request waits for one layer, not a whole step, before its prefill), and
+drops finished or abandoned ones between steps:
 
 - Admit: the new rows' prompts run through the network together (left-
-  padded, as utils/decoding/generation.py prefills a batch), each row picks its first
-  token from its prompt's last logits, and the prompts' keys and values are
-  copied into free rows of the running cache so that they end at the slot
-  the batch writes next. All rows then advance one slot per step.
+  padded, as utils/decoding/generation.py prefills a batch), their keys and
+  values written straight into free rows of the running cache so that they
+  end where the running rows' next token goes (mid-step: at the slot that
+  step writes); each row picks its first token from its prompt's last
+  logits, and it goes out at once. All rows then advance one slot per step.
 - Step: every row feeds its last token at the same cache slot, with its own
   position id; a row attends only to its own slots (a mask, when the rows
   start at different slots). Each row picks its token with its own settings,
@@ -112,6 +115,12 @@ class Scheduler:
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.capacity = self.cache_slots(self.net.n_ctx)
         self.cache = self.net.new_cache(max_batch_size, self.capacity)
+        # Fault every page in now, at start-up: the first write to fresh
+        # (huge-page) memory costs far more than the write, and would land on
+        # the first token of whichever request first uses a row or slot
+        # (benchmarks/README.md, "Serving").
+        for part in self.cache:
+            part.zero_()
         self.rows: List[_Row] = []
         self.next_slot = 0  # the slot every row writes at the next step
         self.waiting: "collections.deque[_Row]" = collections.deque()
@@ -181,8 +190,7 @@ class Scheduler:
                 with torch.inference_mode():
                     self._leave([i for i, r in enumerate(self.rows) if r.job.cancelled])
                     if new:
-                        self._admit(new)
-                        self._send()  # first tokens go out before the next step
+                        self._join(new)
                     if self.rows:
                         self._step()
             except Exception:  # a bug or out of memory: fail these rows, keep serving
@@ -208,42 +216,80 @@ class Scheduler:
                 taken.append(row)
         return taken
 
-    def _admit(self, new: List[_Row]) -> None:
-        """Prefill the new rows' prompts, join them to the batch, and pick
-        their first tokens."""
-        net = self.net
-        unique: Dict[tuple, int] = {}
-        for row in new:
-            unique.setdefault(tuple(row.context), len(unique))
-        contexts = [list(c) for c in unique]
-        width = max(len(c) for c in contexts)
-        batch = PaddedBatch(net, contexts, 1, width)
-        shape = (len(net.layers), len(contexts), net.n_head, width, net.head_dim)
-        prompt_cache = (torch.empty(shape, dtype=net.dtype, device=net.device),
-                        torch.empty(shape, dtype=net.dtype, device=net.device))
-        logits = net.next_logits(batch.ids, batch.positions, prompt_cache, 0,
-                                 batch.prefill_mask)
+    def _join(self, new: List[_Row]) -> None:
+        """Admit rows between two steps: room for their prompts before the
+        slot the batch writes next, and their first tokens out at once."""
+        width = max(len(r.context) for r in new)
         if not self.rows:
             self.next_slot = width
         elif self.next_slot < width:
             self._move_window(width - self.next_slot)
-        end = self.next_slot
+        self._admit(new, self.next_slot)
+        self._leave([i for i, r in enumerate(self.rows) if r.finish_reason])
+        self._send()
+
+    def _join_mid_step(self, end: int) -> None:
+        """Admit waiting rows while a step is under way (between two of its
+        layers), so that a request does not wait for the step to end: their
+        prompts end at the slot the step writes (`end` - 1, in other rows),
+        and they join the next step with the others. Rows whose prompts do
+        not fit before `end` wait for the step's end (the window moves only
+        between steps). Rows that finish at once leave after the step."""
+        with self.lock:
+            if self.stopping:
+                return
+            new = self._take_waiting()
+            if new and max(len(r.context) for r in new) > end:
+                self.waiting.extendleft(reversed(new))
+                return
+        if new:
+            try:
+                self._admit(new, end)
+            except Exception:  # _run fails the batch's jobs: these rows' too
+                self.rows += [r for r in new if r not in self.rows]
+                raise
+            self._send()
+
+    def _admit(self, new: List[_Row], end: int) -> None:
+        """Prefill the new rows' prompts straight into free rows of the
+        cache, ending before slot `end`, and pick their first tokens. Rows
+        sharing a prompt (n > 1) prefill it once: the first of them is
+        computed, the others get a copy of its cache row."""
+        net = self.net
+        unique: Dict[tuple, int] = {}  # prompt -> its row among `firsts`
+        firsts, copies = [], []
         for row in new:
-            u = unique[tuple(row.context)]
-            index = len(self.rows)
-            for part, prompt_part in zip(self.cache, prompt_cache):
-                part[:, index, :, end - width:end] = prompt_part[:, u]
+            key = tuple(row.context)
+            if key in unique:
+                copies.append(row)
+            else:
+                unique[key] = len(firsts)
+                firsts.append(row)
+        contexts = [r.context for r in firsts]
+        width, first = max(len(c) for c in contexts), len(self.rows)
+        batch = PaddedBatch(net, contexts, 1, width)
+        prompts = tuple(part[:, first:first + len(firsts), :, end - width:]
+                        for part in self.cache)
+        logits = net.next_logits(batch.ids, batch.positions, prompts, 0,
+                                 batch.prefill_mask)
+        for j, row in enumerate(copies):
+            index, source = first + len(firsts) + j, first + unique[tuple(row.context)]
+            for part in self.cache:
+                part[:, index, :, end - width:end] = part[:, source, :, end - width:end]
+        joined = firsts + copies  # their order in the batch
+        for row in joined:
             row.start, row.position = end - len(row.context), len(row.context)
             self.rows.append(row)
             if row.job.request.echo:
                 self._echo(row)
-        self._pick([logits[unique[tuple(row.context)]] for row in new], new)
+        self._pick([logits[unique[tuple(row.context)]] for row in joined], joined)
 
     def _step(self) -> None:
-        """Feed every row its last token at the next slot; pick the next ones."""
+        """Feed every row its last token at the next slot; pick the next ones.
+        Requests that arrive meanwhile join between two layers."""
         if self.next_slot == self.capacity:
             self._move_window(-min(r.start for r in self.rows))
-        rows, slot = self.rows, self.next_slot
+        rows, slot = list(self.rows), self.next_slot
         base = min(r.start for r in rows)
         starts = torch.tensor([r.start - base for r in rows], device=self.net.device)
         mask = None
@@ -253,14 +299,23 @@ class Scheduler:
         ids = torch.tensor([[r.last] for r in rows], device=self.net.device)
         positions = torch.tensor([[r.position] for r in rows], device=self.net.device)
         cache = tuple(part[:, :len(rows), :, base:] for part in self.cache)
-        logits = self.net.next_logits(ids, positions, cache, slot - base, mask)
+        forward = self.net.next_logits_by_layer(ids, positions, cache, slot - base, mask)
+        while True:
+            try:
+                next(forward)
+            except StopIteration as finished:
+                logits = finished.value
+                break
+            if self.waiting:
+                self._join_mid_step(slot + 1)
         self.next_slot += 1
         for row in rows:
             row.position += 1
         self._pick(list(logits), rows)
+        self._leave([i for i, r in enumerate(self.rows) if r.finish_reason])
 
     def _pick(self, logits: List[torch.Tensor], rows: List[_Row]) -> None:
-        """Each row's next token from its logits [V]; finished rows leave."""
+        """Each row's next token from its logits [V]."""
         greedy = [i for i, r in enumerate(rows) if r.sampler.plain_greedy]
         argmax = {}
         if greedy:
@@ -272,7 +327,6 @@ class Scheduler:
                 token = row.sampler.choose(logits[i][None])
             row.sampler.chosen(token)
             self._advance(row, token, logits[i])
-        self._leave([i for i, r in enumerate(self.rows) if r.finish_reason])
 
     def _advance(self, row: _Row, token: int, logits: torch.Tensor) -> None:
         row.generated += 1
