@@ -20,6 +20,8 @@ machine falls on both sides alike.
 
     python benchmarks/bench_startup.py                 # 5 rounds
     python benchmarks/bench_startup.py --rounds 3 --work_dir /tmp/startup
+    python benchmarks/bench_startup.py --config_model configs.config_model_1558M \
+        --engines ours,ours_int8 --new_tokens 1 --rounds 1 --work_dir /tmp/startup_1558M
 The model files are written once into --work_dir (kept, and reused when there).
 """
 import argparse
@@ -41,8 +43,9 @@ PROMPT = "The quick brown fox jumps over the lazy dog."
 ENGINES = ("ours", "ours_int8", "ct2", "ct2_int8")
 
 
-def prepare_models(work_dir: str, config: str):
-    """(OpenAI dir, CTranslate2 dir) of one random model, written once."""
+def prepare_models(work_dir: str, config: str, with_ct2: bool = True):
+    """(OpenAI dir, CTranslate2 dir) of one random model, written once (the
+    CTranslate2 one only `with_ct2`)."""
     import torch
     from utils.checkpoints.weights import (CHECKPOINT_FORMAT, checkpoint_model_fields,
                                            save_checkpoint)
@@ -59,7 +62,7 @@ def prepare_models(work_dir: str, config: str):
         _run_checked([sys.executable, "convert_checkpoint.py", ckpt, openai_dir,
                       "--format", "openai"])
     hf_dir, ct2_dir = os.path.join(work_dir, "hf"), os.path.join(work_dir, "ct2")
-    if ct2_engine.available() and not os.path.isdir(ct2_dir):
+    if with_ct2 and ct2_engine.available() and not os.path.isdir(ct2_dir):
         if not os.path.isdir(hf_dir):
             _run_checked([sys.executable, "convert_checkpoint.py", openai_dir, hf_dir,
                           "--format", "hf"])
@@ -118,9 +121,10 @@ def main() -> None:
     args = parser.parse_args()
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="bench_startup_")
     os.makedirs(work_dir, exist_ok=True)
-    openai_dir, ct2_dir = prepare_models(work_dir, args.config_model)
     engines = [e for e in args.engines.split(",")
                if e.startswith("ours") or ct2_engine.available()]
+    openai_dir, ct2_dir = prepare_models(work_dir, args.config_model,
+                                         with_ct2=any(e.startswith("ct2") for e in engines))
     base = prompt_tokens()
     lengths = {1: base + 1, args.new_tokens: base + args.new_tokens}
     runs = {}  # (engine, new tokens) -> [(seconds, MiB)] per round
