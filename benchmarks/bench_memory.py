@@ -21,6 +21,8 @@ Settings (the config_train values):
   adafactor+ckpt   opt Adafactor (lr 1e-3), gradient_checkpointing = True
   adafactor+ckpt+frozen   ... trainable = "transformer"
   sgdm+ckpt+frozen opt SGD (lr 1e-3, momentum 0.9), checkpointing, frozen
+  lora+ckpt        LoRA adapters (rank 8, alpha 16, attention and mlp) on the
+                   frozen fp32 base, AdamW on the adapters, checkpointing
 
 Rows run one at a time. Before each, the memory the row needs is estimated
 (weights, gradients, optimizer state, activations); a row needing more than
@@ -56,7 +58,10 @@ SETTINGS = {
     "adafactor+ckpt": ("Adafactor", {"lr": 1e-3}, True, "all", "fp32"),
     "adafactor+ckpt+frozen": ("Adafactor", {"lr": 1e-3}, True, "transformer", "fp32"),
     "sgdm+ckpt+frozen": ("SGD", {"lr": 1e-3, "momentum": 0.9}, True, "transformer", "fp32"),
+    # trainable "lora": the base frozen, adapters of LORA (the README's example)
+    "lora+ckpt": ("AdamW", {"lr": 1e-4, "weight_decay": 0.01}, True, "lora", "fp32"),
 }
+LORA = {"rank": 8, "alpha": 16, "dropout": 0.0, "targets": ["attention", "mlp"]}
 BASELINE = "adamw"
 
 
@@ -71,6 +76,8 @@ def estimate_bytes(sizes, tokens: int, setting: str) -> float:
     v, e, h, layers = (sizes[k] for k in ("n_vocab", "n_embd", "n_head", "n_layer"))
     params = parameter_count(sizes)
     trained = params - (v * e + sizes["n_ctx"] * e if trainable == "transformer" else 0)
+    if trainable == "lora":  # rank x (in + out) per adapted layer: q, k, v, o, fc1, fc2
+        trained = layers * LORA["rank"] * (4 * 2 * e + 2 * 5 * e)
     state_per_weight = {"AdamW": 2, "SGD": 1, "Adafactor": 0.05}[optimizer]
     # Per layer, fp32: ~34 n_embd-wide and ~5 per-head T x T tensors (Korthikanti
     # et al.'s count, doubled for 4-byte floats).
@@ -98,6 +105,7 @@ def run_row(size: str, tokens: int, setting: str, steps: int, device_name: str) 
     from utils.device import resolve_device
     from utils.training.lm import autocast, lm_nll
     from utils.training.memory_options import apply_memory_options, trainable_parameter_count
+    from utils.lora import add_adapters, lora_settings
     from utils.model import build_model, gpt2_hparams
     from utils.training.optimizer import build_optimizer
 
@@ -106,7 +114,9 @@ def run_row(size: str, tokens: int, setting: str, steps: int, device_name: str) 
     torch.manual_seed(0)
     model = build_model(gpt2_hparams(**SIZES[size])).to(device)
     model.train()
-    apply_memory_options(model, checkpointing, trainable)
+    if trainable == "lora":
+        add_adapters(model, lora_settings(LORA, "bench_memory's LORA"))
+    apply_memory_options(model, checkpointing, "all" if trainable == "lora" else trainable)
     opt = {"optimizer": {"type": optimizer_type, "kwargs": kwargs},
            "gradient_clip": {"type": "clip_grad_norm_", "kwargs": {"max_norm": 1.0}}}
     optimizer, clip, _ = build_optimizer(model, opt, precision, device)
