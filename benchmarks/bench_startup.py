@@ -43,14 +43,19 @@ PROMPT = "The quick brown fox jumps over the lazy dog."
 ENGINES = ("ours", "ours_int8", "ct2", "ct2_int8")
 
 
+def model_dirs(work_dir: str):
+    """(OpenAI dir, Hugging Face dir, CTranslate2 dir) inside work_dir."""
+    return tuple(os.path.join(work_dir, name) for name in ("openai", "hf", "ct2"))
+
+
 def prepare_models(work_dir: str, config: str, with_ct2: bool = True):
-    """(OpenAI dir, CTranslate2 dir) of one random model, written once (the
-    CTranslate2 one only `with_ct2`)."""
+    """Write one random model into model_dirs(work_dir) once: OpenAI's layout,
+    and CTranslate2's (through Hugging Face's) when `with_ct2`."""
     import torch
     from utils.checkpoints.weights import (CHECKPOINT_FORMAT, checkpoint_model_fields,
                                            save_checkpoint)
     from utils.model import build_model, load_model_hparams
-    openai_dir = os.path.join(work_dir, "openai")
+    openai_dir, hf_dir, ct2_dir = model_dirs(work_dir)
     ckpt = os.path.join(work_dir, "random.ckpt")
     if not os.path.isdir(openai_dir):
         torch.manual_seed(SEED)
@@ -61,14 +66,12 @@ def prepare_models(work_dir: str, config: str, with_ct2: bool = True):
         del model
         _run_checked([sys.executable, "convert_checkpoint.py", ckpt, openai_dir,
                       "--format", "openai"])
-    hf_dir, ct2_dir = os.path.join(work_dir, "hf"), os.path.join(work_dir, "ct2")
     if with_ct2 and ct2_engine.available() and not os.path.isdir(ct2_dir):
         if not os.path.isdir(hf_dir):
             _run_checked([sys.executable, "convert_checkpoint.py", openai_dir, hf_dir,
                           "--format", "hf"])
         import ctranslate2
         ctranslate2.converters.TransformersConverter(hf_dir).convert(ct2_dir, force=True)
-    return openai_dir, ct2_dir
 
 
 def _run_checked(cmd) -> None:
@@ -118,13 +121,24 @@ def main() -> None:
     parser.add_argument("--work_dir", default=None,
                         help="Where the model files are written (default: a temporary one).")
     parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--prepare_only", action="store_true",
+                        help="Write the model files into --work_dir and exit.")
     args = parser.parse_args()
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="bench_startup_")
     os.makedirs(work_dir, exist_ok=True)
     engines = [e for e in args.engines.split(",")
                if e.startswith("ours") or ct2_engine.available()]
-    openai_dir, ct2_dir = prepare_models(work_dir, args.config_model,
-                                         with_ct2=any(e.startswith("ct2") for e in engines))
+    with_ct2 = any(e.startswith("ct2") for e in engines)
+    if args.prepare_only:
+        prepare_models(work_dir, args.config_model, with_ct2)
+        return
+    # In a process of its own: Linux carries a parent's peak RSS into every
+    # process it starts (fork copies it, exec keeps it), so this process must
+    # never hold a model, or every ru_maxrss below would be at least its peak.
+    _run_checked([sys.executable, os.path.abspath(__file__), "--prepare_only",
+                  "--work_dir", work_dir, "--config_model", args.config_model,
+                  "--engines", ",".join(engines)])
+    openai_dir, _, ct2_dir = model_dirs(work_dir)
     base = prompt_tokens()
     lengths = {1: base + 1, args.new_tokens: base + args.new_tokens}
     runs = {}  # (engine, new tokens) -> [(seconds, MiB)] per round
