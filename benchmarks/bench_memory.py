@@ -106,9 +106,11 @@ def run_row(size: str, tokens: int, setting: str, steps: int, device_name: str) 
     from utils.training.lm import autocast, lm_nll
     from utils.training.memory_options import apply_memory_options, trainable_parameter_count
     from utils.lora import add_adapters, lora_settings
+    from utils.training.heap import map_large_blocks_separately
     from utils.model import build_model, gpt2_hparams
     from utils.training.optimizer import build_optimizer
 
+    map_large_blocks_separately()  # as gpt2_train_main.py does
     device = resolve_device(device_name)
     optimizer_type, kwargs, checkpointing, trainable, precision = SETTINGS[setting]
     torch.manual_seed(0)

@@ -24,6 +24,7 @@ from benchmarks.bench_memory import SIZES  # noqa: E402
 from utils.model import build_model, gpt2_hparams  # noqa: E402
 from utils.training import sharding  # noqa: E402
 from utils.training.distributed import init_distributed  # noqa: E402
+from utils.training.heap import map_large_blocks_separately  # noqa: E402
 from utils.training.lm import lm_nll  # noqa: E402
 from utils.training.memory_options import enable_gradient_checkpointing  # noqa: E402
 
@@ -34,6 +35,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
+    map_large_blocks_separately()  # as gpt2_train_main.py does
     ctx = init_distributed(True, backend="gloo")
     torch.manual_seed(0)
     model = build_model(gpt2_hparams(**SIZES[args.size])).train()

@@ -9,7 +9,8 @@ splits a run reads (train_data), what a resumed run changed
 (resume_settings), distributed launch (distributed), sharded data parallel
 with FSDP (sharding) and its Adafactor (sharded_adafactor), a LoRA run's adapters and resume rules
 (lora_training), the training loss's fused cross-entropy
-(fused_cross_entropy) and `compile = True` (compiled_forward).
+(fused_cross_entropy), `compile = True` (compiled_forward) and glibc's heap
+setting that keeps freed memory from staying resident (heap).
 May import: the root modules and every other package (checkpoints, data,
 decoding, samples); nothing imports it but gpt2_train_main.py.
 """
