@@ -97,6 +97,27 @@ def test_sharded_equals_one_process_and_resumes_sharded_or_not(tmp_path, data_di
     assert_same_model(reference, load(alone / "model.ckpt"))
 
 
+def test_117m_config_shards_like_one_process(tmp_path, data_dir):
+    """The issue's goal on the 117M config (GPT-2 124M's shapes, dropout off so
+    that the ranks draw no masks): 2 sharded processes with the same global
+    batch as 1 process reach the same weights within WEIGHT_TOL after 2
+    steps from the same random start."""
+    config = tmp_path / "model_117m.py"
+    config.write_text("from configs.config_model_117M import n_vocab, n_ctx, n_embd, "
+                      "n_head, n_layer\nfrom utils.model import gpt2_hparams\n"
+                      "hparams = gpt2_hparams(n_vocab, n_ctx, n_embd, n_head, n_layer, "
+                      "dropout=0.0)\n")
+    one, two = configs(tmp_path, data_dir)
+    start = ("--do_train", "--from_scratch", "--config_model", config,
+             "--stop_after_steps", 2)
+    assert train(*start, "--config_train", one, "--output_dir", tmp_path / "one") == 0
+    torchrun(*start, "--config_train", two, "--output_dir", tmp_path / "two")
+    whole, sharded = load(tmp_path / "one" / "model.ckpt"), load(tmp_path / "two" / "model.ckpt")
+    assert whole["step"] == sharded["step"] == 2
+    assert whole["model"]["decoder.self_attns.0.Q_dense.weight"].shape == (768, 768)
+    assert_same_model(whole, sharded)
+
+
 def test_sgd_and_frozen_embeddings_shard_like_one_process(tmp_path, data_dir, base):
     one, two = configs(tmp_path, data_dir, "SGD", trainable="transformer")
     assert train("--do_train", "--checkpoint", base, "--config_train", one,
