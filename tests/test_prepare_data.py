@@ -21,6 +21,7 @@ from utils.data.records import PreparedSplit
 from utils.errors import UserError
 from utils.processor import EOS_ID, get_encoder
 import script_server
+from user_files import signals_as_from_a_terminal
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # OpenAI's GPT-2 ids for "Hello world" (also in tests/fixtures/tf_gpt2/README.md).
@@ -306,7 +307,8 @@ def _stop_a_run(tmp_path, when, send, num_workers=2):
     proc = subprocess.Popen([sys.executable, "prepare_data.py", "--data_dir", str(tmp_path),
                              "--output_dir", str(out), "--num_workers", str(num_workers)],
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            preexec_fn=signals_as_from_a_terminal)
     try:
         while not _encoding_started(out, when == "encoding") and proc.poll() is None:
             time.sleep(0.01)

@@ -24,6 +24,7 @@ from utils.processor import EOS_ID
 from utils.samples.test_split import sampling_for_test_split, tsv_field, write_test_samples
 from utils.training.config import load_train_config
 import script_server
+from user_files import signals_as_from_a_terminal
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -320,7 +321,8 @@ def _start_long_training(tmp_path, data_dir, out):
            "--config_model", model_config(tmp_path), "--config_train", cfg,
            "--output_dir", str(out), "--quiet"]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=signals_as_from_a_terminal)
     return proc, cfg
 
 

@@ -4,6 +4,7 @@ check that the files it was given are byte-identical afterwards."""
 import hashlib
 import io
 import os
+import signal
 import sys
 
 import pytest
@@ -36,6 +37,15 @@ def run_in_process(main, argv, monkeypatch, capsys, stdin=""):
         run_main(main, [str(a) for a in argv])
     out, err = capsys.readouterr()
     return exit_info.value.code, out, err
+
+
+def signals_as_from_a_terminal():
+    """preexec_fn for a command a test interrupts: Ctrl-C and SIGTERM at their
+    defaults in the child, as a shell at a terminal starts a command (an
+    ignored signal is inherited through exec, and a program rightly keeps
+    ignoring it), whatever the test process's own dispositions."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def run_script(script, argv, **kwargs):
