@@ -107,7 +107,7 @@ def test_117m_config_shards_like_one_process(tmp_path, data_dir):
                       "n_head, n_layer\nfrom utils.model import gpt2_hparams\n"
                       "hparams = gpt2_hparams(n_vocab, n_ctx, n_embd, n_head, n_layer, "
                       "dropout=0.0)\n")
-    one, two = configs(tmp_path, data_dir)
+    one, two = configs(tmp_path, data_dir, opt="SGD")  # AdamW: the tiny model's tests
     start = ("--do_train", "--from_scratch", "--config_model", config,
              "--stop_after_steps", 2)
     assert train(*start, "--config_train", one, "--output_dir", tmp_path / "one") == 0
