@@ -291,8 +291,8 @@ def _served(cmd, kwargs) -> bool:
 def _output_file(choice, capture, opened, stdout_fd=None):
     """(fd to hand the run or None to inherit ours, temporary file to read
     afterwards or None); fds opened here are added to `opened`."""
-    if choice == subprocess.STDOUT:
-        return stdout_fd, None
+    if choice == subprocess.STDOUT:  # where stdout goes: ours (1) when inherited
+        return (1 if stdout_fd is None else stdout_fd), None
     if choice == subprocess.PIPE or (choice is None and capture):
         f = tempfile.TemporaryFile()
         return f.fileno(), f

@@ -225,7 +225,7 @@ class Scheduler:
         elif self.next_slot < width:
             self._move_window(width - self.next_slot)
         self._admit(new, self.next_slot)
-        self._leave([i for i, r in enumerate(self.rows) if r.finish_reason])
+        self._leave_finished()
         self._send()
 
     def _join_mid_step(self, end: int) -> None:
@@ -312,7 +312,7 @@ class Scheduler:
         for row in rows:
             row.position += 1
         self._pick(list(logits), rows)
-        self._leave([i for i, r in enumerate(self.rows) if r.finish_reason])
+        self._leave_finished()
 
     def _pick(self, logits: List[torch.Tensor], rows: List[_Row]) -> None:
         """Each row's next token from its logits [V]."""
@@ -373,6 +373,10 @@ class Scheduler:
                     records.append(TokenLogprob(text, logprob, top, offset))
                 offset += len(text)
         self._post(row.job, Piece(row.choice, row.prompt_text, records))
+
+    def _leave_finished(self) -> None:
+        """Drop the rows that have finished (stop text, end token, length)."""
+        self._leave([i for i, r in enumerate(self.rows) if r.finish_reason])
 
     def _leave(self, indices: List[int]) -> None:
         """Drop rows: the batch's last row moves into each freed place."""

@@ -565,7 +565,7 @@ class Trainer:
     def _write_samples(self, step: int) -> None:
         """samples.jsonl at `step`, written by rank 0 (all ranks call)."""
         cfg = self.cfg
-        model = self.unsharded_model() if self.sharded else self.plain_model
+        model = self.unsharded_model()
         if self.ctx.is_main:
             # The decoding engine reads the weights, not the layers' hooks.
             with merged_view(model):
