@@ -50,18 +50,17 @@ def test_full_disk_inside_torch_save_names_the_target(tmp_path, monkeypatch):
     target = tmp_path / "model.ckpt"
     target.write_bytes(b"the previous checkpoint")
 
-    real_fdopen = os.fdopen
+    import utils.atomic
 
     class FullDisk(io.FileIO):
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    def fdopen(fd, mode="r", *args, **kwargs):
-        if "b" in mode and "w" in mode:
-            return FullDisk(fd, "wb")
-        return real_fdopen(fd, mode, *args, **kwargs)
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+        assert mode == "xb", mode  # the temporary file, created by atomic_write
+        return FullDisk(path, mode)
 
-    monkeypatch.setattr(os, "fdopen", fdopen)
+    monkeypatch.setattr(utils.atomic, "open", open_on_a_full_disk, raising=False)
     with pytest.raises(OSError) as info:
         save_checkpoint(str(target), {"model": {"w": torch.zeros(1000)}})
     monkeypatch.undo()

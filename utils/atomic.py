@@ -7,8 +7,10 @@ a kill -9 or an exception part-way leaves the previous file untouched; the
 temporary file is removed on an exception. A killed process may leave one
 named `<name>.<pid>.<random>.tmp`: `remove_stale_temp_files` clears those whose
 writer is gone. This is the project's one temporary-file scheme: a writer that
-needs a path instead of a file object (a NumPy memory map) gets one from
-`new_temp_path`.
+needs a path instead of a file object (a NumPy memory map) gets a name from
+`utils.temp_files.temp_name_beside`, chosen before the file is created, inside
+the block that removes it. `interrupts_held` keeps a Ctrl-C out of steps that
+must happen together (renaming a pair of files into place).
 
 `OutputDirLock` is a `fcntl.flock` on `<dir>/.lock` (which holds the owner's
 pid) that a run holds while it writes into the directory, so a second run on
@@ -18,12 +20,14 @@ import errno
 import fcntl
 import os
 import re
-import tempfile
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from typing import Iterable, Optional
 
 from utils.errors import UserError
+from utils.temp_files import remove_if_present, temp_name_beside
 
 LOCK_NAME = ".lock"
 # Failures of the disk rather than of the code: reported with the target's path.
@@ -83,33 +87,26 @@ def _disk_error(err: BaseException) -> Optional[OSError]:
     return None
 
 
-def _create_temp(path: str):
-    """(fd, path) of a new, empty temporary file beside `path`, named
-    `<name>.<pid>.<random>.tmp`: the pid tells remove_stale_temp_files whose it is."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.{os.getpid()}.",
-                                    suffix=".tmp", dir=directory)
+@contextmanager
+def interrupts_held():
+    """Ctrl-C and SIGTERM arrive when the block ends instead of inside it: for
+    steps that must happen together (renaming a pair of files into place).
+    Signals reach Python handlers only in the main thread; elsewhere this is a
+    no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = {}
     try:
-        # mkstemp makes the file private (0600); give it the usual mode instead.
-        os.fchmod(fd, 0o666 & ~current_umask())
-    except BaseException:
-        os.close(fd)
-        os.remove(tmp_path)
-        raise
-    return fd, tmp_path
-
-
-def new_temp_path(path: str) -> str:
-    """Create an empty temporary file beside `path`, named as atomic_write names
-    its own, and return its path: for a writer that needs a path rather than a
-    file object (a NumPy memory map). The caller renames it over `path` when
-    complete, and removes it otherwise; remove_stale_temp_files clears it once
-    the process is gone. OSError if it cannot be created.
-    """
-    fd, tmp_path = _create_temp(path)
-    os.close(fd)
-    return tmp_path
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, lambda num, frame: held.append(num))
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in held:
+            signal.raise_signal(signum)  # now to the handler it was meant for
 
 
 def _publish_new(tmp_path: str, path: str) -> None:
@@ -140,9 +137,9 @@ def atomic_write(path: str, mode: str = "wb", replace: bool = True, **open_kwarg
     existing `path` is never replaced, even one created while writing
     (a UserError; the new data is discarded).
     """
-    fd, tmp_path = _create_temp(path)
+    tmp_path = temp_name_beside(path)
     try:
-        with os.fdopen(fd, mode, **open_kwargs) as f:
+        with open(tmp_path, mode.replace("w", "x"), **open_kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -151,8 +148,7 @@ def atomic_write(path: str, mode: str = "wb", replace: bool = True, **open_kwarg
         else:
             _publish_new(tmp_path, path)
     except BaseException as err:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+        remove_if_present(tmp_path)
         disk = _disk_error(err)
         if disk is not None and disk.filename is None:
             raise OSError(disk.errno, disk.strerror, path) from err
@@ -164,7 +160,7 @@ _TEMP_NAME = re.compile(r"(?P<name>.+?)\.(?:(?P<pid>\d+)\.)?[A-Za-z0-9_]+\.tmp")
 
 def remove_stale_temp_files(directory: str, names: Iterable[str], *,
                             without_pid: bool = True) -> None:
-    """Remove the temporary files of atomic_write (or new_temp_path) for `names`
+    """Remove the temporary files of atomic_write (or temp_name_beside) for `names`
     left by dead writers.
 
     Call it while holding the directory's OutputDirLock: every live writer of

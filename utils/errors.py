@@ -9,6 +9,8 @@ this project and keeps its traceback.
 import errno
 import sys
 
+from utils.temp_files import remove_own_temp_files
+
 # Failures of the machine rather than of this code: a full disk, a read-only
 # or forbidden path. They get one line like UserError, not a traceback.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
@@ -36,7 +38,8 @@ def run_main(main, *args, **kwargs):
     Ctrl-C exits with 130 and no traceback; `main` is responsible for saving
     anything worth keeping before the interrupt reaches here. A full disk or a
     path we may not write also ends in one line (files are written atomically,
-    so nothing half-written is left).
+    so nothing half-written is left; what a Ctrl-C in a writer's own cleanup
+    left of this process's temporary files is removed on the way out).
     """
     try:
         result = main(*args, **kwargs)
@@ -52,4 +55,6 @@ def run_main(main, *args, **kwargs):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        remove_own_temp_files()
     sys.exit(result or 0)

@@ -37,7 +37,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from utils.atomic import atomic_write, new_temp_path
+from utils.atomic import atomic_write, interrupts_held
+from utils.temp_files import remove_if_present, temp_name_beside
 from utils.checkpoints.crc32c import crc32c
 from utils.checkpoints.tf_reader import (BLOCK_TRAILER_SIZE, BUNDLE_VERSION, DEFAULT_PREFIX,
                                          STATE_FILE, TF_DTYPES,
@@ -246,8 +247,11 @@ def _split_item(item: TensorItem) -> Tuple[str, Tensor, Optional[str]]:
 # Writing
 
 def _replace_all(temps: List[Tuple[str, str]]) -> None:
-    for tmp, path in temps:
-        os.replace(tmp, path)
+    """All renamed into place, or (on an error) none after the failing one: never
+    a new data file beside the old index because a Ctrl-C fell in between."""
+    with interrupts_held():
+        for tmp, path in temps:
+            os.replace(tmp, path)
 
 
 def write_tf_checkpoint(prefix: str, tensors: Iterable[TensorItem],
@@ -261,12 +265,12 @@ def write_tf_checkpoint(prefix: str, tensors: Iterable[TensorItem],
     anything fails (the previous files, if any, stay).
     """
     data_path, index_path = shard_path(prefix, 0, 1), prefix + ".index"
-    data_tmp = new_temp_path(data_path)
+    data_tmp = temp_name_beside(data_path)
     index_tmp = None
     try:
         entries: Dict[bytes, bytes] = {}
         written: Written = {}
-        with open(data_tmp, "wb") as f:
+        with open(data_tmp, "xb") as f:
             for item in tensors:
                 name, tensor, tf_dtype = _split_item(item)
                 key = name.encode("utf-8") if isinstance(name, str) else b""
@@ -282,16 +286,15 @@ def write_tf_checkpoint(prefix: str, tensors: Iterable[TensorItem],
             f.flush()
             os.fsync(f.fileno())
         table = build_table([(b"", _bundle_header())] + sorted(entries.items()), block_size)
-        index_tmp = new_temp_path(index_path)
-        with open(index_tmp, "wb") as f:
+        index_tmp = temp_name_beside(index_path)
+        with open(index_tmp, "xb") as f:
             f.write(table)
             f.flush()
             os.fsync(f.fileno())
         _replace_all([(data_tmp, data_path), (index_tmp, index_path)])
     except BaseException:
         for tmp in (data_tmp, index_tmp):
-            if tmp is not None and os.path.exists(tmp):
-                os.remove(tmp)
+            remove_if_present(tmp)
         raise
     return dict(sorted(written.items()))
 

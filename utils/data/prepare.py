@@ -29,7 +29,8 @@ import multiprocessing
 from tqdm import tqdm
 import regex
 
-from utils.atomic import ensure_writable_dir, new_temp_path, remove_stale_temp_files
+from utils.atomic import ensure_writable_dir, remove_stale_temp_files
+from utils.temp_files import remove_if_present, temp_name_beside
 from utils.data.records import (CONTEXT_FIELD, IDS_FIELD, LENGTH_FIELD, SPLITS,
                         check_max_seq_length, record_dtype, split_data_path)
 from utils.errors import UserError
@@ -446,19 +447,20 @@ def records_file(out_path: str):
     """A new temporary path beside `out_path` for a split being written; renamed
     onto `out_path` when the block completes, removed when it fails. Disk
     problems are one line naming `out_path`."""
+    tmp_path = temp_name_beside(out_path)
     try:
-        tmp_path = new_temp_path(out_path)
-    except OSError as err:
-        raise write_error(out_path, err) from None
-    try:
+        try:
+            with open(tmp_path, "xb"):
+                pass
+        except OSError as err:
+            raise write_error(out_path, err) from None
         yield tmp_path
         try:
             os.replace(tmp_path, out_path)
         except OSError as err:
             raise write_error(out_path, err) from None
     finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+        remove_if_present(tmp_path)
 
 
 def write_error(out_path: str, err: OSError, size: Optional[int] = None) -> UserError:

@@ -13,7 +13,8 @@ import numpy as np
 
 import dataclasses
 
-from utils.atomic import new_temp_path
+from utils.temp_files import remove_if_present
+from utils.temp_files import temp_name_beside
 from utils.errors import UserError
 from utils.data.prepare import write_error
 from utils.data.prepare import create_records
@@ -31,13 +32,15 @@ class RecordSpool:
     def __init__(self, out_path: str, dtype: np.dtype):
         self.out_path, self.dtype, self.count = out_path, dtype, 0
         try:
-            self.path = new_temp_path(out_path)
-            self._file = open(self.path, "wb")
+            self.path = temp_name_beside(out_path)
         except OSError as err:
             raise write_error(out_path, err) from None
+        self._file = None  # created by the first append, once `close` can find it
 
     def append(self, records: np.ndarray) -> None:
         try:
+            if self._file is None:
+                self._file = open(self.path, "xb")
             self._file.write(records.tobytes())
         except OSError as err:
             raise write_error(self.out_path, err) from None
@@ -45,15 +48,15 @@ class RecordSpool:
 
     def records(self) -> np.ndarray:
         """Everything appended, memory-mapped read-only."""
-        self._file.flush()
         if self.count == 0:
             return np.zeros(0, dtype=self.dtype)
+        self._file.flush()
         return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.count,))
 
     def close(self) -> None:
-        self._file.close()
-        if os.path.exists(self.path):
-            os.remove(self.path)
+        if self._file is not None:
+            self._file.close()
+        remove_if_present(self.path)
 
 
 def write_records(out_path: str, records: np.ndarray,
@@ -99,7 +102,7 @@ def hold_out_lines(text_path: str, out_path: str, dev_path: str, fraction: float
     """Encode one line per example (utils.data.prepare.prepare_split), then write a
     seeded sample of `fraction` of the examples to `dev_path` and the rest,
     in file order, to `out_path`. The SplitSummary of each."""
-    all_path = new_temp_path(out_path)
+    all_path = temp_name_beside(out_path)  # prepare_split creates it
     try:
         whole = prepare_split(text_path, all_path, counts=counts, **prepare_kwargs)
         records = np.load(all_path, mmap_mode="r", allow_pickle=False)
@@ -118,5 +121,4 @@ def hold_out_lines(text_path: str, out_path: str, dev_path: str, fraction: float
                 skipped=whole.skipped if name != "dev" else 0))
         return summaries[::-1]  # train first, as the splits are listed
     finally:
-        if os.path.exists(all_path):
-            os.remove(all_path)
+        remove_if_present(all_path)
