@@ -47,15 +47,16 @@ from utils.checkpoints.weights import RELEASED_SIZES
 from utils.output_safety import refuse_existing_output
 from utils.output_safety import refuse_outputs_on_inputs
 
-# --compile auto: sessions decoding at least this many tokens (samples x
-# --max_decoding_length) repay compiling from the cache (~3 s at ~6 ms saved
-# per token for GPT-2 124M).
-AUTO_COMPILE_MIN_TOKENS = 1024
+# A long session: interactive, or decoding at least this many tokens (samples x
+# --max_decoding_length per prompt). Only a long one repays what costs time at
+# start: compiling the step (--compile auto) and huge pages for the weights
+# (benchmarks/README.md, "Start-up").
+LONG_SESSION_TOKENS = 1024
 COMPILE_HELP = ("Run the batch-1 CPU decoding step as kernels built by "
                 "torch.compile (needs a C++ compiler; ~15 s the first time, a few "
                 "seconds later from its cache; then 1.2-1.4x faster decoding). "
                 "auto: for interactive sessions and runs of at least "
-                f"{AUTO_COMPILE_MIN_TOKENS} tokens, falling back to the "
+                f"{LONG_SESSION_TOKENS} tokens, falling back to the "
                 "uncompiled step if it fails; on: always, and fail if it cannot; "
                 "off: never.")
 # Scores are divided (or multiplied) by the penalty: 100 already bans a
@@ -260,8 +261,9 @@ def main(argv=None) -> int:
     # Before the weights are read or downloaded.
     settings.check_lengths(resolved.sizes["n_ctx"], longest)
     settings.check_memory(resolved.sizes, longest, device, model=resolved.describe())
-    model, encoder = load_for_decoding(resolved, args.dtype, device)
-    prepare_compiled_step(model, args, device, len(prompts))
+    long_session = is_long_session(args, len(prompts))
+    model, encoder = load_for_decoding(resolved, args.dtype, device, long_session)
+    prepare_compiled_step(model, args, device, long_session)
 
     session = SamplePrinter(model, encoder, settings, args.nsamples, device,
                           args.repetition_penalty)
@@ -272,7 +274,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def prepare_compiled_step(model, args, device: torch.device, n_prompts: int) -> None:
+def is_long_session(args, n_prompts: int) -> bool:
+    tokens = args.nsamples * args.max_decoding_length * max(1, n_prompts)
+    return args.is_interactive or tokens >= LONG_SESSION_TOKENS
+
+
+def prepare_compiled_step(model, args, device: torch.device, long_session: bool) -> None:
     """--compile: the batch-1 CPU step through torch.compile
     (utils/decoding/compiled_step.py) when asked for, or (auto) when the session is
     long enough to repay compiling."""
@@ -286,9 +293,7 @@ def prepare_compiled_step(model, args, device: torch.device, n_prompts: int) -> 
                             "--batch_size 1 and greedy or sampled decoding (it "
                             "compiles the CPU batch-1 step): use --compile auto")
         return
-    tokens = args.nsamples * args.max_decoding_length * max(1, n_prompts)
-    if (args.compile == "auto" and not args.is_interactive
-            and tokens < AUTO_COMPILE_MIN_TOKENS):
+    if args.compile == "auto" and not long_session:
         return
     turn_on_compiled_step(model, args.compile)
 

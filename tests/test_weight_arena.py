@@ -146,3 +146,24 @@ def test_empty_gives_a_usable_tensor():
     t = weight_arena.empty((2, 3, 5), torch.float32)
     t.fill_(1.5)
     assert t.shape == (2, 3, 5) and t.dtype == torch.float32 and float(t.sum()) == 45.0
+
+
+@needs_huge_pages
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize("long_session", [True, False])
+def test_only_a_long_session_loads_into_huge_pages(dtype, long_session):
+    """A huge page's first touch can wait on the kernel's compaction: a short
+    run keeps plain memory, a long one (interactive, many tokens, a server)
+    the block. Same ids either way."""
+    from user_files import TINY_A
+    from utils.checkpoints.weights import resolve_model
+    from utils.decoding.loading import load_for_decoding
+    resolved = resolve_model(pretrain_model_dir=TINY_A, download=False)
+    model, _ = load_for_decoding(resolved, dtype, torch.device("cpu"), long_session)
+    embedding = model.word_embedder.embedding
+    in_block = all(p.untyped_storage().data_ptr() == embedding.untyped_storage().data_ptr()
+                   for p in model.parameters() if p.device.type == "cpu")
+    assert in_block == long_session
+    plain, _ = load_for_decoding(resolved, dtype, torch.device("cpu"), not long_session)
+    assert (generate(model, [[1, 2, 3]], 12, strategy="greedy", end_token=NEVER)
+            == generate(plain, [[1, 2, 3]], 12, strategy="greedy", end_token=NEVER))

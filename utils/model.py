@@ -333,7 +333,7 @@ def build_model(hparams: Dict[str, Any], with_memory: bool = False,
     """
     if not initialize:
         model = build_meta_model(hparams, with_memory, attention)
-        place_parameters(model, lambda name, param: torch.empty_like(param, device="cpu"))
+        place_parameters(model, lambda name, param: cpu_tensor_like(param))
         return model
     GPT2Decoder = import_texar().modules.GPT2Decoder
     hparams = copy.deepcopy(hparams)
@@ -363,6 +363,13 @@ def _drop_unused_blocks(model: nn.Module, with_memory: bool) -> nn.Module:
         model.decoder.end_dec_attn_layer_norm = nn.ModuleList()
         model.register_forward_pre_hook(_refuse_memory, with_kwargs=True)
     return model
+
+
+def cpu_tensor_like(param: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor of `param`'s shape and dtype.
+    Not torch.empty_like: on a meta tensor that goes through torch._refs,
+    whose first call imports sympy, a noticeable part of a short run's start."""
+    return torch.empty(param.shape, dtype=param.dtype)
 
 
 def place_parameters(model: nn.Module,

@@ -46,8 +46,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, Optional
 
-import requests
-import urllib3
 from tqdm import tqdm
 
 from utils.errors import UserError, run_main
@@ -180,6 +178,7 @@ def download_model(name: str = DEFAULT_MODEL, model_dir: Optional[str] = None,
     except OSError as err:
         raise UserError(f"cannot create model directory {model_dir} ({err.strerror}); "
                         f"pass a writable --model_dir") from err
+    import requests  # here, not at the top: most runs download nothing
     with _directory_lock(model_dir), requests.Session() as session:
         for filename in files:
             # Checked now, not before the lock: another process may have fetched
@@ -228,7 +227,7 @@ def _directory_lock(model_dir: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def download_file(url: str, dest: str, *, session: Optional[requests.Session] = None,
+def download_file(url: str, dest: str, *, session: Optional["requests.Session"] = None,
                   retries: int = 5, timeout: float = 30, progress: bool = True,
                   total_timeout: Optional[float] = None, backoff: Optional[Backoff] = None,
                   sleep: Callable[[float], None] = time.sleep,
@@ -240,6 +239,7 @@ def download_file(url: str, dest: str, *, session: Optional[requests.Session] = 
     `total_timeout` (seconds, None: no limit) bounds the whole file, retries
     and waits included; the `.partial` is kept for the next run.
     """
+    import requests
     partial = dest + ".partial"
     filename = os.path.basename(dest)
     backoff = backoff or default_backoff()
@@ -441,6 +441,7 @@ def _write_body(partial, have, first, body, total, filename, progress) -> None:
                 out.write(chunk)
                 bar.update(len(chunk))
     except OSError as err:
+        import requests
         if isinstance(err, requests.RequestException):
             raise  # a network failure (requests' errors are OSErrors too): retried
         # Disk full, read-only directory...: retrying cannot help.
@@ -463,6 +464,8 @@ def _read_body(resp, deadline: Optional[float]) -> Iterator[bytes]:
     for the whole chunk); a stalled read ends after the request's timeout.
     urllib3's errors become requests' (retried like any network failure).
     """
+    import requests
+    import urllib3
     raw = resp.raw
     read = raw.read1 if hasattr(raw, "read1") else raw.read  # read1: urllib3 2+
     while True:
@@ -502,6 +505,7 @@ def _size(path: str) -> int:
 
 def _describe(err: Exception, timeout: float) -> str:
     """A short reason for a failed attempt (requests' own messages run to lines)."""
+    import requests
     if isinstance(err, _Transient):
         return str(err)
     if isinstance(err, requests.Timeout):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
-from utils.model import is_memory_parameter, place_parameters
+from utils.model import cpu_tensor_like, is_memory_parameter, place_parameters
 from utils.checkpoints.pages import release_pages
 from utils.checkpoints.weight_checks import check_tensor, name_lists
 
@@ -56,7 +56,7 @@ class CPUTarget(LoadTarget):
     """Plain CPU memory, the model's own dtype."""
 
     def place(self, model: nn.Module) -> None:
-        place_parameters(model, lambda name, param: torch.empty_like(param, device="cpu"))
+        place_parameters(model, lambda name, param: cpu_tensor_like(param))
 
 
 class ParameterFiller:

@@ -56,13 +56,16 @@ def engine_for(model: nn.Module) -> "GPT2Net":
     return net
 
 
-def prepare_for_decoding(model: nn.Module, int8: bool = False) -> "GPT2Net":
+def prepare_for_decoding(model: nn.Module, int8: bool = False,
+                         huge_pages: bool = True) -> "GPT2Net":
     """Get a loaded model ready to decode, and build its engine now: with
     `int8`, mark it for 8-bit linear layers (utils/decoding/int8_linear.py);
-    otherwise pack a frozen CPU model into huge pages (`pack_for_decoding`)."""
+    otherwise, with `huge_pages`, pack a frozen CPU model into huge pages
+    (`pack_for_decoding`; worth it for long sessions only, see
+    utils/decoding/weight_arena.py)."""
     if int8:
         int8_linear.quantize_for_decoding(model)
-    else:
+    elif huge_pages:
         pack_for_decoding(model)
     return engine_for(model)
 

@@ -7,7 +7,7 @@ a model built on the meta device; these targets place them for the engine
   in the order a step reads them (utils/decoding/weight_arena.py), so the
   loader writes each weight straight into its final place and
   `pack_for_decoding` later finds the model already packed. Without huge
-  pages, plain CPU memory.
+  pages (or for a short run, `huge_pages=False`), plain CPU memory.
 - `Int8Target` (`--dtype int8`): each linear layer's weight (Q, K, V, O and
   the feed-forward layers) is quantized to int8 rows as it arrives
   (utils/decoding/int8_linear.py) and never stored in float32: it stays on the
@@ -15,7 +15,7 @@ a model built on the meta device; these targets place them for the engine
   layer's int8 copy is made from the token embedding in row blocks), layer
   norms and biases are float32 in huge pages. So the load never holds a
   float32 copy of the linear weights.
-Use `target_for(int8)`.
+Use `target_for(int8, huge_pages)`.
 """
 from typing import Dict, Set, Tuple
 
@@ -25,27 +25,31 @@ from torch import nn
 from utils.checkpoints.streaming import LoadTarget
 from utils.decoding import int8_linear, weight_arena
 from utils.decoding.engine import decoding_order
-from utils.model import place_parameters
+from utils.model import cpu_tensor_like, place_parameters
 
 
 class ArenaTarget(LoadTarget):
     """float32 weights straight into the huge-page block, in decoding order."""
 
+    def __init__(self, huge_pages: bool = True):
+        self.huge_pages = huge_pages
+
     def place(self, model: nn.Module) -> None:
-        place_in_arena(model, skip=set())
+        place_in_arena(model, skip=set(), huge_pages=self.huge_pages)
 
 
 class Int8Target(LoadTarget):
     """Linear weights quantized as they arrive; the rest float32 in huge pages."""
 
-    def __init__(self):
+    def __init__(self, huge_pages: bool = True):
         self.quantized: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.linear_weights: Set[int] = set()
+        self.huge_pages = huge_pages
 
     def place(self, model: nn.Module) -> None:
         int8_linear.require_int8(torch.device("cpu"))
         self.linear_weights = {id(p) for p in quantized_weights(model)}
-        place_in_arena(model, skip=self.linear_weights)
+        place_in_arena(model, skip=self.linear_weights, huge_pages=self.huge_pages)
         model._decoding_layers = int8_linear.PrequantizedInt8Layers(self.quantized)
 
     def fills_rows(self, param: nn.Parameter) -> bool:
@@ -58,8 +62,8 @@ class Int8Target(LoadTarget):
             super().fill(name, param, value)
 
 
-def target_for(int8: bool) -> LoadTarget:
-    return Int8Target() if int8 else ArenaTarget()
+def target_for(int8: bool, huge_pages: bool = True) -> LoadTarget:
+    return Int8Target(huge_pages) if int8 else ArenaTarget(huge_pages)
 
 
 def quantized_weights(model: nn.Module):
@@ -73,13 +77,14 @@ def quantized_weights(model: nn.Module):
         yield from (fc1.weight, fc2.weight)
 
 
-def place_in_arena(model: nn.Module, skip: Set[int]) -> None:
+def place_in_arena(model: nn.Module, skip: Set[int], huge_pages: bool = True) -> None:
     """Storage for the meta model's parameters but those in `skip` (ids,
     left on meta): one huge-page block in decoding order, or plain CPU memory
-    without huge pages. The tied output layer follows the embedding."""
-    if not weight_arena.huge_pages_available():
+    without huge pages (or without `huge_pages`). The tied output layer
+    follows the embedding."""
+    if not (huge_pages and weight_arena.huge_pages_available()):
         place_parameters(model, lambda name, param: None if id(param) in skip
-                         else torch.empty_like(param, device="cpu"))
+                         else cpu_tensor_like(param))
         return
     groups = [[p for p in g if id(p) not in skip] for g in decoding_order(model)]
     groups = [g for g in groups if g]

@@ -33,17 +33,20 @@ def decoding_device(dtype: str, device_flag: str) -> torch.device:
     return device
 
 
-def load_for_decoding(resolved, dtype: str, device: torch.device):
+def load_for_decoding(resolved, dtype: str, device: torch.device, long_session: bool = True):
     """(model, encoder): the resolved weights on `device` in `dtype`, frozen
     for generation and prepared for the engine (utils/decoding/engine.py).
 
     On the CPU in float32 or int8 the weights land where decoding reads them
     as they load (utils/decoding/load_targets.py): no second copy. Adapters
-    (a LoRA checkpoint) merge into float weights, so their base loads plainly."""
+    (a LoRA checkpoint) merge into float weights, so their base loads plainly.
+    Only a `long_session` puts the weights in huge pages: their first touch
+    can wait on the kernel's memory compaction for longer than a short run's
+    whole decoding gains from them (utils/decoding/weight_arena.py)."""
     int8 = dtype == "int8"
     in_place = (device.type == "cpu" and dtype in ("float32", "int8")
                 and resolved.adapters is None)
-    loaded = load_weights(resolved, target_for(int8) if in_place else None)
+    loaded = load_weights(resolved, target_for(int8, long_session) if in_place else None)
     encoder = get_encoder(loaded.vocab_dir)
     with out_of_memory_as_user_error(f"moving the model to {device}",
                                      "use --dtype bfloat16 or a smaller model"):
@@ -54,7 +57,7 @@ def load_for_decoding(resolved, dtype: str, device: torch.device):
         # Generation only: frozen, so its weights may move into huge pages in
         # reading order (utils/decoding/weight_arena.py).
         model.requires_grad_(False)
-        prepare_for_decoding(model, int8=int8)
+        prepare_for_decoding(model, int8=int8, huge_pages=long_session)
     print(f"Loaded {loaded.source} on {device} ({dtype}).", file=sys.stderr)
     return model, encoder
 
