@@ -318,6 +318,11 @@ def shipped_text(name):
     (lambda: json.dumps({k: v for k, v in json.loads(shipped_text("encoder.json")).items()
                          if v != 10}), "0, 1, ..., N-1"),
     (lambda: json.dumps({"!": 0, "<|endoftext|>": 1}), "byte tokens"),
+    # characters outside GPT-2's byte alphabet: a latin-1 control one, and one above 255
+    (lambda: json.dumps(dict(json.loads(shipped_text("encoder.json")), **{"a\x07": 50257})),
+     "outside GPT-2's byte alphabet"),
+    (lambda: json.dumps(dict(json.loads(shipped_text("encoder.json")), **{"a\u4e00": 50257})),
+     "outside GPT-2's byte alphabet"),
 ])
 def test_corrupt_encoder_json(tmp_path, content, needle):
     model_dir, path = write_broken(tmp_path, "encoder.json", content())

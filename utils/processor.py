@@ -118,6 +118,20 @@ class _PieceCache(dict):
         return ids
 
 
+def _bad_merge(rank: int, left: str, right: str, ids: Dict[str, int], made: set) -> str:
+    """What is wrong with merge rule `rank` (left right), given the tokens
+    `made` by bytes and the rules before it."""
+    rule = f"merge rule {rank + 1} ({left} {right})"
+    for part in (left, right, left + right):
+        if part not in ids:
+            return f"{rule} uses token {part!r}, which encoder.json does not have"
+    for part in (left, right):
+        if part not in made:
+            return f"{rule} uses {part!r} before any earlier rule makes it"
+    return (f"{rule} makes {left + right!r}, which a byte or an earlier rule "
+            f"already makes")
+
+
 class Encoder:
     """GPT-2 byte-level BPE tokenizer built from `encoder.json` and `vocab.bpe` contents.
 
@@ -148,35 +162,32 @@ class Encoder:
         self._merge_pair: List[Tuple[int, int]] = []
         self._merge_result: List[int] = []
         made = set(self.byte_encoder.values())  # tokens available so far
+        ids = self.encoder
         for rank, (left, right) in enumerate(bpe_merges):
-            rule = f"merge rule {rank + 1} ({left} {right})"
-            for part in (left, right, left + right):
-                if part not in self.encoder:
-                    raise VocabularyError(
-                        f"{rule} uses token {part!r}, which encoder.json does not have")
+            joined = left + right
             # A BPE merge list in training order: each rule joins tokens made
             # by bytes or earlier rules, into a token no other rule makes. The
             # merge loops below rely on it to give OpenAI's results.
-            for part in (left, right):
-                if part not in made:
-                    raise VocabularyError(
-                        f"{rule} uses {part!r} before any earlier rule makes it")
-            if left + right in made:
-                raise VocabularyError(
-                    f"{rule} makes {left + right!r}, which a byte or an earlier "
-                    f"rule already makes")
-            made.add(left + right)
-            pair = (self.encoder[left], self.encoder[right])
+            if (left not in made or right not in made or joined in made
+                    or joined not in ids):
+                raise VocabularyError(_bad_merge(rank, left, right, ids, made))
+            made.add(joined)
+            pair = (ids[left], ids[right])
             self._pair_rank[pair] = rank
             self._merge_pair.append(pair)
-            self._merge_result.append(self.encoder[left + right])
+            self._merge_result.append(ids[joined])
 
-        # Bytes of every token, for decoding.
+        # Bytes of every token, for decoding: each character of GPT-2's byte
+        # alphabet stands for one byte (translated to latin-1, then encoded);
+        # a latin-1 character outside the alphabet becomes one latin-1 cannot
+        # encode, so that it fails like any other stranger.
+        to_latin1 = {code: "\uffff" for code in range(256)}
+        to_latin1.update({ord(ch): b for ch, b in self.byte_decoder.items()})
         self._id_bytes: Dict[int, bytes] = {}
         for token, i in self.encoder.items():
             try:
-                self._id_bytes[i] = bytes(self.byte_decoder[ch] for ch in token)
-            except KeyError:
+                self._id_bytes[i] = token.translate(to_latin1).encode("latin-1")
+            except UnicodeEncodeError:
                 raise VocabularyError(
                     f"encoder.json token {token!r} (id {i}) has a character "
                     f"outside GPT-2's byte alphabet") from None
