@@ -148,22 +148,41 @@ def test_empty_gives_a_usable_tensor():
     assert t.shape == (2, 3, 5) and t.dtype == torch.float32 and float(t.sum()) == 45.0
 
 
+def in_huge_page_memory(tensor) -> bool:
+    """Whether the mapping holding `tensor` may get transparent huge pages
+    (/proc/self/smaps' THPeligible: advised MADV_HUGEPAGE here)."""
+    address = tensor.data_ptr()
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            first = line.split()[0]
+            if "-" in first and ":" not in first:  # a mapping's header line
+                start, end = (int(x, 16) for x in first.split("-"))
+                inside = start <= address < end
+            elif inside and first == "THPeligible:":
+                return line.split()[1] == "1"
+    raise AssertionError("no mapping holds the tensor")
+
+
 @needs_huge_pages
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
 @pytest.mark.parametrize("long_session", [True, False])
 def test_only_a_long_session_loads_into_huge_pages(dtype, long_session):
     """A huge page's first touch can wait on the kernel's compaction: a short
-    run keeps plain memory, a long one (interactive, many tokens, a server)
-    the block. Same ids either way."""
+    run keeps ordinary pages, a long one (interactive, many tokens, a server)
+    huge ones; both lay the weights out in one block (Q, K and V one tensor,
+    nothing copied for the engine). Same ids either way."""
     from user_files import TINY_A
     from utils.checkpoints.weights import resolve_model
     from utils.decoding.loading import load_for_decoding
     resolved = resolve_model(pretrain_model_dir=TINY_A, download=False)
     model, _ = load_for_decoding(resolved, dtype, torch.device("cpu"), long_session)
     embedding = model.word_embedder.embedding
-    in_block = all(p.untyped_storage().data_ptr() == embedding.untyped_storage().data_ptr()
-                   for p in model.parameters() if p.device.type == "cpu")
-    assert in_block == long_session
+    assert all(p.untyped_storage().data_ptr() == embedding.untyped_storage().data_ptr()
+               for p in model.parameters() if p.device.type == "cpu")
+    assert in_huge_page_memory(embedding) == long_session
+    if dtype == "float32":
+        assert engine_for(model).extra_bytes() == 0
     plain, _ = load_for_decoding(resolved, dtype, torch.device("cpu"), not long_session)
     assert (generate(model, [[1, 2, 3]], 12, strategy="greedy", end_token=NEVER)
             == generate(plain, [[1, 2, 3]], 12, strategy="greedy", end_token=NEVER))

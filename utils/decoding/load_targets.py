@@ -7,7 +7,8 @@ a model built on the meta device; these targets place them for the engine
   in the order a step reads them (utils/decoding/weight_arena.py), so the
   loader writes each weight straight into its final place and
   `pack_for_decoding` later finds the model already packed. Without huge
-  pages (or for a short run, `huge_pages=False`), plain CPU memory.
+  pages (or for a short run, `huge_pages=False`), the same block in ordinary
+  pages.
 - `Int8Target` (`--dtype int8`): each linear layer's weight (Q, K, V, O and
   the feed-forward layers) is quantized to int8 rows as it arrives
   (utils/decoding/int8_linear.py) and never stored in float32: it stays on the
@@ -25,7 +26,7 @@ from torch import nn
 from utils.checkpoints.streaming import LoadTarget
 from utils.decoding import int8_linear, weight_arena
 from utils.decoding.engine import decoding_order
-from utils.model import cpu_tensor_like, place_parameters
+from utils.model import place_parameters
 
 
 class ArenaTarget(LoadTarget):
@@ -79,15 +80,12 @@ def quantized_weights(model: nn.Module):
 
 def place_in_arena(model: nn.Module, skip: Set[int], huge_pages: bool = True) -> None:
     """Storage for the meta model's parameters but those in `skip` (ids,
-    left on meta): one huge-page block in decoding order, or plain CPU memory
-    without huge pages (or without `huge_pages`). The tied output layer
-    follows the embedding."""
-    if not (huge_pages and weight_arena.huge_pages_available()):
-        place_parameters(model, lambda name, param: None if id(param) in skip
-                         else cpu_tensor_like(param))
-        return
+    left on meta): one block in decoding order, in huge pages with
+    `huge_pages` where the system has them. The tied output layer follows
+    the embedding."""
     groups = [[p for p in g if id(p) not in skip] for g in decoding_order(model)]
     groups = [g for g in groups if g]
-    views = weight_arena.allocate([[(p.shape, p.dtype) for p in g] for g in groups])
+    views = weight_arena.allocate([[(p.shape, p.dtype) for p in g] for g in groups],
+                                  huge_pages and weight_arena.huge_pages_available())
     storage = {id(p): v for g, g_views in zip(groups, views) for p, v in zip(g, g_views)}
     place_parameters(model, lambda name, param: storage.get(id(param)))

@@ -42,13 +42,15 @@ def huge_pages_available() -> bool:
         return False
 
 
-def _huge_block(nbytes: int) -> torch.Tensor:
-    """`nbytes` of fresh memory advised to use huge pages, as uint8, starting
-    on a huge-page boundary (callers check huge_pages_available first)."""
+def _huge_block(nbytes: int, huge_pages: bool = True) -> torch.Tensor:
+    """`nbytes` of fresh memory advised to use huge pages (with `huge_pages`;
+    callers check huge_pages_available first), as uint8, starting on a
+    huge-page boundary."""
     # Nothing in the fresh mapping has been touched yet, so every page the
     # first writes fault in can be a huge one; the extra page aligns the start.
     block = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    block.madvise(mmap.MADV_HUGEPAGE)
+    if huge_pages:
+        block.madvise(mmap.MADV_HUGEPAGE)
     arena = torch.frombuffer(block, dtype=torch.uint8)  # keeps `block` alive
     base = (-arena.data_ptr()) % HUGE_PAGE
     return arena[base:base + nbytes]
@@ -116,19 +118,21 @@ def pack_parameters(groups: Sequence[Sequence[torch.nn.Parameter]]
     return [joined(g) for g in groups]
 
 
-def allocate(groups: Sequence[Sequence[Tuple[Sequence[int], torch.dtype]]]
-             ) -> List[List[torch.Tensor]]:
-    """One huge-page block laid out for `groups` of (shape, dtype): a view of
-    the block for each, contents unset, a group's tensors back to back and
-    each group starting on a cache line (callers check huge_pages_available).
-    A loader fills the views directly: the weights land in place, once."""
+def allocate(groups: Sequence[Sequence[Tuple[Sequence[int], torch.dtype]]],
+             huge_pages: bool = True) -> List[List[torch.Tensor]]:
+    """One block laid out for `groups` of (shape, dtype): a view of the block
+    for each, contents unset, a group's tensors back to back and each group
+    starting on a cache line. In huge pages with `huge_pages` (callers check
+    huge_pages_available), else in ordinary ones (the layout still makes
+    Q, K and V one tensor). A loader fills the views directly: the weights
+    land in place, once."""
     starts, end = [], 0
     for g in groups:
         end = -(-end // ALIGN) * ALIGN
         starts.append(end)
         end += sum(math.prod(shape) * dtype.itemsize for shape, dtype in g)
     with torch.inference_mode(False):
-        arena = _huge_block(end)
+        arena = _huge_block(end, huge_pages)
         views = []
         for g, start in zip(groups, starts):
             pos, g_views = start, []
