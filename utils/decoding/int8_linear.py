@@ -45,36 +45,36 @@ def require_int8(device: torch.device) -> None:
 QUANTIZE_ROWS = 4096
 
 
-def row_scales(weight: torch.Tensor) -> torch.Tensor:
-    """float64 per-row scales max |w| / 127 of `weight` [out, in], computed
-    QUANTIZE_ROWS rows at a time (no float temporary of the whole matrix)."""
+def quantize_rows(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, float64 scales) of `weight` [out, in], symmetric per
+    output row: scale = max |w| / 127, value = w * (1 / scale) rounded half to
+    even, exactly as torch.quantize_per_channel computes them (a test holds
+    the two equal), in a few vectorised passes. QUANTIZE_ROWS rows at a time,
+    so no float temporary of the whole matrix; a transposed view (OpenAI's
+    [in, out] layout) is read as it lies and only the int8 result is laid out."""
+    # One float scratch block for every step, allocated before the results
+    # that are kept: freed, it leaves a hole the next call's scratch fits,
+    # instead of temporaries scattered between kept tensors in the heap.
+    scratch = torch.empty(min(weight.size(0), QUANTIZE_ROWS), weight.size(1))
+    values = torch.empty(weight.shape, dtype=torch.int8)
     scales = torch.empty(weight.size(0), dtype=torch.float64)
     with torch.no_grad():
         for start in range(0, weight.size(0), QUANTIZE_ROWS):
-            rows = weight[start:start + QUANTIZE_ROWS].detach().float().contiguous()
-            scales[start:start + QUANTIZE_ROWS] = (
-                rows.abs().amax(dim=1) / 127.0).clamp_(min=1e-12).double()
-    return scales
-
-
-def _quantize(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    with warnings.catch_warnings(), torch.no_grad():  # quantized tensors are deprecated
-        warnings.simplefilter("ignore")
-        return torch.quantize_per_channel(weight.detach().float(), scales, torch.zeros_like(
-            scales, dtype=torch.long), 0, torch.qint8)
-
-
-def quantize_rows(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(int8 values, float64 scales) of `weight` [out, in], per output row,
-    as Int8Linear quantizes a float weight; QUANTIZE_ROWS rows at a time."""
-    values = torch.empty(weight.shape, dtype=torch.int8)
-    scales = row_scales(weight)
-    for start in range(0, weight.size(0), QUANTIZE_ROWS):
-        end = start + QUANTIZE_ROWS
-        # contiguous: a transposed view (OpenAI's layout) quantizes far slower
-        rows = weight[start:end].detach().float().contiguous()
-        values[start:end] = _quantize(rows, scales[start:end]).int_repr()
+            end = min(start + QUANTIZE_ROWS, weight.size(0))
+            rows, work = weight[start:end].detach().float(), scratch[:end - start]
+            scale = (torch.abs(rows, out=work).amax(dim=1) / 127.0).clamp_(min=1e-12)
+            scales[start:end] = scale.double()
+            torch.mul(rows, scale.reciprocal()[:, None], out=work).round_().clamp_(-128, 127)
+            values[start:end] = work
     return values, scales
+
+
+def quantized_tensor(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """quantize_rows' pair as one per-channel qint8 tensor (what fbgemm packs)."""
+    with warnings.catch_warnings():  # quantized tensors are deprecated, still work
+        warnings.simplefilter("ignore")
+        return torch._make_per_channel_quantized_tensor(
+            values, scales, torch.zeros_like(scales, dtype=torch.long), 0)
 
 
 class Int8Linear:
@@ -90,14 +90,10 @@ class Int8Linear:
             parts = [w if isinstance(w, tuple) else quantize_rows(w) for w in weights]
             values = torch.cat([v for v, _ in parts]) if len(parts) > 1 else parts[0][0]
             scale = torch.cat([s for _, s in parts]) if len(parts) > 1 else parts[0][1]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                q = torch._make_per_channel_quantized_tensor(
-                    values, scale, torch.zeros_like(scale, dtype=torch.long), 0)
         else:  # one float matrix (the output layer: no float copy of it is made)
             weight = torch.cat(list(weights)) if len(weights) > 1 else weights[0]
-            scale = row_scales(weight)
-            q = _quantize(weight, scale)
+            values, scale = quantize_rows(weight)
+        q = quantized_tensor(values, scale)
         rows = q.size(0)
         bias = torch.cat([b.detach().float() if b is not None
                           else torch.zeros(w.size(0) if not isinstance(w, tuple) else
