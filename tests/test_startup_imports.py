@@ -17,6 +17,7 @@ NOT_NEEDED = [
     "torch._dynamo", "torch._inductor",  # --compile: a short run is not compiled
     "transformers", "safetensors", "huggingface_hub",  # Hugging Face formats and the Hub
     "tensorboard", "peft",          # training extras
+    "pkg_resources",                # texar's one use gets a stand-in (utils/model.py)
 ]
 REPORT = """
 import atexit, runpy, sys
@@ -37,3 +38,19 @@ def test_a_short_run_imports_only_what_it_uses(dtype):
     assert run.returncode == 0, run.stderr
     report = [line for line in run.stdout.splitlines() if line.startswith("IMPORTED")]
     assert report == ["IMPORTED "], report
+
+
+def test_pkg_resources_is_the_real_one_after_texar_is_imported():
+    """The stand-in texar gets while it imports leaves the name free: a later
+    import finds the real pkg_resources (and texar's modules work)."""
+    code = ("import sys, warnings; sys.path.insert(0, '.')\n"
+            "from utils.model import import_texar\n"
+            "tx = import_texar()\n"
+            "assert 'pkg_resources' not in sys.modules\n"
+            "warnings.simplefilter('ignore')\n"
+            "import pkg_resources\n"
+            "print(hasattr(pkg_resources, 'working_set'), tx.modules.GPT2Decoder.__name__)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["True", "GPT2Decoder"]

@@ -24,7 +24,10 @@ with `with_memory` recorded as a plain bool. A model without them refuses a
 `memory` with one UserError instead of texar's IndexError.
 """
 import copy
+import sys
+import types
 import warnings
+from contextlib import contextmanager
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
@@ -311,10 +314,32 @@ def import_texar():
     The one place the project imports texar (torch's and numpy's deprecations
     of the APIs texar 0.1.4 uses would otherwise print on every run).
     """
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _pkg_resources_stand_in():
         warnings.simplefilter("ignore")
         import texar.torch as tx
     return tx
+
+
+@contextmanager
+def _pkg_resources_stand_in():
+    """texar 0.1.4 imports pkg_resources for one thing, parse_version at import
+    time; the real module reads every installed distribution's metadata when
+    imported, a noticeable part of a short run's start. While texar imports, a
+    stand-in holding packaging's parse_version (what pkg_resources' is) takes
+    its name, unless the real one is loaded already; afterwards the name is
+    free again, so a later `import pkg_resources` gets the real module."""
+    if "pkg_resources" in sys.modules:
+        yield
+        return
+    from packaging.version import parse  # texar-pytorch's own requirement
+    stand_in = types.ModuleType("pkg_resources")
+    stand_in.parse_version = parse
+    sys.modules["pkg_resources"] = stand_in
+    try:
+        yield
+    finally:
+        if sys.modules.get("pkg_resources") is stand_in:
+            del sys.modules["pkg_resources"]
 
 
 def build_model(hparams: Dict[str, Any], with_memory: bool = False,
