@@ -244,9 +244,9 @@ def load_run_weights(args, cfg, ctx):
 def main(argv=None) -> int:
     args = parse_args(argv)
     choices = check_args(args)
-    map_large_blocks_separately()  # training's peak memory, not its speed
-
     cfg = load_train_config(args.config_train, setting_overrides(args))
+    if cfg.asks_for_less_memory():
+        map_large_blocks_separately()  # less peak memory, at some speed
     if args.config_model:  # refused before any output directory is made
         load_model_hparams(args.config_model)
     splits = open_splits(args, cfg)

@@ -110,9 +110,10 @@ def run_row(size: str, tokens: int, setting: str, steps: int, device_name: str) 
     from utils.model import build_model, gpt2_hparams
     from utils.training.optimizer import build_optimizer
 
-    map_large_blocks_separately()  # as gpt2_train_main.py does
     device = resolve_device(device_name)
     optimizer_type, kwargs, checkpointing, trainable, precision = SETTINGS[setting]
+    if checkpointing or trainable != "all":  # a memory option: as gpt2_train_main.py does
+        map_large_blocks_separately()
     torch.manual_seed(0)
     model = build_model(gpt2_hparams(**SIZES[size])).to(device)
     model.train()

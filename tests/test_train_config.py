@@ -53,3 +53,33 @@ def test_original_config_field_names_are_accepted(tmp_path, data_dir):
 def test_fp16_on_cpu_is_an_error():
     with pytest.raises(UserError, match="fp16.*CUDA"):
         check_precision("fp16", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("overrides, less_memory", [
+    ({}, False),
+    ({"gradient_checkpointing": True}, True),
+    ({"trainable": "transformer"}, True),
+    ({"lora": {"rank": 4}}, True),
+    ({"shard_model": True}, True),
+])
+def test_only_a_memory_option_maps_large_blocks_separately(tmp_path, data_dir, monkeypatch,
+                                                           overrides, less_memory):
+    """glibc's fixed mmap threshold saves memory but costs a default fine-tune
+    10-17% of its speed (benchmarks/README.md): gpt2_train_main sets it only
+    when the config asks for less memory."""
+    import gpt2_train_main
+    cfg = load_train_config(train_config(tmp_path, data_dir), overrides)
+    assert cfg.asks_for_less_memory() is less_memory
+    calls = []
+    monkeypatch.setattr(gpt2_train_main, "map_large_blocks_separately",
+                        lambda: calls.append(1) or True)
+    stop = UserError("stopped after the config")
+    monkeypatch.setattr(gpt2_train_main, "open_splits",
+                        lambda *a, **k: (_ for _ in ()).throw(stop))
+    args = ["--config_train", train_config(tmp_path, data_dir), "--do_train",
+            "--output_dir", str(tmp_path / "out")]
+    for key, value in overrides.items():
+        args += ["--set", f"{key}={value!r}" if not isinstance(value, str) else f"{key}={value}"]
+    with pytest.raises(UserError, match="stopped after the config"):
+        gpt2_train_main.main(args)
+    assert calls == ([1] if less_memory else [])

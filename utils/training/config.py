@@ -74,6 +74,12 @@ class TrainConfig:
     # FROM_DEFAULT (see describe_settings).
     sources: Dict[str, str] = field(default_factory=dict, compare=False)
 
+    def asks_for_less_memory(self) -> bool:
+        """Whether a memory option is on (gradient checkpointing, frozen
+        embeddings, LoRA, sharding): such a run trades speed for memory."""
+        return (self.gradient_checkpointing or self.trainable != "all"
+                or self.lora is not None or self.shard_model)
+
 
 FROM_FLAG = "flag"
 FROM_CONFIG = "config file"

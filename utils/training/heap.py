@@ -7,8 +7,10 @@ state, gathered weights, the next step's tensors). The holes they leave
 behind cannot be given back to the system, and the process's resident
 memory grows well past what it holds. With a fixed threshold, every block of
 LARGE_BLOCK bytes or more is mapped on its own and unmapped when freed.
-benchmarks/README.md ("774M AdamW at 1 x 1024") has the peaks with and
-without it.
+Mapping and faulting in every large block anew costs step time, so only a
+run whose config asks for less memory (TrainConfig.asks_for_less_memory) sets
+it. benchmarks/README.md ("774M AdamW at 1 x 1024", "The heap setting") has
+the peaks and step times with and without it.
 """
 import ctypes
 import os
