@@ -17,7 +17,7 @@ tensor as they arrive and never holds them in float32: the embeddings, layer
 norms and biases stay float32, the rest is int8.
 """
 import warnings
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,28 +40,41 @@ def require_int8(device: torch.device) -> None:
                         f"{INT8_FIX}")
 
 
-# Rows quantized at a time: the float32 temporaries of a quantization stay
-# a few MiB, whatever the matrix (the output layer is 50257 rows).
-QUANTIZE_ROWS = 4096
+# float32 elements of a quantization's working block (16 MiB): whole rows of
+# the weight, however large the matrix (the output layer is 50257 rows).
+QUANTIZE_BLOCK = 4 * 1024 * 1024
 
 
-def quantize_rows(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantization_scratch() -> torch.Tensor:
+    """A working block for quantize_rows, to pass to every call of a load:
+    one block kept for the whole load frees nothing large between the int8
+    weights it keeps, so glibc never raises its mmap threshold and serves
+    the next large blocks from holes between them (a 1558M int8 load peaked
+    near 3.9 GB with a fresh block per call, 2.2 GB with one)."""
+    return torch.empty(QUANTIZE_BLOCK)
+
+
+def quantize_rows(weight: torch.Tensor, scratch: Optional[torch.Tensor] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(int8 values, float64 scales) of `weight` [out, in], symmetric per
     output row: scale = max |w| / 127, value = w * (1 / scale) rounded half to
     even, exactly as torch.quantize_per_channel computes them (a test holds
-    the two equal), in a few vectorised passes. QUANTIZE_ROWS rows at a time,
-    so no float temporary of the whole matrix; a transposed view (OpenAI's
-    [in, out] layout) is read as it lies and only the int8 result is laid out."""
-    # One float scratch block for every step, allocated before the results
-    # that are kept: freed, it leaves a hole the next call's scratch fits,
-    # instead of temporaries scattered between kept tensors in the heap.
-    scratch = torch.empty(min(weight.size(0), QUANTIZE_ROWS), weight.size(1))
+    the two equal), in a few vectorised passes through `scratch`
+    (quantization_scratch(); a new one when None), a block of rows at a time:
+    no float temporary of the whole matrix. A transposed view (OpenAI's
+    [in, out] layout) is read as it lies; only the int8 result is laid out."""
+    if scratch is None:
+        scratch = quantization_scratch()
+    block = max(1, scratch.numel() // weight.size(1))
+    if block * weight.size(1) > scratch.numel():  # a row longer than the scratch
+        scratch = torch.empty(weight.size(1))
     values = torch.empty(weight.shape, dtype=torch.int8)
     scales = torch.empty(weight.size(0), dtype=torch.float64)
     with torch.no_grad():
-        for start in range(0, weight.size(0), QUANTIZE_ROWS):
-            end = min(start + QUANTIZE_ROWS, weight.size(0))
-            rows, work = weight[start:end].detach().float(), scratch[:end - start]
+        for start in range(0, weight.size(0), block):
+            end = min(start + block, weight.size(0))
+            rows = weight[start:end].detach().float()
+            work = scratch[:rows.numel()].view(rows.shape)
             scale = (torch.abs(rows, out=work).amax(dim=1) / 127.0).clamp_(min=1e-12)
             scales[start:end] = scale.double()
             torch.mul(rows, scale.reciprocal()[:, None], out=work).round_().clamp_(-128, 127)

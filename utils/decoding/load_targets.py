@@ -46,21 +46,26 @@ class Int8Target(LoadTarget):
         self.quantized: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.linear_weights: Set[int] = set()
         self.huge_pages = huge_pages
+        self.scratch: Optional[torch.Tensor] = None  # one for the whole load
 
     def place(self, model: nn.Module) -> None:
         int8_linear.require_int8(torch.device("cpu"))
         self.linear_weights = {id(p) for p in quantized_weights(model)}
         place_in_arena(model, skip=self.linear_weights, huge_pages=self.huge_pages)
         model._decoding_layers = int8_linear.PrequantizedInt8Layers(self.quantized)
+        self.scratch = int8_linear.quantization_scratch()
 
     def fills_rows(self, param: nn.Parameter) -> bool:
         return id(param) not in self.linear_weights
 
     def fill(self, name: str, param: nn.Parameter, value: torch.Tensor) -> None:
         if id(param) in self.linear_weights:
-            self.quantized[id(param)] = int8_linear.quantize_rows(value)
+            self.quantized[id(param)] = int8_linear.quantize_rows(value, self.scratch)
         else:
             super().fill(name, param, value)
+
+    def finish(self, model: nn.Module) -> None:
+        self.scratch = None
 
 
 def target_for(int8: bool, huge_pages: bool = True) -> LoadTarget:
