@@ -118,22 +118,25 @@ def test_cli_int8_on_a_gpu_is_one_line():
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
 
 
+@pytest.mark.parametrize("scratch_rows", [None, 1000, 0])  # 0: shorter than a row
 @pytest.mark.parametrize("layout", ["rows", "openai_transposed"])
-def test_quantize_rows_equals_torch_quantize_per_channel(layout):
+def test_quantize_rows_equals_torch_quantize_per_channel(layout, scratch_rows):
     """Our vectorised per-row quantization gives torch's own int8 values and
-    scales, ties (exact halves, rounded to even) and a zero row included."""
+    scales, ties (exact halves, rounded to even) and a zero row included,
+    whether the matrix fits the working block or takes several."""
     import warnings
 
-    from utils.decoding.int8_linear import QUANTIZE_ROWS, quantize_rows
+    from utils.decoding.int8_linear import quantize_rows
     torch.manual_seed(0)
-    weight = torch.randn(QUANTIZE_ROWS + 37, 96) * 0.02  # more than one block of rows
+    weight = torch.randn(2537, 96) * 0.02
     weight[1] = torch.arange(96) - 47.5  # scale 47.5 / 127: many values land on halves
     weight[2, :8] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5])
     weight[2, 8:] = 0
     weight[3] = 0
     if layout == "openai_transposed":
         weight = weight.t().contiguous().t()  # [out, in] view of an [in, out] tensor
-    values, scales = quantize_rows(weight)
+    scratch = None if scratch_rows is None else torch.empty(scratch_rows * 96 + 5)
+    values, scales = quantize_rows(weight, scratch)
     expected_scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
