@@ -26,6 +26,15 @@ OLD, NEW = b"old contents", b"new contents"
 NOP = dis.opmap["NOP"]
 
 
+@pytest.fixture(autouse=True)
+def python_ctrl_c_handler():
+    """Ctrl-C raising KeyboardInterrupt, as in a command, whatever handler this
+    test process was started with (a worker may have been given another)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def run_interrupted_at(step, action, steps_in=None):
     """Run action() with a KeyboardInterrupt raised at its `step`-th bytecode;
     True if it completed before reaching that step. With `steps_in` (function
