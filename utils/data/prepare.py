@@ -16,7 +16,6 @@ file is removed by the next run in that directory.
 import errno
 import os
 import signal
-import threading
 import time
 from collections import deque
 from contextlib import closing, contextmanager
@@ -29,7 +28,7 @@ import multiprocessing
 from tqdm import tqdm
 import regex
 
-from utils.atomic import ensure_writable_dir, remove_stale_temp_files
+from utils.atomic import ensure_writable_dir, interrupts_held, remove_stale_temp_files
 from utils.temp_files import remove_if_present, temp_name_beside
 from utils.data.records import (CONTEXT_FIELD, IDS_FIELD, LENGTH_FIELD, SPLITS,
                         check_max_seq_length, record_dtype, split_data_path)
@@ -253,7 +252,8 @@ def ordered_pool_map(func, items: Iterator, num_workers: int, *, init_args: tupl
     stop = context.Event()
     pool = None
     try:
-        with _signals_held():
+        # an exception inside Pool() can leave forked workers that nothing stops
+        with interrupts_held():
             pool = context.Pool(num_workers, initializer=_init_pool_worker,
                                 initargs=(stop, *init_args))
         pending = deque()
@@ -271,34 +271,6 @@ def ordered_pool_map(func, items: Iterator, num_workers: int, *, init_args: tupl
             stop.set()
             pool.close()
             pool.join()
-
-
-@contextmanager
-def _signals_held():
-    """Hold Ctrl-C and SIGTERM back until the block is done, then act on them.
-
-    Around Pool(): an exception inside it can leave forked workers that
-    nothing stops. Only signals whose handler is Python code are held (an
-    ignored one stays ignored, a default SIGTERM still ends the process), and
-    only in the main thread, where Python runs handlers.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = {}
-    for signum in _STOP_SIGNALS:
-        handler = signal.getsignal(signum)
-        if callable(handler):
-            previous[signum] = handler
-            signal.signal(signum, lambda signum, _frame: received.append(signum))
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    for signum in dict.fromkeys(received):
-        previous[signum](signum, None)  # raises, for Python's and our handlers
 
 
 @dataclass
