@@ -54,6 +54,7 @@ def run_interrupted_at(step, action, steps_in=None):
                 raise KeyboardInterrupt  # the trace is unset: one interrupt, as one Ctrl-C
         return trace
 
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     sys.settrace(trace)
     try:
         action()
@@ -62,6 +63,8 @@ def run_interrupted_at(step, action, steps_in=None):
     finally:
         sys.settrace(None)
         remove_own_temp_files()  # as run_main on the way out
+        # however interrupted, the signal handlers are the ones it found
+        assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
     return True
 
 

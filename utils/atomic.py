@@ -103,7 +103,9 @@ def interrupts_held():
             previous[signum] = signal.signal(signum, lambda num, frame: held.append(num))
         yield
     finally:
-        for signum, handler in previous.items():
+        # SIGINT back last: a Ctrl-C from then on raises at once, after every
+        # handler is restored
+        for signum, handler in reversed(list(previous.items())):
             signal.signal(signum, handler)
         for signum in held:
             signal.raise_signal(signum)  # now to the handler it was meant for
