@@ -144,5 +144,9 @@ def test_quantize_rows_equals_torch_quantize_per_channel(layout, scratch_rows):
             weight, expected_scales, torch.zeros(weight.size(0), dtype=torch.long), 0,
             torch.qint8).int_repr()
     assert torch.equal(scales, expected_scales)
-    assert torch.equal(values, expected)
+    assert torch.equal(values[2:4], expected[2:4])  # the exact halves and the zero row
+    # Elsewhere too on the CPUs measured; a kernel of another CPU rounding a
+    # product within an ulp of a half the other way would move one value by 1.
+    differ = values.int() - expected.int()
+    assert differ.abs().max() <= 1 and (differ != 0).float().mean() < 1e-4
     assert values.is_contiguous()
