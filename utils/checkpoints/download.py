@@ -44,9 +44,12 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, Optional
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:  # imported where a download needs it: most runs download nothing
+    import requests
 
 from utils.errors import UserError, run_main
 from utils.checkpoints.openai_files import (DEFAULT_MODEL, DEFAULT_MODEL_DIR_PATTERN, MODEL_FILES,

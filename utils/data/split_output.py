@@ -6,7 +6,6 @@ windows: how many there are is known only once the text is encoded);
 `--dev_fraction` takes the last windows of a packed train stream, or a seeded
 sample of the line examples, as dev.npy (`dev_count`, `sampled_dev_mask`).
 """
-import os
 from typing import Optional
 
 import numpy as np

@@ -18,7 +18,7 @@ a model built on the meta device; these targets place them for the engine
   float32 copy of the linear weights.
 Use `target_for(int8, huge_pages)`.
 """
-from typing import Dict, Set, Tuple
+from typing import Dict, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from utils.model import place_parameters
 
 
 class ArenaTarget(LoadTarget):
-    """float32 weights straight into the huge-page block, in decoding order."""
+    """float32 weights straight into the block, in decoding order."""
 
     def __init__(self, huge_pages: bool = True):
         self.huge_pages = huge_pages
@@ -40,7 +40,7 @@ class ArenaTarget(LoadTarget):
 
 
 class Int8Target(LoadTarget):
-    """Linear weights quantized as they arrive; the rest float32 in huge pages."""
+    """Linear weights quantized as they arrive; the rest float32 in the block."""
 
     def __init__(self, huge_pages: bool = True):
         self.quantized: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}

@@ -42,10 +42,10 @@ def huge_pages_available() -> bool:
         return False
 
 
-def _huge_block(nbytes: int, huge_pages: bool = True) -> torch.Tensor:
-    """`nbytes` of fresh memory advised to use huge pages (with `huge_pages`;
-    callers check huge_pages_available first), as uint8, starting on a
-    huge-page boundary."""
+def _fresh_block(nbytes: int, huge_pages: bool = True) -> torch.Tensor:
+    """`nbytes` of fresh memory as uint8, starting on a huge-page boundary, and
+    advised to use huge pages with `huge_pages` (callers check
+    huge_pages_available first)."""
     # Nothing in the fresh mapping has been touched yet, so every page the
     # first writes fault in can be a huge one; the extra page aligns the start.
     block = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -61,7 +61,7 @@ def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     read whole at every step like the weights)."""
     if not huge_pages_available():
         return torch.empty(shape, dtype=dtype)
-    return _huge_block(math.prod(shape) * dtype.itemsize).view(dtype).view(tuple(shape))
+    return _fresh_block(math.prod(shape) * dtype.itemsize).view(dtype).view(tuple(shape))
 
 
 def joined(group: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -132,7 +132,7 @@ def allocate(groups: Sequence[Sequence[Tuple[Sequence[int], torch.dtype]]],
         starts.append(end)
         end += sum(math.prod(shape) * dtype.itemsize for shape, dtype in g)
     with torch.inference_mode(False):
-        arena = _huge_block(end, huge_pages)
+        arena = _fresh_block(end, huge_pages)
         views = []
         for g, start in zip(groups, starts):
             pos, g_views = start, []
