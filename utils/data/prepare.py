@@ -419,7 +419,10 @@ def records_file(out_path: str):
     """A new temporary path beside `out_path` for a split being written; renamed
     onto `out_path` when the block completes, removed when it fails. Disk
     problems are one line naming `out_path`."""
-    tmp_path = temp_name_beside(out_path)
+    try:
+        tmp_path = temp_name_beside(out_path)  # may make the directory
+    except OSError as err:
+        raise write_error(out_path, err) from None
     try:
         try:
             with open(tmp_path, "xb"):
