@@ -2,10 +2,10 @@
 the same exit status, output, working directory, environment and stdin as
 subprocess.run gives, for the cases the CLI tests rely on."""
 import os
+import select
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -108,12 +108,24 @@ def served_by_the_client(script, how, tmp_path):
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
 
 
-def pid_alive(pid):
+def process_handle(pid):
+    """A pidfd for the running process `pid` (None if it is already gone): it
+    stays that process's, even once the number is given to another."""
     try:
-        os.kill(pid, 0)
-        return True
+        return os.pidfd_open(pid)
     except ProcessLookupError:
-        return False
+        return None
+
+
+def ends_within(handle, seconds):
+    """Whether the process behind `handle` exits within `seconds` (a pidfd
+    turns readable when it does, reaped or not)."""
+    if handle is None:
+        return True
+    try:
+        return bool(select.select([handle], [], [], seconds)[0])
+    finally:
+        os.close(handle)
 
 
 def test_the_client_forwards_signals_and_dies_of_them(script, tmp_path):
@@ -122,22 +134,17 @@ def test_the_client_forwards_signals_and_dies_of_them(script, tmp_path):
     client = served_by_the_client(str(tmp_path / "scripts" / "pid.py"), "sleep", tmp_path)
     line = client.stdout.readline().split()
     assert line[0] == "pid" and int(line[1]) != client.pid  # the run is another process
+    run = process_handle(int(line[1]))
     client.send_signal(signal.SIGTERM)
     assert client.wait(timeout=30) == -signal.SIGTERM
-    deadline = time.monotonic() + 10
-    while pid_alive(int(line[1])) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not pid_alive(int(line[1]))
+    assert ends_within(run, 10)
 
 
 def test_a_killed_client_takes_its_run_with_it(tmp_path):
     (tmp_path / "pid.py").write_text(
         "import os, time\nprint('pid', os.getpid(), flush=True)\ntime.sleep(60)\n")
     client = served_by_the_client(str(tmp_path / "pid.py"), "sleep", tmp_path)
-    run_pid = int(client.stdout.readline().split()[1])
+    run = process_handle(int(client.stdout.readline().split()[1]))
     client.kill()
     client.wait(timeout=30)
-    deadline = time.monotonic() + 10
-    while pid_alive(run_pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not pid_alive(run_pid)
+    assert ends_within(run, 10)
