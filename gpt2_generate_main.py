@@ -54,11 +54,11 @@ from utils.output_safety import refuse_outputs_on_inputs
 LONG_SESSION_TOKENS = 1024
 COMPILE_HELP = ("Run the batch-1 CPU decoding step as kernels built by "
                 "torch.compile (needs a C++ compiler; ~15 s the first time, a few "
-                "seconds later from its cache; then 1.2-1.4x faster decoding). "
-                "auto: for interactive sessions and runs of at least "
-                f"{LONG_SESSION_TOKENS} tokens, falling back to the "
-                "uncompiled step if it fails; on: always, and fail if it cannot; "
-                "off: never.")
+                "seconds later from its cache; then 1.2-1.4x faster decoding on AMD "
+                "CPUs, slower on Intel ones). auto: for interactive sessions and "
+                f"runs of at least {LONG_SESSION_TOKENS} tokens, not on Intel CPUs, "
+                "falling back to the uncompiled step if it fails; on: always, and "
+                "fail if it cannot; off: never.")
 # Scores are divided (or multiplied) by the penalty: 100 already bans a
 # repeated token, and 1/100 makes it all but certain.
 

@@ -41,7 +41,8 @@ API_KEY_VARIABLE = "GPT2_SERVE_API_KEY"
 COMPILE_HELP = ("Run decoding steps that hold a single row (one client at a time) "
                 "as kernels built by torch.compile (CPU, float32; needs a C++ "
                 "compiler; ~15 s at start-up the first time). auto: try, and serve "
-                "uncompiled if it fails; on: fail if it cannot; off: never.")
+                "uncompiled if it fails (not tried on Intel CPUs, where the uncompiled "
+                "step is faster); on: fail if it cannot; off: never.")
 
 
 def parse_args(argv=None):

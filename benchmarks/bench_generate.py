@@ -5,6 +5,9 @@ Engines, all on the same random GPT-2 124M weights (configs.config_model_117M):
           batch 1 on the CPU in float32 with the compiled decoding step on
           (utils/decoding/compiled_step.py), as gpt2_generate_main.py runs it
   ours_eager - the same without the compiled step (utils/decoding/engine.py only)
+  ours_onednn - ours_eager with every product through oneDNN, also the few-row
+          ones that go to MKL on Intel CPUs (utils/decoding/linear.py): what
+          that choice is worth on this machine
   hf    - Hugging Face transformers' GPT2LMHeadModel.generate(use_cache=True),
           with the texar weights copied in (skipped if transformers is absent)
   texar - texar's built-in decoding, model(decoding_strategy='infer_greedy',
@@ -132,8 +135,11 @@ def make_decoder(engine: str, batch: int, length: int, device: str, threads: int
     ids = torch.tensor(prompt_ids, device=device)
     model = build_texar(device, dtype)
 
-    if engine in ("ours", "ours_eager", "ours_int8"):
+    if engine in ("ours", "ours_eager", "ours_onednn", "ours_int8"):
         from utils.decoding.generation import generate
+        if engine == "ours_onednn":  # this worker process only
+            from utils.decoding import linear
+            linear.onednn_min_rows = lambda device: 1
         contexts = ids.tolist()
         from utils.decoding.engine import prepare_for_decoding
         # built now, outside the peak, as gpt2_generate_main.py does
@@ -456,7 +462,7 @@ def print_table(results, bandwidth: float, new_tokens: int, itemsize: int) -> No
     by_case = {}
     for r in ok:
         by_case.setdefault((r["batch"], r["prompt"]), {})[r["engine"]] = r
-    header = (f"{'batch':>5} {'prompt':>6} {'engine':>9} {'tok/s':>8} {'TTFT ms':>8} "
+    header = (f"{'batch':>5} {'prompt':>6} {'engine':>11} {'tok/s':>8} {'TTFT ms':>8} "
               f"{'peak MiB':>8} {'%ceil':>6} {'x texar':>8} {'x hf':>6} {'x ct2':>6} "
               f"{'x ct2i8':>7} {'same ids':>8} {'prep MiB':>8}")
     print()
@@ -466,7 +472,8 @@ def print_table(results, bandwidth: float, new_tokens: int, itemsize: int) -> No
         ceiling = batch * bandwidth / bytes_per_token(batch, prompt, new_tokens, itemsize)
         ref_ids = engines.get("hf", engines.get("texar", engines.get("ct2", {}))).get(
             "first_row")
-        for name in ("ours", "ours_eager", "ours_int8", "ct2", "ct2_int8", "hf", "texar"):
+        for name in ("ours", "ours_eager", "ours_onednn", "ours_int8", "ct2", "ct2_int8",
+                     "hf", "texar"):
             r = engines.get(name)
             if r is None:
                 continue
@@ -478,7 +485,7 @@ def print_table(results, bandwidth: float, new_tokens: int, itemsize: int) -> No
             # The ceiling counts float32 weight bytes: not the int8 engines'.
             ceil = ("     -" if name.endswith("int8")
                     else f"{100 * r['decode_tok_s'] / ceiling:5.0f}%")
-            print(f"{batch:>5} {prompt:>6} {name:>9} {r['tok_s']:8.1f} "
+            print(f"{batch:>5} {prompt:>6} {name:>11} {r['tok_s']:8.1f} "
                   f"{r['ttft'] * 1000:8.1f} {r['peak_bytes'] / 2**20:8.0f} "
                   f"{ceil} {vs['texar']:>8} "
                   f"{vs['hf']:>6} {vs['ct2']:>6} {vs['ct2_int8']:>7} {same:>8} "

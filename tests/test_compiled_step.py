@@ -141,8 +141,28 @@ def test_generate_cli_compile_modes_give_transformers_greedy_text(mode):
     assert result.returncode == 0, result.stderr
     if mode == "off":
         assert "Compiling" not in result.stderr
-    else:  # interactive: auto compiles too
+    else:  # interactive: auto compiles too (except on Intel CPUs, see pays_off_here)
         assert "Compiled in" in result.stderr or "decoding uncompiled" in result.stderr
     from utils.processor import get_encoder
     expected = get_encoder().decode(case["output_ids"][len(case["prompt_ids"]):])
     assert expected.strip() in result.stdout
+
+
+@pytest.mark.parametrize("vendor, mode, compiles", [("GenuineIntel", "auto", False),
+                                                    ("GenuineIntel", "on", True),
+                                                    ("AuthenticAMD", "auto", True),
+                                                    ("", "auto", True)])
+def test_compile_auto_skips_cpus_where_the_eager_step_is_faster(monkeypatch, capsys,
+                                                                vendor, mode, compiles):
+    from utils.decoding import loading
+    compiled_models = []
+    monkeypatch.setattr(compiled_step, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(loading, "timed_compile_step",
+                        lambda model: (compiled_models.append(model), (None, 0.5))[1])
+    monkeypatch.setattr(loading, "freeze_garbage_collector", lambda: None)
+    model = small_model()
+    loading.turn_on_compiled_step(model, mode)
+    assert compiled_models == ([model] if compiles else [])
+    err = capsys.readouterr().err
+    assert ("Compiled in 0.5 s." in err) == compiles
+    assert ("the uncompiled step is the faster one" in err) == (not compiles)

@@ -5,6 +5,7 @@ GPU), cuda:N or mps. A device this machine lacks is a one-line error before
 any model loads. prepare_data.py has no --device: it only tokenizes text,
 which runs on the CPU.
 """
+import functools
 import re
 
 import torch
@@ -13,6 +14,20 @@ from utils.errors import UserError
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 _CUDA_INDEXED = re.compile(r"cuda:(\d+)")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_vendor() -> str:
+    """The CPU's vendor id as Linux reports it ("GenuineIntel", "AuthenticAMD",
+    ...), or "" where /proc/cpuinfo is missing or names none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def add_device_arg(group) -> None:

@@ -14,7 +14,11 @@ to back; on the 2-core dev machine that read the weights at ~28 GB/s where
 oneDNN's product reached ~25. Fusing the small ops around the products cut
 ~25 dispatched ops per layer to ~8, and each op after a 10 MB weight stream
 starts with cold caches. Measured together: 1.2-1.4x the eager step
-(benchmarks/bench_generate.py, engines ours and ours_eager).
+(benchmarks/bench_generate.py, engines ours and ours_eager) on an AMD EPYC.
+On an Intel Xeon (Sapphire Rapids) the eager step, whose batch-1 products go
+to MKL there (utils/decoding/linear.py), was faster instead (26 vs 21
+tokens/s), so `--compile auto` does not compile on Intel CPUs
+(`pays_off_here`); `--compile on` still does.
 
 Costs: inductor needs a C++ compiler and Python's headers. The first compile
 takes ~15 s on a 2-core machine; later processes find the kernels in
@@ -34,8 +38,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from utils.device import cpu_vendor
+
 _ENABLED = weakref.WeakSet()  # models whose batch-1 steps run compiled
 _KERNELS = {}  # layer-norm epsilon -> {name: compiled function}
+
+
+def pays_off_here() -> bool:
+    """Whether the compiled step can be expected to beat the eager one on
+    this CPU (see the module's docstring): not on Intel CPUs."""
+    return cpu_vendor() != "GenuineIntel"
 
 
 def _gemv(x, w, b):

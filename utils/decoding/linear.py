@@ -2,12 +2,15 @@
 and the layers' weights prepared once for them.
 
 utils/decoding/engine.py runs every linear layer through a `PreparedLinear`:
-- On x86 CPUs PyTorch's nn.Linear goes to MKL, whose matrix-vector product for
-  torch's [out, in] weight layout streams weights well below memory bandwidth
-  (measured ~12 GB/s of ~30 on the dev machine); oneDNN's linear (the op
-  torch.compile uses on CPU) reads the same tensors 15-40% faster. It is a
-  private op, so it is used only after
-  a check that it exists and agrees with F.linear; anything else falls back to
+- On x86 CPUs PyTorch's nn.Linear goes to MKL. On AMD CPUs MKL's
+  matrix-vector product for torch's [out, in] weight layout streams weights
+  well below memory bandwidth (measured ~12 GB/s of ~30 on an EPYC), and
+  oneDNN's linear (the op torch.compile uses on CPU) reads the same tensors
+  15-40% faster. On Intel CPUs it is the other way round for a few rows (a
+  Sapphire Rapids Xeon: MKL ~10% faster per decoding step at 1-3 rows, oneDNN
+  faster from 4), so there products of fewer than ONEDNN_MIN_ROWS_ON_INTEL
+  rows go to MKL. oneDNN's op is private, so it is used only after a check
+  that it exists and agrees with F.linear; anything else falls back to
   F.linear.
 - Q, K and V are one product over their weights concatenated (one kernel call
   instead of three; +5-10% at batch 1). Each output is the same dot product,
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.decoding import weight_arena
+from utils.device import cpu_vendor
 
 # CPU matrix products in bfloat16/float16 (without native 16-bit arithmetic, as
 # on AVX2) cost about as much per row as a matrix-vector product: fine for one
@@ -33,6 +37,10 @@ from utils.decoding import weight_arena
 # on, the weights are widened to float32 for the product (a transient copy of
 # one matrix at a time, not a second model).
 UPCAST_MIN_ROWS = 8
+
+# On Intel CPUs, products of fewer rows than this (batch-1 to batch-3 decoding
+# steps) run through MKL (F.linear), larger ones through oneDNN.
+ONEDNN_MIN_ROWS_ON_INTEL = 4
 
 _ONEDNN_OK = {}  # (device type, dtype) -> whether oneDNN's linear passed its check
 
@@ -63,6 +71,14 @@ def uses_onednn(device: torch.device, dtype: torch.dtype) -> bool:
                            and dtype in (torch.float32, torch.bfloat16)
                            and _onednn_agrees(dtype))
     return _ONEDNN_OK[key]
+
+
+def onednn_min_rows(device: torch.device) -> int:
+    """Fewest rows a product on `device` needs to go through oneDNN rather
+    than F.linear (when uses_onednn allows oneDNN at all)."""
+    if device.type == "cpu" and cpu_vendor() == "GenuineIntel":
+        return ONEDNN_MIN_ROWS_ON_INTEL
+    return 1
 
 
 def _onednn_agrees(dtype: torch.dtype) -> bool:
@@ -102,7 +118,8 @@ class PreparedLinear:
         weight, bias = _fused(weights), _fused(biases)
         device, dtype = weight.device, weight.dtype
         self.weight, self.bias = weight, bias
-        self.onednn = uses_onednn(device, dtype)
+        self.onednn_min_rows = (onednn_min_rows(device) if uses_onednn(device, dtype)
+                                else None)
         self.upcast = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
         self.gelu = gelu
         self.activation = activation
@@ -114,7 +131,7 @@ class PreparedLinear:
         rows = x.numel() // x.size(-1)
         if self.upcast and rows >= UPCAST_MIN_ROWS:
             y = upcast_linear(x, self.weight, self.bias)
-        elif self.onednn:
+        elif self.onednn_min_rows is not None and rows >= self.onednn_min_rows:
             if self.gelu:
                 return onednn_linear_gelu(x, self.weight, self.bias)
             y = onednn_linear(x, self.weight, self.bias)

@@ -7,6 +7,7 @@ import sys
 import torch
 
 from utils.checkpoints.weights import load_weights
+from utils.decoding import compiled_step
 from utils.decoding.compiling import freeze_garbage_collector, timed_compile_step
 from utils.decoding.engine import prepare_for_decoding
 from utils.decoding.int8_linear import require_int8
@@ -65,7 +66,12 @@ def load_for_decoding(resolved, dtype: str, device: torch.device, long_session: 
 def turn_on_compiled_step(model, mode: str) -> None:
     """--compile on/auto: compile the batch-1 step (utils/decoding/compiling.py),
     saying so on stderr; a failure is an error with `on`, a note (and the
-    eager step) with `auto`."""
+    eager step) with `auto`. `auto` does not compile on a CPU where the
+    compiled step is the slower one (compiled_step.pays_off_here)."""
+    if mode == "auto" and not compiled_step.pays_off_here():
+        print("note: decoding uncompiled: on this CPU (Intel) the uncompiled step is "
+              "the faster one (--compile on compiles anyway)", file=sys.stderr)
+        return
     print("Compiling the decoding step (torch.compile: ~15 s the first time, "
           "a few seconds from its cache later)...", file=sys.stderr, flush=True)
     reason, seconds = timed_compile_step(model)
