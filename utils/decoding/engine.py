@@ -24,7 +24,6 @@ through utils/decoding/load_targets.py is already laid out (or quantized)
 as it loaded: nothing is copied here.
 """
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from typing import Generator, List, Optional, Tuple
 
 import torch
@@ -137,20 +136,11 @@ class GPT2Net:
         layers = int8_linear.decoding_layers(model)
         make_linear = layers.linear if layers is not None else cpu_linear.PreparedLinear
         out = dec._output_layer  # nn.Linear tied to the word embedding
-        n_layer = len(dec.self_attns)
-        if layers is None:
-            self.out = make_linear([out.weight], [out.bias])
-            self.layers = [_Layer(dec, i, make_linear) for i in range(n_layer)]
-        else:
-            # int8 packing is single-threaded and the output layer is the
-            # largest (~40% of it): packed on a second thread meanwhile.
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                out_layer = pool.submit(make_linear, [out.weight], [out.bias])
-                self.layers = [_Layer(dec, i, make_linear) for i in range(n_layer)]
-                self.out = out_layer.result()
+        self.out = make_linear([out.weight], [out.bias])
         self.final_ln = (dec.final_layer_norm.normalized_shape,
                          dec.final_layer_norm.weight, dec.final_layer_norm.bias,
                          dec.final_layer_norm.eps)
+        self.layers = [_Layer(dec, i, make_linear) for i in range(len(dec.self_attns))]
         self.n_head = int(dec.self_attns[0]._hparams.num_heads)
         self.n_vocab, self.n_embd = self.wte.shape
         self.n_ctx = self.wpe.shape[0]
