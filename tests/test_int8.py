@@ -37,6 +37,22 @@ def test_int8_linear_is_close_to_the_float_product():
     assert torch.equal(fused, approx)  # per-row scales: fusing changes nothing
 
 
+@pytest.mark.parametrize("rows", [96, 97])  # an even and an odd split
+def test_a_large_layer_packed_in_two_halves_gives_the_same_products(monkeypatch, rows):
+    """The output layer is packed as two row halves on two threads; each output
+    is the same integer product with the same scales, so nothing changes."""
+    from utils.decoding import int8_linear
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(rows, 64, generator=g), torch.randn(rows, generator=g)
+    x = torch.randn(3, 2, 64, generator=g)
+    whole = Int8Linear([w], [b])
+    monkeypatch.setattr(int8_linear, "SPLIT_PACKING_ROWS", 50)
+    halves = Int8Linear([w], [b])
+    assert len(whole.packed) == 1 and len(halves.packed) == 2
+    assert torch.equal(halves(x), whole(x))
+    assert halves.extra_bytes == whole.extra_bytes
+
+
 @pytest.mark.parametrize("name", ["tiny_a", "tiny_b"])
 def test_int8_logits_follow_float32_on_tf_checkpoints(name, tf_gpt2_model):
     model, meta = tf_gpt2_model(name)

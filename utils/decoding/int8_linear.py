@@ -17,6 +17,7 @@ tensor as they arrive and never holds them in float32: the embeddings, layer
 norms and biases stay float32, the rest is int8.
 """
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -131,6 +132,30 @@ def quantized_tensor(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
             values, scales, torch.zeros_like(scales, dtype=torch.long), 0)
 
 
+# fbgemm packs a matrix on one thread, at ~5-10 ns an element. A matrix of
+# at least this many rows (the output layer: 50257) is packed as two halves,
+# one on a second thread, and run as two products (as fast as one).
+SPLIT_PACKING_ROWS = 16384
+
+
+def _packed_parts(values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor) -> list:
+    """quantize_rows' pair and the bias packed for fbgemm: one packed matrix,
+    or two row halves packed at once on two threads when it is that large."""
+    def pack(part: slice):
+        with warnings.catch_warnings():  # quantized tensors are deprecated, still work
+            warnings.simplefilter("ignore")
+            return torch.ops.quantized.linear_prepack(
+                quantized_tensor(values[part], scales[part]), bias[part])
+    rows = values.size(0)
+    if rows < SPLIT_PACKING_ROWS:
+        return [pack(slice(None))]
+    halves = [slice(0, rows // 2), slice(rows // 2, rows)]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        second = pool.submit(pack, halves[1])
+        first = pack(halves[0])
+        return [first, second.result()]
+
+
 class Int8Linear:
     """y = act(x W^T + b) with W in int8 (one scale per output row).
 
@@ -147,22 +172,21 @@ class Int8Linear:
         else:  # one float matrix (the output layer: no float copy of it is made)
             weight = torch.cat(list(weights)) if len(weights) > 1 else weights[0]
             values, scale = quantize_rows(weight)
-        q = quantized_tensor(values, scale)
-        rows = q.size(0)
+        rows = values.size(0)
         bias = torch.cat([b.detach().float() if b is not None
                           else torch.zeros(w.size(0) if not isinstance(w, tuple) else
                                            w[0].size(0))
                           for w, b in zip(weights, biases)])
-        with warnings.catch_warnings():  # quantized tensors are deprecated, still work
-            warnings.simplefilter("ignore")
-            self.packed = torch.ops.quantized.linear_prepack(q, bias)
+        self.packed = _packed_parts(values, scale, bias)
         self.gelu, self.activation = gelu, activation
-        self.extra_bytes = q.numel() + 8 * rows + 4 * bias.numel()
+        self.extra_bytes = values.numel() + 8 * rows + 4 * bias.numel()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(),
-                                               self.packed, True)
+        rows = x.reshape(-1, shape[-1]).float()
+        parts = [torch.ops.quantized.linear_dynamic(rows, packed, True)
+                 for packed in self.packed]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         y = y.view(*shape[:-1], y.size(-1))
         if self.gelu:
             return torch.nn.functional.gelu(y, approximate="tanh")
