@@ -53,7 +53,7 @@ from utils.training import distributed as dist_utils
 from utils.checkpoints.weights import load_weights, lora_base_of
 from utils.lora import has_adapters, merge_adapters
 from utils.checkpoints.weights import resolve_model
-from utils.training.heap import map_large_blocks_separately
+from utils.heap import map_large_blocks_separately
 from utils.training.output_dir import check_output_dir
 from utils.training.output_dir import output_dir_claimed
 from utils.training.config import LR_SETTING, describe_settings, load_train_config

@@ -106,7 +106,7 @@ def run_row(size: str, tokens: int, setting: str, steps: int, device_name: str) 
     from utils.training.lm import autocast, lm_nll
     from utils.training.memory_options import apply_memory_options, trainable_parameter_count
     from utils.lora import add_adapters, lora_settings
-    from utils.training.heap import map_large_blocks_separately
+    from utils.heap import map_large_blocks_separately
     from utils.model import build_model, gpt2_hparams
     from utils.training.optimizer import build_optimizer
 

@@ -24,7 +24,7 @@ from benchmarks.bench_memory import SIZES  # noqa: E402
 from utils.model import build_model, gpt2_hparams  # noqa: E402
 from utils.training import sharding  # noqa: E402
 from utils.training.distributed import init_distributed  # noqa: E402
-from utils.training.heap import map_large_blocks_separately  # noqa: E402
+from utils.heap import map_large_blocks_separately  # noqa: E402
 from utils.training.lm import lm_nll  # noqa: E402
 from utils.training.memory_options import enable_gradient_checkpointing  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""utils/training/heap.py: with large blocks mapped on their own, memory that
+"""utils/heap.py: with large blocks mapped on their own, memory that
 training frees goes back to the system even when blocks still alive sit
 after it (the pattern that made a training step's resident memory grow)."""
 import ctypes
@@ -17,7 +17,7 @@ PATTERN = """
 import ctypes, sys
 sys.path.insert(0, {repo!r})
 import torch
-from utils.training.heap import map_large_blocks_separately
+from utils.heap import map_large_blocks_separately
 if sys.argv[1] == "on":
     assert map_large_blocks_separately()
 class MallInfo2(ctypes.Structure):
@@ -73,6 +73,44 @@ def test_freed_temporaries_go_back_to_the_system():
 
 
 def test_a_users_own_threshold_is_kept(monkeypatch):
-    from utils.training.heap import map_large_blocks_separately
+    from utils.heap import map_large_blocks_separately
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert map_large_blocks_separately() is False
+
+
+# Four threads allocate once each; glibc's malloc_stats (on stderr) lists
+# every heap ("Arena N:").
+ARENAS = """
+import ctypes, sys, threading
+sys.path.insert(0, {repo!r})
+from utils.heap import threads_share_one_heap
+if sys.argv[1] == "on":
+    assert threads_share_one_heap()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+threads = [threading.Thread(target=libc.malloc, args=(4096,)) for _ in range(4)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+libc.malloc_stats()
+"""
+
+
+def heaps_used(setting, env=None):
+    result = subprocess.run([sys.executable, "-c", ARENAS.format(repo=REPO), setting],
+                            capture_output=True, text=True, check=True, env=env)
+    return sum(line.startswith("Arena ") for line in result.stderr.splitlines())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not glibc(),
+                    reason="a glibc setting")
+def test_threads_started_after_the_setting_share_one_heap():
+    assert heaps_used("off") > 1
+    assert heaps_used("on") == 1
+
+
+def test_a_users_own_heap_count_is_kept(monkeypatch):
+    from utils.heap import threads_share_one_heap
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert threads_share_one_heap() is False

@@ -53,6 +53,19 @@ def test_a_large_layer_packed_in_two_halves_gives_the_same_products(monkeypatch,
     assert halves.extra_bytes == whole.extra_bytes
 
 
+def test_packing_on_worker_threads_changes_no_logit(monkeypatch):
+    """The engine packs its int8 layers on PACKING_THREADS workers: one worker
+    or two, the same packed layers and so the same logits."""
+    from utils.decoding import int8_linear
+    ids = torch.tensor([[464, 2068, 7586, 21831]])
+    logits = []
+    for threads in (1, 2):
+        monkeypatch.setattr(int8_linear, "PACKING_THREADS", threads)
+        model = quantize_for_decoding(small_model())
+        logits.append(forward_logits(model, ids))
+    assert torch.equal(logits[0], logits[1])
+
+
 @pytest.mark.parametrize("name", ["tiny_a", "tiny_b"])
 def test_int8_logits_follow_float32_on_tf_checkpoints(name, tf_gpt2_model):
     model, meta = tf_gpt2_model(name)

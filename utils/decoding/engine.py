@@ -23,6 +23,7 @@ time, rather than on the first prompt. A model streamed from its files
 through utils/decoding/load_targets.py is already laid out (or quantized)
 as it loaded: nothing is copied here.
 """
+import functools
 import weakref
 from typing import Generator, List, Optional, Tuple
 
@@ -134,18 +135,24 @@ class GPT2Net:
         self.wpe = model.position_embedder.embedding
         self.device, self.dtype = self.wte.device, self.wte.dtype
         layers = int8_linear.decoding_layers(model)
-        make_linear = layers.linear if layers is not None else cpu_linear.PreparedLinear
-        out = dec._output_layer  # nn.Linear tied to the word embedding
-        self.out = make_linear([out.weight], [out.bias])
+        if layers is None:
+            self._build_linears(dec, cpu_linear.PreparedLinear)
+        else:  # int8: packed on worker threads while the layers are made
+            with int8_linear.PackingPool() as pool:
+                self._build_linears(dec, functools.partial(layers.linear, packing=pool))
         self.final_ln = (dec.final_layer_norm.normalized_shape,
                          dec.final_layer_norm.weight, dec.final_layer_norm.bias,
                          dec.final_layer_norm.eps)
-        self.layers = [_Layer(dec, i, make_linear) for i in range(len(dec.self_attns))]
         self.n_head = int(dec.self_attns[0]._hparams.num_heads)
         self.n_vocab, self.n_embd = self.wte.shape
         self.n_ctx = self.wpe.shape[0]
         self.head_dim = self.n_embd // self.n_head
         self.compiled = False  # batch-1 steps through utils/decoding/compiled_step.py
+
+    def _build_linears(self, dec: nn.Module, make_linear) -> None:
+        out = dec._output_layer  # nn.Linear tied to the word embedding
+        self.out = make_linear([out.weight], [out.bias])
+        self.layers = [_Layer(dec, i, make_linear) for i in range(len(dec.self_attns))]
 
     def extra_bytes(self) -> int:
         """Memory the prepared copies take beside the model's parameters."""

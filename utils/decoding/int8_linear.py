@@ -16,13 +16,15 @@ quarter of the weights. A model loaded for int8 decoding from a file
 tensor as they arrive and never holds them in float32: the embeddings, layer
 norms and biases stay float32, the rest is int8.
 """
+import collections
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Optional, Sequence, Tuple
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from utils.errors import UserError
+from utils.heap import threads_share_one_heap
 
 INT8_FIX = "use --dtype float32 or bfloat16"
 
@@ -132,28 +134,56 @@ def quantized_tensor(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
             values, scales, torch.zeros_like(scales, dtype=torch.long), 0)
 
 
-# fbgemm packs a matrix on one thread, at ~5-10 ns an element. A matrix of
-# at least this many rows (the output layer: 50257) is packed as two halves,
-# one on a second thread, and run as two products (as fast as one).
+# fbgemm packs a matrix on one thread, at ~5-10 ns an element: 0.5-1 s of a
+# 124M int8 start-up, ~10 s of 1558M's. PackingPool spreads an engine's
+# matrices over two threads.
+PACKING_THREADS = 2
+# A matrix of at least this many rows (the output layer: 50257) is packed as
+# two row halves, run as two products (as fast as one).
 SPLIT_PACKING_ROWS = 16384
 
 
-def _packed_parts(values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor) -> list:
-    """quantize_rows' pair and the bias packed for fbgemm: one packed matrix,
-    or two row halves packed at once on two threads when it is that large."""
-    def pack(part: slice):
-        with warnings.catch_warnings():  # quantized tensors are deprecated, still work
-            warnings.simplefilter("ignore")
-            return torch.ops.quantized.linear_prepack(
-                quantized_tensor(values[part], scales[part]), bias[part])
+class PackingPool:
+    """Packs matrices for fbgemm on PACKING_THREADS worker threads. The
+    quantized tensor each one packs is made on the calling thread, at most one
+    per worker ahead, so that the workers allocate nothing but the packed
+    matrices they hand back, and on the heap the main thread uses
+    (utils/heap.py), into the holes the load's freed int8 weights left."""
+
+    def __init__(self):
+        threads_share_one_heap()  # see utils/heap.py
+        self._threads = PACKING_THREADS
+        self._workers = ThreadPoolExecutor(max_workers=self._threads)
+        self._in_flight = collections.deque()
+
+    def pack(self, values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor) -> Future:
+        """A future of the packed matrix of quantize_rows' pair and `bias`."""
+        while len(self._in_flight) >= self._threads:
+            self._in_flight.popleft().result()
+        job = self._workers.submit(_prepack, quantized_tensor(values, scales), bias)
+        self._in_flight.append(job)
+        return job
+
+    def __enter__(self) -> "PackingPool":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._workers.shutdown(wait=True)
+
+
+def _prepack(q: torch.Tensor, bias: torch.Tensor):
+    with warnings.catch_warnings():  # quantized tensors are deprecated, still work
+        warnings.simplefilter("ignore")
+        return torch.ops.quantized.linear_prepack(q, bias)
+
+
+def _pack_parts(values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor,
+                pool: PackingPool) -> List[Future]:
+    """Futures of the packed matrix: one, or two row halves when it is large."""
     rows = values.size(0)
-    if rows < SPLIT_PACKING_ROWS:
-        return [pack(slice(None))]
-    halves = [slice(0, rows // 2), slice(rows // 2, rows)]
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        second = pool.submit(pack, halves[1])
-        first = pack(halves[0])
-        return [first, second.result()]
+    parts = ([slice(None)] if rows < SPLIT_PACKING_ROWS
+             else [slice(0, rows // 2), slice(rows // 2, rows)])
+    return [pool.pack(values[part], scales[part], bias[part]) for part in parts]
 
 
 class Int8Linear:
@@ -164,7 +194,8 @@ class Int8Linear:
     utils/decoding/load_targets.py)."""
 
     def __init__(self, weights: Sequence, biases: Sequence[torch.Tensor],
-                 gelu: bool = False, activation=None):
+                 gelu: bool = False, activation=None,
+                 packing: Optional[PackingPool] = None):
         if any(isinstance(w, tuple) for w in weights):
             parts = [w if isinstance(w, tuple) else quantize_rows(w) for w in weights]
             values = torch.cat([v for v, _ in parts]) if len(parts) > 1 else parts[0][0]
@@ -177,9 +208,22 @@ class Int8Linear:
                           else torch.zeros(w.size(0) if not isinstance(w, tuple) else
                                            w[0].size(0))
                           for w, b in zip(weights, biases)])
-        self.packed = _packed_parts(values, scale, bias)
+        if packing is None:
+            with PackingPool() as pool:
+                self._packing = _pack_parts(values, scale, bias, pool)
+        else:  # an engine's pool, packing while the next layers are made
+            self._packing = _pack_parts(values, scale, bias, packing)
+        self._packed = None
         self.gelu, self.activation = gelu, activation
         self.extra_bytes = values.numel() + 8 * rows + 4 * bias.numel()
+
+    @property
+    def packed(self) -> list:
+        """The packed matrices (waited for the first time)."""
+        if self._packed is None:
+            self._packed = [job.result() for job in self._packing]
+            self._packing = None
+        return self._packed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
