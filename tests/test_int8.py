@@ -118,7 +118,6 @@ def test_int8_refuses_other_devices_and_dtypes_in_one_line():
 
 
 def test_cli_dtype_int8_generates_from_a_tf_checkpoint():
-    import subprocess
     import sys
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     model_dir = os.path.join(FIXTURES, "models", "tiny_a")
