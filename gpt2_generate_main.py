@@ -52,13 +52,17 @@ from utils.output_safety import refuse_outputs_on_inputs
 # start: compiling the step (--compile auto) and huge pages for the weights
 # (benchmarks/README.md, "Start-up").
 LONG_SESSION_TOKENS = 1024
-COMPILE_HELP = ("Run the batch-1 CPU decoding step as kernels built by "
-                "torch.compile (needs a C++ compiler; ~15 s the first time, a few "
-                "seconds later from its cache; then 1.2-1.4x faster decoding on AMD "
-                "CPUs, slower on Intel ones). auto: for interactive sessions and "
-                f"runs of at least {LONG_SESSION_TOKENS} tokens, not on Intel CPUs, "
-                "falling back to the uncompiled step if it fails; on: always, and "
-                "fail if it cannot; off: never.")
+# --compile auto loads stored kernels for runs of at least this many tokens:
+# loading and checking them costs ~0.1 s, which a few dozen faster steps repay.
+STORED_KERNELS_MIN_TOKENS = 64
+COMPILE_HELP = ("Run the batch-1 CPU float32 decoding step as compiled kernels, "
+                "built once per model shape, CPU and torch (AOTInductor: needs a "
+                "C++ compiler; about a minute) and stored in your cache; later runs "
+                "load them in milliseconds. auto: use stored kernels for runs of at "
+                f"least {STORED_KERNELS_MIN_TOKENS} tokens, and build them for "
+                f"interactive sessions and runs of at least {LONG_SESSION_TOKENS} "
+                "tokens, falling back to the uncompiled step if that fails; on: "
+                "always, and fail if it cannot; off: never.")
 # Scores are divided (or multiplied) by the penalty: 100 already bans a
 # repeated token, and 1/100 makes it all but certain.
 
@@ -263,7 +267,8 @@ def main(argv=None) -> int:
     settings.check_memory(resolved.sizes, longest, device, model=resolved.describe())
     long_session = is_long_session(args, len(prompts))
     model, encoder = load_for_decoding(resolved, args.dtype, device, long_session)
-    prepare_compiled_step(model, args, device, long_session)
+    prepare_compiled_step(model, args, device, long_session,
+                          planned_tokens(args, len(prompts)))
 
     session = SamplePrinter(model, encoder, settings, args.nsamples, device,
                           args.repetition_penalty)
@@ -274,15 +279,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def planned_tokens(args, n_prompts: int) -> int:
+    """The most tokens the run decodes (contexts included)."""
+    return args.nsamples * args.max_decoding_length * max(1, n_prompts)
+
+
 def is_long_session(args, n_prompts: int) -> bool:
-    tokens = args.nsamples * args.max_decoding_length * max(1, n_prompts)
-    return args.is_interactive or tokens >= LONG_SESSION_TOKENS
+    return args.is_interactive or planned_tokens(args, n_prompts) >= LONG_SESSION_TOKENS
 
 
-def prepare_compiled_step(model, args, device: torch.device, long_session: bool) -> None:
-    """--compile: the batch-1 CPU step through torch.compile
-    (utils/decoding/compiled_step.py) when asked for, or (auto) when the session is
-    long enough to repay compiling."""
+def prepare_compiled_step(model, args, device: torch.device, long_session: bool,
+                          tokens: int) -> None:
+    """--compile: the batch-1 CPU step through compiled kernels
+    (utils/decoding/compiled_step.py) when asked for, or (auto) when the run is
+    long enough to repay loading stored ones, or building them."""
     if args.compile == "off":
         return
     supported = (device.type == "cpu" and args.dtype == "float32"
@@ -293,9 +303,9 @@ def prepare_compiled_step(model, args, device: torch.device, long_session: bool)
                             "--batch_size 1 and greedy or sampled decoding (it "
                             "compiles the CPU batch-1 step): use --compile auto")
         return
-    if args.compile == "auto" and not long_session:
+    if args.compile == "auto" and not long_session and tokens < STORED_KERNELS_MIN_TOKENS:
         return
-    turn_on_compiled_step(model, args.compile)
+    turn_on_compiled_step(model, args.compile, worth_building=long_session)
 
 
 def frame_sources(session: SamplePrinter, prompts, contexts):

@@ -7,6 +7,10 @@ process on random GPT-2 124M weights (seeded), in OpenAI's layout for ours
 CTranslate2's own converter for it:
   ours      python gpt2_generate_main.py --pretrain_model_dir DIR --prompt P
                 --decoding_strategy greedy --max_decoding_length L [--dtype int8]
+            (--compile auto: the compiled step's kernels are stored before the
+            rounds, as after a user's first compiled run, so auto loads them
+            for runs of 64 tokens or more, except on Intel CPUs)
+  ours_compiled  the same with --compile on (the stored kernels on any CPU)
   ct2       python benchmarks/ct2_engine.py --stream CT2_DIR L [int8]
             (imports ctranslate2 and our tokenizer, loads, streams greedily)
   torch     python -c "import torch" (the floor every torch program pays)
@@ -22,7 +26,9 @@ machine falls on both sides alike.
     python benchmarks/bench_startup.py --rounds 3 --work_dir /tmp/startup
     python benchmarks/bench_startup.py --config_model configs.config_model_1558M \
         --engines ours,ours_int8 --new_tokens 1 --rounds 1 --work_dir /tmp/startup_1558M
-The model files are written once into --work_dir (kept, and reused when there).
+The model files and the compiled step's kernels (in --work_dir/kernel_store,
+through GPT2_TEXAR_CACHE_DIR) are written once into --work_dir (kept, and reused
+when there).
 """
 import argparse
 import os
@@ -40,7 +46,7 @@ from benchmarks import ct2_engine  # noqa: E402
 
 SEED = 1234
 PROMPT = "The quick brown fox jumps over the lazy dog."
-ENGINES = ("ours", "ours_int8", "ct2", "ct2_int8")
+ENGINES = ("ours", "ours_compiled", "ours_int8", "ct2", "ct2_int8")
 
 
 def model_dirs(work_dir: str):
@@ -48,9 +54,19 @@ def model_dirs(work_dir: str):
     return tuple(os.path.join(work_dir, name) for name in ("openai", "hf", "ct2"))
 
 
-def prepare_models(work_dir: str, config: str, with_ct2: bool = True):
+def our_environment(work_dir: str) -> dict:
+    """The environment of our commands: the compiled step's kernel store in
+    work_dir (utils/decoding/kernel_store.py), not the user's cache."""
+    from utils.decoding.kernel_store import CACHE_ENV
+    return {**os.environ, CACHE_ENV: os.path.join(work_dir, "kernel_store")}
+
+
+def prepare_models(work_dir: str, config: str, with_ct2: bool = True,
+                   with_kernels: bool = True):
     """Write one random model into model_dirs(work_dir) once: OpenAI's layout,
-    and CTranslate2's (through Hugging Face's) when `with_ct2`."""
+    and CTranslate2's (through Hugging Face's) when `with_ct2`; with
+    `with_kernels`, build the compiled step's kernels for it (a float32 run
+    with --compile on)."""
     import torch
     from utils.checkpoints.weights import (CHECKPOINT_FORMAT, checkpoint_model_fields,
                                            save_checkpoint)
@@ -66,6 +82,9 @@ def prepare_models(work_dir: str, config: str, with_ct2: bool = True):
         del model
         _run_checked([sys.executable, "convert_checkpoint.py", ckpt, openai_dir,
                       "--format", "openai"])
+    if with_kernels:
+        _run_checked(command("ours_compiled", openai_dir, ct2_dir, prompt_tokens() + 2),
+                     env=our_environment(work_dir))
     if with_ct2 and ct2_engine.available() and not os.path.isdir(ct2_dir):
         if not os.path.isdir(hf_dir):
             _run_checked([sys.executable, "convert_checkpoint.py", openai_dir, hf_dir,
@@ -74,8 +93,8 @@ def prepare_models(work_dir: str, config: str, with_ct2: bool = True):
         ctranslate2.converters.TransformersConverter(hf_dir).convert(ct2_dir, force=True)
 
 
-def _run_checked(cmd) -> None:
-    subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
+def _run_checked(cmd, env=None) -> None:
+    subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL, env=env)
 
 
 def prompt_tokens() -> int:
@@ -90,16 +109,17 @@ def command(engine: str, openai_dir: str, ct2_dir: str, max_length: int):
         cmd = [sys.executable, "gpt2_generate_main.py", "--pretrain_model_dir", openai_dir,
                "--prompt", PROMPT, "--decoding_strategy", "greedy",
                "--max_decoding_length", str(max_length)]
-        return cmd + (["--dtype", "int8"] if engine == "ours_int8" else [])
+        extra = {"ours_int8": ["--dtype", "int8"], "ours_compiled": ["--compile", "on"]}
+        return cmd + extra.get(engine, [])
     compute = ct2_engine.COMPUTE_TYPES[engine]
     return [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "ct2_engine.py"),
             "--stream", ct2_dir, str(max_length), compute]
 
 
-def run_once(cmd):
+def run_once(cmd, env):
     """(seconds, peak RSS in MiB) of one whole process."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdin=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     proc.stdin.write((PROMPT + "\n").encode())
     proc.stdin.close()
@@ -130,7 +150,8 @@ def main() -> None:
                if e.startswith("ours") or ct2_engine.available()]
     with_ct2 = any(e.startswith("ct2") for e in engines)
     if args.prepare_only:
-        prepare_models(work_dir, args.config_model, with_ct2)
+        prepare_models(work_dir, args.config_model, with_ct2,
+                       with_kernels=bool({"ours", "ours_compiled"} & set(engines)))
         return
     # In a process of its own: Linux carries a parent's peak RSS into every
     # process it starts (fork copies it, exec keeps it), so this process must
@@ -139,6 +160,7 @@ def main() -> None:
                   "--work_dir", work_dir, "--config_model", args.config_model,
                   "--engines", ",".join(engines)])
     openai_dir, _, ct2_dir = model_dirs(work_dir)
+    env = our_environment(work_dir)
     base = prompt_tokens()
     lengths = {1: base + 1, args.new_tokens: base + args.new_tokens}
     runs = {}  # (engine, new tokens) -> [(seconds, MiB)] per round
@@ -148,7 +170,7 @@ def main() -> None:
             for engine in order + ["torch"]:
                 if engine == "torch" and new != 1:
                     continue
-                result = run_once(command(engine, openai_dir, ct2_dir, length))
+                result = run_once(command(engine, openai_dir, ct2_dir, length), env)
                 runs.setdefault((engine, new), []).append(result)
                 print(f"round {round_no + 1} {engine:9s} {new:4d} new: {result[0]:6.2f} s "
                       f"{result[1]:7.0f} MiB", file=sys.stderr, flush=True)

@@ -14,6 +14,17 @@ import torch  # noqa: E402
 TF_FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures", "tf_gpt2")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kernel_store_of_the_test_run(tmp_path_factory):
+    """The compiled step's kernel store (utils/decoding/kernel_store.py) in the
+    run's temporary directory, never the user's cache: one directory for all
+    xdist workers (the parent of each worker's base), so that a model shape's
+    kernels are built once per run. Entry scripts run by the tests inherit it."""
+    from utils.decoding.kernel_store import CACHE_ENV
+    os.environ[CACHE_ENV] = str(tmp_path_factory.getbasetemp().parent / "kernel_store")
+    yield
+
+
 @pytest.fixture
 def tf_gpt2_model():
     """load(name) -> (GPT2Decoder with the TF-written fixture's weights, its

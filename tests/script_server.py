@@ -22,7 +22,8 @@ nothing with other runs but the files they write. What differs from a real
 `python SCRIPT`: torch, texar and the project's modules are imported before
 the run's environment is set, so a variable read at import time (none of
 the project's) keeps the server's value; with --no-compile the children do
-not compile the batch-1 decoding step (tests/test_compiled_step.py tests it).
+not compile the batch-1 decoding step nor load its stored kernels
+(tests/test_compiled_step.py tests it).
 """
 import array
 import atexit
@@ -145,14 +146,15 @@ def _handle(conn):
 def serve(path, compile_step=True):
     import torch
     from utils.model import import_texar
-    import utils.decoding.compiling as compiling
+    import utils.decoding.loading as loading
     import_texar()
     # What every command imports, once: the entry scripts' modules, and the
     # compiler stack torch.optim loads when the first optimizer is built.
     import convert_checkpoint, gpt2_generate_main, gpt2_train_main, prepare_data  # noqa
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
     if not compile_step:
-        compiling.timed_compile_step = lambda model: ("not compiled in the docs test", 0.0)
+        loading.timed_compile_step = lambda model, build=True: (
+            "not compiled in the docs test", 0.0)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(16)

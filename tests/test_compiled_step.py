@@ -1,17 +1,23 @@
-"""The batch-1 CPU decoding step through torch.compile (utils/decoding/compiled_step.py,
-turned on by utils/decoding/compiling.py) and gpt2_generate_main.py --compile.
+"""The batch-1 CPU decoding step through compiled kernels (utils/decoding/compiled_step.py,
+stored by utils/decoding/kernel_store.py, turned on by utils/decoding/compiling.py)
+and gpt2_generate_main.py --compile.
 
 The references are the eager engine (utils/decoding/engine.py) and, on the
 TF-written fixtures, the greedy continuations Hugging Face transformers
-computed from the same TensorFlow files."""
+computed from the same TensorFlow files. The kernels are built once per model
+shape into the test run's store (tests/conftest.py); the small models here
+share tiny_a's shape, so the run builds two shapes (about a minute each on 2
+cores)."""
 import copy
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
 import torch
 
-from utils.decoding import compiled_step, compiling
+from utils.decoding import compiled_step, compiling, kernel_store
 from utils.decoding.generation import generate
 from utils.decoding.engine import engine_for
 from utils.model import build_model, gpt2_hparams
@@ -22,17 +28,18 @@ FIXTURES = os.path.join(REPO, "tests", "fixtures", "tf_gpt2")
 NEVER = -1
 
 
-def small_model(seed=5, n_embd=32):
+def small_model(seed=5):
+    """A random model of tiny_a's shape (the same kernels)."""
     torch.manual_seed(seed)
-    model = build_model(gpt2_hparams(n_vocab=300, n_ctx=48, n_embd=n_embd, n_head=4,
+    model = build_model(gpt2_hparams(n_vocab=50257, n_ctx=48, n_embd=8, n_head=2,
                                      n_layer=2)).eval()
     return model.requires_grad_(False)
 
 
 def compiled(model):
     reason = compiling.compile_step(model)
-    if reason is not None and "torch.compile failed" in reason:
-        pytest.skip(f"no working torch.compile here: {reason}")
+    if reason is not None and "compiling failed" in reason:
+        pytest.skip(f"no working C++ compiler for AOTInductor here: {reason}")
     assert reason is None, reason
     return model
 
@@ -100,15 +107,115 @@ def test_unsupported_models_get_a_reason_and_stay_eager():
         assert "int8" in compiling.compile_step(model)
 
 
-def test_a_failing_compile_falls_back_to_the_eager_step(monkeypatch):
-    def broken(eps):
+def test_a_failing_compile_falls_back_to_the_eager_step(monkeypatch, tmp_path):
+    def broken(function, arguments, path):
         raise RuntimeError("no C++ compiler\nlong details")
-    monkeypatch.setattr(compiled_step, "_kernels", broken)
+    monkeypatch.setenv(kernel_store.CACHE_ENV, str(tmp_path / "store"))
+    monkeypatch.setattr(kernel_store, "_compile_library", broken)
     model = small_model(seed=9)
     reason = compiling.compile_step(model)
-    assert reason == "torch.compile failed: no C++ compiler"
+    assert reason == "compiling failed: no C++ compiler"
     assert not compiled_step.is_enabled(model) and not engine_for(model).compiled
     assert len(generate(model, [[1, 2]], 10, strategy="greedy", end_token=NEVER)[0]) == 8
+
+
+def test_stored_kernels_are_reused_and_load_without_the_compiler(monkeypatch):
+    compiled(small_model())  # built (or already stored) for this shape
+    def must_not_compile(function, arguments, path):
+        raise AssertionError("compiled again although stored")
+    monkeypatch.setattr(kernel_store, "_compile_library", must_not_compile)
+    other = small_model(seed=21)
+    assert compiling.has_stored_kernels(other)
+    assert compiling.compile_step(other, build=False) is None
+    assert engine_for(other).compiled
+    # A fresh process loads them without importing torch's compiler.
+    code = ("import sys, torch\n"
+            "sys.path.insert(0, '.')\n"
+            "from utils.model import build_model, gpt2_hparams\n"
+            "from utils.decoding import compiling\n"
+            "model = build_model(gpt2_hparams(n_vocab=50257, n_ctx=48, n_embd=8, n_head=2,"
+            " n_layer=2)).eval().requires_grad_(False)\n"
+            "assert compiling.compile_step(model, build=False) is None\n"
+            "print(sorted(m for m in ('torch._inductor', 'torch._dynamo', 'sympy')"
+            " if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_no_stored_kernels_means_no_build_without_asking(tmp_path, monkeypatch):
+    monkeypatch.setenv(kernel_store.CACHE_ENV, str(tmp_path / "store"))
+    model = small_model()
+    assert not compiling.has_stored_kernels(model)
+    assert compiling.compile_step(model, build=False) == (
+        "no compiled kernels are stored for this model yet")
+    assert not engine_for(model).compiled
+    assert not (tmp_path / "store").exists()
+
+
+def store_a_copy(tmp_path, monkeypatch):
+    """Point the store at `tmp_path` and fill it with the run store's build
+    for small_model's shape; the build's directory."""
+    signature = compiled_step.signature(engine_for(compiled(small_model())))
+    built = kernel_store.stored_kernels_dir(signature)
+    monkeypatch.setenv(kernel_store.CACHE_ENV, str(tmp_path / "store"))
+    directory = kernel_store._private_dirs(signature)
+    for name in compiled_step.KERNEL_NAMES:
+        shutil.copy2(os.path.join(built, f"{name}.so"), directory)
+    assert compiling.has_stored_kernels(small_model())
+    return directory
+
+
+@pytest.mark.parametrize("tamper", ["store_writable_by_others", "library_writable_by_group",
+                                    "library_is_a_symlink"])
+def test_a_store_others_could_write_is_never_loaded(tmp_path, monkeypatch, tamper):
+    directory = store_a_copy(tmp_path, monkeypatch)
+    library = os.path.join(directory, "mlp_then_logits.so")
+    if tamper == "store_writable_by_others":
+        os.chmod(os.path.dirname(directory), 0o777)
+    elif tamper == "library_writable_by_group":
+        os.chmod(library, 0o620)
+    else:
+        real = library + ".real"
+        os.rename(library, real)
+        os.symlink(real, library)
+    model = small_model()
+    assert not compiling.has_stored_kernels(model)
+    reason = compiling.compile_step(model, build=False)
+    assert "only you can write" in reason and kernel_store.CACHE_ENV in reason
+    assert not engine_for(model).compiled
+    # The command refuses in one line (on), or says so and decodes uncompiled (auto).
+    common = ["--pretrain_model_dir", os.path.join(FIXTURES, "models", "tiny_a"),
+              "--prompt", "Hello", "--max_decoding_length", "12"]
+    refused = run_cli([*common, "--compile", "on"])
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: --compile on:")
+    allowed = run_cli([*common, "--compile", "auto", "--max_decoding_length", "24",
+                       "--nsamples", "3"])
+    assert allowed.returncode == 0, allowed.stderr
+    if compiled_step.pays_off_here():  # auto tries only where it pays
+        assert "note: decoding uncompiled" in allowed.stderr
+
+
+def test_the_store_key_covers_torch_cpu_threads_and_shape(monkeypatch):
+    signature = compiled_step.signature(engine_for(small_model()))
+    key = kernel_store._store_key(signature)
+    assert kernel_store._store_key(signature) == key
+    other_shape = compiled_step.signature(engine_for(build_model(gpt2_hparams(
+        n_vocab=50257, n_ctx=48, n_embd=12, n_head=3, n_layer=2)).eval()))
+    assert kernel_store._store_key(other_shape) != key
+    for module, name, value in [(kernel_store, "cpu_identity", lambda: "another CPU"),
+                                (kernel_store.torch, "__version__", "9.9.9")]:
+        with monkeypatch.context() as patch:
+            patch.setattr(module, name, value)
+            assert kernel_store._store_key(signature) != key
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert kernel_store._store_key(signature) != key
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_cli(args):
@@ -139,30 +246,53 @@ def test_generate_cli_compile_modes_give_transformers_greedy_text(mode):
                       "greedy", "--pretrain_model_dir", model_dir,
                       "--max_decoding_length", str(len(case["output_ids"]))])
     assert result.returncode == 0, result.stderr
-    if mode == "off":
-        assert "Compiling" not in result.stderr
-    else:  # interactive: auto compiles too (except on Intel CPUs, see pays_off_here)
-        assert "Compiled in" in result.stderr or "decoding uncompiled" in result.stderr
+    compiles = mode == "on" or mode == "auto" and compiled_step.pays_off_here()
+    assert ("Compiled decoding step ready" in result.stderr) == compiles
     from utils.processor import get_encoder
     expected = get_encoder().decode(case["output_ids"][len(case["prompt_ids"]):])
     assert expected.strip() in result.stdout
 
 
-@pytest.mark.parametrize("vendor, mode, compiles", [("GenuineIntel", "auto", False),
-                                                    ("GenuineIntel", "on", True),
-                                                    ("AuthenticAMD", "auto", True),
-                                                    ("", "auto", True)])
-def test_compile_auto_skips_cpus_where_the_eager_step_is_faster(monkeypatch, capsys,
-                                                                vendor, mode, compiles):
+@pytest.mark.parametrize("mode, pays_off, stored, worth_building, runs, builds",
+                         [("auto", True, True, False, True, False),
+                          ("auto", True, False, False, False, False),
+                          ("auto", True, False, True, True, True),
+                          ("auto", False, True, True, False, False),
+                          ("on", True, False, False, True, True),
+                          ("on", False, False, False, True, True),
+                          ("on", True, True, False, True, False)])
+def test_compile_auto_loads_stored_kernels_and_builds_for_long_sessions(
+        monkeypatch, capsys, mode, pays_off, stored, worth_building, runs, builds):
     from utils.decoding import loading
-    compiled_models = []
-    monkeypatch.setattr(compiled_step, "cpu_vendor", lambda: vendor)
+    calls = []
+    monkeypatch.setattr(compiled_step, "pays_off_here", lambda: pays_off)
+    monkeypatch.setattr(loading, "has_stored_kernels", lambda model: stored)
     monkeypatch.setattr(loading, "timed_compile_step",
-                        lambda model: (compiled_models.append(model), (None, 0.5))[1])
-    monkeypatch.setattr(loading, "freeze_garbage_collector", lambda: None)
-    model = small_model()
-    loading.turn_on_compiled_step(model, mode)
-    assert compiled_models == ([model] if compiles else [])
+                        lambda model, build: (calls.append(build), (None, 0.5))[1])
+    loading.turn_on_compiled_step(small_model(), mode, worth_building)
+    assert calls == ([mode == "on" or worth_building] if runs else [])
     err = capsys.readouterr().err
-    assert ("Compiled in 0.5 s." in err) == compiles
-    assert ("the uncompiled step is the faster one" in err) == (not compiles)
+    assert ("Compiled decoding step ready in 0.50 s." in err) == runs
+    assert ("Compiling the decoding step" in err) == builds
+
+
+@pytest.mark.parametrize("vendor, pays_off", [("GenuineIntel", False),
+                                              ("AuthenticAMD", True), ("", True)])
+def test_the_compiled_step_pays_off_except_on_intel_cpus(monkeypatch, vendor, pays_off):
+    monkeypatch.setattr(compiled_step, "cpu_vendor", lambda: vendor)
+    assert compiled_step.pays_off_here() == pays_off
+
+
+def test_generate_cli_auto_uses_stored_kernels_only_for_runs_that_repay_them(tmp_path,
+                                                                           monkeypatch):
+    store_a_copy(tmp_path, monkeypatch)
+    common = ["--pretrain_model_dir", os.path.join(FIXTURES, "models", "tiny_a"),
+              "--prompt", "Hello", "--decoding_strategy", "greedy"]
+    short = run_cli([*common, "--max_decoding_length", "12"])
+    longer = run_cli([*common, "--max_decoding_length", "24", "--nsamples", "3"])
+    for result in (short, longer):
+        assert result.returncode == 0, result.stderr
+        assert "Compiling" not in result.stderr
+    assert "Compiled decoding step ready" not in short.stderr
+    # Not on Intel CPUs, where the compiled step is not the faster one.
+    assert ("Compiled decoding step ready" in longer.stderr) == compiled_step.pays_off_here()

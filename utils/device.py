@@ -17,17 +17,30 @@ _CUDA_INDEXED = re.compile(r"cuda:(\d+)")
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_vendor() -> str:
-    """The CPU's vendor id as Linux reports it ("GenuineIntel", "AuthenticAMD",
-    ...), or "" where /proc/cpuinfo is missing or names none."""
+def _cpuinfo_field(name: str) -> str:
+    """The first value of `name` in /proc/cpuinfo, or "" where the file is
+    missing or has no such field."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
             for line in info:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id as Linux reports it ("GenuineIntel", "AuthenticAMD",
+    ...), or "" where /proc/cpuinfo is missing or names none."""
+    return _cpuinfo_field("vendor_id")
+
+
+def cpu_identity() -> str:
+    """The CPU's vendor, model and instruction-set flags: code compiled for
+    one CPU may need instructions another lacks."""
+    return " | ".join(_cpuinfo_field(name) for name in ("vendor_id", "model name", "flags"))
 
 
 def add_device_arg(group) -> None:

@@ -51,8 +51,7 @@ def engine_for(model: nn.Module) -> "GPT2Net":
         return cached[1]
     _ENGINES.pop(model, None)  # its prepared tensors go before new ones are made
     net = GPT2Net(model)
-    net.compiled = (compiled_step.is_enabled(model)
-                    and compiled_step.unsupported_reason(net) is None)
+    net.step_kernels = compiled_step.kernels_serving(model, net)
     _ENGINES[model] = (state, net)
     return net
 
@@ -147,12 +146,17 @@ class GPT2Net:
         self.n_vocab, self.n_embd = self.wte.shape
         self.n_ctx = self.wpe.shape[0]
         self.head_dim = self.n_embd // self.n_head
-        self.compiled = False  # batch-1 steps through utils/decoding/compiled_step.py
+        # Batch-1 steps through utils/decoding/compiled_step.py's kernels, when set.
+        self.step_kernels = None
 
     def _build_linears(self, dec: nn.Module, make_linear) -> None:
         out = dec._output_layer  # nn.Linear tied to the word embedding
         self.out = make_linear([out.weight], [out.bias])
         self.layers = [_Layer(dec, i, make_linear) for i in range(len(dec.self_attns))]
+
+    @property
+    def compiled(self) -> bool:
+        return self.step_kernels is not None
 
     def extra_bytes(self) -> int:
         """Memory the prepared copies take beside the model's parameters."""
@@ -224,8 +228,10 @@ class GPT2Net:
         """`next_logits` as a generator, as hidden_by_layer (a compiled step
         runs whole, without yielding)."""
         B, T = ids.shape
-        if self.compiled and B == 1 and T == 1 and cache is not None and mask is None:
-            return compiled_step.next_logits(self, ids, positions, cache, start)
+        if (self.step_kernels is not None and B == 1 and T == 1 and cache is not None
+                and mask is None):
+            return compiled_step.next_logits(self, self.step_kernels, ids, positions,
+                                             cache, start)
         hidden = yield from self.hidden_by_layer(ids, positions, cache, start, mask)
         return self.logits(hidden[:, -1])
 

@@ -8,7 +8,8 @@ import torch
 
 from utils.checkpoints.weights import load_weights
 from utils.decoding import compiled_step
-from utils.decoding.compiling import freeze_garbage_collector, timed_compile_step
+from utils.decoding.compiling import (freeze_garbage_collector, has_stored_kernels,
+                                      timed_compile_step)
 from utils.decoding.engine import prepare_for_decoding
 from utils.decoding.int8_linear import require_int8
 from utils.decoding.limits import out_of_memory_as_user_error
@@ -63,21 +64,27 @@ def load_for_decoding(resolved, dtype: str, device: torch.device, long_session: 
     return model, encoder
 
 
-def turn_on_compiled_step(model, mode: str) -> None:
-    """--compile on/auto: compile the batch-1 step (utils/decoding/compiling.py),
-    saying so on stderr; a failure is an error with `on`, a note (and the
-    eager step) with `auto`. `auto` does not compile on a CPU where the
-    compiled step is the slower one (compiled_step.pays_off_here)."""
+def turn_on_compiled_step(model, mode: str, worth_building: bool = True) -> None:
+    """--compile on/auto: the batch-1 step through compiled kernels
+    (utils/decoding/compiling.py), loaded from the kernel store, or compiled
+    and stored first when none are there and the run is `worth_building`
+    (always with `on`); saying so on stderr. A failure is an error with `on`,
+    a note (and the eager step) with `auto`. `auto` does nothing on a CPU
+    where the compiled step is not the faster one (compiled_step.pays_off_here)."""
     if mode == "auto" and not compiled_step.pays_off_here():
-        print("note: decoding uncompiled: on this CPU (Intel) the uncompiled step is "
-              "the faster one (--compile on compiles anyway)", file=sys.stderr)
         return
-    print("Compiling the decoding step (torch.compile: ~15 s the first time, "
-          "a few seconds from its cache later)...", file=sys.stderr, flush=True)
-    reason, seconds = timed_compile_step(model)
+    build = mode == "on" or worth_building
+    stored = has_stored_kernels(model)
+    if not stored and not build:
+        return
+    if not stored:
+        print("Compiling the decoding step for this model shape, CPU and torch (once: "
+              "about a minute; later runs load it in milliseconds)...",
+              file=sys.stderr, flush=True)
+    reason, seconds = timed_compile_step(model, build)
     if reason is None:
         freeze_garbage_collector()
-        print(f"Compiled in {seconds:.1f} s.", file=sys.stderr)
+        print(f"Compiled decoding step ready in {seconds:.2f} s.", file=sys.stderr)
     elif mode == "on":
         raise UserError(f"--compile on: {reason}; use --compile off")
     else:
