@@ -46,6 +46,7 @@ from utils.processor import SHIPPED_VOCAB_DIR
 from utils.checkpoints.weights import RELEASED_SIZES
 from utils.output_safety import refuse_existing_output
 from utils.output_safety import refuse_outputs_on_inputs
+from utils.quick_exit import ending_without_teardown
 
 # A long session: interactive, or decoding at least this many tokens (samples x
 # --max_decoding_length per prompt). Only a long one repays what costs time at
@@ -339,4 +340,5 @@ def write_prompt_samples(session: SamplePrinter, prompts, args) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    with ending_without_teardown():  # torch's teardown would add most of a second
+        run_main(main)

@@ -37,7 +37,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 
 _FDS = 3  # stdin, stdout, stderr
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,16 +55,6 @@ def _recv_request(conn):
             break
         data += chunk
     return json.loads(data), fds
-
-
-def _exit_code(exit_: SystemExit) -> int:
-    """The status python gives a SystemExit (a message goes to stderr, 1)."""
-    if exit_.code is None:
-        return 0
-    if isinstance(exit_.code, int):
-        return exit_.code
-    print(exit_.code, file=sys.stderr)
-    return 1
 
 
 def _python_stdio(unbuffered):
@@ -89,6 +78,7 @@ def _child(request, fds):
     _python_stdio(unbuffered=bool(os.environ.get("PYTHONUNBUFFERED")))
     import runpy
     import traceback
+    from utils import quick_exit
     module = request.get("module")
     sys.argv = request["argv"]
     sys.path[0] = os.getcwd() if module else os.path.dirname(os.path.abspath(sys.argv[0]))
@@ -100,21 +90,11 @@ def _child(request, fds):
         else:
             runpy.run_path(sys.argv[0], run_name="__main__")
     except SystemExit as exit_:
-        code = _exit_code(exit_)
+        code = quick_exit.exit_status(exit_)
     except BaseException:  # a traceback, as python would print it
         traceback.print_exc()
         code = 1
-    try:  # what the interpreter does on its way out
-        threading._shutdown()
-        atexit._run_exitfuncs()
-    except BaseException:
-        traceback.print_exc()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
+    quick_exit.finish(code)  # what the interpreter does on its way out
 
 
 def _handle(conn):
