@@ -18,6 +18,7 @@ NOT_NEEDED = [
     "transformers", "safetensors", "huggingface_hub",  # Hugging Face formats and the Hub
     "tensorboard", "peft",          # training extras
     "pkg_resources",                # texar's one use gets a stand-in (utils/model.py)
+    "distutils", "setuptools",      # the same for texar's strtobool
 ]
 REPORT = """
 import atexit, runpy, sys
@@ -40,17 +41,29 @@ def test_a_short_run_imports_only_what_it_uses(dtype):
     assert report == ["IMPORTED "], report
 
 
-def test_pkg_resources_is_the_real_one_after_texar_is_imported():
-    """The stand-in texar gets while it imports leaves the name free: a later
-    import finds the real pkg_resources (and texar's modules work)."""
+def test_the_real_modules_follow_texars_stand_ins():
+    """The stand-ins texar gets while it imports leave the names free: later
+    imports find the real pkg_resources and distutils.util (and texar's
+    modules work); the stand-in strtobool answers as the real one."""
     code = ("import sys, warnings; sys.path.insert(0, '.')\n"
-            "from utils.model import import_texar\n"
+            "from utils.model import import_texar, _strtobool\n"
             "tx = import_texar()\n"
-            "assert 'pkg_resources' not in sys.modules\n"
+            "assert not {'pkg_resources', 'distutils.util'} & set(sys.modules)\n"
             "warnings.simplefilter('ignore')\n"
             "import pkg_resources\n"
-            "print(hasattr(pkg_resources, 'working_set'), tx.modules.GPT2Decoder.__name__)")
+            "from distutils.util import strtobool\n"
+            "for word in ('y', 'YES', 't', 'True', 'on', '1', 'n', 'No', 'f', 'FALSE',"
+            " 'off', '0', 'maybe', ''):\n"
+            "    answers = []\n"
+            "    for function in (strtobool, _strtobool):\n"
+            "        try:\n"
+            "            answers.append(function(word))\n"
+            "        except ValueError as err:\n"
+            "            answers.append(str(err))\n"
+            "    assert answers[0] == answers[1], (word, answers)\n"
+            "print(hasattr(pkg_resources, 'working_set'), strtobool.__module__,"
+            " tx.modules.GPT2Decoder.__name__)")
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["True", "GPT2Decoder"]
+    assert run.stdout.split() == ["True", "distutils.util", "GPT2Decoder"]

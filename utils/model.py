@@ -314,32 +314,47 @@ def import_texar():
     The one place the project imports texar (torch's and numpy's deprecations
     of the APIs texar 0.1.4 uses would otherwise print on every run).
     """
-    with warnings.catch_warnings(), _pkg_resources_stand_in():
+    with warnings.catch_warnings(), _stand_ins_while_texar_imports():
         warnings.simplefilter("ignore")
         import texar.torch as tx
     return tx
 
 
+def _strtobool(value: str) -> int:
+    """distutils.util.strtobool: 1 for y/yes/t/true/on/1, 0 for n/no/f/false/off/0."""
+    lowered = value.lower()
+    if lowered in ("y", "yes", "t", "true", "on", "1"):
+        return 1
+    if lowered in ("n", "no", "f", "false", "off", "0"):
+        return 0
+    raise ValueError(f"invalid truth value {lowered!r}")
+
+
 @contextmanager
-def _pkg_resources_stand_in():
-    """texar 0.1.4 imports pkg_resources for one thing, parse_version at import
-    time; the real module reads every installed distribution's metadata when
-    imported, a noticeable part of a short run's start. While texar imports, a
-    stand-in holding packaging's parse_version (what pkg_resources' is) takes
-    its name, unless the real one is loaded already; afterwards the name is
-    free again, so a later `import pkg_resources` gets the real module."""
-    if "pkg_resources" in sys.modules:
-        yield
-        return
+def _stand_ins_while_texar_imports():
+    """texar 0.1.4 imports two modules at import time for one function each:
+    pkg_resources for parse_version (the real module reads every installed
+    distribution's metadata when imported) and distutils.util for strtobool
+    (setuptools' distutils shim imports all of setuptools): together a
+    noticeable part of a short run's start. While texar imports, stand-ins
+    holding those functions take the names, unless the real modules are
+    loaded already; afterwards the names are free again, so a later import
+    gets the real module."""
     from packaging.version import parse  # texar-pytorch's own requirement
-    stand_in = types.ModuleType("pkg_resources")
-    stand_in.parse_version = parse
-    sys.modules["pkg_resources"] = stand_in
+    functions = {"pkg_resources": ("parse_version", parse),
+                 "distutils.util": ("strtobool", _strtobool)}
+    stand_ins = {}
+    for name, (function_name, function) in functions.items():
+        if name not in sys.modules:
+            stand_ins[name] = types.ModuleType(name)
+            setattr(stand_ins[name], function_name, function)
+            sys.modules[name] = stand_ins[name]
     try:
         yield
     finally:
-        if sys.modules.get("pkg_resources") is stand_in:
-            del sys.modules["pkg_resources"]
+        for name, stand_in in stand_ins.items():
+            if sys.modules.get(name) is stand_in:
+                del sys.modules[name]
 
 
 def build_model(hparams: Dict[str, Any], with_memory: bool = False,
