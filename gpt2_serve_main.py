@@ -41,8 +41,9 @@ API_KEY_VARIABLE = "GPT2_SERVE_API_KEY"
 COMPILE_HELP = ("Run decoding steps that hold a single row (one client at a time) "
                 "as compiled kernels (CPU, float32), built once per model shape, CPU "
                 "and torch (needs a C++ compiler; about a minute) and stored in your "
-                "cache; later starts load them in milliseconds. auto: try, and serve "
-                "uncompiled if it fails; on: fail if it cannot; off: never.")
+                "cache; later starts load them in a fraction of a second. auto: try "
+                "(not on Intel CPUs, where they are no faster), and serve uncompiled "
+                "if it fails; on: fail if it cannot; off: never.")
 
 
 def parse_args(argv=None):

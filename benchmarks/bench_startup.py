@@ -9,7 +9,7 @@ CTranslate2's own converter for it:
                 --decoding_strategy greedy --max_decoding_length L [--dtype int8]
             (--compile auto: the compiled step's kernels are stored before the
             rounds, as after a user's first compiled run, so auto loads them
-            for runs of 64 tokens or more, except on Intel CPUs)
+            for runs of 128 tokens or more, except on Intel CPUs)
   ours_compiled  the same with --compile on (the stored kernels on any CPU)
   ct2       python benchmarks/ct2_engine.py --stream CT2_DIR L [int8]
             (imports ctranslate2 and our tokenizer, loads, streams greedily)

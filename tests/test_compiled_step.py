@@ -191,8 +191,8 @@ def test_a_store_others_could_write_is_never_loaded(tmp_path, monkeypatch, tampe
     refused = run_cli([*common, "--compile", "on"])
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines()[-1].startswith("error: --compile on:")
-    allowed = run_cli([*common, "--compile", "auto", "--max_decoding_length", "24",
-                       "--nsamples", "3"])
+    allowed = run_cli([*common, "--compile", "auto", "--max_decoding_length", "30",
+                       "--nsamples", "5"])
     assert allowed.returncode == 0, allowed.stderr
     if compiled_step.pays_off_here():  # auto tries only where it pays
         assert "note: decoding uncompiled" in allowed.stderr
@@ -289,10 +289,31 @@ def test_generate_cli_auto_uses_stored_kernels_only_for_runs_that_repay_them(tmp
     common = ["--pretrain_model_dir", os.path.join(FIXTURES, "models", "tiny_a"),
               "--prompt", "Hello", "--decoding_strategy", "greedy"]
     short = run_cli([*common, "--max_decoding_length", "12"])
-    longer = run_cli([*common, "--max_decoding_length", "24", "--nsamples", "3"])
+    longer = run_cli([*common, "--max_decoding_length", "30", "--nsamples", "5"])
     for result in (short, longer):
         assert result.returncode == 0, result.stderr
         assert "Compiling" not in result.stderr
     assert "Compiled decoding step ready" not in short.stderr
     # Not on Intel CPUs, where the compiled step is not the faster one.
     assert ("Compiled decoding step ready" in longer.stderr) == compiled_step.pays_off_here()
+
+
+@pytest.mark.parametrize("mode, long_session, tokens, expected", [
+    ("auto", False, 127, None),
+    ("auto", False, 128, ("auto", False)),
+    ("auto", True, 12, ("auto", True)),
+    ("on", False, 12, ("on", False)),
+    ("off", True, 5000, None)])
+def test_generate_asks_for_the_compiled_step_by_run_length(monkeypatch, mode, long_session,
+                                                           tokens, expected):
+    import argparse
+    import gpt2_generate_main
+    calls = []
+    monkeypatch.setattr(gpt2_generate_main, "turn_on_compiled_step",
+                        lambda model, how, worth_building: calls.append((how, worth_building)))
+    args = argparse.Namespace(compile=mode, dtype="float32", batch_size=1,
+                              decoding_strategy="greedy")
+    assert gpt2_generate_main.STORED_KERNELS_MIN_TOKENS == 128
+    gpt2_generate_main.prepare_compiled_step(object(), args, torch.device("cpu"),
+                                             long_session, tokens)
+    assert calls == ([] if expected is None else [expected])

@@ -10,14 +10,12 @@ one compiled kernel per layer plus the attention over the cache (eager):
     output layer instead, so the kernel returns the logits.
 Each product is written as a row-wise reduction, (W * x).sum(-1), which
 inductor turns into a loop where each thread streams its own rows of W front
-to back; on a 2-core AMD EPYC that read the weights at ~28 GB/s where
-oneDNN's product reached ~25. Fusing the small ops around the products cut
-~25 dispatched ops per layer to ~8, and each op after a 10 MB weight stream
-starts with cold caches. Measured together: 1.2-1.4x the eager step on the
-EPYC. On an Intel Xeon (Sapphire Rapids), whose eager batch-1 products go to
-MKL (utils/decoding/linear.py), these kernels were 0.7-0.8x the eager step,
-and kernels calling MKL for the products instead were level with it (1.00x):
-so `--compile auto` does not compile on Intel CPUs (`pays_off_here`);
+to back, faster on AMD CPUs than oneDNN's product; fusing the small ops
+around the products cuts ~25 dispatched ops per layer to ~8, each of which
+would start with cold caches after a weight stream. On Intel CPUs, whose
+eager batch-1 products go to MKL (utils/decoding/linear.py), these kernels
+are slower than the eager step, and kernels calling MKL were only level
+with it: `--compile auto` does not use them there (`pays_off_here`);
 `--compile on` still does. benchmarks/README.md has the measurements.
 
 The kernels are compiled ahead of time once per model shape, CPU and torch,

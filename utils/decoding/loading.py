@@ -79,7 +79,7 @@ def turn_on_compiled_step(model, mode: str, worth_building: bool = True) -> None
         return
     if not stored:
         print("Compiling the decoding step for this model shape, CPU and torch (once: "
-              "about a minute; later runs load it in milliseconds)...",
+              "about a minute; later runs load it in a fraction of a second)...",
               file=sys.stderr, flush=True)
     reason, seconds = timed_compile_step(model, build)
     if reason is None:
