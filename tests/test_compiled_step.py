@@ -154,6 +154,17 @@ def test_no_stored_kernels_means_no_build_without_asking(tmp_path, monkeypatch):
     assert not (tmp_path / "store").exists()
 
 
+def test_a_store_that_cannot_be_created_is_one_line(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv(kernel_store.CACHE_ENV, str(blocker / "store"))
+    model = small_model()
+    reason = compiling.compile_step(model)
+    assert reason.startswith("cannot create the compiled step's kernel store")
+    assert reason.endswith(f"point {kernel_store.CACHE_ENV} at a directory you can write")
+    assert not engine_for(model).compiled
+
+
 def store_a_copy(tmp_path, monkeypatch):
     """Point the store at `tmp_path` and fill it with the run store's build
     for small_model's shape; the build's directory."""

@@ -49,7 +49,7 @@ def has_stored_kernels(model) -> bool:
         return False
     try:
         return kernel_store.stored_kernels_dir(compiled_step.signature(net)) is not None
-    except kernel_store.UntrustedStore:
+    except kernel_store.StoreProblem:
         return False
 
 
@@ -68,7 +68,7 @@ def _kernels_for(net, build: bool):
                                compiled_step.kernel_functions(kernel_signature[0]),
                                compiled_step.example_arguments(net))
             kernels = kernel_store.load(kernel_signature)
-    except kernel_store.UntrustedStore as err:
+    except kernel_store.StoreProblem as err:
         return kernel_signature, None, str(err)
     except Exception as err:  # a missing compiler, headers, or a compiler bug
         return kernel_signature, None, f"compiling failed: {_first_line(err)}"

@@ -43,8 +43,9 @@ KERNELS_FOLDER = "step_kernels"
 CACHE_ENV = "GPT2_TEXAR_CACHE_DIR"
 
 
-class UntrustedStore(Exception):
-    """A directory or library of the store that others could have written."""
+class StoreProblem(Exception):
+    """The store cannot be used: a directory or library others could have
+    written, or a directory that cannot be created."""
 
 
 def cache_root() -> str:
@@ -80,7 +81,7 @@ def _check_private(path: str, want_dir: bool) -> None:
     info = os.lstat(path)
     kind_ok = stat.S_ISDIR(info.st_mode) if want_dir else stat.S_ISREG(info.st_mode)
     if not kind_ok or info.st_uid != os.getuid() or info.st_mode & 0o022:
-        raise UntrustedStore(
+        raise StoreProblem(
             f"{path} is not a {'directory' if want_dir else 'file'} of yours that only "
             f"you can write: the compiled step's kernel store must be private (remove "
             f"that path, or point {CACHE_ENV} at a directory of your own)")
@@ -88,7 +89,7 @@ def _check_private(path: str, want_dir: bool) -> None:
 
 def stored_kernels_dir(kernel_signature: tuple) -> Optional[str]:
     """The directory holding a complete build for this signature, checked
-    private; None when there is none (UntrustedStore when one is there but
+    private; None when there is none (StoreProblem when one is there but
     could have been written by someone else)."""
     dirs = _store_dirs(kernel_signature)
     if not all(os.path.isfile(_library(dirs[-1], name))
@@ -125,13 +126,18 @@ def _private_dirs(kernel_signature: tuple) -> str:
     """Create the store's directories as needed (for the user alone), check
     them, and return this build's."""
     dirs = _store_dirs(kernel_signature)
-    os.makedirs(os.path.dirname(dirs[0]), exist_ok=True)
-    for directory in dirs:
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            pass
-        _check_private(directory, want_dir=True)
+    try:
+        os.makedirs(os.path.dirname(dirs[0]), exist_ok=True)
+        for directory in dirs:
+            try:
+                os.mkdir(directory, 0o700)
+            except FileExistsError:
+                pass
+            _check_private(directory, want_dir=True)
+    except OSError as err:
+        raise StoreProblem(f"cannot create the compiled step's kernel store "
+                           f"{err.filename or dirs[0]} ({err.strerror}): point "
+                           f"{CACHE_ENV} at a directory you can write") from None
     return dirs[-1]
 
 
