@@ -81,3 +81,43 @@ def test_ctrl_c_exits_130(capsys):
         raise KeyboardInterrupt
     code, err = _exit_and_stderr(capsys, fail)
     assert code == 130 and err == "interrupted\n"
+
+
+WRITER = """
+import sys
+sys.path.insert(0, {repo!r})
+from utils.errors import run_main
+
+def main():
+    for n in range(10 ** 6):
+        print("line", n)
+    raise BrokenPipeError(32, "a pipe that is not stdout")  # only when stdout lasted
+
+run_main(main)
+"""
+
+
+@pytest.mark.parametrize("reader_leaves", [True, False])
+def test_a_reader_that_leaves_ends_the_run_quietly(tmp_path, reader_leaves):
+    """`script | head -1`: status 141 as SIGPIPE would give, no traceback; a
+    broken pipe elsewhere, with stdout still read, keeps its traceback."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(tmp_path / "err", "w+") as err:
+        if reader_leaves:
+            proc = subprocess.Popen([sys.executable, "-c", WRITER.format(repo=repo)],
+                                    stdout=subprocess.PIPE, stderr=err)
+            assert proc.stdout.readline() == b"line 0\n"
+            proc.stdout.close()
+            status = proc.wait(timeout=120)
+        else:
+            status = subprocess.run([sys.executable, "-c", WRITER.format(repo=repo)],
+                                    stdout=subprocess.DEVNULL, stderr=err,
+                                    timeout=120).returncode
+        err.seek(0)
+        stderr = err.read()
+    if reader_leaves:
+        assert (status, stderr) == (141, "")
+    else:
+        assert status == 1 and "BrokenPipeError: [Errno 32] a pipe that is not stdout" in stderr
