@@ -101,6 +101,10 @@ def test_unsupported_models_get_a_reason_and_stay_eager():
     model = small_model().to(torch.bfloat16)
     assert "float32" in compiling.compile_step(model)
     assert not engine_for(model).compiled
+    mixed = small_model()
+    mixed.decoder.poswise_layer_norm[1].eps = 1e-3  # the last layer's second norm
+    assert compiling.compile_step(mixed) == "it needs one layer-norm epsilon throughout"
+    assert not engine_for(mixed).compiled
     if "fbgemm" in torch.backends.quantized.supported_engines:
         from utils.decoding.int8_linear import quantize_for_decoding
         model = quantize_for_decoding(small_model())

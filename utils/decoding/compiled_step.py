@@ -129,12 +129,12 @@ def unsupported_reason(net) -> Optional[str]:
         if not all(isinstance(getattr(lin, "weight", None), torch.Tensor)
                    and lin.bias is not None for lin in linears):
             return "it needs float weights with biases (not --dtype int8)"
-    if not isinstance(getattr(net.out, "weight", None), torch.Tensor) or net.out.bias is not None:
-        return "it needs GPT-2's output layer: float weights, no bias"
         if not getattr(layer.fc1, "gelu", False):
             return "it needs GPT-2's GELU feed-forward layer"
         if len({layer.ln1[3], layer.ln2[3], net.final_ln[3]}) != 1:
             return "it needs one layer-norm epsilon throughout"
+    if not isinstance(getattr(net.out, "weight", None), torch.Tensor) or net.out.bias is not None:
+        return "it needs GPT-2's output layer: float weights, no bias"
     return None
 
 
