@@ -11,7 +11,7 @@ Each build lives in a directory named by a hash of everything the code
 depends on (`_store_key`): this store's format, torch's version and build,
 the CPU's model and instruction sets, the number of threads the kernels were
 built for, the kernels' source, and the signature of their arguments (shapes,
-strides, dtypes, layer-norm epsilon, product kind). Another torch, CPU or
+strides, dtypes, layer-norm epsilon). Another torch, CPU or
 model shape gets another directory: a build is never used for anything but
 what it was built for.
 
@@ -22,6 +22,7 @@ else ~/.cache/gpt2-texar), its directories are created for the user alone
 readable by the user alone, and a directory or library there that is not
 the user's own, or that others may write, is refused, never loaded.
 """
+import functools
 import hashlib
 import os
 import platform
@@ -57,12 +58,16 @@ def cache_root() -> str:
     return os.path.join(os.path.abspath(base), "gpt2-texar")
 
 
-def _store_key(kernel_signature: tuple) -> str:
+@functools.lru_cache(maxsize=None)
+def _kernels_source_hash() -> str:
     with open(compiled_step.__file__, "rb") as source:
-        kernels_source = hashlib.sha256(source.read()).hexdigest()
+        return hashlib.sha256(source.read()).hexdigest()
+
+
+def _store_key(kernel_signature: tuple) -> str:
     facts = (STORE_FORMAT, torch.__version__, torch.version.git_version,
              platform.machine(), cpu_identity(), torch.get_num_threads(),
-             kernels_source, kernel_signature)
+             _kernels_source_hash(), kernel_signature)
     return hashlib.sha256(repr(facts).encode()).hexdigest()[:32]
 
 
